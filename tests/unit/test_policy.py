@@ -1,0 +1,240 @@
+"""Address policy and command line of bypass4netns.py: pure logic, no root needed."""
+
+import importlib.util
+import ipaddress
+import pathlib
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("bypass4netns", ROOT / "bypass4netns.py")
+b4ns = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b4ns)
+
+
+def sockaddr_in(ip, port):
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H4s8x", port, socket.inet_aton(ip))
+
+
+def sockaddr_in6(ip, port, scope=0):
+    return (struct.pack("=H", socket.AF_INET6)
+            + struct.pack("!HI16s", port, 0, socket.inet_pton(socket.AF_INET6, ip))
+            + struct.pack("=I", scope))
+
+
+# -- sockaddr decoding ------------------------------------------------------
+
+def test_decode_ipv4():
+    assert b4ns.decode_sockaddr(sockaddr_in("198.18.0.1", 5201)) == (ipaddress.ip_address("198.18.0.1"), 5201)
+
+
+def test_decode_ipv6():
+    assert b4ns.decode_sockaddr(sockaddr_in6("2001:db8::1", 80)) == (ipaddress.ip_address("2001:db8::1"), 80)
+
+
+def test_decode_v4_mapped_is_judged_as_ipv4():
+    ip, port = b4ns.decode_sockaddr(sockaddr_in6("::ffff:127.0.0.1", 22))
+    assert ip == ipaddress.ip_address("127.0.0.1") and port == 22
+    assert b4ns.ignore_reason(ip, []) == "loopback"
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x02", sockaddr_in("1.2.3.4", 1)[:8],
+                                 struct.pack("=H", socket.AF_UNSPEC) + bytes(14),
+                                 struct.pack("=H", socket.AF_UNIX) + b"/tmp/x\0"])
+def test_decode_rejects_what_is_not_an_ip_destination(raw):
+    assert b4ns.decode_sockaddr(raw) is None
+
+
+def test_sockaddr_to_tuple_keeps_scope_and_port():
+    assert b4ns.sockaddr_to_tuple(sockaddr_in6("2001:db8::5", 53, scope=3)) == ("2001:db8::5", 53, 0, 3)
+    assert b4ns.sockaddr_to_tuple(sockaddr_in("198.18.0.1", 53)) == ("198.18.0.1", 53)
+
+
+# -- what is never bypassed --------------------------------------------------
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "127.255.0.9", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1",
+                                  "::ffff:0.0.0.0", "fe80::1"])
+def test_container_only_addresses_are_never_bypassed(addr):
+    raw = sockaddr_in6(addr, 1) if ":" in addr else sockaddr_in(addr, 1)
+    ip, _port = b4ns.decode_sockaddr(raw)
+    assert b4ns.ignore_reason(ip, []) is not None
+
+
+def test_ignore_networks():
+    nets, auto = b4ns.parse_ignore(["10.0.0.0/8,192.168.0.0/16", "auto", "2001:db8:ff::/48"])
+    assert auto
+    assert b4ns.ignore_reason(ipaddress.ip_address("10.0.2.3"), nets) == "ignored 10.0.0.0/8"
+    assert b4ns.ignore_reason(ipaddress.ip_address("2001:db8:ff::1"), nets) == "ignored 2001:db8:ff::/48"
+    assert b4ns.ignore_reason(ipaddress.ip_address("198.18.0.1"), nets) is None
+    assert b4ns.ignore_reason(ipaddress.ip_address("2001:db8::1"), nets) is None
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/33", "banana", "1.2.3.4/8/9"])
+def test_parse_ignore_rejects_bad_values(value):
+    with pytest.raises(b4ns.Error, match=repr(value).replace("[", r"\[").replace(".", r"\.")):
+        b4ns.parse_ignore([value])
+
+
+# -- -p syntax ---------------------------------------------------------------
+
+def mappings(spec):
+    return [repr(m) for m in b4ns.parse_publish(spec)]
+
+
+def test_publish_forms():
+    assert mappings("8080:80") == ["8080->80/tcp"]
+    assert mappings("127.0.0.1:8080:80") == ["127.0.0.1:8080->80/tcp"]
+    assert mappings("[::1]:8080:80/tcp") == ["[::1]:8080->80/tcp"]
+    assert mappings("5353:53/udp") == ["5353->53/udp"]
+    assert mappings("8000-8002:9000-9002") == ["8000->9000/tcp", "8001->9001/tcp", "8002->9002/tcp"]
+
+
+def test_same_port_for_tcp_and_udp_is_two_mappings():
+    table = b4ns.build_publish_table(["53:53/tcp", "53:53/udp"])
+    assert sorted(table) == [("tcp", 53), ("udp", 53)]
+
+
+@pytest.mark.parametrize("spec", ["80", "0:80", "8080:65536", "a:80", "8000-8010:9000-9001", "8080:80/sctp",
+                                  "1.2.3:8080:80", "[::1:8080:80", "[zz]:1:2", "1:2:3:4", "9-8:9-8"])
+def test_bad_publish_values_name_the_value(spec):
+    with pytest.raises(b4ns.Error) as info:
+        b4ns.build_publish_table([spec])
+    assert repr(spec) in str(info.value)
+
+
+def test_conflicting_publish_values():
+    with pytest.raises(b4ns.Error, match="host port 8080/tcp"):
+        b4ns.build_publish_table(["8080:80", "8080:81"])
+    with pytest.raises(b4ns.Error, match="container port 80/tcp"):
+        b4ns.build_publish_table(["8080:80", "8081:80"])
+
+
+# -- `auto`: the container's own subnets from /proc/PID/net ------------------
+
+ROUTE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+tap0\t00000000\t0202000A\t0003\t0\t0\t0\t00000000\t0\t0\t0
+tap0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+"""
+IF_INET6 = """fd000000000000000000000000000100 02 40 00 80     tap0
+fe80000000000000ccaa11fffe223344 02 40 20 80     tap0
+00000000000000000000000000000001 01 80 10 80       lo
+"""
+
+
+def test_auto_reads_on_link_routes_and_global_v6_prefixes():
+    assert b4ns.parse_proc_route(ROUTE) == [ipaddress.ip_network("10.0.2.0/24")]
+    assert b4ns.parse_proc_if_inet6(IF_INET6) == [ipaddress.ip_network("fd00::/64")]
+
+
+def test_auto_reads_this_machines_own_tables():
+    with open("/proc/self/net/route") as f:
+        b4ns.parse_proc_route(f.read())
+    with open("/proc/self/net/if_inet6") as f:
+        b4ns.parse_proc_if_inet6(f.read())
+
+
+# -- control messages of the target's sendmsg ---------------------------------
+
+def test_parse_cmsgs_native_and_compat():
+    tos = struct.pack("=i", 0x10)
+    native = struct.pack("=Qii", 16 + 4, socket.IPPROTO_IP, socket.IP_TOS) + tos + bytes(4)
+    native += struct.pack("=Qii", 16 + 4, socket.IPPROTO_IP, socket.IP_TTL) + struct.pack("=i", 7)
+    assert b4ns.parse_cmsgs(native, 8) == [(socket.IPPROTO_IP, socket.IP_TOS, tos),
+                                          (socket.IPPROTO_IP, socket.IP_TTL, struct.pack("=i", 7))]
+    compat = struct.pack("=Iii", 12 + 4, socket.IPPROTO_IP, socket.IP_TOS) + tos
+    assert b4ns.parse_cmsgs(compat, 4) == [(socket.IPPROTO_IP, socket.IP_TOS, tos)]
+
+
+def test_parse_cmsgs_refuses_fd_passing():
+    rights = struct.pack("=Qii", 20, socket.SOL_SOCKET, socket.SCM_RIGHTS) + struct.pack("=i", 0)
+    with pytest.raises(OSError):
+        b4ns.parse_cmsgs(rights, 8)
+
+
+# -- kernel ABI ----------------------------------------------------------------
+
+def test_struct_sizes_match_the_kernel_abi():
+    import ctypes
+    assert ctypes.sizeof(b4ns.SeccompNotif) == 80
+    assert ctypes.sizeof(b4ns.SeccompNotifResp) == 24
+    assert ctypes.sizeof(b4ns.SeccompNotifAddfd) == 24
+    assert b4ns.MSGHDR_LAYOUT[8].size == 56 and b4ns.MSGHDR_LAYOUT[4].size == 28
+
+
+def test_every_rule_has_a_handler_and_every_arch_every_rule():
+    names = {name for name, _args in b4ns.SECCOMP_NOTIFY_RULES}
+    for numbers, _ptr in b4ns.SYSCALL_NUMBERS.values():
+        assert set(numbers) == names
+    assert set(b4ns.X32_NUMBERS) == names
+
+
+# -- command line ---------------------------------------------------------------
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "bypass4netns.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=30)
+
+
+@pytest.mark.parametrize("args,needle", [(["-p", "70000:80"], "'70000:80'"),
+                                         (["--ignore", "nope"], "'nope'"),
+                                         (["--ready-fd", "999"], "999"),
+                                         (["--bogus"], "--bogus")])
+def test_bad_flags_exit_2_with_one_line_error(args, needle):
+    result = run_cli(*args, "--socket", "/nonexistent/x.sock")
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and needle in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_runtime_dir_is_a_one_line_error():
+    result = run_cli(env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "XDG_RUNTIME_DIR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version_and_help():
+    assert run_cli("--version").stdout.startswith("bypass4netns.py ")
+    help_text = run_cli("--help").stdout
+    for flag in ("--socket", "--ignore", "--publish", "--pid-file", "--log-file", "--debug", "--ready-fd",
+                 "--exit-fd", "--version"):
+        assert flag in help_text
+
+
+def test_daemon_starts_signals_ready_and_cleans_up_on_sigterm(tmp_path):
+    import os
+    import signal
+    sock, pid_file = tmp_path / "b.sock", tmp_path / "b.pid"
+    ready_r, ready_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bypass4netns.py"), "--socket", str(sock),
+                             "--pid-file", str(pid_file), "--ready-fd", str(ready_w)], pass_fds=[ready_w])
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        assert sock.exists() and int(pid_file.read_text()) == proc.pid
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(str(sock))
+        conn.sendall(b"{not json")
+        conn.close()
+        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert not sock.exists() and not pid_file.exists()
+    finally:
+        os.close(ready_r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_exit_fd_stops_the_daemon(tmp_path):
+    import os
+    exit_r, exit_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bypass4netns.py"), "--socket", str(tmp_path / "s"),
+                             "--exit-fd", str(exit_r)], pass_fds=[exit_r])
+    os.close(exit_r)
+    os.close(exit_w)
+    assert proc.wait(timeout=10) == 0
