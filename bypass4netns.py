@@ -31,6 +31,8 @@ import time
 
 __version__ = "0.1.0"
 
+log = logging.getLogger("bypass4netns")
+
 # ---------------------------------------------------------------------------
 # Kernel ABI (include/uapi/linux/seccomp.h, audit.h, socket.h)
 # ---------------------------------------------------------------------------
@@ -190,6 +192,24 @@ def read_memory(pid, address, length):
     return buf.raw
 
 
+class SockaddrReader:
+    """read_memory for the hot path: one preallocated buffer, no per-call allocations."""
+
+    def __init__(self, size=MAX_SOCKADDR):
+        self.buffer = ctypes.create_string_buffer(size)
+        self.local = IoVec(ctypes.cast(self.buffer, ctypes.c_void_p), size)
+        self.remote = IoVec(0, 0)
+        self.args = (ctypes.byref(self.local), ctypes.c_ulong(1), ctypes.byref(self.remote),
+                     ctypes.c_ulong(1), ctypes.c_ulong(0))
+
+    def read(self, pid, address, length):
+        self.local.iov_len = self.remote.iov_len = length
+        self.remote.iov_base = address
+        if _retry(_libc.process_vm_readv, pid, *self.args) != length:
+            raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+        return self.buffer.raw[:length]
+
+
 def write_memory(pid, address, data):
     buf = ctypes.create_string_buffer(data, len(data))
     local = IoVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
@@ -295,6 +315,34 @@ def encode_sockaddr(family, ip, port):
     else:
         packed = ip.packed
     return _FAMILY.pack(family) + struct.pack("!HI16s", port, 0, packed) + bytes(4)
+
+
+def sockaddr_to_tuple(raw):
+    """A raw sockaddr_in/in6 -> the address tuple Python's socket calls take."""
+    family = int.from_bytes(raw[:2], sys.byteorder)
+    if family == socket.AF_INET and len(raw) >= 16:
+        _fam, port, addr = _SOCKADDR_IN.unpack_from(raw)
+        return socket.inet_ntop(socket.AF_INET, addr), port
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        scope = struct.unpack_from("=I", raw, 24)[0] if len(raw) >= 28 else 0
+        _fam, port, flow, addr = struct.unpack_from("!HHI16s", raw)
+        return socket.inet_ntop(socket.AF_INET6, addr), port, flow, scope
+    return None
+
+
+def parse_cmsgs(control, ptr):
+    """A control buffer of a `ptr`-byte ABI -> [(level, type, data)] for socket.sendmsg."""
+    layout = CMSGHDR_LAYOUT[ptr]
+    items, offset = [], 0
+    while offset + layout.size <= len(control):
+        length, level, kind = layout.unpack_from(control, offset)
+        if length < layout.size or offset + length > len(control):
+            break
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            raise OSError(errno.EINVAL, "SCM_RIGHTS on an IP socket")
+        items.append((level, kind, control[offset + layout.size:offset + length]))
+        offset += (length + ptr - 1) // ptr * ptr
+    return items
 
 
 def container_only(ip):
@@ -586,279 +634,68 @@ class NotSwitched(Exception):
     """The socket stays in the container; the message says why (debug log)."""
 
 
-class Decision:
-    """How a syscall was answered, for counters and the debug log."""
-    BYPASSED, CONTAINER, REFUSED, CONTINUED, PENDING, GONE = range(6)
+def own_netns_id():
+    """An id of the daemon's network namespace, comparable with Switcher.netns_id's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            return ("cookie", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
+        except OSError:
+            return ("inode", os.stat("/proc/self/ns/net").st_ino)
 
 
-# ---------------------------------------------------------------------------
-# The per-container session
-# ---------------------------------------------------------------------------
+class Switcher:
+    """The handlers of the trapped syscalls, one per syscall, and what they share.
 
-class Container:
-    """One container (by OCI id): its notify fds, its `auto` subnets, counters."""
-
-    AUTO_REFRESH = 2.0  # seconds an `auto` subnet list is trusted
-
-    def __init__(self, cid):
-        self.id = cid
-        self.notify_fds = set()
-        self.counters = dict.fromkeys(("bypassed", "container", "published", "refused",
-                                       "emulated_sends", "errors"), 0)
-        self.auto_nets = []
-        self.auto_read = -1e9
-
-    def auto_networks(self, tid, now):
-        if now - self.auto_read > self.AUTO_REFRESH:
-            self.auto_read = now
-            nets = []
-            for name, parse in (("route", parse_proc_route), ("if_inet6", parse_proc_if_inet6)):
-                try:
-                    with open("/proc/%d/net/%s" % (tid, name)) as f:
-                        nets.extend(parse(f.read()))
-                except OSError:
-                    pass
-            self.auto_nets = nets
-        return self.auto_nets
-
-
-class Pending:
-    """A blocking connect answered when its handshake ends (or SO_SNDTIMEO runs out).
-
-    `sock` is the daemon's copy of the connecting socket, closed once answered.
+    The daemon loop (Daemon, below) feeds it notifications and provides
+    watch/unwatch for the fds it wants to hear about.
     """
 
-    __slots__ = ("notify_fd", "notif_id", "sock", "deadline", "container")
-
-    def __init__(self, notify_fd, notif_id, sock, deadline, container):
-        self.notify_fd, self.notif_id, self.sock = notify_fd, notif_id, sock
-        self.deadline, self.container = deadline, container
-
-
-# ---------------------------------------------------------------------------
-# The daemon loop
-# ---------------------------------------------------------------------------
-
-log = logging.getLogger("bypass4netns")
-
-
-class Daemon:
-    """Accepts runtimes' messages and answers every notification of every container."""
-
-    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True):
-        self.socket_path = socket_path
+    def __init__(self, ignore, auto, publish, debug=False, reserve_ports=True):
         self.ignore, self.auto, self.publish = ignore, auto, publish
         self.reservations = Reservations(publish.values(), reserve_ports)
         self.debug = debug
-        self.epoll = select.epoll()
-        self.handlers = {}          # fd -> callable(events)
-        self.containers = {}        # OCI id -> Container
-        self.notify_owner = {}      # notify fd -> Container
-        self.pidfds = {}            # tid -> pidfd (cached while the thread lives)
+        self.threads = {}           # tid -> ThreadHandle, while the thread lives
         self.pending = {}           # our socket fd -> Pending
-        self.timers = []            # heap of (deadline, fd)
-        self.templates = {}
-        self.running = True
-        self.listener = None
-        self.signal_pipe = None
+        self.timers = []            # heap of (deadline, fd) for SO_SNDTIMEO
+        self.templates = {}         # (family, type, proto) -> Template
         self.pidfd_flags = PIDFD_THREAD
-        self.own_netns = self._own_netns_id()
-        self.notif = SeccompNotif()
+        self.own_netns = own_netns_id()
         self.resp = SeccompNotifResp()
         self.addfd = SeccompNotifAddfd()
-        self.zero_notif = bytes(ctypes.sizeof(SeccompNotif))
-        self.handlers_by_name = {CONNECT: self.on_connect, BIND: self.on_bind, SENDTO: self.on_sendto,
-                                 SENDMSG: self.on_sendmsg, SENDMMSG: self.on_sendmmsg}
+        self.sockaddr = SockaddrReader()
+        self.switched = False       # whether the notification being handled got a host socket
+        handlers = {CONNECT: self.on_connect, BIND: self.on_bind, SENDTO: self.on_sendto,
+                    SENDMSG: self.on_sendmsg, SENDMMSG: self.on_sendmmsg}
         self.dispatch = {}          # (arch, nr) -> (handler, pointer size)
         for arch, (numbers, ptr) in SYSCALL_NUMBERS.items():
             for name, nr in numbers.items():
-                self.dispatch[(arch, nr)] = (self.handlers_by_name[name], ptr)
+                self.dispatch[(arch, nr)] = (handlers[name], ptr)
         for name, nr in X32_NUMBERS.items():
-            self.dispatch[(AUDIT_ARCH_X86_64, nr | X32_SYSCALL_BIT)] = (self.handlers_by_name[name], 4)
+            self.dispatch[(AUDIT_ARCH_X86_64, nr | X32_SYSCALL_BIT)] = (handlers[name], 4)
 
-    # -- setup -------------------------------------------------------------
-
-    def _own_netns_id(self):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                return ("cookie", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
-            except OSError:
-                return ("inode", os.stat("/proc/self/ns/net").st_ino)
-
-    def netns_id(self, sock):
-        """The same kind of id as _own_netns_id, for the namespace a socket lives in."""
-        if self.own_netns[0] == "cookie":
-            return ("cookie", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
-        nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-        try:
-            return ("inode", os.fstat(nsfd).st_ino)
-        finally:
-            os.close(nsfd)
-
-    def check_kernel(self):
-        sizes = get_notif_sizes()
-        if sizes is None:
-            return
-        for struct_type, got in ((SeccompNotif, sizes.seccomp_notif),
-                                 (SeccompNotifResp, sizes.seccomp_notif_resp),
-                                 (SeccompData, sizes.seccomp_data)):
-            if got != ctypes.sizeof(struct_type):
-                raise Error("kernel's struct %s is %d bytes, this daemon knows %d"
-                            % (struct_type.__name__, got, ctypes.sizeof(struct_type)))
-
-    def listen(self):
-        path = self.socket_path
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody is listening there
-            else:
-                raise Error("another daemon is listening on %s" % path)
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        old_umask = os.umask(0o177)
-        try:
-            listener.bind(path)
-        finally:
-            os.umask(old_umask)
-        listener.listen(64)
-        self.listener = listener
-        self.watch(listener.fileno(), select.EPOLLIN, self.on_accept)
-
-    def watch(self, fd, events, handler):
-        self.handlers[fd] = handler
-        self.epoll.register(fd, events)
-
-    def unwatch(self, fd):
-        self.handlers.pop(fd, None)
-        try:
-            self.epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
-
-    # -- runtimes' messages ------------------------------------------------
-
-    def on_accept(self, _events):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.error("accept on %s: %s", self.socket_path, e)
-                return
-            conn.setblocking(False)
-            state = {"data": b"", "fds": []}
-            self.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
-                       lambda ev, c=conn, s=state: self.on_runtime_data(c, s))
-
-    def on_runtime_data(self, conn, state):
-        done = False
-        try:
-            while True:
-                data, fds = recv_with_fds(conn)
-                state["fds"].extend(fds)
-                if not data:
-                    done = True
-                    break
-                state["data"] += data
-                if len(state["data"]) > 1 << 20:
-                    raise ValueError("message longer than 1 MiB")
-        except (BlockingIOError, InterruptedError):
-            pass
-        except (OSError, ValueError) as e:
-            log.error("dropping a runtime message: %s", e)
-            done, state["data"] = True, b""
-        if not done:
-            try:
-                json.loads(state["data"])
-            except ValueError:
-                return  # not complete yet
-        self.unwatch(conn.fileno())
-        conn.close()
-        self.on_container_process(state["data"], state["fds"])
-
-    def on_container_process(self, data, fds):
-        """A runtime's message: container state JSON + SCM_RIGHTS fds."""
-        notify_fd = None
-        try:
-            message = json.loads(data)
-            names = message["fds"]
-            state = message.get("state") or {}
-            cid = str(state.get("id") or message.get("pid") or "unknown")
-            index = names.index("seccompFd")
-            if len(fds) != len(names):
-                raise ValueError("%d fds for %d names" % (len(fds), len(names)))
-            notify_fd = fds[index]
-            if os.readlink("/proc/self/fd/%d" % notify_fd) != "anon_inode:seccomp notify":
-                raise ValueError("fd seccompFd is not a seccomp notify fd")
-        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-            log.error("dropping a malformed runtime message: %s", e)
-            for fd in fds:
-                os.close(fd)
-            return
-        for fd in fds:
-            if fd != notify_fd:
-                os.close(fd)
-        container = self.containers.get(cid)
-        if container is None:
-            container = self.containers[cid] = Container(cid)
-        container.notify_fds.add(notify_fd)
-        self.notify_owner[notify_fd] = container
-        try:
-            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
-        except OSError:
-            pass  # kernels before 6.6: wake-ups are just slower
-        os.set_blocking(notify_fd, False)
-        self.watch(notify_fd, select.EPOLLIN, lambda ev, fd=notify_fd: self.on_notify(fd, ev))
-        log.info("container %s: process %s registered", cid, message.get("pid"))
-
-    def drop_notify_fd(self, notify_fd):
-        container = self.notify_owner.pop(notify_fd)
-        self.unwatch(notify_fd)
-        os.close(notify_fd)
-        container.notify_fds.discard(notify_fd)
-        if not container.notify_fds:
-            del self.containers[container.id]
-            log.info("container %s: gone (%s)", container.id, self.format_counters(container))
-
-    # -- notifications -----------------------------------------------------
-
-    def on_notify(self, notify_fd, events):
-        if events & select.EPOLLIN:
-            notif = self.notif
-            while True:
-                ctypes.memmove(ctypes.addressof(notif), self.zero_notif, len(self.zero_notif))
-                try:
-                    fcntl.ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, notif, True)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    if e.errno == errno.ENOENT:
-                        continue  # the target was interrupted or died before we read it
-                    raise
-                self.handle(notify_fd, notif)
-                break  # one per wake-up keeps the loop fair between containers
-        elif events & (select.EPOLLHUP | select.EPOLLERR):
-            self.drop_notify_fd(notify_fd)
-
-    def handle(self, notify_fd, notif):
-        container = self.notify_owner[notify_fd]
+    def handle(self, notify_fd, notif, container):
+        """Answer one notification, exactly once, whatever happens in its handler."""
         entry = self.dispatch.get((notif.data.arch, notif.data.nr))
         if entry is None:
             self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             return
         handler, ptr = entry
+        self.switched = False
         try:
             handler(notify_fd, notif, container, ptr)
-        except Exception as e:  # every notification gets exactly one answer
+        except Exception as e:
             container.counters["errors"] += 1
             log.exception("container %s: %s(fd %d) failed: %s", container.id, handler.__name__[3:],
                           ctypes.c_int(notif.data.args[0]).value, e)
-            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            # Fail open, unless a host socket is in place: the kernel would
+            # then run the syscall on it with whatever the memory holds now.
+            try:
+                if self.switched:
+                    self.reply(notify_fd, notif.id, error=-errno.EIO)
+                else:
+                    self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            except OSError as e:
+                log.error("container %s: cannot answer: %s", container.id, e)
 
     def reply(self, notify_fd, notif_id, val=0, error=0, flags=0):
         resp = self.resp
@@ -883,25 +720,33 @@ class Daemon:
         except OSError:
             return False
 
+    def netns_id(self, sock):
+        """The same kind of id as _own_netns_id, for the namespace a socket lives in."""
+        if self.own_netns[0] == "cookie":
+            return ("cookie", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
+        nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+        try:
+            return ("inode", os.fstat(nsfd).st_ino)
+        finally:
+            os.close(nsfd)
+
     def target_socket(self, tid, fd):
         """(socket object on a duplicate of the target's fd, its family), or (None, 0).
 
         The object's own family/type attributes are placeholders: only the
         values read with getsockopt are used (that skips Python's detection).
         """
-        pidfd = self.pidfds.get(tid)
-        if pidfd is None:
-            pidfd = self.open_pidfd(tid)
+        thread = self.threads.get(tid) or self.open_thread(tid)
         try:
-            dup = pidfd_getfd(pidfd, fd)
+            dup = pidfd_getfd(thread.pidfd, fd)
         except OSError as e:
-            if e.errno != errno.ESRCH or tid not in self.pidfds:
+            if e.errno != errno.ESRCH or tid not in self.threads:
                 return None, 0
-            self.forget_pidfd(tid)  # a cached pidfd of an exited thread
+            self.forget_thread(tid)  # a cached pidfd of an exited thread
             return self.target_socket(tid, fd)
         finally:
-            if tid not in self.pidfds:
-                os.close(pidfd)
+            if tid not in self.threads:
+                thread.close()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, dup)
         try:
             return sock, sock.getsockopt(_SOL, socket.SO_DOMAIN)
@@ -909,8 +754,8 @@ class Daemon:
             sock.close()
             return None, 0
 
-    def open_pidfd(self, tid):
-        """A pidfd for thread `tid`, cached until the thread exits where the kernel allows."""
+    def open_thread(self, tid):
+        """A ThreadHandle for `tid`, cached until the thread exits where the kernel allows."""
         if self.pidfd_flags:
             try:
                 pidfd = os.pidfd_open(tid, self.pidfd_flags)
@@ -919,23 +764,23 @@ class Daemon:
                     raise
                 self.pidfd_flags = 0  # kernel < 6.9: no thread pidfds
             else:
-                self.pidfds[tid] = pidfd
-                self.watch(pidfd, select.EPOLLIN, lambda ev, t=tid: self.forget_pidfd(t))
-                return pidfd
+                thread = self.threads[tid] = ThreadHandle(tid, pidfd)
+                self.watch(pidfd, select.EPOLLIN, lambda ev: self.forget_thread(tid))
+                return thread
         try:
-            return os.pidfd_open(tid)  # only a thread-group leader has one
+            return ThreadHandle(tid, os.pidfd_open(tid))  # only a thread-group leader has one
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
         with open("/proc/%d/status" % tid) as f:
             tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
-        return os.pidfd_open(tgid)
+        return ThreadHandle(tid, os.pidfd_open(tgid))
 
-    def forget_pidfd(self, tid, _events=None):
-        pidfd = self.pidfds.pop(tid, None)
-        if pidfd is not None:
-            self.unwatch(pidfd)
-            os.close(pidfd)
+    def forget_thread(self, tid):
+        thread = self.threads.pop(tid, None)
+        if thread is not None:
+            self.unwatch(thread.pidfd)
+            thread.close()
 
     def template(self, family, kind, proto):
         key = (family, kind, proto)
@@ -950,7 +795,7 @@ class Daemon:
         if length < 0 or length > MAX_SOCKADDR:
             return b"", -errno.EINVAL
         try:
-            return read_memory(notif.pid, notif.data.args[addr_arg], length), 0
+            return self.sockaddr.read(notif.pid, notif.data.args[addr_arg], length), 0
         except OSError as e:
             return b"", -(e.errno or errno.EFAULT)
 
@@ -1086,17 +931,21 @@ class Daemon:
         addfd.newfd_flags = O_CLOEXEC if self.cloexec(tid, fd) else 0
         try:
             _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, addfd)
+            self.switched = True
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return False
             raise NotSwitched("ADDFD failed: %s" % e.strerror) from None
         return True
 
-    @staticmethod
-    def cloexec(tid, fd):
+    def cloexec(self, tid, fd):
         """Whether the target's fd is close-on-exec (only /proc tells)."""
+        thread = self.threads.get(tid)
         try:
-            info_fd = os.open("/proc/%d/fdinfo/%d" % (tid, fd), os.O_RDONLY | os.O_CLOEXEC)
+            if thread is not None:
+                info_fd = os.open(str(fd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=thread.fdinfo_dir())
+            else:
+                info_fd = os.open("/proc/%d/fdinfo/%d" % (tid, fd), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
@@ -1148,16 +997,6 @@ class Daemon:
             os.set_blocking(fd, True)
             result = -errno.EINPROGRESS if timed_out else -sock.getsockopt(_SOL, socket.SO_ERROR)
         self.reply_result(pending.notify_fd, pending.notif_id, result)
-
-    def sweep_pending(self):
-        """Forget blocking connects whose caller was interrupted: the connect goes on, as natively."""
-        for fd, pending in list(self.pending.items()):
-            if pending.notify_fd not in self.notify_owner or not self.id_valid(pending.notify_fd,
-                                                                                pending.notif_id):
-                del self.pending[fd]
-                self.unwatch(fd)
-                os.set_blocking(fd, True)
-                pending.sock.close()
 
     # -- bind --------------------------------------------------------------
 
@@ -1371,7 +1210,249 @@ class Daemon:
             ancillary = parse_cmsgs(read_memory(tid, control, controllen), ptr)
         return raw, b"".join(chunks), ancillary
 
-    # -- loop ----------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# The per-container session
+# ---------------------------------------------------------------------------
+
+class Container:
+    """One container (by OCI id): its notify fds, its `auto` subnets, counters."""
+
+    AUTO_REFRESH = 2.0  # seconds an `auto` subnet list is trusted
+
+    def __init__(self, cid):
+        self.id = cid
+        self.notify_fds = set()
+        self.counters = dict.fromkeys(("bypassed", "container", "published", "refused",
+                                       "emulated_sends", "errors"), 0)
+        self.auto_nets = []
+        self.auto_read = -1e9
+
+    def auto_networks(self, tid, now):
+        if now - self.auto_read > self.AUTO_REFRESH:
+            self.auto_read = now
+            nets = []
+            for name, parse in (("route", parse_proc_route), ("if_inet6", parse_proc_if_inet6)):
+                try:
+                    with open("/proc/%d/net/%s" % (tid, name)) as f:
+                        nets.extend(parse(f.read()))
+                except OSError:
+                    pass
+            self.auto_nets = nets
+        return self.auto_nets
+
+
+class Pending:
+    """A blocking connect answered when its handshake ends (or SO_SNDTIMEO runs out).
+
+    `sock` is the daemon's copy of the connecting socket, closed once answered.
+    """
+
+    __slots__ = ("notify_fd", "notif_id", "sock", "deadline", "container")
+
+    def __init__(self, notify_fd, notif_id, sock, deadline, container):
+        self.notify_fd, self.notif_id, self.sock = notify_fd, notif_id, sock
+        self.deadline, self.container = deadline, container
+
+
+class ThreadHandle:
+    """What the daemon keeps open for one thread of a container: its pidfd, its fdinfo dir."""
+
+    __slots__ = ("tid", "pidfd", "_fdinfo")
+
+    def __init__(self, tid, pidfd):
+        self.tid, self.pidfd, self._fdinfo = tid, pidfd, None
+
+    def fdinfo_dir(self):
+        if self._fdinfo is None:
+            self._fdinfo = os.open("/proc/%d/fdinfo" % self.tid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._fdinfo
+
+    def close(self):
+        os.close(self.pidfd)
+        if self._fdinfo is not None:
+            os.close(self._fdinfo)
+
+
+# ---------------------------------------------------------------------------
+# The daemon loop
+# ---------------------------------------------------------------------------
+
+class Daemon(Switcher):
+    """Accepts runtimes' messages and feeds every container's notifications to the Switcher."""
+
+    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True):
+        super().__init__(ignore, auto, publish, debug, reserve_ports)
+        self.socket_path = socket_path
+        self.epoll = select.epoll()
+        self.handlers = {}          # fd -> callable(events)
+        self.containers = {}        # OCI id -> Container
+        self.notify_owner = {}      # notify fd -> Container
+        self.running = True
+        self.listener = None
+        self.signal_pipe = None
+        self.notif = SeccompNotif()
+        self.zero_notif = bytes(ctypes.sizeof(SeccompNotif))
+
+    def check_kernel(self):
+        sizes = get_notif_sizes()
+        if sizes is None:
+            return
+        for struct_type, got in ((SeccompNotif, sizes.seccomp_notif),
+                                 (SeccompNotifResp, sizes.seccomp_notif_resp),
+                                 (SeccompData, sizes.seccomp_data)):
+            if got != ctypes.sizeof(struct_type):
+                raise Error("kernel's struct %s is %d bytes, this daemon knows %d"
+                            % (struct_type.__name__, got, ctypes.sizeof(struct_type)))
+
+    def listen(self):
+        path = self.socket_path
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody is listening there
+            else:
+                raise Error("another daemon is listening on %s" % path)
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        self.listener = listener
+        self.watch(listener.fileno(), select.EPOLLIN, self.on_accept)
+
+    def watch(self, fd, events, handler):
+        self.handlers[fd] = handler
+        self.epoll.register(fd, events)
+
+    def unwatch(self, fd):
+        self.handlers.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    # -- runtimes' messages ------------------------------------------------
+
+    def on_accept(self, _events):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.error("accept on %s: %s", self.socket_path, e)
+                return
+            conn.setblocking(False)
+            state = {"data": b"", "fds": []}
+            self.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
+                       lambda ev, c=conn, s=state: self.on_runtime_data(c, s))
+
+    def on_runtime_data(self, conn, state):
+        done = False
+        try:
+            while True:
+                data, fds = recv_with_fds(conn)
+                state["fds"].extend(fds)
+                if not data:
+                    done = True
+                    break
+                state["data"] += data
+                if len(state["data"]) > 1 << 20:
+                    raise ValueError("message longer than 1 MiB")
+        except (BlockingIOError, InterruptedError):
+            pass
+        except (OSError, ValueError) as e:
+            log.error("dropping a runtime message: %s", e)
+            done, state["data"] = True, b""
+        if not done:
+            try:
+                json.loads(state["data"])
+            except ValueError:
+                return  # not complete yet
+        self.unwatch(conn.fileno())
+        conn.close()
+        self.on_container_process(state["data"], state["fds"])
+
+    def on_container_process(self, data, fds):
+        """A runtime's message: container state JSON + SCM_RIGHTS fds."""
+        notify_fd = None
+        try:
+            message = json.loads(data)
+            names = message["fds"]
+            state = message.get("state") or {}
+            cid = str(state.get("id") or message.get("pid") or "unknown")
+            index = names.index("seccompFd")
+            if len(fds) != len(names):
+                raise ValueError("%d fds for %d names" % (len(fds), len(names)))
+            notify_fd = fds[index]
+            if os.readlink("/proc/self/fd/%d" % notify_fd) != "anon_inode:seccomp notify":
+                raise ValueError("fd seccompFd is not a seccomp notify fd")
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            log.error("dropping a malformed runtime message: %s", e)
+            for fd in fds:
+                os.close(fd)
+            return
+        for fd in fds:
+            if fd != notify_fd:
+                os.close(fd)
+        container = self.containers.get(cid)
+        if container is None:
+            container = self.containers[cid] = Container(cid)
+        container.notify_fds.add(notify_fd)
+        self.notify_owner[notify_fd] = container
+        try:
+            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+        except OSError:
+            pass  # kernels before 6.6: wake-ups are just slower
+        os.set_blocking(notify_fd, False)
+        self.watch(notify_fd, select.EPOLLIN, lambda ev, fd=notify_fd: self.on_notify(fd, ev))
+        log.info("container %s: process %s registered", cid, message.get("pid"))
+
+    def drop_notify_fd(self, notify_fd):
+        container = self.notify_owner.pop(notify_fd)
+        self.unwatch(notify_fd)
+        os.close(notify_fd)
+        container.notify_fds.discard(notify_fd)
+        if not container.notify_fds:
+            del self.containers[container.id]
+            log.info("container %s: gone (%s)", container.id, self.format_counters(container))
+
+    def on_notify(self, notify_fd, events):
+        if events & select.EPOLLIN:
+            notif = self.notif
+            while True:
+                ctypes.memmove(ctypes.addressof(notif), self.zero_notif, len(self.zero_notif))
+                try:
+                    fcntl.ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, notif, True)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        continue  # the target was interrupted or died before we read it
+                    raise
+                self.handle(notify_fd, notif, self.notify_owner[notify_fd])
+                break  # one per wake-up keeps the loop fair between containers
+        elif events & (select.EPOLLHUP | select.EPOLLERR):
+            self.drop_notify_fd(notify_fd)
+
+    def sweep_pending(self):
+        """Forget blocking connects whose caller was interrupted: the connect goes on, as natively."""
+        for fd, pending in list(self.pending.items()):
+            if pending.notify_fd not in self.notify_owner or not self.id_valid(pending.notify_fd,
+                                                                                pending.notif_id):
+                del self.pending[fd]
+                self.unwatch(fd)
+                os.set_blocking(fd, True)
+                pending.sock.close()
+
+    # -- signals and the loop ------------------------------------------------
 
     def format_counters(self, container):
         return " ".join("%s=%d" % item for item in container.counters.items())
@@ -1452,8 +1533,8 @@ class Daemon:
             pending.sock.close()
         for fd in list(self.notify_owner):
             os.close(fd)
-        for pidfd in self.pidfds.values():
-            os.close(pidfd)
+        for thread in self.threads.values():
+            thread.close()
         if self.signal_pipe:
             signal.set_wakeup_fd(-1)
             for fd in self.signal_pipe:
@@ -1465,34 +1546,6 @@ class Daemon:
             except FileNotFoundError:
                 pass
         self.epoll.close()
-
-
-def sockaddr_to_tuple(raw):
-    """A raw sockaddr_in/in6 -> the address tuple Python's socket calls take."""
-    family = int.from_bytes(raw[:2], sys.byteorder)
-    if family == socket.AF_INET and len(raw) >= 16:
-        _fam, port, addr = _SOCKADDR_IN.unpack_from(raw)
-        return socket.inet_ntop(socket.AF_INET, addr), port
-    if family == socket.AF_INET6 and len(raw) >= 24:
-        scope = struct.unpack_from("=I", raw, 24)[0] if len(raw) >= 28 else 0
-        _fam, port, flow, addr = struct.unpack_from("!HHI16s", raw)
-        return socket.inet_ntop(socket.AF_INET6, addr), port, flow, scope
-    return None
-
-
-def parse_cmsgs(control, ptr):
-    """A control buffer of a `ptr`-byte ABI -> [(level, type, data)] for socket.sendmsg."""
-    layout = CMSGHDR_LAYOUT[ptr]
-    items, offset = [], 0
-    while offset + layout.size <= len(control):
-        length, level, kind = layout.unpack_from(control, offset)
-        if length < layout.size or offset + length > len(control):
-            break
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            raise OSError(errno.EINVAL, "SCM_RIGHTS on an IP socket")
-        items.append((level, kind, control[offset + layout.size:offset + length]))
-        offset += (length + ptr - 1) // ptr * ptr
-    return items
 
 
 # ---------------------------------------------------------------------------
