@@ -1,0 +1,586 @@
+#!/usr/bin/env python3
+"""seccomp-gen.py: the seccomp profile that hands a container to bypass4netns.
+
+    python3 seccomp-gen.py > ~/seccomp.json
+    podman run --security-opt seccomp=$HOME/seccomp.json ...
+
+The profile traps (SCMP_ACT_NOTIFY) exactly the syscalls bypass4netns.py
+answers and names its socket as listenerPath; merged into the runtime's
+default profile it keeps every other protection of that profile.
+
+Single file, standard library only, Python >= 3.9; also runs piped:
+    curl -fsSL URL | python3 - [OPTIONS]
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+
+PROG = "seccomp-gen.py"
+
+# ---------------------------------------------------------------------------
+# What bypass4netns answers
+# ---------------------------------------------------------------------------
+
+# A copy of bypass4netns.SECCOMP_NOTIFY_RULES for when this file runs alone
+# (piped, or copied elsewhere); a unit test fails if the two disagree.
+# Syscall name -> OCI seccomp "args" filters (all must match).
+EMBEDDED_NOTIFY_RULES = (
+    ("connect", ()),
+    ("bind", ()),
+    ("sendto", ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)),  # only with a destination address
+    ("sendmsg", ()),
+    ("sendmmsg", ()),
+)
+
+# Each comparison with the one that matches exactly the other calls: needed to
+# keep allowing, under a deny-by-default base, the calls a filter does not
+# trap.  SCMP_CMP_MASKED_EQ has no such opposite, so a filter cannot use it.
+OPPOSITE_OP = {
+    "SCMP_CMP_NE": "SCMP_CMP_EQ", "SCMP_CMP_EQ": "SCMP_CMP_NE",
+    "SCMP_CMP_LT": "SCMP_CMP_GE", "SCMP_CMP_GE": "SCMP_CMP_LT",
+    "SCMP_CMP_LE": "SCMP_CMP_GT", "SCMP_CMP_GT": "SCMP_CMP_LE",
+}
+
+
+def validate_notify_rules(rules):
+    """Raise ValueError unless rules has the shape of SECCOMP_NOTIFY_RULES."""
+    seen = set()
+    for entry in rules:
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise ValueError("entry %r is not a (name, filters) pair" % (entry,))
+        name, filters = entry
+        if not isinstance(name, str) or not name:
+            raise ValueError("syscall name %r is not a string" % (name,))
+        if name in seen:
+            raise ValueError("%s is listed twice" % name)
+        seen.add(name)
+        if not isinstance(filters, tuple):
+            raise ValueError("the filters of %s are not a tuple" % name)
+        for cmp_ in filters:
+            if not (isinstance(cmp_, dict) and cmp_.get("op") in OPPOSITE_OP
+                    and isinstance(cmp_.get("index"), int) and 0 <= cmp_["index"] <= 5
+                    and isinstance(cmp_.get("value"), int) and cmp_["value"] >= 0
+                    and set(cmp_) <= {"index", "value", "valueTwo", "op"}):
+                raise ValueError("filter %r of %s is not a supported comparison" % (cmp_, name))
+    if not seen:
+        raise ValueError("no syscall listed")
+
+
+def load_notify_rules():
+    """The daemon's own rules when bypass4netns.py sits beside this file (or in
+    the current directory when piped), else the embedded copy."""
+    # Importing must not leave __pycache__ beside the user's files.
+    sys.dont_write_bytecode = True
+    try:
+        import bypass4netns
+        rules = bypass4netns.SECCOMP_NOTIFY_RULES
+        validate_notify_rules(rules)
+        return rules
+    except ImportError as exc:
+        if exc.name != "bypass4netns":
+            warn("bypass4netns.py could not be imported (%s); using the embedded syscall list" % exc)
+    except Exception as exc:  # a broken or half-written daemon must not stop us
+        warn("bypass4netns.py is unusable (%s: %s); using the embedded syscall list"
+             % (type(exc).__name__, exc))
+    return EMBEDDED_NOTIFY_RULES
+
+
+# ---------------------------------------------------------------------------
+# Architectures
+# ---------------------------------------------------------------------------
+
+# Machine (uname -m) -> the seccomp architectures its kernel runs, native
+# first, as in the archMap of podman's and Docker's default profiles.
+ARCHITECTURES = {
+    "x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+    "ppc64le": ["SCMP_ARCH_PPC64LE"],
+    "s390x": ["SCMP_ARCH_S390X", "SCMP_ARCH_S390"],
+    "riscv64": ["SCMP_ARCH_RISCV64"],
+}
+# Other spellings of the same machines (Go's GOARCH, Debian's).
+ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "ppc64el": "ppc64le"}
+
+
+def architectures_for(machine):
+    machine = ARCH_ALIASES.get(machine, machine)
+    if machine not in ARCHITECTURES:
+        raise ProfileError("unsupported architecture %r (supported: %s; choose with --arch)"
+                           % (machine, ", ".join(sorted(ARCHITECTURES))))
+    return list(ARCHITECTURES[machine])
+
+
+# ---------------------------------------------------------------------------
+# Base profiles
+# ---------------------------------------------------------------------------
+
+# Where podman (containers-common) finds its default profile: the first that
+# exists, unless containers.conf names another.
+PODMAN_PROFILES = ("/etc/containers/seccomp.json", "/usr/share/containers/seccomp.json")
+# containers.conf files in the order podman reads them (a later one wins);
+# CONTAINERS_CONF, when set, replaces them all.
+CONTAINERS_CONFS = ("/usr/share/containers/containers.conf",
+                    "/etc/containers/containers.conf",
+                    "/etc/containers/containers.conf.d/*.conf",
+                    "~/.config/containers/containers.conf",
+                    "~/.config/containers/containers.conf.d/*.conf")
+# dockerd's settings: a rootless daemon's first, then the system one.
+DOCKER_DAEMON_JSONS = ("~/.config/docker/daemon.json", "/etc/docker/daemon.json")
+# Docker keeps its default profile inside dockerd: there is no file to read
+# unless daemon.json's "seccomp-profile" names one.
+DOCKER_BUILTIN_HINT = ("Docker's default profile is built into dockerd, with no file on disk "
+                       "(set \"seccomp-profile\" in daemon.json, or save "
+                       "profiles/seccomp/default.json of your Docker version and pass --base FILE)")
+
+# Actions under which a syscall runs (SCMP_ACT_LOG logs it first).
+ALLOWING_ACTIONS = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
+# Marks the rules this program writes, so that merging its own output again
+# replaces them instead of stacking a second copy.
+RULE_MARK = "bypass4netns: "
+NOTIFY_COMMENT = RULE_MARK + "answered by the bypass4netns daemon"
+UNTRAPPED_COMMENT = RULE_MARK + "the calls not trapped, allowed as the base profile allowed them"
+WAIT_KILLABLE_RECV = "SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV"
+
+
+class ProfileError(Exception):
+    """A user error: reported as one line, exit code 2."""
+
+
+def expand(path):
+    """~ and $XDG_CONFIG_HOME as the tools that read the file see them."""
+    if path.startswith("~/.config/") and os.environ.get("XDG_CONFIG_HOME"):
+        path = os.path.join(os.environ["XDG_CONFIG_HOME"], path[len("~/.config/"):])
+    return os.path.expanduser(path)
+
+
+def containers_conf_seccomp_profile():
+    """seccomp_profile from [containers] in containers.conf, or None."""
+    patterns = [os.environ["CONTAINERS_CONF"]] if os.environ.get("CONTAINERS_CONF") else CONTAINERS_CONFS
+    value = None
+    for pattern in patterns:
+        for path in sorted(glob.glob(expand(pattern))):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue  # podman would fail on it too; not ours to report
+            table = None
+            for line in text.splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line.startswith("["):
+                    table = line.strip("[] ")
+                elif table == "containers" and line.partition("=")[0].strip() == "seccomp_profile":
+                    value = line.partition("=")[2].strip().strip("\"'")
+    return value
+
+
+def podman_profile_path():
+    """The profile podman applies by default, or None when there is none."""
+    configured = containers_conf_seccomp_profile()
+    if configured:
+        return configured
+    for path in PODMAN_PROFILES:
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def docker_profile_path():
+    """daemon.json's "seccomp-profile" (a file, or "unconfined"), or None when
+    dockerd uses its built-in default."""
+    for candidate in DOCKER_DAEMON_JSONS:
+        path = expand(candidate)
+        if os.path.exists(path):
+            settings = read_json(path, "Docker's daemon.json")
+            value = settings.get("seccomp-profile") if isinstance(settings, dict) else None
+            return None if value in (None, "", "builtin") else value
+    return None
+
+
+def read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ProfileError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ProfileError("%s %s is not valid JSON: %s" % (what, path, exc))
+
+
+def resolve_base(choice):
+    """--base -> (profile dict or None for allow-all, a description)."""
+    if choice == "none":
+        return None, "none"
+    if choice in ("podman", "auto"):
+        path = podman_profile_path()
+        if path:
+            return read_json(path, "base profile"), "podman's default profile " + path
+        if choice == "podman":
+            raise ProfileError("podman's default profile not found (looked for %s)"
+                               % " and ".join(PODMAN_PROFILES))
+    if choice in ("docker", "auto"):
+        path = docker_profile_path()
+        if path == "unconfined":  # Docker's own default is then no seccomp at all
+            return None, "Docker's daemon.json (seccomp-profile: unconfined)"
+        if path:
+            return read_json(path, "base profile"), "Docker's seccomp-profile " + path
+        if choice == "docker":
+            raise ProfileError(DOCKER_BUILTIN_HINT)
+    if choice == "auto":
+        warn("no default seccomp profile found (podman: %s; Docker: built into dockerd): "
+             "the profile allows every syscall but the trapped ones, as the original "
+             "seccomp.json.sh did; pass --base FILE to keep your runtime's protection, "
+             "or --base none to silence this warning" % " or ".join(PODMAN_PROFILES))
+        return None, "none"
+    return read_json(choice, "base profile"), choice
+
+
+# ---------------------------------------------------------------------------
+# Building the profile
+# ---------------------------------------------------------------------------
+
+def rule_names(rule):
+    """A rule's syscall names; Docker's older format has a single "name"."""
+    names = rule.get("names")
+    if names is None:
+        names = [rule["name"]] if "name" in rule else []
+    return names
+
+
+def is_unconditional(rule):
+    """True when the rule applies to every call of its syscalls, whatever the
+    arguments, the container's capabilities, the architecture or the kernel."""
+    conditions = list((rule.get("includes") or {}).values()) + list((rule.get("excludes") or {}).values())
+    return not rule.get("args") and not any(conditions)
+
+
+def check_base_shape(base):
+    if not isinstance(base, dict):
+        raise ProfileError("the base profile is not a JSON object")
+    if not isinstance(base.get("defaultAction"), str):
+        raise ProfileError("the base profile has no defaultAction")
+    syscalls = base.get("syscalls") or []
+    if not isinstance(syscalls, list):
+        raise ProfileError("the base profile's syscalls is not a list")
+    for i, rule in enumerate(syscalls):
+        if not isinstance(rule, dict) or not isinstance(rule.get("action"), str):
+            raise ProfileError("syscalls[%d] of the base profile is not a rule with an action" % i)
+        names = rule_names(rule)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProfileError("syscalls[%d] of the base profile has malformed names" % i)
+        if not all(isinstance(rule.get(k) or {}, dict) for k in ("includes", "excludes")) \
+                or not isinstance(rule.get("args") or [], list):
+            raise ProfileError("syscalls[%d] of the base profile has malformed args, includes or excludes" % i)
+    flags = base.get("flags")
+    if flags is not None and not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
+        raise ProfileError("the base profile's flags is not a list of strings")
+
+
+def same_path(a, b):
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def strip_previous_merge(base, listener_path, trapped):
+    """Remove the rules an earlier run of this program added to base.
+
+    Returns (the other rules, {syscall it trapped: action the base allowed it
+    under}): an earlier run only trapped syscalls the base allowed."""
+    other, previously, untrapped_action = [], {}, {}
+    for rule in base.get("syscalls") or []:
+        ours = str(rule.get("comment", "")).startswith(RULE_MARK)
+        if rule["action"] == "SCMP_ACT_NOTIFY":
+            if not ours:
+                raise ProfileError("the base profile already traps %s for another seccomp agent"
+                                   % ", ".join(rule_names(rule)))
+            previously.update(dict.fromkeys(rule_names(rule), "SCMP_ACT_ALLOW"))
+        elif ours:
+            untrapped_action.update(dict.fromkeys(rule_names(rule), rule["action"]))
+        else:
+            other.append(rule)
+    previously.update((n, a) for n, a in untrapped_action.items() if n in previously)
+    base_listener = base.get("listenerPath")
+    if base_listener and not same_path(base_listener, listener_path):
+        raise ProfileError("the base profile's listenerPath is %s, not %s (pass --listener-path %s "
+                           "if that is bypass4netns's socket)" % (base_listener, listener_path, base_listener))
+    dropped = sorted(set(previously) - set(trapped))
+    if dropped:
+        raise ProfileError("the base profile was made for a bypass4netns that also trapped %s; "
+                           "merge into the original base profile instead" % ", ".join(dropped))
+    return other, previously
+
+
+def allowing_action(base, rules, name, previously):
+    """The action under which base runs every call of syscall name, or raise:
+    trapping a syscall the base denies would hand the daemon calls the
+    container must not make."""
+    if name in previously:
+        return previously[name]
+    naming = [r for r in rules if name in rule_names(r)]
+    for rule in naming:
+        if rule["action"] not in ALLOWING_ACTIONS:
+            raise ProfileError("the base profile applies %s to %s%s; bypass4netns needs it allowed"
+                               % (rule["action"], name, "" if is_unconditional(rule) else " (under conditions)"))
+    for rule in naming:
+        if is_unconditional(rule):
+            return rule["action"]
+    if base["defaultAction"] in ALLOWING_ACTIONS:
+        return base["defaultAction"]
+    raise ProfileError("the base profile does not allow %s unconditionally (defaultAction %s%s); "
+                       "bypass4netns needs it allowed"
+                       % (name, base["defaultAction"], ", some calls allowed under conditions" if naming else ""))
+
+
+def notify_rules(trapped):
+    """One SCMP_ACT_NOTIFY rule per distinct filter set: a rule's args apply
+    to all its names, so filtered syscalls cannot share a rule with others."""
+    groups = {}
+    for name, filters in trapped:
+        key = json.dumps(filters, sort_keys=True)
+        groups.setdefault(key, ([], [dict(f) for f in filters]))[0].append(name)
+    rules = []
+    for names, args in groups.values():
+        rule = {"names": names, "action": "SCMP_ACT_NOTIFY"}
+        if args:
+            rule["args"] = args
+        rule["comment"] = NOTIFY_COMMENT
+        rules.append(rule)
+    return rules
+
+
+def untrapped_rules(name, filters, action):
+    """Rules that keep allowing the calls of name that filters do not trap:
+    not (a and b) is (not a) or (not b), one rule each."""
+    rules = []
+    for cmp_ in filters:
+        opposite = dict(cmp_, op=OPPOSITE_OP[cmp_["op"]])
+        rules.append({"names": [name], "action": action, "args": [opposite],
+                      "comment": UNTRAPPED_COMMENT})
+    return rules
+
+
+def without_names(rules, names):
+    """rules with names removed from each, dropping a rule left with none."""
+    kept = []
+    for rule in rules:
+        current = rule_names(rule)
+        remaining = [n for n in current if n not in names]
+        if len(remaining) == len(current):
+            kept.append(rule)
+        elif remaining:
+            rule = dict(rule, names=remaining)
+            rule.pop("name", None)
+            kept.append(rule)
+    return kept
+
+
+def with_settings(profile, settings):
+    """profile with settings (replacing those keys), placed just before syscalls."""
+    result = {}
+    for key, value in profile.items():
+        if key == "syscalls":
+            result.update(settings)
+        if key not in settings:
+            result[key] = value
+    return result
+
+
+def build_profile(base, trapped, listener_path, architectures=None, metadata=None,
+                  wait_killable_recv=False):
+    """The profile: base (None: allow everything) plus the NOTIFY rules.
+
+    architectures replaces the base's; None keeps them (with no base: the
+    caller must give them)."""
+    if base is None:
+        base = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": architectures, "syscalls": []}
+    check_base_shape(base)
+    others, previously = strip_previous_merge(base, listener_path, [n for n, _ in trapped])
+    names = [name for name, _ in trapped]
+    syscalls = notify_rules(trapped)
+    for name, filters in trapped:
+        action = allowing_action(base, others, name, previously)
+        # Under an allowing default the untrapped calls fall to it; otherwise
+        # they need their own rule, since the base's rule for name goes.
+        if filters and base["defaultAction"] not in ALLOWING_ACTIONS:
+            syscalls += untrapped_rules(name, filters, action)
+    syscalls += without_names(others, set(names))
+
+    settings = {}
+    if architectures is not None:
+        base = {k: v for k, v in base.items() if k not in ("archMap", "architectures")}
+        settings["architectures"] = architectures
+    settings["listenerPath"] = listener_path
+    if metadata is not None:
+        settings["listenerMetadata"] = metadata
+    if wait_killable_recv:
+        flags = list(base.get("flags") or [])
+        settings["flags"] = flags if WAIT_KILLABLE_RECV in flags else flags + [WAIT_KILLABLE_RECV]
+    return with_settings(dict(base, syscalls=syscalls), settings)
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+def warn(message):
+    print("%s: warning: %s" % (PROG, message), file=sys.stderr)
+
+
+def render(profile):
+    return json.dumps(profile, indent=2) + "\n"
+
+
+def write_atomically(path, text):
+    """Write text to path through a temporary file in the same directory, so
+    that path holds either its old content or all of the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as exc:
+        raise ProfileError("cannot write %s: %s" % (path, exc.strerror or exc))
+    renamed = False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide it from the runtime
+        os.replace(tmp, path)
+        renamed = True
+    except OSError as exc:
+        raise ProfileError("cannot write %s: %s" % (path, exc.strerror or exc))
+    finally:
+        if not renamed:
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with errors on one line (no usage dump): exit code 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
+DESCRIPTION = """\
+Write the seccomp profile for containers served by bypass4netns: it traps
+(SCMP_ACT_NOTIFY) the syscalls bypass4netns.py answers and sends them to the
+daemon's socket (listenerPath).  Use it with
+  podman run --security-opt seccomp=$HOME/seccomp.json ...
+
+By default (--base auto) the trap is merged into podman's default profile
+when one is installed, so the container keeps the protection podman gives it
+(a profile is a whole policy: a profile that only listed the trapped syscalls
+would allow everything else).  Without one, the profile allows every other
+syscall, like the original project's seccomp.json.sh, and says so on stderr.
+"""
+
+EPILOG = """\
+Merging (--base): the base's defaultAction, defaultErrnoRet, archMap or
+architectures and every rule are kept; the trapped syscalls are taken out of
+the base's rules (a rule left with no syscall goes) and the trap rules are put
+first; under a deny-by-default base, calls that a filtered trap (sendto
+without a destination) does not catch get their own allow rule.  A base that
+denies a trapped syscall (under any condition), allows it only under
+conditions, traps syscalls for another agent or names another listenerPath is
+refused.  Merging this program's output again gives the same file.
+
+Runtimes: runc >= 1.1 and crun >= 1.6 honour listenerPath; rootless Docker
+20.10 drops it from profiles.  If nothing listens on listenerPath, the
+runtime refuses to start the container.
+
+Errors (unreadable or invalid base, unknown architecture, relative path) are
+one line on stderr with exit code 2; -o never leaves a partial file.
+"""
+
+
+def parse_args(argv):
+    parser = OneLineParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--base", metavar="auto|none|podman|docker|FILE", default="auto",
+        help="profile to merge the trap into. auto (default): podman's default profile "
+             "(as podman finds it: containers.conf seccomp_profile, else %s) or Docker's "
+             "daemon.json seccomp-profile, else none with a warning; none: allow every "
+             "other syscall (the original project's profile: drops the runtime's "
+             "protection); podman, docker: that runtime's default, an error when absent "
+             "(Docker's is built into dockerd unless daemon.json names a file); FILE: any "
+             "OCI/podman/Docker JSON profile (./podman for a file named podman)"
+             % " or ".join(PODMAN_PROFILES))
+    parser.add_argument(
+        "--listener-path", metavar="PATH",
+        help="absolute path of bypass4netns's socket, written as listenerPath "
+             "(default: $XDG_RUNTIME_DIR/bypass4netns.sock, the daemon's default --socket)")
+    parser.add_argument(
+        "--listener-metadata", metavar="STRING",
+        help="listenerMetadata: a string the runtime passes to the daemon with each container")
+    parser.add_argument(
+        "--arch", metavar="MACHINE",
+        help="write architectures for this machine instead of the one running this program: "
+             "x86_64 (amd64: also x86 and x32), aarch64 (arm64: also arm), ppc64le, "
+             "s390x (also s390), riscv64.  With --base, the base's archMap/architectures "
+             "are kept unless --arch is given")
+    parser.add_argument(
+        "--wait-killable-recv", action="store_true",
+        help="add the filter flag %s (Linux >= 5.19): a trapped syscall the daemon has "
+             "started answering is not interrupted by a non-fatal signal, which spares Go "
+             "programs (SIGURG) repeated restarts.  Known to crun (1.8.1 tested); runc before "
+             "1.5 refuses every seccomp flag ('seccomp flags are not yet supported by runc') "
+             "and does not start the container" % WAIT_KILLABLE_RECV)
+    parser.add_argument(
+        "-o", "--output", metavar="FILE",
+        help="write the profile to FILE (atomically, via a temporary file in its "
+             "directory) instead of stdout")
+    args = parser.parse_args(argv)
+    return parser, args
+
+
+def listener_path_from(args):
+    if args.listener_path is not None:
+        path, origin = args.listener_path, "--listener-path"
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path, origin = os.path.join(os.environ["XDG_RUNTIME_DIR"], "bypass4netns.sock"), "$XDG_RUNTIME_DIR"
+    else:
+        raise ProfileError("XDG_RUNTIME_DIR is not set: pass --listener-path PATH (bypass4netns's --socket)")
+    if not os.path.isabs(path):
+        raise ProfileError("%s is not an absolute path: %r" % (origin, path))
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the NUL
+        raise ProfileError("listener path is longer than a unix socket path can be (107 bytes): %s" % path)
+    return path
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    try:
+        listener_path = listener_path_from(args)
+        base, description = resolve_base(args.base)
+        if args.base == "auto" and base is not None:
+            print("%s: merging into %s (--base none: allow-all profile)" % (PROG, description),
+                  file=sys.stderr)
+        architectures = None
+        if args.arch is not None or base is None:
+            architectures = architectures_for(args.arch or os.uname().machine)
+        if args.wait_killable_recv:
+            warn("%s is known to crun but refused by runc before 1.5 (and by any runtime "
+                 "that does not know it): use it only with a runtime that does" % WAIT_KILLABLE_RECV)
+        profile = build_profile(base, load_notify_rules(), listener_path, architectures,
+                                args.listener_metadata, args.wait_killable_recv)
+        text = render(profile)
+        if args.output:
+            write_atomically(args.output, text)
+        else:
+            sys.stdout.write(text)
+    except ProfileError as exc:
+        parser.error(str(exc))
+
+
+if __name__ == "__main__":
+    main()
