@@ -733,8 +733,8 @@ class Switcher:
     def target_socket(self, tid, fd):
         """(socket object on a duplicate of the target's fd, its family), or (None, 0).
 
-        The object's own family/type attributes are placeholders: only the
-        values read with getsockopt are used (that skips Python's detection).
+        The object's type and proto attributes are placeholders: the values
+        read with getsockopt are used (that skips Python's slower detection).
         """
         thread = self.threads.get(tid) or self.open_thread(tid)
         try:
@@ -749,10 +749,13 @@ class Switcher:
                 thread.close()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, dup)
         try:
-            return sock, sock.getsockopt(_SOL, socket.SO_DOMAIN)
+            family = sock.getsockopt(_SOL, socket.SO_DOMAIN)
         except OSError:  # ENOTSOCK
             sock.close()
             return None, 0
+        if family != socket.AF_INET:  # Python decodes addresses by the object's family
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, sock.detach())
+        return sock, family
 
     def open_thread(self, tid):
         """A ThreadHandle for `tid`, cached until the thread exits where the kernel allows."""
@@ -813,9 +816,12 @@ class Switcher:
         return dest, reason
 
     def debug_decision(self, container, notif, what, dest, outcome):
-        log.debug("container %s pid %d fd %d %s %s: %s", container.id, notif.pid,
-                  ctypes.c_int(notif.data.args[0]).value, what,
-                  "%s:%d" % dest if dest else "-", outcome)
+        if dest is None:
+            where = "-"
+        else:
+            where = ("%s:%d" if dest[0].version == 4 else "[%s]:%d") % dest
+        log.debug("container %s pid %d fd %d %s %s: %s", container.id[:12], notif.pid,
+                  ctypes.c_int(notif.data.args[0]).value, what, where, outcome)
 
     # -- connect -----------------------------------------------------------
 

@@ -1,0 +1,99 @@
+"""Run bypass4netns.py for real: as the test user, in the test namespace, with a profile.
+
+Used by the end-to-end tests and the benchmark.  The daemon and its profile
+are copied into the test bed's WORKDIR (the checkout may not be readable by
+the test user); each Daemon gets its own socket, profile and log.
+"""
+
+import itertools
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import testbed as tb
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_serial = itertools.count()
+
+
+def generate_profile(socket_path, base="podman", extra=()):
+    """A seccomp profile (path) whose listenerPath is socket_path, readable by the test user."""
+    path = os.path.join(tb.WORKDIR, "seccomp-%d-%d.json" % (os.getpid(), next(_serial)))
+    subprocess.run([sys.executable, str(ROOT / "seccomp-gen.py"), "--listener-path", socket_path,
+                    "--base", base, "-o", path, *extra], check=True, timeout=60)
+    os.chmod(path, 0o644)
+    return path
+
+
+class Daemon:
+    """bypass4netns.py started as the test user; stop() ends it by pid."""
+
+    def __init__(self, args=(), base="podman", debug=True):
+        name = "b4ns-%d-%d" % (os.getpid(), next(_serial))
+        self.script = tb.copy_to_workdir(str(ROOT / "bypass4netns.py"))
+        self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
+        self.log_path = os.path.join(tb.WORKDIR, name + ".log")
+        self.profile = generate_profile(self.socket, base)
+        argv = ["python3", self.script, "--socket", self.socket, "--log-file", self.log_path, *args]
+        if debug:
+            argv.append("--debug")
+        ready_r, ready_w = os.pipe()
+        try:
+            self.proc = tb.start_server(argv + ["--ready-fd", str(ready_w)], user=True, pass_fds=[ready_w])
+            os.close(ready_w)
+            ready_w = None
+            if os.read(ready_r, 1) != b"1":
+                self.proc.wait(10)
+                raise RuntimeError("bypass4netns.py did not start: %s" % self.log())
+        finally:
+            os.close(ready_r)
+            if ready_w is not None:
+                os.close(ready_w)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def decisions(self, what="connect"):
+        """[(destination, outcome)] of the debug log's decision lines."""
+        return re.findall(r" %s (\S+): (.*)$" % what, self.log(), re.M)
+
+    def fd_count(self):
+        return len(os.listdir("/proc/%d/fd" % self.pid))
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.pid) as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+    def cpu_seconds(self):
+        with open("/proc/%d/stat" % self.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self):
+        """SIGTERM; the daemon must exit 0 and remove its socket."""
+        status = tb.stop_server(self.proc)
+        deadline = time.monotonic() + 5
+        while os.path.exists(self.socket) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return status
+
+
+def run(argv, timeout=180, check=False):
+    """Run argv, capturing text output; raise with its stderr when check fails."""
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError("%s exited %d:\n%s\n%s" % (argv[-3:], result.returncode, result.stdout[-2000:],
+                                                         result.stderr[-3000:]))
+    return result

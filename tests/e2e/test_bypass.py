@@ -1,0 +1,503 @@
+"""The socket-switching engine, end to end: rootless podman (runc and crun), real clients.
+
+Every server listens inside the test namespace (198.18.0.0/15, 2001:db8::/32)
+or on loopback; bypass4netns.py runs as the unprivileged test user there too.
+"""
+
+import json
+import errno
+import os
+import subprocess
+import textwrap
+import uuid
+
+import pytest
+
+from e2e.daemon import Daemon, run
+
+RUNTIMES = ["runc", "crun"]
+SLIRP_ADDRESS = "10.0.2.100"  # the container's address on slirp4netns
+
+
+@pytest.fixture(scope="module")
+def daemon(testbed):
+    d = Daemon(["--ignore", "10.0.0.0/8,198.18.1.0/24"])
+    yield d
+    assert d.stop() == 0
+    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
+
+
+@pytest.fixture
+def http(testbed, server, tmp_path):
+    """serve(host) -> (port, body) of a file served by python3 -m http.server."""
+    def serve(host):
+        body = "b4ns-" + uuid.uuid4().hex
+        (tmp_path / "index.txt").write_text(body)
+        port = testbed.free_port(host)
+        server(["python3", "-m", "http.server", "--bind", host, "--directory", str(tmp_path), str(port)],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        testbed.wait_port(host, port)
+        return port, body
+    return serve
+
+
+def container_python(testbed, daemon, code, runtime="runc", args=(), extra=(), check=True, timeout=180):
+    """Run python3 code in a rootless container with the daemon's profile; return its stdout."""
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], runtime=runtime,
+                                 seccomp=daemon.profile, extra=extra)
+    return run(argv, timeout=timeout, check=check).stdout
+
+
+def netns_tcp_table(testbed, path="/proc/net/tcp"):
+    return run(testbed.in_netns(["cat", path, path + "6"]), check=True).stdout
+
+
+def local_ports(table, state=None):
+    """Local ports of a /proc/net/tcp{,6} text (optionally only in one state, hex like '01')."""
+    ports = set()
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and ":" in fields[1] and fields[0] != "sl" and (state is None or fields[3] == state):
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+# -- TCP ---------------------------------------------------------------------
+
+HOLD_CONNECTION = """
+    import json, socket, sys
+    host, port = sys.argv[1], int(sys.argv[2])
+    s = socket.create_connection((host, port))
+    s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        data += s.recv(65536)
+    tables = open("/proc/net/tcp").read() + open("/proc/net/tcp6").read()
+    print(json.dumps({"sockname": s.getsockname()[:2], "peername": s.getpeername()[:2],
+                      "response": data.decode(errors="replace"), "container_tables": tables}), flush=True)
+    sys.stdin.read()  # hold the connection until the test has looked at the host's table
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("host_ip", ["198.18.0.1", "2001:db8::1"])
+def test_tcp_connection_lives_in_the_host_namespace(testbed, daemon, http, runtime, host_ip):
+    port, body = http(host_ip)
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(HOLD_CONNECTION), host_ip, str(port)],
+                                 runtime=runtime, seccomp=daemon.profile, extra=["-i"])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        seen = json.loads(line)
+        host_table = netns_tcp_table(testbed)
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
+    local_ip, local_port = seen["sockname"]
+    assert local_ip == host_ip, "the socket should have the host's address, not slirp4netns' %s" % SLIRP_ADDRESS
+    assert seen["peername"] == [host_ip, port]
+    assert "200 OK" in seen["response"]
+    assert local_port in local_ports(host_table), "not in the host namespace's socket table"
+    assert local_port not in local_ports(seen["container_tables"]), "still in the container's socket table"
+    where = ("%s:%d" if "." in host_ip else "[%s]:%d") % (host_ip, port)
+    assert (where, "bypassed") in daemon.decisions()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_static_busybox_wget_is_bypassed(testbed, daemon, http, runtime):
+    port, body = http(testbed.HOST_IP4)
+    argv = testbed.run_container(["/bin/wget", "-q", "-O", "-", "http://198.18.0.1:%d/index.txt" % port],
+                                 runtime=runtime, seccomp=daemon.profile)
+    assert run(argv, check=True).stdout == body
+    assert ("198.18.0.1:%d" % port, "bypassed") in daemon.decisions()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_iperf3_both_directions(testbed, daemon, server, runtime):
+    port = testbed.free_port()
+    for reverse in ([], ["-R"]):
+        iperf = server(["iperf3", "-s", "-1", "-B", testbed.HOST_IP4, "-p", str(port)],
+                       stdout=subprocess.DEVNULL)
+        _wait_iperf(testbed, port)
+        argv = testbed.run_container(["iperf3", "-c", testbed.HOST_IP4, "-p", str(port), "-t", "1", "-J"]
+                                     + reverse, runtime=runtime, seccomp=daemon.profile)
+        report = json.loads(run(argv, check=True).stdout)
+        assert report["start"]["connected"][0]["local_host"] == testbed.HOST_IP4
+        assert report["end"]["sum_received"]["bytes"] > 0 and report["end"]["sum_sent"]["bytes"] > 0
+        iperf.wait(30)
+
+
+def _wait_iperf(testbed, port):
+    """iperf3 -s -1 serves exactly one client, so probe its port with ss instead of a connection."""
+    for _ in range(200):
+        if ":%d " % port in run(testbed.in_netns(["ss", "-Htln"])).stdout + " ":
+            return
+        subprocess.run(["sleep", "0.05"])
+    raise TimeoutError("iperf3 did not listen on %d" % port)
+
+
+def test_static_c_client_and_threads(testbed, daemon, server, tmp_path):
+    """A statically linked C client, and a connect from a thread that is not the process leader."""
+    client = tmp_path / "connect.c"
+    client.write_text(textwrap.dedent("""
+        #include <arpa/inet.h>
+        #include <pthread.h>
+        #include <stdio.h>
+        #include <stdlib.h>
+        #include <sys/socket.h>
+        #include <unistd.h>
+        static struct sockaddr_in dest;
+        static void *run(void *arg) {
+            int s = socket(AF_INET, SOCK_STREAM, 0);
+            struct sockaddr_in me; socklen_t len = sizeof me;
+            if (connect(s, (struct sockaddr *)&dest, sizeof dest) || getsockname(s, (struct sockaddr *)&me, &len))
+                { perror("connect"); exit(1); }
+            printf("%s\\n", inet_ntoa(me.sin_addr));
+            close(s);
+            return arg;
+        }
+        int main(int argc, char **argv) {
+            pthread_t thread;
+            dest.sin_family = AF_INET; dest.sin_port = htons(atoi(argv[2]));
+            inet_pton(AF_INET, argv[1], &dest.sin_addr);
+            run(NULL);
+            pthread_create(&thread, NULL, run, NULL);
+            pthread_join(thread, NULL);
+            return 0;
+        }
+    """))
+    binary = os.path.join(testbed.WORKDIR, "connect-static")
+    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", binary, str(client)], check=True)
+    port = testbed.free_port()
+    server(["socat", "TCP-LISTEN:%d,bind=%s,fork,reuseaddr" % (port, testbed.HOST_IP4), "/dev/null"])
+    testbed.wait_port(testbed.HOST_IP4, port)
+    argv = testbed.run_container(["/home/connect-static", testbed.HOST_IP4, str(port)], seccomp=daemon.profile,
+                                 extra=["-v", "%s:/home:ro" % testbed.WORKDIR])
+    assert run(argv, check=True).stdout.split() == [testbed.HOST_IP4, testbed.HOST_IP4]
+
+
+# -- UDP -----------------------------------------------------------------------
+
+UDP_ECHO = """
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(65536)
+    s.sendto(b"echo:" + data, peer)
+"""
+
+
+@pytest.fixture
+def udp_echo(testbed, server):
+    def start(host):
+        port = testbed.free_port(host)
+        server(["python3", "-c", UDP_ECHO, host, str(port)])
+        return port
+    return start
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("host_ip", ["198.18.0.1", "2001:db8::1"])
+def test_connected_udp_client(testbed, daemon, udp_echo, runtime, host_ip):
+    port = udp_echo(host_ip)
+    out = container_python(testbed, daemon, """
+        import socket, sys
+        host, port = sys.argv[1], int(sys.argv[2])
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.5)
+        s.connect((host, port))
+        for _ in range(40):  # the echo server may not be bound yet
+            s.send(b"ping")
+            try:
+                print(s.recv(100).decode(), s.getsockname()[0])
+                break
+            except socket.timeout:
+                pass
+    """, runtime=runtime, args=(host_ip, port))
+    reply, local = out.split()
+    assert reply == "echo:ping" and local == host_ip
+
+
+# -- what the socket keeps -------------------------------------------------------
+
+OPTIONS_CHECK = """
+    import fcntl, json, os, select, socket, struct, sys
+    host, port, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    stream = kind == "tcp"
+    s = socket.socket(family, socket.SOCK_STREAM if stream else socket.SOCK_DGRAM)
+    SOL, TCP, IP, IP6 = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP, socket.IPPROTO_IPV6
+    options = [
+        (SOL, socket.SO_REUSEADDR, 1), (SOL, socket.SO_REUSEPORT, 1), (SOL, socket.SO_KEEPALIVE, 1),
+        (SOL, socket.SO_RCVTIMEO, struct.pack("qq", 3, 0)), (SOL, socket.SO_SNDTIMEO, struct.pack("qq", 4, 0)),
+        (SOL, socket.SO_RCVBUF, 65536), (SOL, socket.SO_SNDBUF, 32768),
+        (SOL, socket.SO_LINGER, struct.pack("ii", 1, 5)), (SOL, socket.SO_PRIORITY, 3),
+        (IP, socket.IP_TOS, 0x10), (IP, 24, 1),  # IP_BIND_ADDRESS_NO_PORT
+    ]
+    if stream:
+        options += [(TCP, socket.TCP_NODELAY, 1), (TCP, socket.TCP_KEEPIDLE, 77), (TCP, socket.TCP_KEEPINTVL, 11),
+                    (TCP, socket.TCP_KEEPCNT, 4), (TCP, 18, 12345),  # TCP_USER_TIMEOUT
+                    (TCP, socket.TCP_CONGESTION, b"reno")]
+    else:
+        options += [(SOL, socket.SO_BROADCAST, 1)]
+    if family == socket.AF_INET6:
+        options += [(IP6, socket.IPV6_V6ONLY, 1), (IP6, 67, 0x20)]  # IPV6_TCLASS
+    for level, name, value in options:
+        s.setsockopt(level, name, value)
+    def read_all():
+        return {"%d/%d" % (level, name): (s.getsockopt(level, name, len(value)).hex() if isinstance(value, bytes)
+                                          else s.getsockopt(level, name))
+                for level, name, value in options}
+    before = read_all()
+    os.set_inheritable(s.fileno(), False)
+    s.setblocking(False)
+    first = s.connect_ex((host, port))
+    select.select([], [s], [], 10)
+    so_error = s.getsockopt(SOL, socket.SO_ERROR)
+    again = [s.connect_ex((host, port)) for _ in range(2)]
+    print(json.dumps({"before": before, "after": read_all(), "first": first, "so_error": so_error,
+                      "again": again, "nonblocking": not s.getblocking(),
+                      "cloexec": bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
+                      "local": s.getsockname()[0]}))
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("host_ip,kind", [("198.18.0.1", "tcp"), ("2001:db8::1", "tcp"), ("198.18.0.1", "udp")])
+def test_switched_socket_keeps_options_and_flags(testbed, daemon, http, udp_echo, runtime, host_ip, kind):
+    port = http(host_ip)[0] if kind == "tcp" else udp_echo(host_ip)
+    args = (host_ip, port, kind)
+    seen = json.loads(container_python(testbed, daemon, OPTIONS_CHECK, runtime=runtime, args=args))
+    native = json.loads(run(testbed.run_container(["python3", "-c", textwrap.dedent(OPTIONS_CHECK), *map(str, args)],
+                                                  runtime=runtime), check=True).stdout)
+    assert seen["local"] == host_ip and native["local"] != host_ip, "not bypassed"
+    assert seen["after"] == seen["before"] == native["after"]
+    assert seen["nonblocking"] and seen["cloexec"]
+    # Non-blocking connect, then the repeated ones, answer as they do without the tool.
+    for key in ("first", "so_error", "again"):
+        assert seen[key] == native[key], key
+    if kind == "tcp":
+        assert seen["first"] == errno.EINPROGRESS and seen["again"][-1] == errno.EISCONN
+
+
+def test_asyncio_client(testbed, daemon, http):
+    port, body = http(testbed.HOST_IP4)
+    out = container_python(testbed, daemon, """
+        import asyncio, sys
+        async def main():
+            reader, writer = await asyncio.open_connection(sys.argv[1], int(sys.argv[2]))
+            writer.write(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
+            data = await reader.read()
+            print(data.decode().split("\\r\\n\\r\\n", 1)[1], writer.get_extra_info("sockname")[0])
+        asyncio.run(main())
+    """, args=(testbed.HOST_IP4, port))
+    assert out.split() == [body, testbed.HOST_IP4]
+
+
+def test_podman_exec_process_is_bypassed(testbed, daemon, http):
+    port, body = http(testbed.HOST_IP4)
+    name = "b4ns-exec-" + uuid.uuid4().hex[:8]
+    run(testbed.run_container(["sleep", "60"], seccomp=daemon.profile, extra=["-d"], name=name), check=True)
+    try:
+        out = run(testbed.podman(["exec", name, "/bin/wget", "-q", "-O", "-",
+                                  "http://198.18.0.1:%d/index.txt" % port]), check=True).stdout
+    finally:
+        run(testbed.podman(["rm", "-f", "-t", "0", name]))
+    assert out == body
+    assert ("198.18.0.1:%d" % port, "bypassed") in daemon.decisions()
+
+
+# -- what stays in the container ----------------------------------------------------
+
+def test_ignored_destination_goes_through_slirp4netns(testbed, daemon, http):
+    port, body = http(testbed.HOST_IP4_B)  # 198.18.1.0/24 is in the daemon's --ignore
+    out = container_python(testbed, daemon, """
+        import socket, sys
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+        s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        print(data.decode().split("\\r\\n\\r\\n", 1)[1], s.getsockname()[0])
+    """, args=(testbed.HOST_IP4_B, port))
+    assert out.split() == [body, SLIRP_ADDRESS]
+    assert ("198.18.1.1:%d" % port, "container (ignored 198.18.1.0/24)") in daemon.decisions()
+
+
+def test_container_loopback_and_unix_sockets_stay_in_the_container(testbed, daemon):
+    out = container_python(testbed, daemon, """
+        import os, socket, threading
+        def serve(listener):
+            conn, _ = listener.accept()
+            conn.sendall(b"hello")
+            conn.close()
+        results = []
+        for family, address in ((socket.AF_INET, ("127.0.0.1", 0)), (socket.AF_INET6, ("::1", 0)),
+                                (socket.AF_UNIX, "/tmp/b4ns.sock"), (socket.AF_UNIX, "\\0b4ns-abstract")):
+            listener = socket.socket(family)
+            listener.bind(address)
+            listener.listen()
+            threading.Thread(target=serve, args=(listener,)).start()
+            client = socket.socket(family)
+            client.connect(listener.getsockname())
+            results.append(client.recv(10).decode())
+        print(" ".join(results))
+    """)
+    assert out.split() == ["hello"] * 4
+
+
+# -- host loopback is out of reach ----------------------------------------------------
+
+@pytest.fixture
+def host_loopback_servers(testbed, server, tmp_path):
+    """TCP and UDP servers on the test namespace's 127.0.0.1 and ::1 that count what reaches them."""
+    port = testbed.free_port("127.0.0.1")
+    counter = tmp_path / "reached"
+    counter.write_text("")
+    code = textwrap.dedent("""
+        import selectors, socket, sys
+        port, path = int(sys.argv[1]), sys.argv[2]
+        sel = selectors.DefaultSelector()
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                s = socket.socket(family, kind)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+                if kind == socket.SOCK_STREAM:
+                    s.listen(128)
+                sel.register(s, selectors.EVENT_READ)
+        with open(path, "a") as out:
+            out.write("ready\\n"); out.flush()
+            while True:
+                for key, _ in sel.select():
+                    s = key.fileobj
+                    if s.type == socket.SOCK_STREAM:
+                        conn, peer = s.accept(); conn.close()
+                    else:
+                        _, peer = s.recvfrom(65536)
+                    out.write("%s\\n" % (peer,)); out.flush()
+    """)
+    server(["python3", "-c", code, str(port), str(counter)])
+    for _ in range(200):
+        if counter.read_text():
+            break
+        subprocess.run(["sleep", "0.05"])
+
+    def reached():
+        return [line for line in counter.read_text().splitlines() if line != "ready"]
+    return port, reached
+
+
+def test_host_loopback_is_never_reached(testbed, daemon, host_loopback_servers):
+    port, reached = host_loopback_servers
+    out = container_python(testbed, daemon, """
+        import socket, sys
+        port = int(sys.argv[1])
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
+                             (socket.AF_INET6, "::ffff:127.0.0.1"), (socket.AF_INET, "0.0.0.0"),
+                             (socket.AF_INET6, "::")):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                s = socket.socket(family, kind)
+                s.settimeout(2)
+                try:
+                    s.connect((host, port))
+                    s.send(b"x")
+                    s.recv(1)
+                    print("REACHED", host, kind)
+                except OSError:
+                    print("refused", host, kind)
+    """, args=(port,))
+    assert "REACHED" not in out and out.count("refused") == 10, out
+    assert reached() == []
+
+
+RACER = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* One thread flips the sockaddr between an allowed destination and the
+   host's loopback while the other keeps connecting (TCP) or sending (UDP,
+   over a switched socket) with it. */
+static struct sockaddr_in6 addr;
+static struct sockaddr_in6 allowed, loopback;
+static atomic_int stop;
+
+static void *flipper(void *arg) {
+    (void)arg;
+    while (!atomic_load(&stop)) {
+        memcpy(&addr, &loopback, sizeof addr);
+        memcpy(&addr, &allowed, sizeof addr);
+    }
+    return NULL;
+}
+
+static void set(struct sockaddr_in6 *a, const char *ip, int port) {
+    memset(a, 0, sizeof *a);
+    a->sin6_family = AF_INET6;
+    a->sin6_port = htons(port);
+    inet_pton(AF_INET6, ip, &a->sin6_addr);
+}
+
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    set(&allowed, argv[2], atoi(argv[3]));
+    set(&loopback, argv[4], atoi(argv[5]));
+    memcpy(&addr, &allowed, sizeof addr);
+    pthread_t t;
+    pthread_create(&t, NULL, flipper, NULL);
+    int tcp_ok = 0, udp_sent = 0;
+    for (int i = 0; i < n; i++) {
+        int s = socket(AF_INET6, SOCK_STREAM, 0);
+        if (connect(s, (struct sockaddr *)&addr, sizeof addr) == 0) tcp_ok++;
+        close(s);
+    }
+    /* A UDP socket switched by a connect to the allowed destination, then
+       sends that name the flipping address. */
+    int u = socket(AF_INET6, SOCK_DGRAM, 0);
+    if (connect(u, (struct sockaddr *)&allowed, sizeof allowed)) { perror("udp connect"); return 1; }
+    for (int i = 0; i < n; i++) {
+        struct iovec iov = {"x", 1};
+        struct msghdr msg = {.msg_name = &addr, .msg_namelen = sizeof addr, .msg_iov = &iov, .msg_iovlen = 1};
+        if (sendto(u, "x", 1, 0, (struct sockaddr *)&addr, sizeof addr) == 1) udp_sent++;
+        if (sendmsg(u, &msg, 0) == 1) udp_sent++;
+    }
+    atomic_store(&stop, 1);
+    pthread_join(t, NULL);
+    printf("%d %d\n", tcp_ok, udp_sent);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("loopback", ["::ffff:127.0.0.1", "::1"])
+def test_host_loopback_is_never_reached_under_a_racing_rewrite(testbed, daemon, server, host_loopback_servers,
+                                                               tmp_path, loopback):
+    port, reached = host_loopback_servers
+    allowed_port = testbed.free_port()
+    server(["socat", "TCP6-LISTEN:%d,bind=[::ffff:198.18.0.1],fork,reuseaddr" % allowed_port, "/dev/null"])
+    testbed.wait_port(testbed.HOST_IP4, allowed_port)
+    source = tmp_path / "racer.c"
+    source.write_text(RACER)
+    binary = os.path.join(testbed.WORKDIR, "racer-static")
+    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", binary, str(source)], check=True)
+    attempts = 3000
+    argv = testbed.run_container(["/home/racer-static", str(attempts), "::ffff:198.18.0.1", str(allowed_port),
+                                  loopback, str(port)], seccomp=daemon.profile,
+                                 extra=["-v", "%s:/home:ro" % testbed.WORKDIR])
+    tcp_ok, udp_sent = map(int, run(argv, check=True, timeout=600).stdout.split())
+    assert tcp_ok > 0 and udp_sent > 0, "the race never ran the allowed path"
+    assert reached() == [], "the host's loopback was reached"
