@@ -1,0 +1,281 @@
+"""Port publishing (-p), end to end: servers in rootless containers listen on the host.
+
+Clients run in the test namespace (the "host"); each test starts its own
+daemon with its own -p mappings, whose host ports are reserved at start.
+"""
+
+import errno
+import os
+import re
+import shutil
+import textwrap
+import uuid
+
+import pytest
+
+from e2e.daemon import Daemon, run
+
+RUNTIMES = ["runc", "crun"]
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log stderr;
+pid /tmp/nginx.pid;
+events { worker_connections 64; }
+http {
+    access_log /logs/access.log;
+    client_body_temp_path /tmp/body;
+    proxy_temp_path /tmp/proxy;
+    fastcgi_temp_path /tmp/fastcgi;
+    uwsgi_temp_path /tmp/uwsgi;
+    scgi_temp_path /tmp/scgi;
+    server {
+        listen 80;
+        location / { return 200 "%s\\n"; }
+    }
+}
+"""
+
+FETCH = textwrap.dedent("""
+    import socket, sys
+    host, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for attempt in range(100):  # the server in the container may not listen yet
+        s = socket.socket(family)
+        if source != "-":
+            s.bind((source, 0))
+        try:
+            s.connect((host, port))
+            break
+        except ConnectionRefusedError:
+            s.close()
+            if attempt == 99:
+                raise
+            __import__("time").sleep(0.1)
+    s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    print(data.decode().split("\\r\\n\\r\\n", 1)[1].strip())
+""")
+
+
+def fetch(testbed, host, port, source="-"):
+    """GET / from host:port inside the test namespace (as root: the host's side)."""
+    return run(testbed.in_netns(["python3", "-c", FETCH, host, str(port), source]), timeout=60)
+
+
+def connect_errno(testbed, host, port):
+    code = ("import socket, sys; s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET); "
+            "print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))")
+    return int(run(testbed.in_netns(["python3", "-c", code, host, str(port)]), check=True).stdout)
+
+
+class Container:
+    """A detached rootless container; stop() removes it."""
+
+    def __init__(self, testbed, cmd, daemon, runtime="runc", extra=()):
+        self.testbed = testbed
+        self.name = "b4ns-pub-" + uuid.uuid4().hex[:8]
+        run(testbed.run_container(cmd, runtime=runtime, seccomp=daemon.profile, name=self.name,
+                                  extra=["-d", *extra]), check=True)
+
+    def logs(self):
+        result = run(self.testbed.podman(["logs", self.name]))
+        return result.stdout + result.stderr
+
+    def stop(self):
+        run(self.testbed.podman(["rm", "-f", "-t", "0", self.name]), timeout=120)
+
+
+@pytest.fixture
+def containers(testbed):
+    started = []
+
+    def start(*args, **kwargs):
+        container = Container(testbed, *args, **kwargs)
+        started.append(container)
+        return container
+    yield start
+    for container in started:
+        container.stop()
+
+
+@pytest.fixture
+def daemons(testbed):
+    started = []
+
+    def start(args):
+        daemon = Daemon(args)
+        started.append(daemon)
+        return daemon
+    yield start
+    for daemon in started:
+        assert daemon.stop() == 0
+        assert "ERROR" not in daemon.log(), daemon.log()[-3000:]
+
+
+@pytest.fixture
+def user_dir(testbed):
+    """A directory the test user owns, for files mounted into containers."""
+    path = os.path.join(testbed.WORKDIR, "pub-" + uuid.uuid4().hex[:8])
+    os.mkdir(path)
+    os.chown(path, testbed.user_uid(), testbed.user_gid())
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_nginx_published_port_sees_real_client_address(testbed, daemons, containers, user_dir, runtime):
+    port = testbed.free_port()
+    daemon = daemons(["-p", "%d:80" % port])
+    body = "nginx-" + uuid.uuid4().hex
+    with open(os.path.join(user_dir, "nginx.conf"), "w") as f:
+        f.write(NGINX_CONF % body)
+    containers(["/usr/sbin/nginx", "-c", "/conf/nginx.conf", "-p", "/tmp", "-e", "stderr"], daemon,
+               runtime=runtime, extra=["-v", "%s:/conf:ro" % user_dir, "-v", "%s:/logs" % user_dir])
+    # From the namespace's second address: the access log must name it, not a proxy's.
+    result = fetch(testbed, testbed.HOST_IP4, port, source=testbed.HOST_IP4_B)
+    assert result.stdout.strip() == body, result.stderr
+    with open(os.path.join(user_dir, "access.log")) as f:
+        access_log = f.read()
+    assert access_log.startswith(testbed.HOST_IP4_B + " "), access_log
+    assert re.search(r"bind 0\.0\.0\.0:80: published as %d->80/tcp: ok" % port, daemon.log())
+
+
+SERVE = textwrap.dedent("""
+    import http.server, socket, sys, threading
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ("%s %s" % (self.server.server_port_in_container, self.client_address[0])).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+    host = sys.argv[1]
+    for port in map(int, sys.argv[2:]):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = type("S", (http.server.ThreadingHTTPServer,), {"address_family": family})((host, port), Handler)
+        server.server_port_in_container = port
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("serving", flush=True)
+    threading.Event().wait()
+""")
+
+
+def test_host_ip_limits_where_the_port_listens(testbed, daemons, containers):
+    port = testbed.free_port("127.0.0.1")
+    daemon = daemons(["-p", "127.0.0.1:%d:80" % port])
+    containers(["python3", "-c", SERVE, "0.0.0.0", "80"], daemon)
+    result = fetch(testbed, "127.0.0.1", port)
+    assert result.stdout.split() == ["80", "127.0.0.1"], result.stderr
+    assert connect_errno(testbed, testbed.HOST_IP4, port) == errno.ECONNREFUSED
+
+
+def test_port_range_served_by_one_container(testbed, daemons, containers):
+    base = 20000 + os.getpid() % 20000
+    daemon = daemons(["-p", "%d-%d:9000-9004" % (base, base + 4)])
+    containers(["python3", "-c", SERVE, "0.0.0.0"] + [str(9000 + i) for i in range(5)], daemon)
+    for i in range(5):
+        result = fetch(testbed, testbed.HOST_IP4, base + i)
+        assert result.stdout.split() == [str(9000 + i), testbed.HOST_IP4], result.stderr
+
+
+def test_ipv6_server_behind_a_published_port(testbed, daemons, containers):
+    port = testbed.free_port("::")
+    daemon = daemons(["-p", "%d:8080" % port])
+    containers(["python3", "-c", SERVE, "::", "8080"], daemon)
+    result = fetch(testbed, testbed.HOST_IP6, port, source=testbed.HOST_IP6_B)
+    assert result.stdout.split() == ["8080", testbed.HOST_IP6_B], result.stderr
+    # The socket is dual-stack, as the server made it: IPv4 clients reach it too.
+    assert fetch(testbed, testbed.HOST_IP4, port).stdout.split()[0] == "8080"
+
+
+UDP_SERVER = textwrap.dedent("""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 53))
+    while True:
+        data, peer = s.recvfrom(2048)
+        s.sendto(data + b" " + peer[0].encode(), peer)
+""")
+
+UDP_CLIENT = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((sys.argv[3], 0))
+    s.settimeout(0.2)
+    for _ in range(100):  # the server may not be bound yet
+        s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+        try:
+            print(s.recv(2048).decode())
+            break
+        except OSError:
+            pass
+""")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_udp_published_port(testbed, daemons, containers, runtime):
+    port = testbed.free_port()
+    daemon = daemons(["-p", "%d:53/udp" % port])
+    containers(["python3", "-c", UDP_SERVER], daemon, runtime=runtime)
+    out = run(testbed.in_netns(["python3", "-c", UDP_CLIENT, testbed.HOST_IP4, str(port), testbed.HOST_IP4_B]),
+              check=True, timeout=60).stdout
+    assert out.split() == ["ping", testbed.HOST_IP4_B]
+
+
+def test_reserved_port_is_held_until_the_container_binds_it(testbed, daemons, containers):
+    port = testbed.free_port()
+    daemon = daemons(["-p", "%d:80" % port])
+    # Another host process cannot take the port before the container starts...
+    code = ("import socket, sys\ns = socket.socket()\ntry:\n    s.bind(('0.0.0.0', int(sys.argv[1])))\n"
+            "    print('bound')\nexcept OSError as e:\n    print(e.errno)")
+    assert run(testbed.in_netns(["python3", "-c", code, str(port)]), check=True).stdout.strip() == \
+        str(errno.EADDRINUSE)
+    # ... and the container then gets it.
+    containers(["python3", "-c", SERVE, "0.0.0.0", "80"], daemon)
+    assert fetch(testbed, testbed.HOST_IP4, port).stdout.split()[0] == "80"
+
+
+def test_second_binder_gets_eaddrinuse_and_the_port_comes_back(testbed, daemons, containers):
+    port = testbed.free_port()
+    daemon = daemons(["-p", "%d:80" % port])
+    first = containers(["python3", "-c", SERVE, "0.0.0.0", "80"], daemon)
+    assert fetch(testbed, testbed.HOST_IP4, port).stdout.split()[0] == "80"
+    bind_errno = ("import socket\ns = socket.socket()\ntry:\n    s.bind(('0.0.0.0', 80))\n    print(0)\n"
+                  "except OSError as e:\n    print(e.errno)")
+    second = run(testbed.run_container(["python3", "-c", bind_errno], seccomp=daemon.profile), check=True)
+    assert second.stdout.strip() == str(errno.EADDRINUSE)
+    first.stop()
+    third = containers(["python3", "-c", SERVE, "0.0.0.0", "80"], daemon)
+    assert fetch(testbed, testbed.HOST_IP4, port).stdout.split()[0] == "80", third.logs()
+
+
+def test_own_published_service_through_container_loopback(testbed, daemons):
+    port = testbed.free_port()
+    daemon = daemons(["-p", "%d:80" % port])
+    code = SERVE.replace('print("serving", flush=True)\nthreading.Event().wait()', textwrap.dedent("""
+        import urllib.request
+        print(urllib.request.urlopen("http://127.0.0.1:80/", timeout=10).read().decode())
+    """))
+    out = run(testbed.run_container(["python3", "-c", code, "0.0.0.0", "80"], seccomp=daemon.profile),
+              check=True).stdout
+    assert out.split()[0] == "80"
+
+
+def test_unpublished_port_stays_in_the_container(testbed, daemons):
+    port = testbed.free_port()
+    daemon = daemons(["-p", "%d:80" % port])
+    code = SERVE.replace('print("serving", flush=True)\nthreading.Event().wait()', textwrap.dedent("""
+        import urllib.request
+        print(urllib.request.urlopen("http://127.0.0.1:81/", timeout=10).read().decode())
+    """))
+    out = run(testbed.run_container(["python3", "-c", code, "0.0.0.0", "81"], seccomp=daemon.profile),
+              check=True).stdout
+    assert out.split() == ["81", "127.0.0.1"]
+    assert ("0.0.0.0:81", "container") in daemon.decisions("bind")
