@@ -397,8 +397,8 @@ def build_profile(base, trapped, listener_path, architectures=None, metadata=Non
     if base is None:
         base = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": architectures, "syscalls": []}
     check_base_shape(base)
-    others, previously = strip_previous_merge(base, listener_path, [n for n, _ in trapped])
     names = [name for name, _ in trapped]
+    others, previously = strip_previous_merge(base, listener_path, names)
     syscalls = notify_rules(trapped)
     for name, filters in trapped:
         action = allowing_action(base, others, name, previously)
@@ -449,7 +449,7 @@ def write_atomically(path, text):
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide it from the runtime
+        os.chmod(tmp, 0o666 & ~umask)  # as a shell redirection creates it, not mkstemp's 0600
         os.replace(tmp, path)
         renamed = True
     except OSError as exc:
@@ -532,9 +532,10 @@ def parse_args(argv):
         "--wait-killable-recv", action="store_true",
         help="add the filter flag %s (Linux >= 5.19): a trapped syscall the daemon has "
              "started answering is not interrupted by a non-fatal signal, which spares Go "
-             "programs (SIGURG) repeated restarts.  Known to crun (1.8.1 tested); runc before "
-             "1.5 refuses every seccomp flag ('seccomp flags are not yet supported by runc') "
-             "and does not start the container" % WAIT_KILLABLE_RECV)
+             "programs (SIGURG) repeated restarts.  crun honours it (1.8.1 under podman 4.3.1 "
+             "tested); runc 1.1 refuses every seccomp flag ('seccomp flags are not yet "
+             "supported by runc') and does not start the container; runc knows this flag "
+             "only from 1.5, built with libseccomp >= 2.6" % WAIT_KILLABLE_RECV)
     parser.add_argument(
         "-o", "--output", metavar="FILE",
         help="write the profile to FILE (atomically, via a temporary file in its "
@@ -569,8 +570,9 @@ def main(argv=None):
         if args.arch is not None or base is None:
             architectures = architectures_for(args.arch or os.uname().machine)
         if args.wait_killable_recv:
-            warn("%s is known to crun but refused by runc before 1.5 (and by any runtime "
-                 "that does not know it): use it only with a runtime that does" % WAIT_KILLABLE_RECV)
+            warn("%s: crun honours it, runc before 1.5 refuses to start the container "
+                 "('seccomp flags are not yet supported by runc'), and so does any runtime "
+                 "that does not know the flag; use it with crun" % WAIT_KILLABLE_RECV)
         profile = build_profile(base, load_notify_rules(), listener_path, architectures,
                                 args.listener_metadata, args.wait_killable_recv)
         text = render(profile)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import stat
 import subprocess
 import sys
@@ -195,6 +196,16 @@ def test_runs_piped_without_a_file(tmp_path):
 
 def test_source_is_python39_syntax():
     ast.parse(SCRIPT.read_text(), feature_version=(3, 9))
+
+
+def test_vermin_finds_nothing_newer_than_python39():
+    """Syntax and standard-library APIs (tests/run installs vermin)."""
+    vermin = shutil.which("vermin")
+    if not vermin:
+        pytest.skip("vermin is not installed")
+    res = subprocess.run([vermin, "-t=3.9-", "--violations", "--no-tips", str(SCRIPT)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    assert res.returncode == 0, res.stdout
 
 
 # -- the allow-all profile (--base none) ------------------------------------
