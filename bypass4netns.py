@@ -663,6 +663,7 @@ class Switcher:
         self.resp = SeccompNotifResp()
         self.addfd = SeccompNotifAddfd()
         self.sockaddr = SockaddrReader()
+        self.poller = select.poll()
         self.switched = False       # whether the notification being handled got a host socket
         handlers = {CONNECT: self.on_connect, BIND: self.on_bind, SENDTO: self.on_sendto,
                     SENDMSG: self.on_sendmsg, SENDMMSG: self.on_sendmmsg}
@@ -977,7 +978,7 @@ class Switcher:
         Takes `sock` over: it is closed here or when the answer is sent.
         """
         fd = sock.fileno()
-        if result == -errno.EINPROGRESS and not nonblocking and not select.select((), (fd,), (), 0)[1]:
+        if result == -errno.EINPROGRESS and not nonblocking and not self.writable_now(fd):
             # A blocking connect still under way: answer when the handshake
             # ends, never block the loop.
             seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
@@ -993,6 +994,14 @@ class Switcher:
                 if result == -errno.EINPROGRESS:
                     result = -sock.getsockopt(_SOL, socket.SO_ERROR)
         self.reply_result(notify_fd, notif_id, result)
+
+    def writable_now(self, fd):
+        """Whether a connect under way on `fd` has ended already (loopback often has)."""
+        self.poller.register(fd, select.POLLOUT)
+        try:
+            return bool(self.poller.poll(0))
+        finally:
+            self.poller.unregister(fd)
 
     def finish_connect(self, fd, timed_out=False):
         pending = self.pending.pop(fd, None)
