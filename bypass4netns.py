@@ -102,6 +102,7 @@ for _struct, _size in ((SeccompData, 64), (SeccompNotif, 80), (SeccompNotifResp,
 # Trapped syscalls by (audit arch, number).  A notification of any other
 # arch or number is never decoded: it continues untouched.
 CONNECT, BIND, SENDTO, SENDMSG, SENDMMSG = "connect", "bind", "sendto", "sendmsg", "sendmmsg"
+SOCKETCALL = "socketcall"
 _GENERIC_NUMBERS = {CONNECT: 203, BIND: 200, SENDTO: 206, SENDMSG: 211, SENDMMSG: 269}
 SYSCALL_NUMBERS = {
     # arch: ({name: nr}, pointer size of the ABI)
@@ -112,6 +113,10 @@ SYSCALL_NUMBERS = {
     AUDIT_ARCH_ARM: ({CONNECT: 283, BIND: 282, SENDTO: 290, SENDMSG: 296, SENDMMSG: 374}, 4),
 }
 X32_NUMBERS = {CONNECT: 42, BIND: 49, SENDTO: 44, SENDMSG: 518, SENDMMSG: 538}
+# i386's socketcall(2) multiplexer, which libseccomp traps along with the
+# direct calls: call number -> (syscall, argument count).
+SYS_SOCKETCALL_I386 = 102
+SOCKETCALLS = {2: (BIND, 3), 3: (CONNECT, 3), 11: (SENDTO, 6), 16: (SENDMSG, 3), 20: (SENDMMSG, 4)}
 
 # seccomp(2) itself, for SECCOMP_GET_NOTIF_SIZES, by `uname -m`.
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "i686": 354,
@@ -125,6 +130,7 @@ SECCOMP_NOTIFY_RULES = (
     (SENDTO, ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)),  # only with a destination
     (SENDMSG, ()),
     (SENDMMSG, ()),
+    (SOCKETCALL, ()),  # i386 only: its calls carry their arguments in memory
 )
 
 # struct msghdr of a 64-bit and of a 32-bit ABI: name, namelen, iov, iovlen,
@@ -561,11 +567,9 @@ class Reservations:
     """Published host ports held open so no other host process takes them.
 
     A port is released just before the container's bind takes it, and taken
-    again once it is free (tried by the loop every RETRY seconds: there is
-    no close trap to tell when the container let it go).
+    again once it is free (tried by the loop every second: there is no close
+    trap to tell when the container let it go).
     """
-
-    RETRY = 2.0
 
     def __init__(self, mappings, enabled):
         self.enabled = enabled
@@ -635,7 +639,7 @@ class NotSwitched(Exception):
 
 
 def own_netns_id():
-    """An id of the daemon's network namespace, comparable with Switcher.netns_id's."""
+    """An id of the daemon's network namespace: its cookie (Linux >= 5.14), else its inode."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             return ("cookie", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
@@ -664,6 +668,8 @@ class Switcher:
         self.addfd = SeccompNotifAddfd()
         self.sockaddr = SockaddrReader()
         self.poller = select.poll()
+        self.args = ()              # the arguments of the notification being handled
+        self.args_in_memory = False # whether they came from the target's memory (socketcall)
         self.switched = False       # whether the notification being handled got a host socket
         handlers = {CONNECT: self.on_connect, BIND: self.on_bind, SENDTO: self.on_sendto,
                     SENDMSG: self.on_sendmsg, SENDMMSG: self.on_sendmmsg}
@@ -676,27 +682,69 @@ class Switcher:
 
     def handle(self, notify_fd, notif, container):
         """Answer one notification, exactly once, whatever happens in its handler."""
-        entry = self.dispatch.get((notif.data.arch, notif.data.nr))
+        data = notif.data
+        entry = self.dispatch.get((data.arch, data.nr))
+        self.args, self.args_in_memory, self.switched = data.args, False, False
+        if entry is None and data.arch == AUDIT_ARCH_I386 and data.nr == SYS_SOCKETCALL_I386:
+            entry = self.socketcall_args(notify_fd, notif)
+            if entry is None:
+                return
         if entry is None:
             self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             return
         handler, ptr = entry
-        self.switched = False
         try:
             handler(notify_fd, notif, container, ptr)
         except Exception as e:
             container.counters["errors"] += 1
-            log.exception("container %s: %s(fd %d) failed: %s", container.id, handler.__name__[3:],
-                          ctypes.c_int(notif.data.args[0]).value, e)
+            log.exception("container %s: %s(fd %d) failed: %s", container.id[:12], handler.__name__[3:],
+                          ctypes.c_int(self.args[0]).value, e)
             # Fail open, unless a host socket is in place: the kernel would
             # then run the syscall on it with whatever the memory holds now.
             try:
                 if self.switched:
                     self.reply(notify_fd, notif.id, error=-errno.EIO)
                 else:
-                    self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+                    self.let_run(notify_fd, notif, container)
             except OSError as e:
-                log.error("container %s: cannot answer: %s", container.id, e)
+                log.error("container %s: cannot answer: %s", container.id[:12], e)
+
+    def socketcall_args(self, notify_fd, notif):
+        """i386 socketcall(2): its arguments are in the target's memory; read them once.
+
+        Returns the (handler, pointer size) entry with self.args set to the
+        copy, or None once the notification is answered here.
+        """
+        call = notif.data.args[0] & 0xFFFFFFFF
+        name_count = SOCKETCALLS.get(call)
+        if name_count is None:
+            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            return None
+        name, count = name_count
+        try:
+            raw = read_memory(notif.pid, notif.data.args[1], 4 * count)
+        except OSError as e:
+            self.reply(notify_fd, notif.id, error=-(e.errno or errno.EFAULT))
+            return None
+        self.args = struct.unpack("=%dI" % count, raw) + (0,) * (6 - count)
+        self.args_in_memory = True
+        return self.dispatch[(AUDIT_ARCH_I386, SYSCALL_NUMBERS[AUDIT_ARCH_I386][0][name])]
+
+    def let_run(self, notify_fd, notif, container):
+        """Let the syscall run untouched in the container: the decision read nothing from memory.
+
+        An i386 socketcall is the exception: the kernel reads its arguments,
+        fd included, from memory again, so another thread could put a
+        switched socket there.  It runs only in a container that holds none.
+        """
+        if self.args_in_memory and container.counters["bypassed"] + container.counters["published"]:
+            if not container.warned_socketcall:
+                container.warned_socketcall = True
+                log.warning("container %s: refusing socketcall(2) on a socket the daemon cannot handle, "
+                            "since the container holds switched sockets", container.id[:12])
+            self.reply(notify_fd, notif.id, error=-errno.ENOSYS)
+            return
+        self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def reply(self, notify_fd, notif_id, val=0, error=0, flags=0):
         resp = self.resp
@@ -722,10 +770,16 @@ class Switcher:
             return False
 
     def netns_id(self, sock):
-        """The same kind of id as _own_netns_id, for the namespace a socket lives in."""
+        """The same kind of id as own_netns_id's, for the namespace a socket lives in."""
         if self.own_netns[0] == "cookie":
             return ("cookie", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
-        nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+        try:
+            nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+        except PermissionError:
+            # SIOCGSKNS needs CAP_NET_ADMIN over the socket's namespace: the
+            # daemon has it over its containers' (it owns their user
+            # namespaces), so a namespace it cannot open is the host's.
+            return self.own_netns
         try:
             return ("inode", os.fstat(nsfd).st_ino)
         finally:
@@ -795,11 +849,11 @@ class Switcher:
 
     def read_sockaddr(self, notif, addr_arg, len_arg):
         """The sockaddr the syscall names, as (raw bytes, -errno or 0)."""
-        length = ctypes.c_int(notif.data.args[len_arg]).value
+        length = ctypes.c_int(self.args[len_arg]).value
         if length < 0 or length > MAX_SOCKADDR:
             return b"", -errno.EINVAL
         try:
-            return self.sockaddr.read(notif.pid, notif.data.args[addr_arg], length), 0
+            return self.sockaddr.read(notif.pid, self.args[addr_arg], length), 0
         except OSError as e:
             return b"", -(e.errno or errno.EFAULT)
 
@@ -822,18 +876,18 @@ class Switcher:
         else:
             where = ("%s:%d" if dest[0].version == 4 else "[%s]:%d") % dest
         log.debug("container %s pid %d fd %d %s %s: %s", container.id[:12], notif.pid,
-                  ctypes.c_int(notif.data.args[0]).value, what, where, outcome)
+                  ctypes.c_int(self.args[0]).value, what, where, outcome)
 
     # -- connect -----------------------------------------------------------
 
     def on_connect(self, notify_fd, notif, container, _ptr):
-        fd = ctypes.c_int(notif.data.args[0]).value
+        fd = ctypes.c_int(self.args[0]).value
         sock, family = self.target_socket(notif.pid, fd)
         if family not in (socket.AF_INET, socket.AF_INET6):
             # Not an IP socket: nothing was read from the target, so letting it run is safe.
             if sock is not None:
                 sock.close()
-            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            self.let_run(notify_fd, notif, container)
             return
         with sock:
             raw, err = self.read_sockaddr(notif, 1, 2)
@@ -970,12 +1024,13 @@ class Switcher:
         if not nonblocking:
             os.set_blocking(sock.fileno(), False)
         result = sock_call(_libc.connect, sock.fileno(), raw, len(raw))
-        self.answer_connect(notify_fd, notif.id, container, sock, result, nonblocking)
+        self.answer_connect(notify_fd, notif.id, container, sock, result, nonblocking, borrowed=True)
 
-    def answer_connect(self, notify_fd, notif_id, container, sock, result, nonblocking):
+    def answer_connect(self, notify_fd, notif_id, container, sock, result, nonblocking, borrowed=False):
         """Answer a connect that `sock` (ours, non-blocking now) started: now or when it ends.
 
-        Takes `sock` over: it is closed here or when the answer is sent.
+        Takes `sock` over (closes it once answered) unless it is `borrowed`:
+        then a duplicate waits for the end of the handshake.
         """
         fd = sock.fileno()
         if result == -errno.EINPROGRESS and not nonblocking and not self.writable_now(fd):
@@ -983,16 +1038,20 @@ class Switcher:
             # ends, never block the loop.
             seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
             deadline = time.monotonic() + seconds + micros / 1e6 if seconds or micros else None
+            if borrowed:
+                sock = sock.dup()
+                fd = sock.fileno()
             self.pending[fd] = Pending(notify_fd, notif_id, sock, deadline, container)
             self.watch(fd, select.EPOLLOUT | select.EPOLLONESHOT, lambda ev: self.finish_connect(fd))
             if deadline is not None:
                 heapq.heappush(self.timers, (deadline, fd))
             return
-        with sock:
-            if not nonblocking:
-                os.set_blocking(fd, True)
-                if result == -errno.EINPROGRESS:
-                    result = -sock.getsockopt(_SOL, socket.SO_ERROR)
+        if not nonblocking:
+            os.set_blocking(fd, True)
+            if result == -errno.EINPROGRESS:
+                result = -sock.getsockopt(_SOL, socket.SO_ERROR)
+        if not borrowed:
+            sock.close()
         self.reply_result(notify_fd, notif_id, result)
 
     def writable_now(self, fd):
@@ -1016,12 +1075,12 @@ class Switcher:
     # -- bind --------------------------------------------------------------
 
     def on_bind(self, notify_fd, notif, container, _ptr):
-        fd = ctypes.c_int(notif.data.args[0]).value
+        fd = ctypes.c_int(self.args[0]).value
         sock, family = self.target_socket(notif.pid, fd)
         if family not in (socket.AF_INET, socket.AF_INET6):
             if sock is not None:
                 sock.close()
-            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            self.let_run(notify_fd, notif, container)
             return
         with sock:
             raw, err = self.read_sockaddr(notif, 1, 2)
@@ -1086,7 +1145,7 @@ class Switcher:
 
     # -- sends with a destination -------------------------------------------
 
-    def host_datagram_socket(self, notify_fd, notif, flags_arg):
+    def host_datagram_socket(self, notify_fd, notif, container, flags_arg):
         """The target's socket if it is a switched UDP socket (its sends need us), else None.
 
         Every other case is answered here.  A socket still in the container
@@ -1095,27 +1154,27 @@ class Switcher:
         kernel ignores, except for a TCP Fast Open send, which would connect
         it anew and is refused.
         """
-        sock, family = self.target_socket(notif.pid, ctypes.c_int(notif.data.args[0]).value)
+        sock, family = self.target_socket(notif.pid, ctypes.c_int(self.args[0]).value)
         if sock is None:
-            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            self.let_run(notify_fd, notif, container)
             return None
         if family in (socket.AF_INET, socket.AF_INET6) and self.netns_id(sock) == self.own_netns:
             if sock.getsockopt(_SOL, socket.SO_TYPE) == socket.SOCK_DGRAM:
                 return sock
-            if notif.data.args[flags_arg] & MSG_FASTOPEN:
+            if self.args[flags_arg] & MSG_FASTOPEN:
                 sock.close()
                 self.reply(notify_fd, notif.id, error=-errno.EOPNOTSUPP)
                 return None
         sock.close()
-        self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        self.let_run(notify_fd, notif, container)
         return None
 
     def on_sendto(self, notify_fd, notif, container, _ptr):
-        sock = self.host_datagram_socket(notify_fd, notif, 3)
+        sock = self.host_datagram_socket(notify_fd, notif, container, 3)
         if sock is None:
             return
         with sock:
-            args = notif.data.args
+            args = self.args
             length = args[2]
             if length > MAX_DATAGRAM:
                 self.reply(notify_fd, notif.id, error=-errno.EMSGSIZE)
@@ -1142,23 +1201,23 @@ class Switcher:
             self.reply_result(notify_fd, notif.id, result)
 
     def on_sendmsg(self, notify_fd, notif, container, ptr):
-        self.send_message(notify_fd, notif, container, ptr, notif.data.args[1], 2, None)
+        self.send_message(notify_fd, notif, container, ptr, self.args[1], 2, None)
 
     def on_sendmmsg(self, notify_fd, notif, container, ptr):
         # Send the first message only: sendmmsg may send fewer than asked, and
         # callers loop on what is left.
-        if notif.data.args[2] == 0:
-            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        if self.args[2] == 0:
+            self.let_run(notify_fd, notif, container)
             return
-        mmsg = notif.data.args[1]
+        mmsg = self.args[1]
         self.send_message(notify_fd, notif, container, ptr, mmsg, 3, mmsg + MSGHDR_LAYOUT[ptr].size)
 
     def send_message(self, notify_fd, notif, container, ptr, msg_addr, flags_arg, msg_len_addr):
         """sendmsg, or sendmmsg's first message, on a switched UDP socket: done here."""
-        sock = self.host_datagram_socket(notify_fd, notif, flags_arg)
+        sock = self.host_datagram_socket(notify_fd, notif, container, flags_arg)
         if sock is None:
             return
-        flags = notif.data.args[flags_arg]
+        flags = self.args[flags_arg]
         with sock:
             try:
                 raw, payload, ancillary = self.read_msghdr(notif.pid, msg_addr, ptr)
@@ -1242,6 +1301,7 @@ class Container:
                                        "emulated_sends", "errors"), 0)
         self.auto_nets = []
         self.auto_read = -1e9
+        self.warned_socketcall = False
 
     def auto_networks(self, tid, now):
         if now - self.auto_read > self.AUTO_REFRESH:
@@ -1531,7 +1591,10 @@ class Daemon(Switcher):
             for fd, mask in events:
                 handler = self.handlers.get(fd)
                 if handler is not None:
-                    handler(mask)
+                    try:
+                        handler(mask)
+                    except Exception:  # a bug must cost one event, never the daemon
+                        log.exception("internal error on fd %d", fd)
             if timeout < 0:
                 continue
             now = time.monotonic()
@@ -1572,7 +1635,10 @@ def build_parser():
         prog="bypass4netns.py",
         description="Host-speed networking for rootless containers: containers started with a "
                     "seccomp profile whose listenerPath is --socket get their TCP and UDP "
-                    "sockets switched to the host network namespace.")
+                    "sockets switched to the host network namespace.",
+        epilog="Signals: SIGUSR1 logs each container's counters (at warning level, so "
+               "without --debug too); SIGHUP re-reads the 'auto' subnets; SIGTERM and SIGINT "
+               "remove the socket and the pid file and exit 0.")
     parser.add_argument("--socket", metavar="PATH",
                         help="listener socket (default: $XDG_RUNTIME_DIR/bypass4netns.sock)")
     parser.add_argument("--ignore", action="append", default=[], metavar="CIDR[,CIDR...]",
@@ -1580,8 +1646,10 @@ def build_parser():
                              "container's own interface subnets (repeatable; default 127.0.0.0/8; "
                              "loopback and unspecified addresses are never bypassed)")
     parser.add_argument("-p", "--publish", action="append", default=[],
-                        metavar="[HOSTIP:]HOSTPORT:CONTAINERPORT[/PROTO]",
-                        help="publish a container port on the host (repeatable)")
+                        metavar="[HOSTIP:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp]",
+                        help="publish container ports on the host: a bind to CONTAINERPORT in a "
+                             "container listens on HOSTIP:HOSTPORT of the host (IPv6 HOSTIP in "
+                             "brackets; repeatable)")
     parser.add_argument("--no-reserve-ports", dest="reserve_ports", action="store_false",
                         help="do not hold the published host ports while no container binds them")
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")

@@ -34,7 +34,12 @@ EMBEDDED_NOTIFY_RULES = (
     ("sendto", ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)),  # only with a destination address
     ("sendmsg", ()),
     ("sendmmsg", ()),
+    ("socketcall", ()),  # i386 only: its calls carry their arguments in memory
 )
+
+# Trapped only where the base allows them, else left as the base has them:
+# i386's socketcall multiplexer, which many profiles deny outright.
+TRAPPED_ONLY_IF_ALLOWED = {"socketcall"}
 
 # Each comparison with the one that matches exactly the other calls: needed to
 # keep allowing, under a deny-by-default base, the calls a filter does not
@@ -334,6 +339,15 @@ def allowing_action(base, rules, name, previously):
                        % (name, base["defaultAction"], ", some calls allowed under conditions" if naming else ""))
 
 
+def allowed(base, rules, name, previously):
+    """Whether base lets every call of syscall name run."""
+    try:
+        allowing_action(base, rules, name, previously)
+    except ProfileError:
+        return False
+    return True
+
+
 def notify_rules(trapped):
     """One SCMP_ACT_NOTIFY rule per distinct filter set: a rule's args apply
     to all its names, so filtered syscalls cannot share a rule with others."""
@@ -397,8 +411,10 @@ def build_profile(base, trapped, listener_path, architectures=None, metadata=Non
     if base is None:
         base = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": architectures, "syscalls": []}
     check_base_shape(base)
+    others, previously = strip_previous_merge(base, listener_path, [name for name, _ in trapped])
+    trapped = [(name, filters) for name, filters in trapped
+               if name not in TRAPPED_ONLY_IF_ALLOWED or allowed(base, others, name, previously)]
     names = [name for name, _ in trapped]
-    others, previously = strip_previous_merge(base, listener_path, names)
     syscalls = notify_rules(trapped)
     for name, filters in trapped:
         action = allowing_action(base, others, name, previously)

@@ -42,6 +42,8 @@ PACKAGES = [
     "busybox-static", "socat", "curl", "redis-server", "redis-tools",
     "nginx-light", "apache2-utils", "python3-pytest", "python3-venv",
     "iproute2", "procps", "util-linux",
+    # static test clients, 64- and 32-bit (i386's socketcall path)
+    "gcc", "libc6-dev", "gcc-multilib",
 ]
 
 # Both ends of the veth pair live inside the namespace, so nothing sent there

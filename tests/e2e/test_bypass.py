@@ -178,6 +178,36 @@ def test_static_c_client_and_threads(testbed, daemon, server, tmp_path):
     assert run(argv, check=True).stdout.split() == [testbed.HOST_IP4, testbed.HOST_IP4]
 
 
+def test_i386_socketcall_client_is_bypassed(testbed, daemon, server, tmp_path):
+    """A static 32-bit x86 client: glibc's i386 connect goes through socketcall(2)."""
+    source = tmp_path / "connect32.c"
+    source.write_text(textwrap.dedent("""
+        #include <arpa/inet.h>
+        #include <stdio.h>
+        #include <stdlib.h>
+        #include <sys/socket.h>
+        int main(int argc, char **argv) {
+            struct sockaddr_in dest = {0}, me;
+            socklen_t len = sizeof me;
+            dest.sin_family = AF_INET; dest.sin_port = htons(atoi(argv[2]));
+            inet_pton(AF_INET, argv[1], &dest.sin_addr);
+            int s = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(s, (struct sockaddr *)&dest, sizeof dest) || getsockname(s, (struct sockaddr *)&me, &len))
+                { perror("connect"); return 1; }
+            printf("%s\\n", inet_ntoa(me.sin_addr));
+            return 0;
+        }
+    """))
+    binary = os.path.join(testbed.WORKDIR, "connect32-static")
+    subprocess.run(["gcc", "-m32", "-O2", "-static", "-o", binary, str(source)], check=True)
+    port = testbed.free_port()
+    server(["socat", "TCP-LISTEN:%d,bind=%s,fork,reuseaddr" % (port, testbed.HOST_IP4), "/dev/null"])
+    testbed.wait_port(testbed.HOST_IP4, port)
+    argv = testbed.run_container(["/home/connect32-static", testbed.HOST_IP4, str(port)], seccomp=daemon.profile,
+                                 extra=["-v", "%s:/home:ro" % testbed.WORKDIR])
+    assert run(argv, check=True).stdout.split() == [testbed.HOST_IP4]
+
+
 # -- UDP -----------------------------------------------------------------------
 
 UDP_ECHO = """
