@@ -138,74 +138,51 @@ def _wait_iperf(testbed, port):
     raise TimeoutError("iperf3 did not listen on %d" % port)
 
 
-def test_static_c_client_and_threads(testbed, daemon, server, tmp_path):
-    """A statically linked C client, and a connect from a thread that is not the process leader."""
-    client = tmp_path / "connect.c"
-    client.write_text(textwrap.dedent("""
-        #include <arpa/inet.h>
-        #include <pthread.h>
-        #include <stdio.h>
-        #include <stdlib.h>
-        #include <sys/socket.h>
-        #include <unistd.h>
-        static struct sockaddr_in dest;
-        static void *run(void *arg) {
-            int s = socket(AF_INET, SOCK_STREAM, 0);
-            struct sockaddr_in me; socklen_t len = sizeof me;
-            if (connect(s, (struct sockaddr *)&dest, sizeof dest) || getsockname(s, (struct sockaddr *)&me, &len))
-                { perror("connect"); exit(1); }
-            printf("%s\\n", inet_ntoa(me.sin_addr));
-            close(s);
-            return arg;
-        }
-        int main(int argc, char **argv) {
-            pthread_t thread;
-            dest.sin_family = AF_INET; dest.sin_port = htons(atoi(argv[2]));
-            inet_pton(AF_INET, argv[1], &dest.sin_addr);
-            run(NULL);
-            pthread_create(&thread, NULL, run, NULL);
-            pthread_join(thread, NULL);
-            return 0;
-        }
-    """))
-    binary = os.path.join(testbed.WORKDIR, "connect-static")
-    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", binary, str(client)], check=True)
+CONNECT_CLIENT = r"""
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+static struct sockaddr_in dest;
+static void *run(void *arg) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in me; socklen_t len = sizeof me;
+    if (connect(s, (struct sockaddr *)&dest, sizeof dest) || getsockname(s, (struct sockaddr *)&me, &len))
+        { perror("connect"); exit(1); }
+    printf("%s\n", inet_ntoa(me.sin_addr));
+    close(s);
+    return arg;
+}
+int main(int argc, char **argv) {
+    pthread_t thread;
+    dest.sin_family = AF_INET; dest.sin_port = htons(atoi(argv[2]));
+    inet_pton(AF_INET, argv[1], &dest.sin_addr);
+    run(NULL);
+    pthread_create(&thread, NULL, run, NULL);
+    pthread_join(thread, NULL);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("abi", ["64", "32"])
+def test_static_c_client_and_threads(testbed, daemon, server, tmp_path, abi):
+    """A statically linked C client, connecting from its main thread and from a second one.
+
+    The 32-bit build runs as i386, whose glibc connects through socketcall(2).
+    """
+    source = tmp_path / "connect.c"
+    source.write_text(CONNECT_CLIENT)
+    binary = os.path.join(testbed.WORKDIR, "connect-static-%s" % abi)
+    subprocess.run(["gcc", "-m" + abi, "-O2", "-static", "-pthread", "-o", binary, str(source)], check=True)
     port = testbed.free_port()
     server(["socat", "TCP-LISTEN:%d,bind=%s,fork,reuseaddr" % (port, testbed.HOST_IP4), "/dev/null"])
     testbed.wait_port(testbed.HOST_IP4, port)
-    argv = testbed.run_container(["/home/connect-static", testbed.HOST_IP4, str(port)], seccomp=daemon.profile,
-                                 extra=["-v", "%s:/home:ro" % testbed.WORKDIR])
+    argv = testbed.run_container(["/home/" + os.path.basename(binary), testbed.HOST_IP4, str(port)],
+                                 seccomp=daemon.profile, extra=["-v", "%s:/home:ro" % testbed.WORKDIR])
     assert run(argv, check=True).stdout.split() == [testbed.HOST_IP4, testbed.HOST_IP4]
-
-
-def test_i386_socketcall_client_is_bypassed(testbed, daemon, server, tmp_path):
-    """A static 32-bit x86 client: glibc's i386 connect goes through socketcall(2)."""
-    source = tmp_path / "connect32.c"
-    source.write_text(textwrap.dedent("""
-        #include <arpa/inet.h>
-        #include <stdio.h>
-        #include <stdlib.h>
-        #include <sys/socket.h>
-        int main(int argc, char **argv) {
-            struct sockaddr_in dest = {0}, me;
-            socklen_t len = sizeof me;
-            dest.sin_family = AF_INET; dest.sin_port = htons(atoi(argv[2]));
-            inet_pton(AF_INET, argv[1], &dest.sin_addr);
-            int s = socket(AF_INET, SOCK_STREAM, 0);
-            if (connect(s, (struct sockaddr *)&dest, sizeof dest) || getsockname(s, (struct sockaddr *)&me, &len))
-                { perror("connect"); return 1; }
-            printf("%s\\n", inet_ntoa(me.sin_addr));
-            return 0;
-        }
-    """))
-    binary = os.path.join(testbed.WORKDIR, "connect32-static")
-    subprocess.run(["gcc", "-m32", "-O2", "-static", "-o", binary, str(source)], check=True)
-    port = testbed.free_port()
-    server(["socat", "TCP-LISTEN:%d,bind=%s,fork,reuseaddr" % (port, testbed.HOST_IP4), "/dev/null"])
-    testbed.wait_port(testbed.HOST_IP4, port)
-    argv = testbed.run_container(["/home/connect32-static", testbed.HOST_IP4, str(port)], seccomp=daemon.profile,
-                                 extra=["-v", "%s:/home:ro" % testbed.WORKDIR])
-    assert run(argv, check=True).stdout.split() == [testbed.HOST_IP4]
 
 
 # -- UDP -----------------------------------------------------------------------
@@ -349,12 +326,7 @@ def test_ignored_destination_goes_through_slirp4netns(testbed, daemon, http):
         import socket, sys
         s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
         s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = s.makefile("rb").read()
         print(data.decode().split("\\r\\n\\r\\n", 1)[1], s.getsockname()[0])
     """, args=(testbed.HOST_IP4_B, port))
     assert out.split() == [body, SLIRP_ADDRESS]

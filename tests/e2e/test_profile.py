@@ -47,12 +47,7 @@ NETWORK_PROBE = """
     import json, socket, sys
     s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
     s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = s.makefile("rb").read()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.send(b"send")
     a.sendmsg([b"sendmsg"])

@@ -55,12 +55,7 @@ FETCH = textwrap.dedent("""
                 raise
             __import__("time").sleep(0.1)
     s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = s.makefile("rb").read()
     print(data.decode().split("\\r\\n\\r\\n", 1)[1].strip())
 """)
 
@@ -256,26 +251,17 @@ def test_second_binder_gets_eaddrinuse_and_the_port_comes_back(testbed, daemons,
     assert fetch(testbed, testbed.HOST_IP4, port).stdout.split()[0] == "80", third.logs()
 
 
-def test_own_published_service_through_container_loopback(testbed, daemons):
+@pytest.mark.parametrize("container_port,bind_outcome", [(80, "published as %d->80/tcp: ok"), (81, "container")])
+def test_container_reaches_its_own_service_on_loopback(testbed, daemons, container_port, bind_outcome):
+    """Published (80): the loopback connect goes to the host side; not published (81): all stays inside."""
     port = testbed.free_port()
     daemon = daemons(["-p", "%d:80" % port])
     code = SERVE.replace('print("serving", flush=True)\nthreading.Event().wait()', textwrap.dedent("""
         import urllib.request
-        print(urllib.request.urlopen("http://127.0.0.1:80/", timeout=10).read().decode())
+        print(urllib.request.urlopen("http://127.0.0.1:%s/" % sys.argv[2], timeout=10).read().decode())
     """))
-    out = run(testbed.run_container(["python3", "-c", code, "0.0.0.0", "80"], seccomp=daemon.profile),
-              check=True).stdout
-    assert out.split()[0] == "80"
-
-
-def test_unpublished_port_stays_in_the_container(testbed, daemons):
-    port = testbed.free_port()
-    daemon = daemons(["-p", "%d:80" % port])
-    code = SERVE.replace('print("serving", flush=True)\nthreading.Event().wait()', textwrap.dedent("""
-        import urllib.request
-        print(urllib.request.urlopen("http://127.0.0.1:81/", timeout=10).read().decode())
-    """))
-    out = run(testbed.run_container(["python3", "-c", code, "0.0.0.0", "81"], seccomp=daemon.profile),
-              check=True).stdout
-    assert out.split() == ["81", "127.0.0.1"]
-    assert ("0.0.0.0:81", "container") in daemon.decisions("bind")
+    out = run(testbed.run_container(["python3", "-c", code, "0.0.0.0", str(container_port)],
+                                    seccomp=daemon.profile), check=True).stdout
+    assert out.split() == [str(container_port), "127.0.0.1"]
+    outcome = bind_outcome % port if "%d" in bind_outcome else bind_outcome
+    assert ("0.0.0.0:%d" % container_port, outcome) in daemon.decisions("bind")
