@@ -439,19 +439,25 @@ def parse_publish(spec):
 
 
 def build_publish_table(specs):
-    """All -p values -> {(proto, container_port): PortMapping}, refusing conflicts."""
+    """All -p values -> {(proto, container_port): PortMapping}, refusing conflicts.
+
+    One host port may serve two mappings on distinct host IPs, as with
+    docker; a mapping on all addresses overlaps every other on its port.
+    """
     table, hosts = {}, {}
     for spec in specs:
         for mapping in parse_publish(spec):
             key = (mapping.proto, mapping.container_port)
             host_key = (mapping.proto, mapping.host_port)
-            if host_key in hosts:
-                raise Error("invalid -p value %r: host port %d/%s is already published"
-                            % (spec, mapping.host_port, mapping.proto))
+            for other in hosts.get(host_key, ()):
+                if None in (other.host_ip, mapping.host_ip) or other.host_ip == mapping.host_ip:
+                    raise Error("invalid -p value %r: host port %d/%s is already published"
+                                % (spec, mapping.host_port, mapping.proto))
             if key in table:
                 raise Error("invalid -p value %r: container port %d/%s is already published"
                             % (spec, mapping.container_port, mapping.proto))
-            table[key] = hosts[host_key] = mapping
+            table[key] = mapping
+            hosts.setdefault(host_key, []).append(mapping)
     return table
 
 
@@ -526,7 +532,12 @@ CARRIED_OPTIONS_V6 = (
 
 
 class Template:
-    """What a fresh host socket of one (family, type, proto) looks like."""
+    """What a fresh host socket of one (family, type, proto) looks like.
+
+    Only what differs from it is carried over, so that the host socket keeps
+    the kernel's own defaults (buffer autotuning above all).  A buffer size
+    set to exactly the default value is indistinguishable and not carried.
+    """
 
     __slots__ = ("options",)
 

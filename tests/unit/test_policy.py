@@ -106,6 +106,13 @@ def test_bad_publish_values_name_the_value(spec):
     assert repr(spec) in str(info.value)
 
 
+def test_one_host_port_on_two_host_ips():
+    table = b4ns.build_publish_table(["127.0.0.1:8080:80", "198.18.0.1:8080:81"])
+    assert sorted(repr(m) for m in table.values()) == ["127.0.0.1:8080->80/tcp", "198.18.0.1:8080->81/tcp"]
+    with pytest.raises(b4ns.Error, match="host port 8080/tcp"):
+        b4ns.build_publish_table(["127.0.0.1:8080:80", "8080:81"])
+
+
 def test_conflicting_publish_values():
     with pytest.raises(b4ns.Error, match="host port 8080/tcp"):
         b4ns.build_publish_table(["8080:80", "8080:81"])
@@ -239,3 +246,30 @@ def test_exit_fd_stops_the_daemon(tmp_path):
     os.close(exit_r)
     os.close(exit_w)
     assert proc.wait(timeout=10) == 0
+
+
+# -- what a switched socket carries over ------------------------------------------
+
+def test_encode_sockaddr_round_trips_and_maps_ipv4_into_ipv6():
+    for family, ip in ((socket.AF_INET, "198.18.0.1"), (socket.AF_INET6, "2001:db8::1")):
+        raw = b4ns.encode_sockaddr(family, ipaddress.ip_address(ip), 8080)
+        assert b4ns.decode_sockaddr(raw) == (ipaddress.ip_address(ip), 8080)
+    mapped = b4ns.encode_sockaddr(socket.AF_INET6, ipaddress.ip_address("127.0.0.1"), 80)
+    assert b4ns.sockaddr_to_tuple(mapped)[0] == "::ffff:127.0.0.1"
+    assert b4ns.encode_sockaddr(socket.AF_INET, ipaddress.ip_address("::1"), 80) is None
+    assert b4ns.sockaddr_to_tuple(b4ns.encode_sockaddr(socket.AF_INET, None, 53)) == ("0.0.0.0", 53)
+
+
+def test_template_lists_exactly_the_options_an_application_changed():
+    template = b4ns.Template(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        assert template.differences(sock) == []
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        diffs = {(level, name): value for level, name, value in template.differences(sock)}
+    assert diffs == {(socket.SOL_SOCKET, socket.SO_KEEPALIVE): 1,
+                     (socket.SOL_SOCKET, socket.SO_RCVBUF): 32768,  # what to set, not the doubled value read
+                     (socket.IPPROTO_TCP, socket.TCP_NODELAY): 1,
+                     (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY): 1}
