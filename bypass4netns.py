@@ -61,6 +61,8 @@ SO_NETNS_COOKIE = 71                        # u64 id of the socket's netns (>= 5
 SIOCGSKNS = 0x894C                          # fallback: an fd of the socket's netns
 MSG_FASTOPEN = 0x20000000
 O_CLOEXEC = 0o2000000
+SO_ATTACH_FILTER = 26
+SO_LOCK_FILTER = 44                         # a socket filter nobody can change or remove
 
 
 class SeccompData(ctypes.Structure):
@@ -95,9 +97,45 @@ class IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
+
+
 for _struct, _size in ((SeccompData, 64), (SeccompNotif, 80), (SeccompNotifResp, 24),
-                       (SeccompNotifAddfd, 24), (SeccompNotifSizes, 6)):
+                       (SeccompNotifAddfd, 24), (SeccompNotifSizes, 6), (SockFilter, 8)):
     assert ctypes.sizeof(_struct) == _size, _struct.__name__
+
+# A classic BPF socket filter that drops every packet from a loopback source
+# (127.0.0.0/8, ::1).  Locked onto each switched client socket, it keeps the
+# host's loopback services out of its reach whatever address the socket is
+# later pointed at (a handshake never completes, no reply arrives).
+BPF_LDB_ABS, BPF_LDW_ABS, BPF_AND_K, BPF_JEQ_K, BPF_RET_K = 0x30, 0x20, 0x54, 0x15, 0x06
+SKF_NET_OFF = 0xFFF00000                    # -0x100000: offsets from the network header
+_DROP, _ACCEPT = 0, 0xFFFFFFFF
+NO_LOOPBACK_FILTER = (
+    # (code, jt, jf, k)                                     # instruction index
+    (BPF_LDB_ABS, 0, 0, SKF_NET_OFF),                       # 0  version << 4 | IHL
+    (BPF_AND_K, 0, 0, 0xF0),                                # 1
+    (BPF_JEQ_K, 3, 0, 0x60),                                # 2  IPv6: to 6
+    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 12),                  # 3  IPv4 source
+    (BPF_AND_K, 0, 0, 0xFF000000),                          # 4
+    (BPF_JEQ_K, 8, 9, 0x7F000000),                          # 5  127/8: drop, else accept
+    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 8),                   # 6  IPv6 source, word 0
+    (BPF_JEQ_K, 0, 7, 0),                                   # 7
+    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 12),                  # 8  word 1
+    (BPF_JEQ_K, 0, 5, 0),                                   # 9
+    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 16),                  # 10 word 2
+    (BPF_JEQ_K, 0, 3, 0),                                   # 11
+    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 20),                  # 12 word 3
+    (BPF_JEQ_K, 0, 1, 1),                                   # 13 ::1: drop, else accept
+    (BPF_RET_K, 0, 0, _DROP),                               # 14
+    (BPF_RET_K, 0, 0, _ACCEPT),                             # 15
+)
 
 # Trapped syscalls by (audit arch, number).  A notification of any other
 # arch or number is never decoded: it continues untouched.
@@ -147,6 +185,7 @@ _SOCKADDR_IN6 = struct.Struct("!HHI16sI")
 _TIMEVAL = struct.Struct("=qq")
 _U64 = struct.Struct("=Q")
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
+_AF_UNSPEC = _FAMILY.pack(socket.AF_UNSPEC)
 
 # ---------------------------------------------------------------------------
 # Thin syscall wrappers: OSError with errno, EINTR retried
@@ -235,6 +274,18 @@ def sock_call(call, fd, *args):
             return -err
 
 
+class SocketFilter:
+    """A classic BPF program ready for setsockopt(SO_ATTACH_FILTER), then locked."""
+
+    def __init__(self, program):
+        self.instructions = (SockFilter * len(program))(*(SockFilter(*i) for i in program))
+        self.fprog = bytes(SockFprog(len(program), self.instructions))  # points into self.instructions
+
+    def attach(self, sock):
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, self.fprog)
+        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
+
+
 def get_notif_sizes():
     """The kernel's struct sizes, or None where seccomp(2)'s number is unknown."""
     nr = SYS_SECCOMP.get(os.uname().machine)
@@ -264,7 +315,7 @@ class Error(Exception):
     """A user-facing error: bad flag values, an unusable socket path."""
 
 
-_LOOPBACK4 = ipaddress.ip_network("127.0.0.0/8")
+_LOOPBACK_IP4, _LOOPBACK_IP6 = ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")
 _MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
@@ -668,6 +719,8 @@ class Switcher:
     def __init__(self, ignore, auto, publish, debug=False, reserve_ports=True):
         self.ignore, self.auto, self.publish = ignore, auto, publish
         self.reservations = Reservations(publish.values(), reserve_ports)
+        self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
+        self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
         self.threads = {}           # tid -> ThreadHandle, while the thread lives
         self.pending = {}           # our socket fd -> Pending
@@ -909,8 +962,10 @@ class Switcher:
                 return
             kind = sock.getsockopt(_SOL, socket.SO_TYPE)
             dest, reason = self.judge(container, notif.pid, raw)
-            if reason == "loopback":
-                raw, dest, reason = self.own_published_service(family, kind, raw, dest, reason)
+            own_service = reason == "loopback" and self.own_published_service(family, kind, dest)
+            if own_service:
+                raw, dest = own_service
+                reason = None
             if self.netns_id(sock) == self.own_netns:
                 # Already switched: it can only go where the host goes, and
                 # only with the address validated here.
@@ -928,7 +983,8 @@ class Switcher:
                     reason = "not TCP or UDP"
                 else:
                     try:
-                        host = self.switch(notify_fd, notif, fd, sock, family, kind, proto, raw)
+                        host = self.switch(notify_fd, notif, fd, sock, family, kind, proto, raw,
+                                           own_service)
                     except NotSwitched as why:
                         reason = str(why)
                     else:
@@ -942,20 +998,24 @@ class Switcher:
             container.counters["container"] += 1
             self.start_connect(notify_fd, notif, container, sock, raw, dest, "container (%s)" % reason)
 
-    def own_published_service(self, family, kind, raw, dest, reason):
-        """A connect to the container's loopback at a published port goes to that port on the host."""
+    def own_published_service(self, family, kind, dest):
+        """(raw, dest) of the host side of the published port a loopback `dest` names, or None.
+
+        A container that reaches its own published service on its loopback
+        must find it where the daemon put it: on the host.
+        """
         mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[1]))
         if mapping is None:
-            return raw, dest, reason
-        host_ip = mapping.host_ip or (ipaddress.IPv4Address("127.0.0.1") if dest[0].version == 4
-                                      else ipaddress.IPv6Address("::1"))
-        new_raw = encode_sockaddr(family, host_ip, mapping.host_port)
-        if new_raw is None:
-            return raw, dest, reason
-        return new_raw, (host_ip, mapping.host_port), None
+            return None
+        host_ip = mapping.host_ip or (_LOOPBACK_IP4 if dest[0].version == 4 else _LOOPBACK_IP6)
+        raw = encode_sockaddr(family, host_ip, mapping.host_port)
+        return None if raw is None else (raw, (host_ip, mapping.host_port))
 
-    def switch(self, notify_fd, notif, fd, sock, family, kind, proto, raw):
+    def switch(self, notify_fd, notif, fd, sock, family, kind, proto, raw, own_service=False):
         """A host socket like `sock`, connecting to `raw`, installed at the target's `fd`.
+
+        It drops whatever comes from the host's loopback, unless it goes to
+        the container's own published service there (`own_service`).
 
         Returns the host socket (with .result, the connect's, and
         .nonblocking, what the target asked), or None if the target went
@@ -969,6 +1029,8 @@ class Switcher:
         host = HostSocket(family, kind, proto)
         try:
             self.copy_options(sock, host, family, kind, proto)
+            if not own_service and self.no_loopback is not None:
+                self.attach_no_loopback(host)
             if bound_port:
                 try:
                     host.bind((bound_ip, bound_port))
@@ -987,6 +1049,16 @@ class Switcher:
         except BaseException:
             host.close()
             raise
+
+    def attach_no_loopback(self, host):
+        """Lock the no-loopback filter onto `host`: defence in depth, where the kernel lets us."""
+        try:
+            self.no_loopback.attach(host)
+        except PermissionError:
+            # Some kernels refuse socket filters to unprivileged users: the
+            # daemon's own checks then stand alone.
+            log.info("socket filters are not permitted here: switched sockets are not filtered")
+            self.no_loopback = None
 
     def copy_options(self, sock, host, family, kind, proto):
         for level, name, value in self.template(family, kind, proto).differences(sock):
@@ -1180,6 +1252,21 @@ class Switcher:
         self.let_run(notify_fd, notif, container)
         return None
 
+    def refuse_send(self, container, notif, sock, raw):
+        """Why a switched datagram socket may not send to `raw`, or None if it may."""
+        if raw[:2] == _AF_UNSPEC:
+            # IPv4 UDP sends to the address of an AF_UNSPEC sockaddr too.
+            raw = _FAMILY.pack(socket.AF_INET) + raw[2:]
+        dest, reason = self.judge(container, notif.pid, raw)
+        if reason is None or dest is None:
+            return None
+        if reason == "loopback" and sock.getsockname()[1] in self.published_udp_ports:
+            return None  # a published server answers its clients, wherever they are
+        container.counters["refused"] += 1
+        if self.debug:
+            self.debug_decision(container, notif, "send", dest, "refused (%s)" % reason)
+        return reason
+
     def on_sendto(self, notify_fd, notif, container, _ptr):
         sock = self.host_datagram_socket(notify_fd, notif, container, 3)
         if sock is None:
@@ -1201,9 +1288,7 @@ class Switcher:
                 return
             if not self.id_valid(notify_fd, notif.id):
                 return
-            dest, reason = self.judge(container, notif.pid, raw)
-            if reason and dest is not None:
-                container.counters["refused"] += 1
+            if self.refuse_send(container, notif, sock, raw):
                 self.reply(notify_fd, notif.id, error=-errno.ENETUNREACH)
                 return
             result = sock_call(_libc.sendto, sock.fileno(), payload, len(payload),
@@ -1238,9 +1323,7 @@ class Switcher:
             if not self.id_valid(notify_fd, notif.id):
                 return
             if raw:
-                dest, reason = self.judge(container, notif.pid, raw)
-                if reason and dest is not None:
-                    container.counters["refused"] += 1
+                if self.refuse_send(container, notif, sock, raw):
                     self.reply(notify_fd, notif.id, error=-errno.ENETUNREACH)
                     return
                 address = sockaddr_to_tuple(raw)

@@ -273,3 +273,28 @@ def test_template_lists_exactly_the_options_an_application_changed():
                      (socket.SOL_SOCKET, socket.SO_RCVBUF): 32768,  # what to set, not the doubled value read
                      (socket.IPPROTO_TCP, socket.TCP_NODELAY): 1,
                      (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY): 1}
+
+
+def test_no_loopback_filter_drops_what_comes_from_loopback():
+    """The filter locked onto switched sockets, tried on real sockets (where the kernel allows it)."""
+    bpf = b4ns.SocketFilter(b4ns.NO_LOOPBACK_FILTER)
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family, socket.SOCK_DGRAM) as receiver, socket.socket(family, socket.SOCK_DGRAM) as sender:
+            receiver.bind((host, 0))
+            receiver.settimeout(0.3)
+            try:
+                bpf.attach(receiver)
+            except PermissionError:
+                pytest.skip("this kernel refuses socket filters to unprivileged users")
+            with pytest.raises(OSError):
+                receiver.setsockopt(socket.SOL_SOCKET, 27, 0)  # SO_DETACH_FILTER: locked
+            sender.sendto(b"x", receiver.getsockname())
+            with pytest.raises(socket.timeout):
+                receiver.recv(10)
+    with socket.socket() as listener, socket.socket() as client:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        bpf.attach(client)
+        client.settimeout(0.5)
+        with pytest.raises(OSError):  # the SYN-ACK never gets in
+            client.connect(listener.getsockname())
