@@ -415,8 +415,19 @@ def test_host_loopback_is_never_reached(testbed, daemon, host_loopback_servers):
                     print("REACHED", host, kind)
                 except OSError:
                     print("refused", host, kind)
+        # A switched UDP socket asked to send to the loopback, also through
+        # an AF_UNSPEC sockaddr, which IPv4 UDP sends to all the same.
+        import ctypes, struct
+        libc = ctypes.CDLL(None, use_errno=True)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.connect(("198.18.0.1", 9))
+        for family in (socket.AF_INET, socket.AF_UNSPEC):
+            raw = struct.pack("=H", family) + struct.pack("!H4s8x", port, socket.inet_aton("127.0.0.1"))
+            sent = libc.sendto(u.fileno(), b"x", 1, 0, raw, len(raw))
+            print("sendto", family, sent, ctypes.get_errno())
     """, args=(port,))
     assert "REACHED" not in out and out.count("refused") == 10, out
+    assert out.count("sendto") == 2 and "sendto 2 1 " not in out and "sendto 0 1 " not in out, out
     assert reached() == []
 
 
