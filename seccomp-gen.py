@@ -4,6 +4,9 @@
     python3 seccomp-gen.py > ~/seccomp.json
     podman run --security-opt seccomp=$HOME/seccomp.json ...
 
+For rootless Docker, which drops listenerPath, it also writes an OCI runtime
+wrapper that puts it back (--docker-runtime-wrapper).
+
 The profile traps (SCMP_ACT_NOTIFY) exactly the syscalls bypass4netns.py
 answers and names its socket as listenerPath; merged into the runtime's
 default profile it keeps every other protection of that profile.
@@ -16,6 +19,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -148,6 +152,12 @@ ALLOWING_ACTIONS = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
 RULE_MARK = "bypass4netns: "
 NOTIFY_COMMENT = RULE_MARK + "answered by the bypass4netns daemon"
 UNTRAPPED_COMMENT = RULE_MARK + "the calls not trapped, allowed as the base profile allowed them"
+IO_URING_COMMENT = RULE_MARK + "io_uring makes socket calls where seccomp cannot see them"
+# io_uring's connect, bind and send operations never reach seccomp, so a
+# container that had io_uring could point a switched socket anywhere.
+IO_URING = ["io_uring_setup", "io_uring_enter", "io_uring_register"]
+IO_URING_RULE = {"names": IO_URING, "action": "SCMP_ACT_ERRNO", "errnoRet": 38,  # ENOSYS
+                 "comment": IO_URING_COMMENT}
 WAIT_KILLABLE_RECV = "SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV"
 
 
@@ -422,7 +432,8 @@ def build_profile(base, trapped, listener_path, architectures=None, metadata=Non
         # they need their own rule, since the base's rule for name goes.
         if filters and base["defaultAction"] not in ALLOWING_ACTIONS:
             syscalls += untrapped_rules(name, filters, action)
-    syscalls += without_names(others, set(names))
+    syscalls += without_names(others, set(names) | set(IO_URING))
+    syscalls.append(IO_URING_RULE)
 
     settings = {}
     if architectures is not None:
@@ -438,6 +449,197 @@ def build_profile(base, trapped, listener_path, architectures=None, metadata=Non
 
 
 # ---------------------------------------------------------------------------
+# Docker: the OCI runtime wrapper
+# ---------------------------------------------------------------------------
+
+# Docker 20.10 reads a --security-opt seccomp=FILE profile into its own
+# structure, which has no listenerPath (nor listenerMetadata, flags or
+# defaultErrnoRet): the SCMP_ACT_NOTIFY rules reach the runtime, the socket
+# does not, and runc refuses to start the container ("listenerPath is not
+# set").  The wrapper, registered with `dockerd --add-runtime NAME=PATH`, puts
+# the socket back into the bundle's config.json before running the real
+# runtime.  The shim calls it as it calls runc: global options, the command,
+# the command's options ("create --bundle DIR ... ID").
+WRAPPER_TEMPLATE = r'''#!@INTERPRETER@
+# bypass4netns: OCI runtime wrapper for Docker, written by seccomp-gen.py.
+#
+# Register it with rootless dockerd and pick it per container:
+#   dockerd-rootless.sh --add-runtime bypass4netns=@SELF@
+#   docker run --runtime bypass4netns --security-opt seccomp=PROFILE ...
+#
+# Docker drops listenerPath from seccomp profiles.  On `create` and `run`,
+# when the bundle's config.json has SCMP_ACT_NOTIFY rules and no
+# listenerPath, this sets linux.seccomp.listenerPath (and listenerMetadata,
+# when given) to bypass4netns's socket; then, for every command, it execs the
+# real runtime with the same arguments.  Anything it cannot patch stops the
+# container with a message: the runtime would refuse it anyway.
+import json
+import os
+import sys
+
+RUNTIME = @RUNTIME@
+LISTENER_PATH = @LISTENER_PATH@
+LISTENER_METADATA = @LISTENER_METADATA@
+
+PROG = "bypass4netns runtime wrapper"
+# Global options of runc and crun that take their value as the next argument.
+VALUE_OPTIONS = {"log", "log-format", "log-level", "root", "criu", "rootless", "cgroup-manager"}
+BUNDLE_OPTIONS = {"--bundle", "-bundle", "-b"}
+
+
+def command_at(argv):
+    """Index of the runtime command (create, start, ...) in argv, or None."""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return i + 1 if i + 1 < len(argv) else None
+        if not arg.startswith("-") or arg == "-":
+            return i
+        if "=" not in arg and arg.lstrip("-") in VALUE_OPTIONS:
+            i += 1
+        i += 1
+    return None
+
+
+def bundle_of(args):
+    """The bundle directory named in a create/run's arguments (default: cwd)."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name in BUNDLE_OPTIONS:
+            if eq:
+                return value
+            return args[i + 1] if i + 1 < len(args) else None
+    return "."
+
+
+def add_listener(bundle):
+    """Set the listener in bundle/config.json where the profile traps syscalls."""
+    path = os.path.join(bundle, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    seccomp = (config.get("linux") or {}).get("seccomp") if isinstance(config, dict) else None
+    if not isinstance(seccomp, dict) or seccomp.get("listenerPath"):
+        return
+    rules = seccomp.get("syscalls") or []
+    if not any(isinstance(r, dict) and r.get("action") == "SCMP_ACT_NOTIFY" for r in rules):
+        return
+    seccomp["listenerPath"] = LISTENER_PATH
+    if LISTENER_METADATA is not None and not seccomp.get("listenerMetadata"):
+        seccomp["listenerMetadata"] = LISTENER_METADATA
+    tmp = "%s.bypass4netns-%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                 os.stat(path).st_mode & 0o777)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def fail(argv, message):
+    """Report where Docker shows it (the runtime's --log) and on stderr; exit 1."""
+    print("%s: %s" % (PROG, message), file=sys.stderr)
+    log, json_format, i = None, False, 1
+    end = command_at(argv) or len(argv)
+    while i < end:
+        name, eq, value = argv[i].partition("=")
+        if name.lstrip("-") in ("log", "log-format"):
+            if not eq and i + 1 < end:
+                value, i = argv[i + 1], i + 1
+            if name.lstrip("-") == "log":
+                log = value
+            else:
+                json_format = value == "json"
+        i += 1
+    if log:
+        try:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"level": "error", "msg": "%s: %s" % (PROG, message)}) + "\n"
+                        if json_format else "%s: %s\n" % (PROG, message))
+        except OSError:
+            pass
+    sys.exit(1)
+
+
+def main(argv):
+    at = command_at(argv)
+    if at is not None and argv[at] in ("create", "run"):
+        bundle = bundle_of(argv[at + 1:])
+        if bundle is None:
+            fail(argv, "%s: --bundle without a directory" % argv[at])
+        try:
+            add_listener(bundle)
+        except (OSError, ValueError, AttributeError) as exc:
+            fail(argv, "cannot set listenerPath in %s: %s"
+                 % (os.path.join(bundle, "config.json"), exc))
+    try:
+        os.execv(RUNTIME, [RUNTIME] + argv[1:])
+    except OSError as exc:
+        print("%s: cannot run %s: %s" % (PROG, RUNTIME, exc), file=sys.stderr)
+        sys.exit(127)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
+'''
+
+
+def wrapper_interpreter():
+    """The wrapper's #! line: this interpreter, isolated (-I) and without
+    site-packages (-S) for a fast start, when it can be named there."""
+    exe = sys.executable
+    if exe and os.path.isabs(exe) and os.access(exe, os.X_OK) and len(exe) < 100 \
+            and not any(c.isspace() for c in exe):
+        return exe + " -IS"
+    return "/usr/bin/env python3"
+
+
+# Where runc and crun live, also when the user's PATH lacks the sbin dirs.
+RUNTIME_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def resolve_runtime(runtime):
+    """--runtime -> the absolute path of an executable OCI runtime."""
+    if "/" in runtime:
+        path = os.path.abspath(runtime)
+    else:
+        search = os.pathsep.join([os.environ.get("PATH", "")] + list(RUNTIME_DIRS))
+        path = shutil.which(runtime, path=search)
+        if path is None:
+            raise ProfileError("OCI runtime %r not found on PATH or in %s; pass --runtime /path/to/%s"
+                               % (runtime, " ".join(RUNTIME_DIRS), runtime))
+        path = os.path.abspath(path)
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise ProfileError("--runtime %s is not an executable file" % path)
+    return path
+
+
+def wrapper_script(runtime, listener_path, metadata, self_path):
+    """The text of the runtime wrapper (see WRAPPER_TEMPLATE)."""
+    values = {"@INTERPRETER@": wrapper_interpreter(), "@SELF@": self_path,
+              "@RUNTIME@": repr(runtime), "@LISTENER_PATH@": repr(listener_path),
+              "@LISTENER_METADATA@": repr(metadata)}
+    text = WRAPPER_TEMPLATE
+    for key, value in values.items():
+        text = text.replace(key, value)
+    return text
+
+
+def write_wrapper(path, runtime, listener_path, metadata):
+    """Write the runtime wrapper at path, executable; refuse to replace the runtime."""
+    if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(runtime):
+        raise ProfileError("--docker-runtime-wrapper %s is the runtime itself (%s); "
+                           "write the wrapper elsewhere" % (path, runtime))
+    write_atomically(path, wrapper_script(runtime, listener_path, metadata, os.path.abspath(path)),
+                     mode=0o777)
+
+
+# ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
 
@@ -449,9 +651,10 @@ def render(profile):
     return json.dumps(profile, indent=2) + "\n"
 
 
-def write_atomically(path, text):
+def write_atomically(path, text, mode=0o666):
     """Write text to path through a temporary file in the same directory, so
-    that path holds either its old content or all of the new one."""
+    that path holds either its old content or all of the new one; mode, less
+    the umask, as the shell or a compiler would create it."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -465,7 +668,7 @@ def write_atomically(path, text):
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a shell redirection creates it, not mkstemp's 0600
+        os.chmod(tmp, mode & ~umask)  # not mkstemp's 0600
         os.replace(tmp, path)
         renamed = True
     except OSError as exc:
@@ -509,9 +712,14 @@ denies a trapped syscall (under any condition), allows it only under
 conditions, traps syscalls for another agent or names another listenerPath is
 refused.  Merging this program's output again gives the same file.
 
-Runtimes: runc >= 1.1 and crun >= 1.6 honour listenerPath; rootless Docker
-20.10 drops it from profiles.  If nothing listens on listenerPath, the
-runtime refuses to start the container.
+Runtimes: runc >= 1.1 and crun >= 1.6 honour listenerPath; if nothing
+listens there, the runtime refuses to start the container.  Docker 20.10
+drops listenerPath (and listenerMetadata, flags, defaultErrnoRet) from a
+--security-opt seccomp= profile but keeps its rules, so runc refuses the
+container ('listenerPath is not set').  For Docker, write the wrapper once:
+  python3 seccomp-gen.py --docker-runtime-wrapper ~/.local/bin/bypass4netns-runc
+  dockerd-rootless.sh --add-runtime bypass4netns=$HOME/.local/bin/bypass4netns-runc
+  docker run --runtime bypass4netns --security-opt seccomp=$HOME/seccomp.json ...
 
 Errors (unreadable or invalid base, unknown architecture, relative path) are
 one line on stderr with exit code 2; -o never leaves a partial file.
@@ -522,7 +730,7 @@ def parse_args(argv):
     parser = OneLineParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--base", metavar="auto|none|podman|docker|FILE", default="auto",
+        "--base", metavar="auto|none|podman|docker|FILE",
         help="profile to merge the trap into. auto (default): podman's default profile "
              "(as podman finds it: containers.conf seccomp_profile, else %s) or Docker's "
              "daemon.json seccomp-profile, else none with a warning; none: allow every "
@@ -553,10 +761,34 @@ def parse_args(argv):
              "supported by runc') and does not start the container; runc knows this flag "
              "only from 1.5, built with libseccomp >= 2.6" % WAIT_KILLABLE_RECV)
     parser.add_argument(
+        "--docker-runtime-wrapper", metavar="PATH",
+        help="instead of a profile, write at PATH an executable OCI runtime wrapper for "
+             "Docker, which drops listenerPath from profiles: on create/run it sets "
+             "linux.seccomp.listenerPath (--listener-path, and --listener-metadata) in the "
+             "bundle's config.json when the profile has SCMP_ACT_NOTIFY rules and no "
+             "listenerPath, then runs the real runtime with the same arguments; every "
+             "other container is left alone.  Register it with "
+             "`dockerd --add-runtime NAME=PATH` (or daemon.json \"runtimes\") and start "
+             "containers with `docker run --runtime NAME`")
+    parser.add_argument(
+        "--runtime", metavar="RUNTIME",
+        help="with --docker-runtime-wrapper: the OCI runtime the wrapper runs, a name "
+             "looked up now on PATH and in the sbin dirs, or a path (default: runc)")
+    parser.add_argument(
         "-o", "--output", metavar="FILE",
         help="write the profile to FILE (atomically, via a temporary file in its "
              "directory) instead of stdout")
     args = parser.parse_args(argv)
+    if args.docker_runtime_wrapper is not None:
+        for given, option in ((args.base, "--base"), (args.arch, "--arch"),
+                              (args.output, "--output"), (args.wait_killable_recv, "--wait-killable-recv")):
+            if given:
+                parser.error("%s applies to the profile, not to --docker-runtime-wrapper "
+                             "(run seccomp-gen.py once for each)" % option)
+    elif args.runtime is not None:
+        parser.error("--runtime applies only with --docker-runtime-wrapper")
+    if args.base is None:
+        args.base = "auto"
     return parser, args
 
 
@@ -578,6 +810,10 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         listener_path = listener_path_from(args)
+        if args.docker_runtime_wrapper is not None:
+            write_wrapper(args.docker_runtime_wrapper, resolve_runtime(args.runtime or "runc"),
+                          listener_path, args.listener_metadata)
+            return
         base, description = resolve_base(args.base)
         if args.base == "auto" and base is not None:
             print("%s: merging into %s (--base none: allow-all profile)" % (PROG, description),

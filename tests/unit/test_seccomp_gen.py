@@ -163,7 +163,7 @@ def test_rules_come_from_bypass4netns_beside_the_script(tmp_path):
     (tmp_path / "seccomp-gen.py").write_text(SCRIPT.read_text())
     (tmp_path / "bypass4netns.py").write_text('SECCOMP_NOTIFY_RULES = (("connect", ()),)\n')
     profile = generate(["--base", "none"], argv0=[sys.executable, str(tmp_path / "seccomp-gen.py")])
-    assert [r["names"] for r in profile["syscalls"]] == [["connect"]]
+    assert [r["names"] for r in profile["syscalls"]] == [["connect"], gen.IO_URING]
     assert not (tmp_path / "__pycache__").exists()
 
 
@@ -190,7 +190,7 @@ def test_runs_piped_without_a_file(tmp_path):
     assert res.stderr == ""
     profile = json.loads(res.stdout)
     assert profile["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
-    assert {n for r in profile["syscalls"] for n in r["names"]} == TRAPPED
+    assert {n for r in profile["syscalls"] for n in r["names"]} == TRAPPED | set(gen.IO_URING)
     assert os.listdir(str(tmp_path)) == []
 
 
@@ -221,6 +221,7 @@ def test_allow_all_profile():
          "comment": gen.NOTIFY_COMMENT},
         {"names": ["sendto"], "action": "SCMP_ACT_NOTIFY",
          "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}], "comment": gen.NOTIFY_COMMENT},
+        gen.IO_URING_RULE,
     ]
 
 
@@ -328,7 +329,8 @@ def test_merge_keeps_the_base_and_traps_first(tmp_path):
                         "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}],
                         "comment": gen.UNTRAPPED_COMMENT}
     # Every base rule is kept, less the trapped names; the one left empty goes.
-    rest = rules[3:]
+    assert rules[-1] == gen.IO_URING_RULE
+    rest = rules[3:-1]
     assert rest[1] == dict(PODMAN_LIKE["syscalls"][1], names=["read", "write", "socket"])
     assert rest[6] == dict(PODMAN_LIKE["syscalls"][6], names=["recvmmsg"])
     assert rest == [r if not set(names_of(r)) & TRAPPED else
@@ -366,7 +368,8 @@ def test_merge_under_allowing_default_needs_no_extra_rule(tmp_path):
         "defaultAction": "SCMP_ACT_ALLOW",
         "syscalls": [{"names": ["add_key", "keyctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]})
     profile = generate(["--base", base])
-    assert [r["action"] for r in profile["syscalls"]] == ["SCMP_ACT_NOTIFY", "SCMP_ACT_NOTIFY", "SCMP_ACT_ERRNO"]
+    assert [r["action"] for r in profile["syscalls"]] == ["SCMP_ACT_NOTIFY", "SCMP_ACT_NOTIFY", "SCMP_ACT_ERRNO",
+                                                         "SCMP_ACT_ERRNO"]
     assert "architectures" not in profile  # the base's choice (none: native only) is kept
 
 
@@ -392,7 +395,7 @@ def test_empty_conditions_count_as_none(tmp_path):
     base = write_json(tmp_path / "base.json", podman_like(syscalls=[
         {"names": sorted(TRAPPED), "action": "SCMP_ACT_ALLOW", "includes": {"caps": []}, "excludes": {}}]))
     assert [r["action"] for r in generate(["--base", base])["syscalls"]] == [
-        "SCMP_ACT_NOTIFY", "SCMP_ACT_NOTIFY", "SCMP_ACT_ALLOW"]
+        "SCMP_ACT_NOTIFY", "SCMP_ACT_NOTIFY", "SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO"]
 
 
 def test_base_flags_are_kept_and_extended(tmp_path):
@@ -631,3 +634,11 @@ def test_socketcall_is_trapped_only_where_the_base_allows_it(tmp_path):
         {"names": ["socketcall"], "action": "SCMP_ACT_ALLOW"}])
     merged = generate(["--base", write_json(tmp_path / "allow.json", allowing)])
     assert verdict(merged, "socketcall") == "SCMP_ACT_NOTIFY"
+
+
+def test_io_uring_is_denied_whatever_the_base(tmp_path):
+    """io_uring's socket operations never reach seccomp: no profile of ours lets them run."""
+    allow_all = dict(PODMAN_LIKE, defaultAction="SCMP_ACT_ALLOW")
+    for profile in (generate(["--base", "none"]), generate(["--base", write_json(tmp_path / "b.json", allow_all)])):
+        for name in gen.IO_URING:
+            assert verdict(profile, name) == "SCMP_ACT_ERRNO"
