@@ -181,7 +181,7 @@ MAX_DATAGRAM = 1 << 18                      # a UDP send this long is refused by
 MAX_SOCKADDR = 128                          # sizeof(struct sockaddr_storage)
 
 _SOCKADDR_IN = struct.Struct("!HH4s")       # family is host order: read separately
-_SOCKADDR_IN6 = struct.Struct("!HHI16sI")
+_SOCKADDR_IN6 = struct.Struct("!HHI16s")     # then sin6_scope_id, host order
 _TIMEVAL = struct.Struct("=qq")
 _U64 = struct.Struct("=Q")
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
@@ -195,8 +195,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
-for _name in ("connect", "bind", "sendto"):
-    getattr(_libc, _name).argtypes = None
 
 
 def _retry(call, *args):
@@ -211,10 +209,10 @@ def _retry(call, *args):
 
 
 def _ioctl(fd, request, arg):
+    """fcntl.ioctl, retried on EINTR; a writable `arg` gets what the kernel writes back."""
     while True:
         try:
-            return fcntl.ioctl(fd, request, arg, True) if isinstance(arg, (bytearray, ctypes.Structure)) \
-                else fcntl.ioctl(fd, request, arg)
+            return fcntl.ioctl(fd, request, arg)
         except InterruptedError:
             continue
 
@@ -351,7 +349,7 @@ def decode_sockaddr(raw):
         _fam, port, addr = _SOCKADDR_IN.unpack_from(raw)
         return ipaddress.IPv4Address(addr), port
     if family == socket.AF_INET6 and len(raw) >= 24:
-        _fam, port, _flow, addr = struct.unpack_from("!HHI16s", raw)
+        _fam, port, _flow, addr = _SOCKADDR_IN6.unpack_from(raw)
         if addr[:12] == _MAPPED_PREFIX:
             return ipaddress.IPv4Address(addr[12:]), port
         return ipaddress.IPv6Address(addr), port
@@ -382,7 +380,7 @@ def sockaddr_to_tuple(raw):
         return socket.inet_ntop(socket.AF_INET, addr), port
     if family == socket.AF_INET6 and len(raw) >= 24:
         scope = struct.unpack_from("=I", raw, 24)[0] if len(raw) >= 28 else 0
-        _fam, port, flow, addr = struct.unpack_from("!HHI16s", raw)
+        _fam, port, flow, addr = _SOCKADDR_IN6.unpack_from(raw)
         return socket.inet_ntop(socket.AF_INET6, addr), port, flow, scope
     return None
 
@@ -1582,16 +1580,19 @@ class Daemon(Switcher):
             pass  # kernels before 6.6: wake-ups are just slower
         os.set_blocking(notify_fd, False)
         self.watch(notify_fd, select.EPOLLIN, lambda ev, fd=notify_fd: self.on_notify(fd, ev))
-        log.info("container %s: process %s registered", cid, message.get("pid"))
+        log.info("container %s: process %s registered", cid[:12], message.get("pid"))
 
     def drop_notify_fd(self, notify_fd):
+        """Every process of this filter has exited: free what it held."""
         container = self.notify_owner.pop(notify_fd)
         self.unwatch(notify_fd)
+        for fd in [fd for fd, pending in self.pending.items() if pending.notify_fd == notify_fd]:
+            self.forget_pending(fd)
         os.close(notify_fd)
         container.notify_fds.discard(notify_fd)
         if not container.notify_fds:
             del self.containers[container.id]
-            log.info("container %s: gone (%s)", container.id, self.format_counters(container))
+            log.info("container %s: gone (%s)", container.id[:12], self.format_counters(container))
 
     def on_notify(self, notify_fd, events):
         if events & select.EPOLLIN:
@@ -1614,12 +1615,14 @@ class Daemon(Switcher):
     def sweep_pending(self):
         """Forget blocking connects whose caller was interrupted: the connect goes on, as natively."""
         for fd, pending in list(self.pending.items()):
-            if pending.notify_fd not in self.notify_owner or not self.id_valid(pending.notify_fd,
-                                                                                pending.notif_id):
-                del self.pending[fd]
-                self.unwatch(fd)
-                os.set_blocking(fd, True)
-                pending.sock.close()
+            if not self.id_valid(pending.notify_fd, pending.notif_id):
+                self.forget_pending(fd)
+
+    def forget_pending(self, fd):
+        pending = self.pending.pop(fd)
+        self.unwatch(fd)
+        os.set_blocking(fd, True)
+        pending.sock.close()
 
     # -- signals and the loop ------------------------------------------------
 
@@ -1630,7 +1633,7 @@ class Daemon(Switcher):
         if not self.containers:
             log.warning("no containers")
         for container in self.containers.values():
-            log.warning("container %s: %s", container.id, self.format_counters(container))
+            log.warning("container %s: %s", container.id[:12], self.format_counters(container))
 
     def stop(self):
         self.running = False
