@@ -45,6 +45,10 @@ PACKAGES = [
     # static test clients, 64- and 32-bit (i386's socketcall path)
     "gcc", "libc6-dev", "gcc-multilib",
 ]
+# Rootless Docker, for tests/e2e/test_docker.py only: installed on demand
+# (ensure_docker), without recommends, so that the bed gains neither
+# apparmor nor needrestart (an apt hook that would run on every later install).
+DOCKER_PACKAGES = ["docker.io", "rootlesskit"]
 
 # Both ends of the veth pair live inside the namespace, so nothing sent there
 # can leave it. The gateways exist only to give the namespace a default route.
@@ -254,23 +258,25 @@ def wait_port(host, port, timeout=10.0, netns=True):
 
 # ----------------------------------------------------------------------- up
 
-def missing_packages():
+def missing_packages(packages=None):
+    packages = PACKAGES if packages is None else packages
     out = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n"] + PACKAGES,
+        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n"] + packages,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         universal_newlines=True).stdout
     installed = {line.split()[0] for line in out.splitlines()
                  if line.endswith(" installed")}
-    return [p for p in PACKAGES if p not in installed]
+    return [p for p in packages if p not in installed]
 
 
-def ensure_packages():
-    missing = missing_packages()
+def ensure_packages(packages=None, recommends=True):
+    missing = missing_packages(packages)
     if not missing:
         return
     _log("installing " + " ".join(missing))
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    # Installing redis-server or nginx must not start them on the host.
+    # Installing redis-server, nginx or docker.io must not start them on the
+    # host.
     policy = "/usr/sbin/policy-rc.d"
     own_policy = not os.path.exists(policy)
     if own_policy:
@@ -281,11 +287,21 @@ def ensure_packages():
         # Wait for another apt (another test run, say) instead of failing.
         apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600"]
         _run(apt + ["update"], env=env)
-        _run(apt + ["install", "-y", "-o", "Dpkg::Options::=--force-confold"]
-             + missing, env=env, stdin=subprocess.DEVNULL)
+        options = ["-o", "Dpkg::Options::=--force-confold"]
+        if not recommends:
+            options.append("--no-install-recommends")
+        _run(apt + ["install", "-y"] + options + missing, env=env,
+             stdin=subprocess.DEVNULL)
     finally:
         if own_policy:
             os.unlink(policy)
+
+
+def ensure_docker():
+    """Install rootless Docker's packages (see DOCKER_PACKAGES) if missing."""
+    if os.geteuid() != 0:
+        raise PermissionError("installing Docker needs root")
+    ensure_packages(DOCKER_PACKAGES, recommends=False)
 
 
 def _subid_ranges(path):
