@@ -190,6 +190,16 @@ def test_generator_refuses_bad_wrapper_options_in_one_line(tmp_path, options, fr
     assert runtime.read_text() == "#!/bin/sh\n"
 
 
+def test_help_explains_the_wrapper():
+    res = subprocess.run([sys.executable, str(GENERATOR), "--help"], stdout=subprocess.PIPE,
+                         universal_newlines=True)
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for words in ("--docker-runtime-wrapper PATH", "--runtime RUNTIME", "--add-runtime",
+                  "docker run --runtime", NOT_SET):
+        assert words in text, words
+
+
 # -- rootless Docker -------------------------------------------------------------
 
 class Dockerd:
