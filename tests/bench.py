@@ -1,0 +1,1274 @@
+#!/usr/bin/env python3
+"""Benchmark: bypass4netns.py side by side with the host, slirp4netns and pasta.
+
+    sudo ./tests/bench [--quick] [--peer PATH] [--rounds N] [--out DIR]
+
+Every configuration runs the same workloads, with widely known tools, on the
+test bed (tests/testbed.py): all traffic stays inside the test namespace
+(198.18.0.0/15), where the servers run as root.
+
+Configurations (the client is the only thing that changes):
+  host          the client runs directly in the test namespace (the limit);
+  slirp4netns   a rootless podman container on slirp4netns, no bypass;
+  pasta         the client under standalone `pasta --config-net` (podman 4.3
+                is too old for --network pasta).  pasta copies the outer
+                address (198.18.0.1) into its namespace, so its clients talk
+                to the namespace's second address, 198.18.1.1;
+  bypass4netns.py  a rootless podman container on slirp4netns with the
+                generated seccomp profile and the daemon running;
+  peer          (--peer PATH) any bypass4netns-compatible daemon, same flags,
+                with the profile from --peer-profile (listenerPath rewritten)
+                or else the one seccomp-gen.py writes.
+
+Workloads: iperf3 container -> host (1 and 4 streams) and host -> container
+through a published port; ab -c 1 and -c 8 against nginx, one connection per
+request; a connect/close loop of a static C client (built here with gcc
+-static); redis-benchmark GET/SET on one kept-alive connection; tar of
+/usr/share (no networking: what the seccomp profile costs); 20 clients
+connecting at once.  The daemons' CPU time and memory are read from /proc
+around the connect workloads (--py-spy DIR also records their stacks).
+
+Rounds are interleaved (for each round, for each workload: A B C D), and the
+Markdown table gives medians and the speed relative to the host.  Outputs in
+--out (default docs/bench): results.json (every raw number), results.md and
+chart.png (matplotlib, from a virtualenv of the bench's own:
+/var/lib/b4ns-test/bench-venv).
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+
+sys.dont_write_bytecode = True  # no __pycache__ in the work tree
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+
+import testbed as tb  # noqa: E402
+
+VENV = os.path.join(tb.STATE_DIR, "bench-venv")
+ADDR_A, ADDR_B = tb.HOST_IP4, tb.HOST_IP4_B
+PUBLISHED_PORT = 5201  # the container side of the published port (iperf3's own)
+IGNORE = "127.0.0.0/8,10.0.0.0/8,auto"  # README's recommended daemon flags
+
+# ---------------------------------------------------------------------------
+# The static C client (and accept-and-close server, and timer)
+# ---------------------------------------------------------------------------
+
+CONNBENCH_C = r"""
+/* connbench, built by tests/bench.py with gcc -static:
+ *   connbench serve ADDR:PORT...          accept and close, on every listener
+ *   connbench connect ADDR PORT MS [GO]   connect/close loop for MS ms
+ *   connbench time CMD ARG...             run CMD, print its wall time
+ * connect: socket(); connect() (timed); SO_LINGER 0, so that close() sends an
+ * RST and leaves no TIME_WAIT to run out of ports; close().  With GO (a file
+ * path), print "ready", wait for GO to hold a CLOCK_REALTIME start time in ns
+ * and start then, so that many clients run in the same window.  Prints
+ * "count N errors E elapsed_us T sum_us S" and "hist US:COUNT ..." (1 us
+ * buckets below 10 ms, 1 ms buckets above, capped at 10 s). */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define FINE 10000
+#define COARSE 10000
+static uint64_t fine[FINE], coarse[COARSE + 1];
+
+static uint64_t now_ns(clockid_t clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+
+static int serve(int argc, char **argv) {
+    struct pollfd fds[8];
+    int n = 0;
+    for (int i = 0; i < argc && n < 8; i++, n++) {
+        char *colon = strrchr(argv[i], ':');
+        struct sockaddr_in a = {.sin_family = AF_INET};
+        int one = 1, s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (!colon) return 2;
+        *colon = 0;
+        a.sin_port = htons(atoi(colon + 1));
+        if (inet_pton(AF_INET, argv[i], &a.sin_addr) != 1) return 2;
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4096)) { perror("listen"); return 1; }
+        fds[n].fd = s;
+        fds[n].events = POLLIN;
+    }
+    printf("listening\n");
+    fflush(stdout);
+    for (;;) {
+        if (poll(fds, n, -1) < 0 && errno != EINTR) return 1;
+        for (int i = 0; i < n; i++) {
+            if (!(fds[i].revents & POLLIN)) continue;
+            for (int k = 0; k < 64; k++) {  /* drain a burst */
+                int c = accept4(fds[i].fd, NULL, NULL, SOCK_NONBLOCK);
+                if (c < 0) break;
+                close(c);
+            }
+        }
+    }
+}
+
+static int client(int argc, char **argv) {
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    struct linger lin = {1, 0};
+    uint64_t count = 0, errors = 0, sum_ns = 0, start, end, t0, t1;
+    int last_errno = 0;
+    if (argc < 3) return 2;
+    a.sin_port = htons(atoi(argv[1]));
+    if (inet_pton(AF_INET, argv[0], &a.sin_addr) != 1) return 2;
+    uint64_t duration = (uint64_t)atoll(argv[2]) * 1000000u;
+    if (argc > 3) {
+        struct stat st;
+        int waited = 0;
+        unsigned long long at = 0;
+        printf("ready\n");
+        fflush(stdout);
+        while (stat(argv[3], &st) != 0 || st.st_size == 0) {
+            if (++waited > 300000) { fprintf(stderr, "no start signal\n"); return 1; }  /* 5 min */
+            usleep(1000);
+        }
+        FILE *f = fopen(argv[3], "r");
+        if (!f || fscanf(f, "%llu", &at) != 1) { fprintf(stderr, "bad start file\n"); return 1; }
+        fclose(f);
+        while (now_ns(CLOCK_REALTIME) < at) usleep(200);
+    }
+    start = now_ns(CLOCK_MONOTONIC);
+    end = start + duration;
+    do {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0) { errors++; last_errno = errno; usleep(1000); t1 = now_ns(CLOCK_MONOTONIC); continue; }
+        t0 = now_ns(CLOCK_MONOTONIC);
+        int r = connect(s, (struct sockaddr *)&a, sizeof a);
+        t1 = now_ns(CLOCK_MONOTONIC);
+        if (r == 0) {
+            uint64_t us = (t1 - t0) / 1000;
+            count++;
+            sum_ns += t1 - t0;
+            if (us < FINE) fine[us]++;
+            else coarse[us / 1000 < COARSE ? us / 1000 : COARSE]++;
+            setsockopt(s, SOL_SOCKET, SO_LINGER, &lin, sizeof lin);
+        } else {
+            errors++;
+            last_errno = errno;
+        }
+        close(s);
+    } while (t1 < end && count + errors < 100000000u);
+    printf("count %llu errors %llu elapsed_us %llu sum_us %llu errno %d\nhist", (unsigned long long)count,
+           (unsigned long long)errors, (unsigned long long)((t1 - start) / 1000),
+           (unsigned long long)(sum_ns / 1000), last_errno);
+    for (int i = 0; i < FINE; i++)
+        if (fine[i]) printf(" %d:%llu", i, (unsigned long long)fine[i]);
+    for (int i = 10; i <= COARSE; i++)
+        if (coarse[i]) printf(" %d:%llu", i * 1000, (unsigned long long)coarse[i]);
+    printf("\n");
+    return 0;
+}
+
+static int timed(char **argv) {
+    uint64_t t0 = now_ns(CLOCK_MONOTONIC);
+    int status = 0;
+    pid_t pid = fork();
+    if (pid == 0) { execvp(argv[0], argv); _exit(127); }
+    if (pid < 0 || waitpid(pid, &status, 0) < 0) return 1;
+    printf("elapsed_us %llu status %d\n", (unsigned long long)((now_ns(CLOCK_MONOTONIC) - t0) / 1000),
+           WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 2 && !strcmp(argv[1], "serve")) return serve(argc - 2, argv + 2);
+    if (argc > 2 && !strcmp(argv[1], "connect")) return client(argc - 2, argv + 2);
+    if (argc > 2 && !strcmp(argv[1], "time")) return timed(argv + 2);
+    fprintf(stderr, "usage: connbench serve ADDR:PORT... | connect ADDR PORT MS [GO] | time CMD...\n");
+    return 2;
+}
+"""
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+error_log {dir}/error.log;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_timeout 0;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {a}:{port_a} backlog=4096;
+        listen {b}:{port_b} backlog=4096;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def log(msg):
+    print("bench: " + msg, file=sys.stderr, flush=True)
+
+
+class Failed(Exception):
+    """A workload that could not be measured in one configuration (reported as n/a)."""
+
+
+def run(argv, timeout, what):
+    try:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise Failed("%s: no answer in %ds" % (what, timeout))
+    if result.returncode != 0:
+        raise Failed("%s exited %d: %s" % (what, result.returncode,
+                                           (result.stderr.strip() or result.stdout.strip())[-300:]))
+    return result.stdout
+
+
+def children(pid):
+    """Direct children of pid (to stop what a pasta we started runs)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def read_line_matching(proc, pattern, timeout):
+    """Read proc.stdout lines until one matches pattern; False on timeout or EOF."""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return False
+        buf += chunk
+        if re.search(pattern, buf.decode(errors="replace")):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Daemons: bypass4netns.py (through tests/e2e/daemon.py) and a peer
+# ---------------------------------------------------------------------------
+
+def proc_status(pid):
+    """(VmRSS, VmHWM) of pid in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        text = f.read()
+    return tuple(int(re.search(r"%s:\s+(\d+)" % key, text).group(1)) for key in ("VmRSS", "VmHWM"))
+
+
+def proc_cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_engine(publish_port):
+    """bypass4netns.py as the e2e tests run it, quiet (no --debug), publishing publish_port.
+
+    The daemon gets .publish_port, and .publish_off: why host -> container cannot be measured (the
+    daemon refused -p), or None.
+    """
+    from e2e.daemon import Daemon
+    args = ["--ignore", IGNORE]
+    try:
+        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False)
+        daemon.publish_port, daemon.publish_off = publish_port, None
+    except Exception as exc:  # noqa: BLE001 - any failure: run without -p, say why
+        why = "the daemon did not start with -p: %s" % (str(exc).strip().splitlines() or ["?"])[-1][:200]
+        log(why)
+        daemon = Daemon(args, debug=False)
+        daemon.publish_port, daemon.publish_off = None, why
+    return daemon
+
+
+class PeerDaemon:
+    """Another bypass4netns-compatible daemon: same flags, its own profile."""
+
+    def __init__(self, path, profile, publish_port):
+        from e2e.daemon import generate_profile
+        name = "b4ns-peer-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
+        self.script = os.path.join(tb.WORKDIR, name + "-" + os.path.basename(path))
+        shutil.copy(path, self.script)
+        os.chmod(self.script, 0o755)
+        os.chown(self.script, tb.user_uid(), tb.user_gid())
+        self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
+        self.log_path = os.path.join(tb.WORKDIR, name + ".log")
+        if profile:
+            with open(profile) as f:
+                data = json.load(f)
+            data["listenerPath"] = self.socket
+            self.profile = os.path.join(tb.WORKDIR, name + "-seccomp.json")
+            with open(self.profile, "w") as f:
+                json.dump(data, f, indent=1)
+            os.chmod(self.profile, 0o644)
+        else:
+            self.profile = generate_profile(self.socket)
+        argv = (["python3"] if path.endswith(".py") else []) + [self.script]
+        argv += ["--socket", self.socket, "--log-file", self.log_path, "--ignore", IGNORE]
+        self.publish_port, self.publish_off = publish_port, None
+        self.proc = self._start(argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)])
+        if self.proc is None:
+            self.publish_port, self.publish_off = None, "the peer did not start with -p"
+            self.proc = self._start(argv)
+        if self.proc is None:
+            raise RuntimeError("the peer daemon %s did not start: %s" % (path, self.log()[-500:]))
+
+    def _start(self, argv):
+        proc = tb.start_server(argv, user=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):  # no --ready-fd in the original tool: wait for its socket
+            if os.path.exists(self.socket):
+                return proc
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tb.stop_server(proc)
+        return None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self):
+        status = tb.stop_server(self.proc)
+        for path in (self.socket, self.script, self.profile):
+            if os.path.exists(path):
+                os.unlink(path)
+        return status
+
+
+# ---------------------------------------------------------------------------
+# Configurations: how a client command runs
+# ---------------------------------------------------------------------------
+
+class Config:
+    key = label = ""
+    target = ADDR_A  # the server address this configuration's clients use
+    daemon = None
+
+    def wrap(self, argv, publish=None, name=None):
+        """argv run as this configuration's client; publish = (host port, container port)."""
+        raise NotImplementedError
+
+    def path(self, host_path):
+        """Where a file of the test bed's WORKDIR is seen by the client."""
+        return host_path
+
+    def stop_detached(self, proc, name):
+        """Stop a server started with wrap(..., name=name) that did not exit by itself."""
+        for child in children(proc.pid):
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        tb.stop_server(proc)
+
+
+class Host(Config):
+    key, label = "host", "host"
+
+    def wrap(self, argv, publish=None, name=None):
+        return tb.as_user(argv)
+
+
+class Pasta(Config):
+    key, label = "pasta", "pasta"
+    target = ADDR_B
+
+    def wrap(self, argv, publish=None, name=None):
+        tcp = "%d:%d" % publish if publish else "none"
+        return tb.as_user(["pasta", "--config-net", "--quiet", "-t", tcp, "-u", "none", "-T", "none",
+                           "-U", "none", "--"] + list(argv))
+
+
+class Container(Config):
+    def __init__(self, key, label, runtime, daemon=None):
+        self.key, self.label, self.runtime, self.daemon = key, label, runtime, daemon
+
+    def wrap(self, argv, publish=None, name=None):
+        extra = ["-v", "%s:/home:ro" % tb.WORKDIR]
+        if publish and not self.daemon:
+            extra += ["-p", "%d:%d" % publish]
+        return tb.run_container(argv, runtime=self.runtime, seccomp=self.daemon.profile if self.daemon else None,
+                                name=name, extra=extra)
+
+    def path(self, host_path):
+        return "/home/" + os.path.relpath(host_path, tb.WORKDIR)
+
+    def stop_detached(self, proc, name):
+        subprocess.run(tb.podman(["rm", "-f", "-t", "0", name], self.runtime), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
+        tb.stop_server(proc)
+
+
+# ---------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.tmp = tempfile.mkdtemp(prefix="b4ns-bench-")
+        os.chmod(self.tmp, 0o755)
+        self.servers = []
+        self.made = {}  # configuration -> connections its clients made (ab, connect, crowd)
+        self.spy_runs = {}  # configuration -> py-spy recordings made
+        self.files = []  # in WORKDIR, removed at the end
+        self.t = {  # durations
+            "iperf": 1 if self.quick else 5,
+            "ab": 1 if self.quick else 3,
+            "connect_ms": 1000 if self.quick else 3000,
+            "redis_n": 2000 if self.quick else 20000,
+            "tar_passes": 2 if self.quick else 5,
+            "crowd": 20,
+        }
+
+    # -- servers in the test namespace ------------------------------------
+
+    def start(self, argv, **kwargs):
+        proc = tb.start_server(argv, **kwargs)
+        self.servers.append(proc)
+        return proc
+
+    def build_client(self):
+        src = os.path.join(self.tmp, "connbench.c")
+        with open(src, "w") as f:
+            f.write(CONNBENCH_C)
+        binary = os.path.join(tb.WORKDIR, "connbench-%d" % os.getpid())
+        cmd = ["gcc", "-O2", "-static", "-Wall", "-o", binary, src]
+        if not shutil.which("gcc") or subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode != 0:
+            log("installing gcc and libc6-dev (a static C client)")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "gcc",
+                            "libc6-dev"], check=True, env=env, stdin=subprocess.DEVNULL)
+            subprocess.run(cmd, check=True)
+        os.chmod(binary, 0o755)
+        self.files.append(binary)
+        self.client = binary
+
+    def start_servers(self):
+        def ports():
+            return {ADDR_A: tb.free_port(ADDR_A), ADDR_B: tb.free_port(ADDR_B)}
+
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.iperf_ports = ports()
+        for addr, port in self.iperf_ports.items():
+            self.start(["iperf3", "-s", "-B", addr, "-p", str(port)], **quiet)
+        self.nginx_ports = ports()
+        conf = os.path.join(self.tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(dir=self.tmp, a=ADDR_A, b=ADDR_B, port_a=self.nginx_ports[ADDR_A],
+                                      port_b=self.nginx_ports[ADDR_B]))
+        self.start(["nginx", "-c", conf, "-p", self.tmp], **quiet)
+        self.redis_ports = ports()
+        for addr, port in self.redis_ports.items():
+            self.start(["redis-server", "--bind", addr, "--port", str(port), "--save", "", "--appendonly", "no",
+                        "--protected-mode", "no", "--dir", self.tmp, "--logfile", ""], **quiet)
+        self.accept_ports = ports()
+        self.start([self.client, "serve"] + ["%s:%d" % item for item in self.accept_ports.items()], **quiet)
+        for table in (self.iperf_ports, self.nginx_ports, self.redis_ports, self.accept_ports):
+            for addr, port in table.items():
+                tb.wait_port(addr, port, timeout=20)
+
+    def stop_servers(self):
+        for proc in reversed(self.servers):
+            tb.stop_server(proc)
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- the workloads -------------------------------------------------------
+
+    def iperf3(self, cfg, streams):
+        argv = ["iperf3", "-c", cfg.target, "-p", str(self.iperf_ports[cfg.target]), "-t", str(self.t["iperf"]),
+                "-P", str(streams), "-J"]
+        report = json.loads(run(cfg.wrap(argv), 60 + self.t["iperf"], "iperf3"))
+        if "error" in report:
+            raise Failed("iperf3: " + report["error"])
+        local = report["start"]["connected"][0]["local_host"]
+        result = {"value": report["end"]["sum_received"]["bits_per_second"] / 1e9, "local_host": local}
+        if cfg.daemon and local != cfg.target:
+            result["warning"] = "not bypassed: iperf3's local address is %s, not %s" % (local, cfg.target)
+        return result
+
+    def iperf3_published(self, cfg):
+        if cfg.daemon and cfg.daemon.publish_off:
+            raise Failed(cfg.daemon.publish_off)
+        if isinstance(cfg, Host):
+            host_port = container_port = tb.free_port()
+        elif cfg.daemon:
+            host_port, container_port = cfg.daemon.publish_port, PUBLISHED_PORT
+        else:
+            host_port, container_port = tb.free_port(), PUBLISHED_PORT
+        name = "b4ns-bench-%s" % uuid.uuid4().hex[:8]
+        server = cfg.wrap(["iperf3", "-s", "-1", "--forceflush", "-p", str(container_port)],
+                          publish=(host_port, container_port), name=name)
+        proc = tb.start_server(server, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            if not read_line_matching(proc, r"Server listening", 60):
+                raise Failed("the iperf3 server did not start")
+            argv = tb.as_user(["iperf3", "-c", ADDR_A, "-p", str(host_port), "-t", str(self.t["iperf"]), "-J"])
+            report = json.loads(run(argv, 60 + self.t["iperf"], "iperf3 -c (host to container)"))
+            if "error" in report:
+                raise Failed("iperf3 to the published port: " + report["error"])
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            return {"value": report["end"]["sum_received"]["bits_per_second"] / 1e9}
+        finally:
+            if proc.poll() is None:
+                cfg.stop_detached(proc, name)
+            tb.stop_server(proc)
+
+    def ab(self, cfg, concurrency):
+        url = "http://%s:%d/" % (cfg.target, self.nginx_ports[cfg.target])
+        argv = ["ab", "-r", "-t", str(self.t["ab"]), "-n", "10000000", "-c", str(concurrency), url]
+        out = run(cfg.wrap(argv), 120 + self.t["ab"], "ab")
+        rate = re.search(r"Requests per second:\s+([\d.]+)", out)
+        done = re.search(r"Complete requests:\s+(\d+)", out)
+        failed = re.search(r"Failed requests:\s+(\d+)", out)
+        if not rate or not done:
+            raise Failed("ab printed no rate: " + out[-300:])
+        self.made[cfg.key] = self.made.get(cfg.key, 0) + int(done.group(1))
+        return {"value": float(rate.group(1)), "requests": int(done.group(1)),
+                "failed": int(failed.group(1)) if failed else None}
+
+    def redis(self, cfg):
+        argv = ["redis-benchmark", "-h", cfg.target, "-p", str(self.redis_ports[cfg.target]), "-c", "1",
+                "-n", str(self.t["redis_n"]), "-t", "get,set", "--csv"]
+        out = run(cfg.wrap(argv), 300, "redis-benchmark")
+        rows = [line.replace('"', "").split(",") for line in out.splitlines() if line.strip()]
+        if not rows or rows[0][0] != "test":
+            raise Failed("redis-benchmark printed no CSV: " + out[-300:])
+        header = rows[0]
+        result = {}
+        for row in rows[1:]:
+            values = dict(zip(header, row))
+            result[values["test"].lower()] = {k: float(v) for k, v in values.items() if k != "test"}
+        if "get" not in result or "set" not in result:
+            raise Failed("redis-benchmark: no GET/SET line: " + out[-300:])
+        return result
+
+    def tar(self, cfg):
+        """Archive /usr/share, passes times in a row, timed inside (container start-up excluded).
+
+        The archive goes to /dev/zero, which discards it as /dev/null would: GNU tar notices an archive
+        on /dev/null and then only stats the files, while this way it opens, reads and closes every one
+        (about 50,000 files, 430,000 syscalls a pass here).
+        """
+        passes = self.t["tar_passes"]
+        script = "for i in %s; do /usr/bin/tar -cf /dev/zero /usr/share 2>/dev/null; done" % " ".join(
+            str(i) for i in range(passes))
+        out = run(cfg.wrap([cfg.path(self.client), "time", "/bin/sh", "-c", script]), 300, "tar")
+        m = re.search(r"elapsed_us (\d+) status (\d+)", out)
+        if not m:
+            raise Failed("tar: no time: " + out[-300:])
+        return {"value": int(m.group(1)) / 1e6 / passes, "passes": passes}
+
+    def connect_clients(self, cfg, count, millis, profile=False):
+        """count connect/close clients of cfg started together: merged results and the daemon's cost.
+
+        profile: record the daemon with py-spy while the clients connect (--py-spy).
+        """
+        go = os.path.join(tb.WORKDIR, "bench-go-%s" % uuid.uuid4().hex[:12])
+        self.files.append(go)
+        argv = [cfg.path(self.client), "connect", cfg.target, str(self.accept_ports[cfg.target]), str(millis),
+                cfg.path(go)]
+        procs, names, spy = [], [], None
+        try:
+            for i in range(count):
+                names.append("b4ns-bench-%s" % uuid.uuid4().hex[:8])
+                procs.append(subprocess.Popen(cfg.wrap(argv, name=names[-1]), stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            for proc in procs:
+                if not read_line_matching(proc, r"ready", 120):
+                    raise Failed("a client did not start: " + proc.stderr.read(300).decode(errors="replace")
+                                 if proc.poll() is not None else "a client did not start in 120 s")
+            daemon = cfg.daemon
+            if profile and daemon:
+                spy = self.start_py_spy(daemon.pid, cfg.key, millis)
+            before = (proc_cpu_seconds(daemon.pid), proc_status(daemon.pid)) if daemon else None
+            start = time.time() + 0.2
+            with open(go + ".tmp", "w") as f:
+                f.write("%d\n" % int(start * 1e9))
+            os.chmod(go + ".tmp", 0o644)
+            os.rename(go + ".tmp", go)
+            time.sleep(max(0.0, start + millis / 1000 - time.time()))
+            after = (proc_cpu_seconds(daemon.pid), proc_status(daemon.pid)) if daemon else None
+            outputs = []
+            for proc in procs:
+                out, err = proc.communicate(timeout=120)
+                if proc.returncode != 0:
+                    raise Failed("client exited %d: %s" % (proc.returncode, err.decode(errors="replace")[-300:]))
+                outputs.append(out.decode())
+        finally:
+            for proc, name in zip(procs, names):
+                if proc.poll() is None:
+                    cfg.stop_detached(proc, name)
+            if spy:
+                self.finish_py_spy(*spy)
+        total = errors = sum_us = last_errno = 0
+        elapsed = []
+        hist = {}
+        for out in outputs:
+            m = re.search(r"count (\d+) errors (\d+) elapsed_us (\d+) sum_us (\d+) errno (\d+)", out)
+            if not m:
+                raise Failed("client printed: " + out[-300:])
+            total += int(m.group(1))
+            errors += int(m.group(2))
+            elapsed.append(int(m.group(3)) / 1e6)
+            sum_us += int(m.group(4))
+            for item in out.split("hist", 1)[1].split():
+                us, n = item.split(":")
+                hist[int(us)] = hist.get(int(us), 0) + int(n)
+            if int(m.group(2)):
+                last_errno = int(m.group(5))
+        if not total:
+            raise Failed("no connection succeeded (errno %d)" % last_errno)
+        result = {"value": total / max(elapsed), "connections": total, "errors": errors,
+                  "mean_us": sum_us / total, "p50_us": percentile(hist, 0.50), "p99_us": percentile(hist, 0.99),
+                  "max_us": max(hist)}
+        self.made[cfg.key] = self.made.get(cfg.key, 0) + total
+        if before:
+            time.sleep(0.5)  # the daemon learns of the clients' exits (pidfds) and frees what they held
+            rss_exited, hwm = proc_status(daemon.pid)
+            window = millis / 1000
+            cpu = after[0] - before[0]
+            result["daemon"] = {"cpu_s": cpu, "cores": cpu / window, "cpu_s_per_1000": cpu / total * 1000,
+                                "rss_kib_before": before[1][0], "rss_kib_window_end": after[1][0],
+                                "rss_kib_after_exit": rss_exited, "hwm_kib": hwm,
+                                "connections_made_so_far": self.made[cfg.key]}
+        return result
+
+    def start_py_spy(self, pid, key, millis):
+        """py-spy (from the bench venv) recording pid, non-blocking, for the connecting window."""
+        venv_python, why = ensure_venv("py-spy")
+        if not venv_python:
+            log("no py-spy: " + why)
+            return None
+        self.spy_runs[key] = self.spy_runs.get(key, 0) + 1
+        raw = os.path.join(self.args.py_spy, "py-spy-%s-%d.txt" % (key, self.spy_runs[key]))
+        os.makedirs(self.args.py_spy, exist_ok=True)
+        argv = [os.path.join(VENV, "bin", "py-spy"), "record", "--pid", str(pid), "--rate", "1000",
+                "--nonblocking", "--format", "raw", "--duration", str(max(1, millis // 1000)), "--output", raw]
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL), raw
+
+    @staticmethod
+    def finish_py_spy(proc, raw):
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            tb.stop_server(proc)
+        if os.path.exists(raw):
+            with open(raw) as f:
+                text = f.read()
+            with open(raw[:-4] + "-top.txt", "w") as f:
+                f.write(hot_spots(text))
+
+
+def hot_spots(collapsed, top=25):
+    """Self and inclusive sample shares per function, from py-spy's raw (collapsed stacks) output."""
+    own, incl, total = {}, {}, 0
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return "no samples\n"
+    out = ["%d samples" % total, "", "self %   function (file)"]
+    out += ["%6.1f   %s" % (100.0 * n / total, f) for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    out += ["", "total %  function (file)"]
+    out += ["%6.1f   %s" % (100.0 * n / total, f) for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(out) + "\n"
+
+
+def percentile(hist, q):
+    total = sum(hist.values())
+    seen = 0
+    for us in sorted(hist):
+        seen += hist[us]
+        if seen >= q * total:
+            return us
+    return max(hist)
+
+
+# Workloads: key, row label, unit, higher is better, how to measure, which value.
+WORKLOADS = [
+    ("iperf1", "iperf3 container -> host, 1 stream", "Gbit/s", True, lambda b, c: b.iperf3(c, 1)),
+    ("iperf4", "iperf3 container -> host, 4 streams", "Gbit/s", True, lambda b, c: b.iperf3(c, 4)),
+    ("iperf_pub", "iperf3 host -> container, published port (-p)", "Gbit/s", True,
+     lambda b, c: b.iperf3_published(c)),
+    ("ab1", "ab -c 1 against nginx, new connection per request", "req/s", True, lambda b, c: b.ab(c, 1)),
+    ("ab8", "ab -c 8 against nginx, new connection per request", "req/s", True, lambda b, c: b.ab(c, 8)),
+    ("connect", "connect/close loop, static C client", "conn/s", True,
+     lambda b, c: b.connect_clients(c, 1, b.t["connect_ms"], profile=bool(b.args.py_spy))),
+    ("redis", "redis-benchmark -c 1 -t get,set (kept-alive connection)", "ms", False, lambda b, c: b.redis(c)),
+    ("tar", "tar of /usr/share (no networking)", "s", False, lambda b, c: b.tar(c)),
+    ("crowd", "20 clients connecting at once, static C client", "conn/s", True,
+     lambda b, c: b.connect_clients(c, b.t["crowd"], b.t["connect_ms"])),
+]
+
+# Rows of the table: (row key, label, unit, higher is better, workload key, path to the value).
+ROWS = [
+    ("iperf1", "bulk TCP container -> host, 1 stream (iperf3)", "Gbit/s", True, "iperf1", ("value",)),
+    ("iperf4", "bulk TCP container -> host, 4 streams (iperf3 -P 4)", "Gbit/s", True, "iperf4", ("value",)),
+    ("iperf_pub", "bulk TCP host -> container, published port (iperf3)", "Gbit/s", True, "iperf_pub",
+     ("value",)),
+    ("ab1", "HTTP, new connection per request, ab -c 1 (nginx)", "req/s", True, "ab1", ("value",)),
+    ("ab8", "HTTP, new connection per request, ab -c 8 (nginx)", "req/s", True, "ab8", ("value",)),
+    ("connect", "connect/close loop, static C client", "conn/s", True, "connect", ("value",)),
+    ("connect_us", "connect/close loop: mean connect()", "us", False, "connect", ("mean_us",)),
+    ("redis_get_p50", "redis GET p50, 1 kept-alive connection", "ms", False, "redis", ("get", "p50_latency_ms")),
+    ("redis_get_p99", "redis GET p99", "ms", False, "redis", ("get", "p99_latency_ms")),
+    ("redis_set_p50", "redis SET p50", "ms", False, "redis", ("set", "p50_latency_ms")),
+    ("redis_set_p99", "redis SET p99", "ms", False, "redis", ("set", "p99_latency_ms")),
+    ("redis_get_rps", "redis GET requests/s (1 connection)", "req/s", True, "redis", ("get", "rps")),
+    ("tar", "tar of /usr/share to /dev/zero, no networking", "s", False, "tar", ("value",)),
+    ("crowd", "20 clients connecting at once: total", "conn/s", True, "crowd", ("value",)),
+    ("crowd_p99", "20 clients connecting at once: p99 connect()", "us", False, "crowd", ("p99_us",)),
+]
+
+# Daemon cost rows: (key, label, format of the value).
+DAEMON_ROWS = [
+    ("connect.cpu_s_per_1000", "CPU seconds per 1000 connections, connect loop", "%.3f"),
+    ("connect.cores", "CPU cores busy during the connect loop", "%.2f"),
+    ("crowd.cpu_s_per_1000", "CPU seconds per 1000 connections, 20 clients at once", "%.3f"),
+    ("crowd.cores", "CPU cores busy with 20 clients connecting", "%.2f"),
+    ("crowd.rss_mib_open", "RSS with 20 containers connecting, MiB", "%.1f"),
+    ("rss_first_mib", "RSS after the first connect workload (clients gone), MiB", "%.1f"),
+    ("rss_last_mib", "RSS after the last one, MiB", "%.1f"),
+    ("made_between", "connections made in between", "{:,.0f}"),
+    ("rss_growth_kib_per_1000", "RSS growth per 1000 connections made, KiB", "%.2f"),
+    ("hwm_mib", "peak RSS (VmHWM), MiB", "%.1f"),
+]
+MEMORY_GROWTH_LIMIT = 5.0  # KiB per 1000 connections: 5 bytes a connection, less than any Python object
+
+
+def daemon_summary(raw, key):
+    """The daemon's cost, from the connect and crowd workloads of one configuration."""
+    out = {}
+    for workload in ("connect", "crowd"):
+        runs = [r["daemon"] for r in raw[workload][key] if "daemon" in r]
+        for name in ("cpu_s_per_1000", "cores"):
+            values = [r[name] for r in runs]
+            out["%s.%s" % (workload, name)] = {"median": statistics.median(values) if values else None,
+                                               "max": max(values) if values else None}
+        if workload == "crowd" and runs:
+            out["crowd.rss_mib_open"] = {"median": statistics.median(r["rss_kib_window_end"] for r in runs) / 1024}
+    # Chronological samples taken once each connect workload's clients had exited.
+    samples = []
+    rounds = max([r["round"] for w in ("connect", "crowd") for r in raw[w][key]] + [-1]) + 1
+    for rnd in range(rounds):
+        for workload in ("connect", "crowd"):
+            for r in raw[workload][key]:
+                if r["round"] == rnd and "daemon" in r:
+                    samples.append(r["daemon"])
+    if samples:
+        first, last = samples[0], samples[-1]
+        made = last["connections_made_so_far"] - first["connections_made_so_far"]
+        out["rss_first_mib"] = {"median": first["rss_kib_after_exit"] / 1024}
+        out["rss_last_mib"] = {"median": last["rss_kib_after_exit"] / 1024}
+        out["made_between"] = {"median": made}
+        out["rss_growth_kib_per_1000"] = {
+            "median": (last["rss_kib_after_exit"] - first["rss_kib_after_exit"]) / made * 1000 if made else None}
+        out["hwm_mib"] = {"median": max(s["hwm_kib"] for s in samples) / 1024}
+        out["rss_samples_kib"] = [s["rss_kib_after_exit"] for s in samples]
+    return out
+
+
+
+def dig(result, path):
+    for key in path:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Results: JSON, Markdown, chart
+# ---------------------------------------------------------------------------
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def machine_info():
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def version(argv):
+        try:
+            out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                                 timeout=30).stdout
+            return out.strip().splitlines()[0] if out.strip() else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    commit = version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    with open(os.path.join(ROOT, "bypass4netns.py"), "rb") as f:
+        engine_sha = hashlib.sha256(f.read()).hexdigest()[:12]
+    dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "bypass4netns.py"],
+                           stderr=subprocess.DEVNULL).returncode != 0
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "commit": commit + (" (bypass4netns.py modified)" if dirty else ""),
+        "bypass4netns.py sha256": engine_sha,
+        "loadavg_start": loadavg(),
+        "podman": version(["podman", "--version"]),
+        "runc": version(["runc", "--version"]),
+        "crun": version(["crun", "--version"]),
+        "slirp4netns": version(["slirp4netns", "--version"]),
+        "pasta": version(["dpkg-query", "-W", "-f=passt ${Version}", "passt"]),
+        "iperf3": version(["iperf3", "--version"]),
+        "nginx": version(["nginx", "-v"]),
+        "redis-benchmark": version(["redis-benchmark", "--version"]),
+    }
+
+
+def summarize(results):
+    """Medians per configuration and row, speed relative to host."""
+    summary = {}
+    for row_key, label, unit, higher, workload, path in ROWS:
+        per_config = {}
+        for cfg in results["configs"]:
+            runs = results["raw"][workload][cfg["key"]]
+            values = [dig(r, path) for r in runs if "error" not in r]
+            values = [v for v in values if v is not None]
+            errors = sorted({r["error"] for r in runs if "error" in r})
+            entry = {"median": statistics.median(values) if values else None, "n": len(values),
+                     "values": values}
+            if errors:
+                entry["errors"] = errors
+            warnings = sorted({r["warning"] for r in runs if "warning" in r})
+            if warnings:
+                entry["warnings"] = warnings
+            per_config[cfg["key"]] = entry
+        host = per_config.get("host", {}).get("median")
+        for entry in per_config.values():
+            m = entry["median"]
+            if host and m:
+                entry["vs_host"] = m / host if higher else host / m
+        summary[row_key] = {"label": label, "unit": unit, "higher_is_better": higher, "configs": per_config}
+    daemon = {}
+    for cfg in results["configs"]:
+        if cfg["daemon"]:
+            daemon[cfg["key"]] = daemon_summary(results["raw"], cfg["key"])
+    summary["daemon"] = daemon
+    return summary
+
+
+def fmt(value, unit):
+    if value is None:
+        return "n/a"
+    if unit in ("Gbit/s",):
+        return "%.2f" % value
+    if unit == "ms":
+        return "%.3f" % value
+    if unit == "s":
+        return "%.2f" % value
+    return "{:,.0f}".format(value)
+
+
+def targets(results, summary):
+    """The issue's targets, each with the measured numbers and met / missed."""
+    lines = []
+    cfgs = [c["key"] for c in results["configs"]]
+    if "bypass" not in cfgs:
+        return lines
+
+    def med(row, cfg="bypass", what="vs_host"):
+        return summary[row]["configs"].get(cfg, {}).get(what)
+
+    def verdict(ok):
+        return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+    for row, what in (("iperf1", "container -> host, 1 stream"), ("iperf4", "container -> host, 4 streams"),
+                      ("iperf_pub", "host -> container (-p)")):
+        r = med(row)
+        lines.append("| bulk TCP >= 0.95x host, %s | %s | %s |" % (
+            what, "%.2fx" % r if r else "n/a (%s)" % "; ".join(
+                summary[row]["configs"].get("bypass", {}).get("errors", ["no value"])),
+            verdict(None if r is None else r >= 0.95)))
+    for row, what in (("connect", "connect/close loop"), ("ab1", "ab -c 1")):
+        r = med(row)
+        b = med(row, what="median")
+        others = [med(row, c, "median") for c in ("slirp4netns", "pasta") if c in cfgs]
+        ahead = b is not None and all(o is not None and b > o for o in others)
+        lines.append("| connection setup >= 0.6x host and ahead of slirp4netns and pasta, %s | %s, %s | %s |" % (
+            what, "%.2fx host" % r if r else "n/a",
+            "ahead" if ahead else "not ahead", verdict(None if r is None else (r >= 0.6 and ahead))))
+    tar_b = med("tar", what="median")
+    tar_s = med("tar", "slirp4netns", "median")
+    if tar_b and tar_s:
+        ratio = tar_b / tar_s
+        lines.append("| non-network work with the profile <= 1.10x without it (tar time, bypass4netns.py / "
+                     "slirp4netns container) | %.3fx | %s |" % (ratio, verdict(ratio <= 1.10)))
+    d = summary["daemon"].get("bypass", {})
+    cores = [d.get(k, {}).get("max") for k in ("connect.cores", "crowd.cores")]
+    cores = [c for c in cores if c is not None]
+    if cores:
+        lines.append("| daemon CPU <= 1 core at its highest connection rate | %.2f cores at most | %s |" % (
+            max(cores), verdict(max(cores) <= 1.0)))
+    growth = d.get("rss_growth_kib_per_1000", {}).get("median")
+    if growth is not None:
+        lines.append("| daemon memory does not grow with connections made (< %g KiB per 1000, i.e. a few bytes "
+                     "a connection) | %.2f KiB per 1000 connections over %s connections (RSS %.1f -> %.1f MiB) "
+                     "| %s |" % (MEMORY_GROWTH_LIMIT, growth, "{:,}".format(d["made_between"]["median"]),
+                                 d["rss_first_mib"]["median"], d["rss_last_mib"]["median"],
+                                 verdict(growth < MEMORY_GROWTH_LIMIT)))
+    return lines
+
+
+def markdown(results, summary):
+    info = results["machine"]
+    cfgs = results["configs"]
+    out = ["# bypass4netns.py benchmark", "",
+           "Measured %s on Linux %s, %s (%d CPUs), commit %s (bypass4netns.py sha256 %s); %s, %d round(s)%s; "
+           "medians." % (
+               info["date"], info["kernel"], info["cpu"], info["cpus"], info["commit"],
+               info["bypass4netns.py sha256"],
+               "quick mode" if results["quick"] else "full mode", results["rounds"],
+               ", runtime " + results["runtime"]),
+           "",
+           "Each cell: the median, then its speed relative to the host (higher is better: "
+           "for rates this / host, for times and latencies host / this).", "",
+           "| workload | unit | " + " | ".join(c["label"] for c in cfgs) + " |",
+           "|---|---|" + "---:|" * len(cfgs)]
+    for row_key, row in summary.items():
+        if row_key == "daemon":
+            continue
+        cells = []
+        for c in cfgs:
+            e = row["configs"][c["key"]]
+            if e["median"] is None:
+                cells.append("n/a")
+            elif "vs_host" in e and c["key"] != "host":
+                cells.append("%s (%.2fx)" % (fmt(e["median"], row["unit"]), e["vs_host"]))
+            else:
+                cells.append(fmt(e["median"], row["unit"]))
+        out.append("| %s | %s | %s |" % (row["label"], row["unit"], " | ".join(cells)))
+    notes = []
+    for row_key, row in summary.items():
+        if row_key == "daemon":
+            continue
+        for c in cfgs:
+            for error in row["configs"][c["key"]].get("errors", []) + row["configs"][c["key"]].get("warnings", []):
+                note = "%s, %s: %s" % (c["label"], row["label"], error)
+                if note not in notes:
+                    notes.append(note)
+    if notes:
+        out += ["", "Not measured (n/a) or failed in some rounds:", ""] + ["- " + n for n in notes]
+    daemons = [c for c in cfgs if c["daemon"]]
+    if daemons:
+        out += ["", "## Daemon cost", "",
+                "Read from /proc/PID/stat and /proc/PID/status of the daemon around the connect workloads "
+                "(medians over the rounds; CPU cores = CPU seconds / wall seconds of the connecting window; "
+                "RSS samples taken once the clients had exited; connections made counts ab requests and "
+                "the C clients' connections).", "",
+                "| | " + " | ".join(c["label"] for c in daemons) + " |", "|---|" + "---:|" * len(daemons)]
+        for key, label, form in DAEMON_ROWS:
+            cells = []
+            for c in daemons:
+                v = summary["daemon"].get(c["key"], {}).get(key, {}).get("median")
+                cells.append("n/a" if v is None else (form.format(v) if "{" in form else form % v))
+            out.append("| %s | %s |" % (label, " | ".join(cells)))
+        for c in daemons:
+            if c.get("log_errors"):
+                out += ["", "%s's log had %d error line(s), e.g.: `%s`" % (
+                    c["label"], len(c["log_errors"]), c["log_errors"][0][:200])]
+    lines = targets(results, summary)
+    if lines:
+        out += ["", "## Targets (issue 6)", "", "| target | measured | |", "|---|---|---|"] + lines
+    out += ["", "## Setup", "",
+            "- host: the client runs directly in the test namespace, as the test user.",
+            "- slirp4netns: `podman run --network slirp4netns` (rootless, %s), podman's default seccomp "
+            "profile." % results["runtime"],
+            "- pasta: `pasta --config-net -- CLIENT` as the test user; its clients use 198.18.1.1 (pasta "
+            "copies 198.18.0.1 into its namespace).",
+            "- bypass4netns.py: the same container with the profile from seccomp-gen.py and "
+            "`bypass4netns.py --ignore=%s -p HOSTPORT:%d` running (no --debug)." % (IGNORE, PUBLISHED_PORT)]
+    if any(c["key"] == "peer" for c in cfgs):
+        out.append("- peer: `%s` with the same flags." % results["peer"])
+    out += ["- Servers in the test namespace, as root: iperf3 -s, nginx (1 worker, keep-alive off), "
+            "redis-server, and the C client's accept-and-close server.",
+            "- Durations: iperf3 {iperf} s a test, ab {ab} s, connect loops {connect_ms} ms, redis-benchmark "
+            "{redis_n} requests a test, tar {tar_passes} passes in a row; each once per round.".format(
+                **results["durations"]),
+            "- Tools: %s." % "; ".join("%s" % info[k] for k in ("podman", "runc", "crun", "slirp4netns", "pasta",
+                                                               "iperf3", "nginx", "redis-benchmark")),
+            "- Command: `%s`; it took %.0f s; load average %s at the start, %s at the end." % (
+                results["command"], results["seconds"], info["loadavg_start"], info["loadavg_end"]), "",
+            "The machine is shared and the numbers are noisy: they are reported as measured.", ""]
+    return "\n".join(out)
+
+
+CHART_ROWS = ["iperf1", "iperf4", "iperf_pub", "ab1", "ab8", "connect", "redis_get_p50", "redis_set_p50", "tar",
+              "crowd"]
+
+
+def chart(json_path, png_path):
+    """Draw the chart (run with the bench venv's python, which has matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(json_path) as f:
+        results = json.load(f)
+    summary, info = results["summary"], results["machine"]
+    cfgs = [c for c in results["configs"]]
+    rows = [r for r in CHART_ROWS if r in summary]
+    fig, ax = plt.subplots(figsize=(11, 0.9 * len(rows) + 2.2))
+    height = 0.8 / len(cfgs)
+    missing = []
+    colors = ["#4d4d4d", "#d9822b", "#7b5ea7", "#2a9d4b", "#3070b3", "#c03a3a"]
+    for i, c in enumerate(cfgs):
+        ys, xs, labels = [], [], []
+        for j, r in enumerate(rows):
+            e = summary[r]["configs"][c["key"]]
+            y = len(rows) - 1 - j + (len(cfgs) - 1 - i - (len(cfgs) - 1) / 2) * height
+            v = e.get("vs_host")
+            if e.get("median") is None or v is None:
+                missing.append((y, c["label"]))
+                continue
+            ys.append(y)
+            xs.append(v)
+            unit = summary[r]["unit"]
+            labels.append("%s %s" % (fmt(e["median"], unit), unit))
+        bars = ax.barh(ys, xs, height=height * 0.92, color=colors[i % len(colors)], label=c["label"])
+        for bar, text in zip(bars, labels):
+            ax.text(bar.get_width() * 1.03, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([summary[r]["label"] for r in reversed(rows)], fontsize=8)
+    ax.set_xscale("log")
+    ratios = [summary[r]["configs"][c["key"]].get("vs_host") for r in rows for c in cfgs]
+    low = min([v for v in ratios if v] + [1.0])
+    ax.set_xlim(next(t for t in (0.3, 0.1, 0.03, 0.01, 0.001) if t <= low * 0.8), 8)
+    for y, label in missing:
+        ax.text(ax.get_xlim()[0] * 1.05, y, "%s: n/a" % label, va="center", fontsize=7, color="#888888")
+    ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("speed relative to the host (log scale; higher is better; 1 = host)")
+    ticks = [t for t in (0.001, 0.01, 0.03, 0.1, 0.3, 0.6, 1, 2) if t >= ax.get_xlim()[0]]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["%g" % t for t in ticks])
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("bypass4netns.py vs host, slirp4netns, pasta: %s\n%s, Linux %s, %s x%d, commit %s" % (
+        "quick mode, 1 run each" if results["quick"] else "medians of %d interleaved rounds" % results["rounds"],
+        info["date"], info["kernel"], info["cpu"], info["cpus"], info["commit"]), fontsize=10)
+    ax.grid(axis="x", linestyle=":", alpha=0.5)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+
+
+def ensure_venv(package="matplotlib"):
+    """The bench's own virtualenv (dev-only tools from PyPI) with package in it.
+
+    Returns (its python, None), or (None, why) when it cannot be made.
+    """
+    python = os.path.join(VENV, "bin", "python")
+    installed = os.path.exists(os.path.join(VENV, "bin", package)) if package == "py-spy" else \
+        os.path.exists(python) and subprocess.run([python, "-c", "import " + package],
+                                                  stderr=subprocess.DEVNULL).returncode == 0
+    if installed:
+        return python, None
+    try:
+        if not os.path.exists(python):
+            subprocess.run(["/usr/bin/python3", "-m", "venv", VENV], check=True, stdout=subprocess.DEVNULL)
+        log("installing %s into %s" % (package, VENV))
+        subprocess.run([python, "-m", "pip", "install", "-q", package], check=True, timeout=600)
+        return python, None
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        return None, "no %s in %s: %s" % (package, VENV, exc)
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tests/bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=textwrap.dedent(__doc__.split("\n\n", 2)[2]))
+    p.add_argument("--quick", action="store_true", help="every configuration once, short durations (CI)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; 1 with --quick)")
+    p.add_argument("--peer", metavar="PATH", help="another bypass4netns-compatible daemon (same flags)")
+    p.add_argument("--peer-profile", metavar="FILE",
+                   help="the seccomp profile the peer needs (its listenerPath is rewritten); default: "
+                        "seccomp-gen.py's")
+    p.add_argument("--runtime", default="runc", choices=["runc", "crun"], help="OCI runtime (default runc)")
+    p.add_argument("--out", metavar="DIR", default=os.path.join(ROOT, "docs", "bench"),
+                   help="where results.json, results.md and chart.png go (default docs/bench)")
+    p.add_argument("--only", metavar="WORKLOAD[,...]",
+                   help="run only these workloads: " + ",".join(w[0] for w in WORKLOADS))
+    p.add_argument("--configs", metavar="CONFIG[,...]",
+                   help="run only these configurations: host,slirp4netns,pasta,bypass,peer (host is always run)")
+    p.add_argument("--py-spy", metavar="DIR",
+                   help="record the daemons with py-spy (installed into the bench venv) during the connect loop; "
+                        "raw stacks and a hot-spot summary go to DIR")
+    p.add_argument("--chart", nargs=2, metavar=("JSON", "PNG"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 5
+    if args.rounds < 1 or args.rounds > 50:
+        p.error("--rounds: between 1 and 50, not %d" % args.rounds)
+    if args.peer and not os.path.isfile(args.peer):
+        p.error("--peer: no such file: %s" % args.peer)
+    if args.peer_profile and not os.path.isfile(args.peer_profile):
+        p.error("--peer-profile: no such file: %s" % args.peer_profile)
+    known = [w[0] for w in WORKLOADS]
+    args.only = args.only.split(",") if args.only else known
+    for w in args.only:
+        if w not in known:
+            p.error("--only: unknown workload %r (one of %s)" % (w, ",".join(known)))
+    args.configs = args.configs.split(",") if args.configs else None
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.chart:
+        chart(*args.chart)
+        return 0
+    if os.geteuid() != 0:
+        print("tests/bench: the test bed needs root: sudo ./tests/bench", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    tb.up()
+    bench = Bench(args)
+    daemons, configs = [], []
+    results = {"command": "sudo ./tests/bench " + " ".join(sys.argv[1:] if argv is None else argv),
+               "quick": args.quick, "rounds": args.rounds, "runtime": args.runtime, "durations": bench.t,
+               "peer": args.peer, "machine": machine_info()}
+    try:
+        bench.build_client()
+        log("starting servers in the test namespace")
+        bench.start_servers()
+        configs = [Host(), Container("slirp4netns", "slirp4netns", args.runtime), Pasta()]
+        engine = start_engine(tb.free_port())
+        daemons.append(engine)
+        configs.append(Container("bypass", "bypass4netns.py", args.runtime, engine))
+        if args.peer:
+            peer = PeerDaemon(os.path.abspath(args.peer), args.peer_profile, tb.free_port())
+            daemons.append(peer)
+            configs.append(Container("peer", "peer: " + os.path.basename(args.peer), args.runtime, peer))
+        if args.configs:
+            configs = [c for c in configs if c.key == "host" or c.key in args.configs]
+        results["configs"] = [{"key": c.key, "label": c.label, "daemon": bool(c.daemon)} for c in configs]
+        raw = results["raw"] = {w[0]: {c.key: [] for c in configs} for w in WORKLOADS}
+        # A warm page cache for tar, before any configuration is timed.
+        subprocess.run(["/bin/sh", "-c", "/usr/bin/tar -cf /dev/zero /usr/share 2>/dev/null"])
+        for rnd in range(args.rounds):
+            for key, label, unit, _, measure in WORKLOADS:
+                if key not in args.only:
+                    continue
+                for cfg in configs:
+                    t0 = time.monotonic()
+                    try:
+                        result = measure(bench, cfg)
+                    except Failed as exc:
+                        result = {"error": str(exc)}
+                    except Exception as exc:  # noqa: BLE001 - one failed measurement, not the whole run
+                        result = {"error": "%s: %s" % (type(exc).__name__, exc)}
+                    result["round"] = rnd
+                    result["seconds"] = round(time.monotonic() - t0, 2)
+                    raw[key][cfg.key].append(result)
+                    shown = result.get("error") or (
+                        "%s %s" % (fmt(result["value"], unit), unit) if "value" in result else "ok")
+                    log("round %d/%d %-9s %-16s %s" % (rnd + 1, args.rounds, key, cfg.label, shown))
+    finally:
+        for d in daemons:
+            d.stop()
+        bench.stop_servers()
+    if "configs" not in results:
+        return 1
+    for c in configs:
+        if c.daemon:
+            errors = [line for line in c.daemon.log().splitlines() if "ERROR" in line or "Traceback" in line]
+            next(e for e in results["configs"] if e["key"] == c.key)["log_errors"] = errors
+    results["machine"]["loadavg_end"] = loadavg()
+    results["summary"] = summarize(results)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "results.json")
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=False)
+        f.write("\n")
+    md = markdown(results, results["summary"])
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    python, why = ensure_venv()
+    png = os.path.join(args.out, "chart.png")
+    if python:
+        subprocess.run([python, os.path.abspath(__file__), "--chart", json_path, png], check=True)
+    else:
+        log("no chart: " + why)
+    print(md)
+    log("done in %.0fs: %s" % (time.monotonic() - started, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
