@@ -298,3 +298,13 @@ def test_no_loopback_filter_drops_what_comes_from_loopback():
         client.settimeout(0.5)
         with pytest.raises(OSError):  # the SYN-ACK never gets in
             client.connect(listener.getsockname())
+
+
+def test_a_published_port_that_cannot_be_reserved_stops_the_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = run_cli("--socket", str(tmp_path / "s"), "-p", "127.0.0.1:%d:80" % port)
+    assert result.returncode == 1
+    assert "cannot reserve published port 127.0.0.1:%d->80/tcp" % port in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
