@@ -1,0 +1,761 @@
+"""The daemon's life, end to end: concurrency, leaks, bad clients, signals, `auto`, a crash.
+
+Rootless podman (runc and crun) against bypass4netns.py run as the test
+user.  Every server listens inside the test namespace (198.18.0.0/15,
+2001:db8::/32) or on loopback; containers started here are named and removed
+by name, the daemon is ended by pid.  Nothing here asserts a duration: the
+timeouts only keep a broken daemon from hanging the run.
+"""
+
+import array
+import errno
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+
+from e2e.daemon import Daemon, run
+
+RUNTIMES = ["runc", "crun"]
+SLIRP_ADDRESS = "10.0.2.100"  # the container's address on slirp4netns
+
+
+# -- helpers -------------------------------------------------------------------
+
+@pytest.fixture
+def daemon(testbed):
+    """A daemon of this test alone (fd and memory figures must be its own); ended by pid."""
+    daemons = []
+
+    def start(args=(), debug=True):
+        d = Daemon(args, debug=debug)
+        daemons.append(d)
+        if debug:
+            # Logged once --ready-fd is closed: from then on its fd count is its own.
+            wait_for(lambda: " listening on " in d.log(), "the daemon to listen")
+        return d
+    yield start
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.stop()
+        else:
+            testbed.stop_server(d.proc)  # forget its pid record
+    for d in daemons:
+        if os.path.exists(d.socket):  # left by a killed daemon
+            os.unlink(d.socket)
+
+
+def wait_for(predicate, what, timeout=60.0, interval=0.1):
+    """Poll predicate() until it is true; fail with `what` (a str or a callable giving one) after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0fs waiting for %s"
+                                 % (timeout, what() if callable(what) else what))
+        time.sleep(interval)
+
+
+def name_of(kind):
+    return "b4ns-life-%s-%s" % (kind, uuid.uuid4().hex[:8])
+
+
+def remove_container(testbed, name):
+    run(testbed.podman(["rm", "-f", "-t", "0", name]), timeout=120)
+
+
+def log_problems(d):
+    """The daemon log's ERROR and Traceback lines."""
+    return [line for line in d.log().splitlines() if " ERROR " in line or "Traceback" in line]
+
+
+class Attached:
+    """A foreground `podman run -i`: lines to its stdin, its stdout lines read by a thread."""
+
+    def __init__(self, argv):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     universal_newlines=True)
+        self.lines = queue.Queue()
+        self.seen = []
+        self.stderr = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, put):
+        for line in stream:
+            put(line.rstrip("\n"))
+        put(None)
+
+    def expect(self, timeout=120):
+        """The next stdout line; fails on exit or timeout."""
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no output after %ds; so far %r; stderr %r"
+                                 % (timeout, self.seen, self.stderr[-20:])) from None
+        if line is None:
+            self.lines.put(None)
+            raise AssertionError("container exited (%s) after %r; stderr %r"
+                                 % (self.proc.wait(30), self.seen, self.stderr[-20:]))
+        self.seen.append(line)
+        return line
+
+    def unread(self):
+        """Lines printed but not read yet (without waiting)."""
+        lines = []
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                return lines
+            if line is None:
+                self.lines.put(None)
+                return lines
+            lines.append(line)
+
+    def send(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def attach_python(testbed, d, code, args=(), runtime="runc", name=None, extra=()):
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], runtime=runtime,
+                                 seccomp=d.profile, name=name, extra=["-i", *extra])
+    return Attached(argv)
+
+
+def netns_tcp_sockets(testbed):
+    """[(local port, remote port, state hex)] of the test namespace's TCP sockets."""
+    out = run(testbed.in_netns(["cat", "/proc/net/tcp", "/proc/net/tcp6"]), check=True).stdout
+    sockets = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[0] != "sl" and ":" in fields[1]:
+            sockets.append((int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16), fields[3]))
+    return sockets
+
+
+def syn_sent_to(testbed, port):
+    return [s for s in netns_tcp_sockets(testbed) if s[1] == port and s[2] == "02"]  # 02: SYN_SENT
+
+
+def decision_count(d, dest, outcome="bypassed"):
+    return d.decisions().count((dest, outcome))
+
+
+# -- servers in the test namespace ------------------------------------------------
+
+BLACK_HOLE = """
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+listener = socket.socket()
+listener.bind((host, port))
+listener.listen(1)
+# Connections that finish their handshake but are never accepted fill the
+# accept queue; from then on the kernel drops every SYN: a connect hangs.
+fillers = []
+for _ in range(10):
+    probe = socket.socket()
+    probe.settimeout(1)
+    try:
+        probe.connect((host, port))
+    except socket.timeout:
+        probe.close()
+        print("ready", flush=True)
+        break
+    fillers.append(probe)
+else:
+    sys.exit("the accept queue never filled")
+while True:
+    time.sleep(3600)
+"""
+
+SLOW_SERVER = """
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((host, port))
+listener.listen(128)
+print("ready", flush=True)
+while True:
+    time.sleep(0.2)  # accepts slowly: one client every 0.2 s
+    conn, _ = listener.accept()
+    conn.sendall(b"hello\\n")
+    conn.close()
+"""
+
+
+def start_line_server(testbed, server, code):
+    """A python server in the namespace that prints "ready"; returns its port."""
+    port = testbed.free_port()
+    proc = server(["python3", "-c", code, testbed.HOST_IP4, str(port)], stdout=subprocess.PIPE,
+                  universal_newlines=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        assert lines.get(timeout=60) == "ready\n", "server did not start"
+    except queue.Empty:
+        raise AssertionError("server not ready after 60s") from None
+    return port
+
+
+@pytest.fixture
+def black_hole(testbed, server):
+    """A port of 198.18.0.1 where every connect hangs (full accept queue, SYNs dropped)."""
+    return start_line_server(testbed, server, BLACK_HOLE)
+
+
+@pytest.fixture
+def slow_server(testbed, server):
+    """A port of 198.18.0.1 whose server accepts one client every 0.2 s and says hello."""
+    return start_line_server(testbed, server, SLOW_SERVER)
+
+
+@pytest.fixture
+def http(testbed, server, tmp_path):
+    """(port, body) of a file served by python3 -m http.server at 198.18.0.1."""
+    body = "b4ns-" + uuid.uuid4().hex
+    (tmp_path / "index.txt").write_text(body)
+    port = testbed.free_port()
+    server(["python3", "-m", "http.server", "--bind", testbed.HOST_IP4, "--directory", str(tmp_path), str(port)],
+           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    testbed.wait_port(testbed.HOST_IP4, port)
+    return port, body
+
+
+# -- 1. a black hole stalls nothing ---------------------------------------------------
+
+# Thread "hang" connects (blocking) to the black hole; the main thread, told
+# to on stdin, makes another connect of the same container meanwhile.
+BLACK_HOLE_CLIENT = """
+    import socket, sys, threading
+    host, hole, other = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    def hang():
+        s = socket.socket()
+        # Carried to the host socket: SYNs retried for hours, not the
+        # default ~2 minutes, so the connect outlives any slow test run.
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 30)
+        try:
+            s.connect((host, hole))
+            print("black hole: connected", flush=True)
+        except OSError as e:
+            print("black hole: errno", e.errno, flush=True)
+    threading.Thread(target=hang, daemon=True).start()
+    print("connecting", flush=True)
+    sys.stdin.readline()
+    s = socket.create_connection((host, other))
+    print("other:", s.makefile().readline().strip(), s.getsockname()[0], flush=True)
+    sys.stdin.readline()  # hold on until removed
+"""
+
+HELLO_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print(s.makefile().readline().strip(), s.getsockname()[0])
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_black_hole_stalls_no_other_connect(testbed, daemon, black_hole, slow_server, runtime):
+    """Issue 3: a blocking connect that never ends holds up no notification, and leaks nothing once killed."""
+    d = daemon()
+    fds_before = d.fd_count()
+    hole_dest, slow_dest = "198.18.0.1:%d" % black_hole, "198.18.0.1:%d" % slow_server
+    name = name_of("hole")
+    hole = attach_python(testbed, d, BLACK_HOLE_CLIENT, (testbed.HOST_IP4, black_hole, slow_server),
+                         runtime=runtime, name=name)
+    names = [name_of("crowd") for _ in range(20)]
+    crowd = []
+    try:
+        assert hole.expect() == "connecting"
+        # The daemon switched the socket and holds the connect: its SYNs go
+        # out of the host namespace, unanswered.
+        wait_for(lambda: decision_count(d, hole_dest) == 1, lambda: "the black hole decision: %s" % d.log()[-2000:])
+        wait_for(lambda: syn_sent_to(testbed, black_hole), "a SYN_SENT socket to the black hole")
+
+        # 20 containers at once (runc and crun alternately) while it hangs.
+        for i, cname in enumerate(names):
+            argv = testbed.run_container(["python3", "-c", HELLO_CLIENT, testbed.HOST_IP4, str(slow_server)],
+                                         runtime=RUNTIMES[i % 2], seccomp=d.profile, name=cname)
+            crowd.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, universal_newlines=True))
+        results = [proc.communicate(timeout=180) + (proc.returncode,) for proc in crowd]
+        for out, err, code in results:
+            assert code == 0, err[-2000:]
+            assert out.split() == ["hello", testbed.HOST_IP4], (out, err[-2000:])
+        assert decision_count(d, slow_dest) == 20
+
+        # ... and another connect of the hanging container itself.
+        hole.send("go")
+        assert hole.expect() == "other: hello %s" % testbed.HOST_IP4
+        assert decision_count(d, slow_dest) == 21
+
+        # The black hole's connect never returned meanwhile.
+        assert hole.proc.poll() is None, "the black-hole container exited"
+        assert hole.unread() == [], "the black-hole connect returned"
+        assert syn_sent_to(testbed, black_hole), "the black-hole handshake ended"
+    finally:
+        for cname, proc in zip(names, crowd):
+            if proc.poll() is None:
+                remove_container(testbed, cname)
+        remove_container(testbed, name)
+    hole.proc.wait(120)
+    assert [line for line in hole.unread() if line.startswith("black hole")] == []
+
+    # Nothing of the pending connect is left: the daemon's fds, the host socket.
+    wait_for(lambda: d.fd_count() == fds_before,
+             lambda: "fd count %d back to %d: %s" % (d.fd_count(), fds_before, os.listdir("/proc/%d/fd" % d.pid)))
+    wait_for(lambda: not syn_sent_to(testbed, black_hole), "the host socket to the black hole to close")
+    assert log_problems(d) == []
+
+
+HAMMER = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+/* Threads that make a trapped syscall (connect on a unix socket, which the
+   daemon lets run) as fast as they can, until the container is killed. */
+static void *hammer(void *arg) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    strcpy(addr.sun_path, "/nonexistent");
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    for (;;)
+        connect(s, (struct sockaddr *)&addr, sizeof addr);
+    return arg;
+}
+int main(int argc, char **argv) {
+    pthread_t thread;
+    for (int i = 0; i < atoi(argv[1]); i++)
+        pthread_create(&thread, NULL, hammer, NULL);
+    pause();
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def hammer(testbed, tmp_path_factory):
+    """Path (in WORKDIR, mounted at /home) of a static binary whose threads hammer a trapped syscall."""
+    source = tmp_path_factory.mktemp("hammer") / "hammer.c"
+    source.write_text(HAMMER)
+    name = "hammer-static-%d" % os.getpid()
+    binary = os.path.join(testbed.WORKDIR, name)
+    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", binary, str(source)], check=True)
+    yield "/home/" + name
+    os.unlink(binary)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bypass4netns.py bug: Daemon.on_notify retries SECCOMP_IOCTL_NOTIF_RECV after ENOENT; RECV ignores "
+    "O_NONBLOCK and, once the filter has no users left, fails with ENOENT at once, forever: the daemon spins "
+    "at 100% CPU, keeps the dead threads' pidfds, serves no container and ignores SIGTERM. Also "
+    "Switcher.target_socket closes a cached pidfd twice (EBADF traceback) when the thread is gone. "
+    "Remove this mark with the fix."))
+def test_containers_killed_mid_notification_stall_nothing(testbed, daemon, hammer, http):
+    """Containers killed while hundreds of their threads wait on trapped syscalls: the daemon must
+    take the kernel's ENOENT (the target went away) in its stride, release every thread's pidfd,
+    log no error and go on serving. Each round is a chance for the race, not a certainty."""
+    d = daemon()
+    port, body = http
+    fds_before = d.fd_count()
+    for round_ in range(10):
+        names = [name_of("hammer") for _ in RUNTIMES]
+        try:
+            starts = [subprocess.Popen(testbed.run_container([hammer, "128"], runtime=runtime, seccomp=d.profile,
+                                                             extra=["-d", "-v", "%s:/home:ro" % testbed.WORKDIR],
+                                                             name=cname),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, universal_newlines=True)
+                      for cname, runtime in zip(names, RUNTIMES)]
+            for proc in starts:
+                assert proc.wait(180) == 0, proc.stderr.read()
+            time.sleep(0.5)  # let notifications pile up
+        finally:
+            run(testbed.podman(["rm", "-f", "-t", "0", *names]), timeout=180)
+
+        def stuck():
+            cpu = d.cpu_seconds()
+            time.sleep(0.5)
+            return ("round %d: fd count %d, not %d (pidfds of dead threads kept); daemon cpu %.2fs in 0.5s; "
+                    "log tail %s" % (round_, d.fd_count(), fds_before, d.cpu_seconds() - cpu, d.log()[-1500:]))
+        wait_for(lambda: d.fd_count() == fds_before, stuck, timeout=30)
+    argv = testbed.run_container(["/bin/wget", "-q", "-O", "-", "http://198.18.0.1:%d/index.txt" % port],
+                                 seccomp=d.profile)
+    assert run(argv, check=True, timeout=60).stdout == body
+    assert log_problems(d) == []
+
+
+# -- 2. 100 containers in a row ---------------------------------------------------------
+
+def test_hundred_containers_leave_no_trace(testbed, daemon, http):
+    """fds and memory return to their level after 100 containers (each a bypassed wget), no error logged."""
+    d = daemon()
+    port, body = http
+    dest = "198.18.0.1:%d" % port
+    url = "http://%s/index.txt" % dest
+
+    def one(i):
+        argv = testbed.run_container(["/bin/wget", "-q", "-O", "-", url], runtime=RUNTIMES[i % 2],
+                                     seccomp=d.profile, name=name_of("row"))
+        assert run(argv, check=True, timeout=300).stdout == body
+
+    def gone():
+        return d.log().count(": gone (")
+
+    warm_up = 4
+    for i in range(warm_up):
+        one(i)
+    wait_for(lambda: gone() == warm_up, "the warm-up containers to be gone")
+    time.sleep(0.5)
+    fds_before, rss_before, cpu_before = d.fd_count(), d.rss_kib(), d.cpu_seconds()
+
+    started = time.monotonic()
+    for i in range(100):
+        one(i)
+    elapsed = time.monotonic() - started
+
+    wait_for(lambda: gone() == warm_up + 100, lambda: "containers gone: %d of %d" % (gone(), warm_up + 100))
+    wait_for(lambda: d.fd_count() == fds_before,
+             lambda: "fd count %d back to %d: %s" % (d.fd_count(), fds_before, os.listdir("/proc/%d/fd" % d.pid)))
+    rss_after = d.rss_kib()
+    print("100 containers in %.1fs (%.2fs each); daemon cpu %.2fs; rss %d -> %d KiB; fds %d"
+          % (elapsed, elapsed / 100, d.cpu_seconds() - cpu_before, rss_before, rss_after, fds_before))
+    assert rss_after <= rss_before + 4096, "RSS grew from %d to %d KiB" % (rss_before, rss_after)
+    assert decision_count(d, dest) == warm_up + 100
+    assert log_problems(d) == []
+    # And the daemon tracks no container any more.
+    os.kill(d.pid, signal.SIGUSR1)
+    wait_for(lambda: " no containers" in d.log(), "the SIGUSR1 report")
+
+
+# -- 3. malformed runtime messages ------------------------------------------------------
+
+def unix_client(path):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    return c
+
+
+def dropped(c, timeout=30):
+    """Whether the daemon closed its end of c (it never writes to a runtime)."""
+    c.settimeout(timeout)
+    try:
+        return c.recv(1) == b""
+    except ConnectionResetError:
+        return True  # closed with our data unread
+    except socket.timeout:
+        return False
+    finally:
+        c.close()
+
+
+def send_message(path, data, fds=(), end=False):
+    """One runtime-like message (data + SCM_RIGHTS fds); True once the daemon dropped the connection."""
+    c = unix_client(path)
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    c.sendmsg([data], ancillary)
+    if end:
+        c.shutdown(socket.SHUT_WR)
+    return dropped(c)
+
+
+def message(**fields):
+    body = {"ociVersion": "1.0.2-dev", "pid": 4242, "metadata": "",
+            "state": {"ociVersion": "1.0.2-dev", "id": "malformed-" + uuid.uuid4().hex, "status": "creating",
+                      "pid": 4242, "bundle": "/nonexistent"}}
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+def test_malformed_messages_are_dropped_and_the_daemon_serves_on(testbed, daemon, http):
+    d = daemon()
+    port, body = http
+    fds_before = d.fd_count()
+    # A client that connects, says nothing and stays: it must hold up no one.
+    silent = unix_client(d.socket)
+    try:
+        r, w = os.pipe()
+        try:
+            # (what is sent, fds, whether EOF is needed to end it, what the log says)
+            cases = [
+                (b"garbage {{{", (), True, "Expecting value"),
+                (b"\xc3\x28 invalid utf-8", (), True, "can't decode"),
+                (b"", (), True, "Expecting value"),
+                (b"[1, 2, 3]", (), False, "list indices"),
+                (b"null", (), False, "NoneType"),
+                (message(fds=[]), (), False, "'seccompFd' is not in list"),
+                (message(fds=["somethingElse"]), (r,), False, "'seccompFd' is not in list"),
+                (json.dumps({"fds": ["seccompFd"]}).encode() + b"\n", (), False, "0 fds for 1 names"),
+                (message(fds=["seccompFd"]), (), False, "0 fds for 1 names"),
+                (message(fds=["seccompFd"]), (r,), False, "not a seccomp notify fd"),
+                (message(fds=["seccompFd"]), (r, w), False, "2 fds for 1 names"),
+                (message(fds=["seccompFd"]), [r] * 20, False, "for 1 names"),  # more fds than it takes
+                (message(fds="seccompFd"), (r,), False, "fds for 9 names"),
+                (message(state="not an object", fds=["seccompFd"]), (r,), False, "has no attribute 'get'"),
+            ]
+            for data, fds, end, logged in cases:
+                errors = len(log_problems(d))
+                assert send_message(d.socket, data, fds, end), "not dropped: %r" % data
+                wait_for(lambda: len(log_problems(d)) > errors, "an error logged for %r" % data)
+                assert logged in "\n".join(log_problems(d)[errors:]), (data, log_problems(d)[errors:])
+        finally:
+            os.close(r)
+            os.close(w)
+
+        # 2 MiB: cut off after 1 MiB.
+        errors = len(log_problems(d))
+        big = unix_client(d.socket)
+        sender_error = []
+
+        def send_big():
+            try:
+                big.sendall(message(fds=["seccompFd"], pad="x" * (2 << 20)))
+            except OSError as e:
+                sender_error.append(e)
+        sender = threading.Thread(target=send_big, daemon=True)
+        sender.start()
+        sender.join(60)
+        assert not sender.is_alive(), "the daemon stopped reading a 2 MiB message without closing it"
+        assert dropped(big)
+        assert sender_error and sender_error[0].errno in (errno.EPIPE, errno.ECONNRESET), sender_error
+        wait_for(lambda: "longer than 1 MiB" in "\n".join(log_problems(d)[errors:]), "the 2 MiB message logged")
+
+        # The silent client is still connected, and containers are served.
+        silent.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            silent.recv(1)
+        out = run(testbed.run_container(["/bin/wget", "-q", "-O", "-", "http://198.18.0.1:%d/index.txt" % port],
+                                        seccomp=d.profile), check=True).stdout
+        assert out == body
+        assert decision_count(d, "198.18.0.1:%d" % port) == 1
+    finally:
+        silent.close()
+    # Every fd the bad clients brought in is closed again.
+    wait_for(lambda: d.fd_count() == fds_before,
+             lambda: "fd count %d back to %d: %s" % (d.fd_count(), fds_before, os.listdir("/proc/%d/fd" % d.pid)))
+    assert "Traceback" not in d.log()
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bypass4netns.py bug: json.loads raises RecursionError, not ValueError, on deeply nested JSON; "
+    "Daemon.on_container_process does not catch it, so the message's fds leak and a traceback is logged "
+    "(before Daemon.run caught every exception, it killed the daemon). Remove this mark with the fix."))
+def test_deeply_nested_json_is_dropped_like_any_garbage(testbed, daemon, http):
+    """JSON nested deeper than the parser's recursion limit (RecursionError, not ValueError) is
+    malformed like any other: the daemon lives, drops it, closes the fds that came with it."""
+    d = daemon()
+    port, body = http
+    fds_before = d.fd_count()
+    depth = 100000
+    r, w = os.pipe()
+    try:
+        # Left open: incomplete as far as the daemon can tell.
+        hanging = unix_client(d.socket)
+        hanging.sendall(b"[" * depth)
+        # Complete, with an fd, then EOF.
+        nested = b'{"fds": ["seccompFd"], "x": ' + b"[" * depth + b"]" * depth + b"}"
+        assert send_message(d.socket, nested, (r,), end=True), "not dropped"
+    finally:
+        os.close(r)
+        os.close(w)
+    time.sleep(0.5)
+    assert d.proc.poll() is None, "the daemon died (%s): %s" % (d.proc.returncode, d.log()[-3000:])
+    out = run(testbed.run_container(["/bin/wget", "-q", "-O", "-", "http://198.18.0.1:%d/index.txt" % port],
+                                    seccomp=d.profile), check=True).stdout
+    assert out == body
+    assert decision_count(d, "198.18.0.1:%d" % port) == 1
+    hanging.close()
+    wait_for(lambda: d.fd_count() == fds_before,
+             lambda: "fd count %d back to %d: %s" % (d.fd_count(), fds_before,
+                                                     {fd: os.readlink("/proc/%d/fd/%s" % (d.pid, fd))
+                                                      for fd in os.listdir("/proc/%d/fd" % d.pid)}),
+             timeout=10)
+    assert "Traceback" not in d.log(), d.log()[-3000:]
+    assert d.stop() == 0
+
+
+# -- 4. signals ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_sigusr1_counters_and_sigterm(testbed, daemon, http, runtime):
+    """Quiet by default; SIGUSR1 logs per-container counters; SIGTERM exits 0 and cleans up."""
+    pid_file = os.path.join(testbed.runtime_dir(), "b4ns-life-%s.pid" % uuid.uuid4().hex[:8])
+    d = daemon(["--pid-file", pid_file], debug=False)
+    port, body = http
+    assert open(pid_file).read().strip() == str(d.pid)
+    name = name_of("usr1")
+    cid = run(testbed.run_container(["sleep", "30"], runtime=runtime, seccomp=d.profile, extra=["-d"], name=name),
+              check=True).stdout.strip()
+    try:
+        out = run(testbed.podman(["exec", name, "/bin/wget", "-q", "-O", "-",
+                                  "http://198.18.0.1:%d/index.txt" % port], runtime=runtime), check=True).stdout
+        assert out == body
+        os.kill(d.pid, signal.SIGUSR1)
+        line = wait_for(lambda: re.search(r"container %s\S*: (bypassed=.*)$" % cid[:12], d.log(), re.M),
+                        lambda: "a counters line for %s: %s" % (cid[:12], d.log()[-2000:]))
+        counters = dict(item.split("=") for item in line.group(1).split())
+        assert int(counters["bypassed"]) >= 1, line.group(0)
+    finally:
+        remove_container(testbed, name)
+    assert d.decisions() == [], "decision lines without --debug"
+    assert log_problems(d) == []
+    assert d.stop() == 0
+    assert not os.path.exists(d.socket)
+    assert not os.path.exists(pid_file)
+
+
+# -- 5. --ignore auto ---------------------------------------------------------------------
+
+AUTO_CLIENT = """
+    import json, socket, time
+    deadline = time.monotonic() + 30
+    while "fd00" not in open("/proc/net/if_inet6").read():  # slirp4netns' IPv6 comes by router advertisement
+        if time.monotonic() > deadline:
+            raise SystemExit("no fd00::/64 address")
+        time.sleep(0.1)
+    local = {}
+    # Connected UDP sockets: connect sends nothing, only the decision matters.
+    for host in ("10.0.2.3", "fd00::3", "198.18.0.1", "2001:db8::1"):
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((host, 53))
+        local[host] = s.getsockname()[0]
+    print(json.dumps(local))
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_ignore_auto_learns_the_container_subnets(testbed, daemon, runtime):
+    d = daemon(["--ignore", "auto"])
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(AUTO_CLIENT)], runtime=runtime,
+                                 seccomp=d.profile)
+    local = json.loads(run(argv, check=True).stdout)
+    decisions = dict(d.decisions())
+    assert decisions["10.0.2.3:53"] == "container (auto-ignored 10.0.2.0/24)"
+    assert decisions["[fd00::3]:53"] == "container (auto-ignored fd00::/64)"
+    assert decisions["198.18.0.1:53"] == "bypassed"
+    assert decisions["[2001:db8::1]:53"] == "bypassed"
+    assert local["10.0.2.3"] == SLIRP_ADDRESS and local["fd00::3"].startswith("fd00::")
+    assert local["198.18.0.1"] == testbed.HOST_IP4 and local["2001:db8::1"] == testbed.HOST_IP6
+    assert log_problems(d) == []
+
+
+SUBNET_CHANGE_CLIENT = """
+    import os, socket, sys
+    def connect():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect(("198.18.0.1", 53))  # UDP: no packet is sent
+        return s.getsockname()[0]
+    print(connect(), flush=True)
+    if os.system("ip addr add 198.18.0.200/24 dev tap0"):
+        raise SystemExit("ip addr add failed")
+    print("added", flush=True)
+    sys.stdin.readline()
+    print(connect(), flush=True)
+"""
+
+
+def test_ignore_auto_is_refreshed_on_sighup(testbed, daemon):
+    """A subnet the container gains is auto-ignored once SIGHUP made the daemon read them again."""
+    d = daemon(["--ignore", "auto"])
+    name = name_of("hup")
+    client = attach_python(testbed, d, SUBNET_CHANGE_CLIENT, name=name, extra=["--cap-add", "NET_ADMIN"])
+    try:
+        assert client.expect() == testbed.HOST_IP4
+        assert client.expect() == "added"
+        reports = d.log().count(" bypassed=")
+        os.kill(d.pid, signal.SIGHUP)
+        os.kill(d.pid, signal.SIGUSR1)  # handled after SIGHUP: once it is logged, the refresh is due
+        wait_for(lambda: d.log().count(" bypassed=") > reports, "the SIGUSR1 report")
+        client.send("go")
+        assert client.expect() == "198.18.0.200"
+    finally:
+        remove_container(testbed, name)
+    assert d.decisions() == [("198.18.0.1:53", "bypassed"),
+                             ("198.18.0.1:53", "container (auto-ignored 198.18.0.0/24)")]
+
+
+# -- 6. the daemon killed ---------------------------------------------------------------
+
+CRASH_CLIENT = """
+    import errno, json, os, socket, sys, threading
+    host, hole, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    def result(call):
+        try:
+            call()
+            return "ok"
+        except OSError as e:
+            return errno.errorcode.get(e.errno, str(e.errno))
+    pending = {}
+    def hang():
+        s = socket.socket()
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 30)
+        pending["black hole"] = result(lambda: s.connect((host, hole)))
+    thread = threading.Thread(target=hang)
+    thread.start()
+    print("connecting", flush=True)
+    sys.stdin.readline()
+    thread.join(60)
+    out = {"black hole": pending.get("black hole", "still blocked")}
+    out["tcp"] = result(lambda: socket.socket().connect((host, port)))
+    out["udp"] = result(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect((host, port)))
+    out["loopback"] = result(lambda: socket.socket().connect(("127.0.0.1", 1)))
+    out["unix"] = result(lambda: socket.socket(socket.AF_UNIX).connect("/nonexistent"))
+    out["bind"] = result(lambda: socket.socket().bind(("0.0.0.0", 0)))
+    out["untrapped"] = result(lambda: os.close(os.open("/etc/passwd", os.O_RDONLY)))
+    print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_daemon_killed_trapped_syscalls_fail_with_enosys(testbed, daemon, black_hole, http, runtime):
+    """What users hit when the daemon dies: every trapped syscall of a running container fails
+    with ENOSYS (the kernel's answer once the listener is gone), a blocking connect in flight
+    included; other syscalls work. A daemon started again on the stale socket serves new containers."""
+    d = daemon()
+    port, body = http
+    name = name_of("crash")
+    client = attach_python(testbed, d, CRASH_CLIENT, (testbed.HOST_IP4, black_hole, port), runtime=runtime,
+                           name=name)
+    try:
+        assert client.expect() == "connecting"
+        wait_for(lambda: decision_count(d, "198.18.0.1:%d" % black_hole) == 1, "the black hole decision")
+        os.kill(d.pid, signal.SIGKILL)
+        assert d.proc.wait(30) == -signal.SIGKILL
+        assert os.path.exists(d.socket), "a killed daemon cannot remove its socket"
+        client.send("go")
+        seen = json.loads(client.expect())
+        assert seen == {"black hole": "ENOSYS", "tcp": "ENOSYS", "udp": "ENOSYS", "loopback": "ENOSYS",
+                        "unix": "ENOSYS", "bind": "ENOSYS", "untrapped": "ok"}, seen
+
+        # A new daemon on the same socket path takes over the stale socket;
+        # containers started from now on are bypassed again.
+        again = daemon(["--socket", d.socket])
+        again.socket = d.socket
+        argv = testbed.run_container(["/bin/wget", "-q", "-O", "-", "http://198.18.0.1:%d/index.txt" % port],
+                                     runtime=runtime, seccomp=d.profile)
+        assert run(argv, check=True).stdout == body
+        assert decision_count(again, "198.18.0.1:%d" % port) == 1
+        assert log_problems(again) == []
+    finally:
+        remove_container(testbed, name)
+    client.proc.wait(60)
