@@ -850,20 +850,14 @@ class Switcher:
     def target_socket(self, tid, fd):
         """(socket object on a duplicate of the target's fd, its family), or (None, 0).
 
-        The object's type and proto attributes are placeholders: the values
-        read with getsockopt are used (that skips Python's slower detection).
+        None when the thread is gone or the fd is not a socket.  The object's
+        type and proto attributes are placeholders: the values read with
+        getsockopt are used (that skips Python's slower detection).
         """
-        thread = self.threads.get(tid) or self.open_thread(tid)
         try:
-            dup = pidfd_getfd(thread.pidfd, fd)
-        except OSError as e:
-            if e.errno != errno.ESRCH or tid not in self.threads:
-                return None, 0
-            self.forget_thread(tid)  # a cached pidfd of an exited thread
-            return self.target_socket(tid, fd)
-        finally:
-            if tid not in self.threads:
-                thread.close()
+            dup = self.target_fd(tid, fd)
+        except OSError:
+            return None, 0
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, dup)
         try:
             family = sock.getsockopt(_SOL, socket.SO_DOMAIN)
@@ -873,6 +867,21 @@ class Switcher:
         if family != socket.AF_INET:  # Python decodes addresses by the object's family
             sock = socket.socket(family, socket.SOCK_STREAM, 0, sock.detach())
         return sock, family
+
+    def target_fd(self, tid, fd):
+        """pidfd_getfd of the target's `fd`, through the thread's cached pidfd if any."""
+        thread = self.threads.get(tid)
+        if thread is not None:
+            try:
+                return pidfd_getfd(thread.pidfd, fd)
+            except ProcessLookupError:
+                self.forget_thread(tid)  # that thread exited; `tid` is another one's now
+        thread = self.open_thread(tid)
+        try:
+            return pidfd_getfd(thread.pidfd, fd)
+        finally:
+            if tid not in self.threads:
+                thread.close()
 
     def open_thread(self, tid):
         """A ThreadHandle for `tid`, cached until the thread exits where the kernel allows."""
@@ -1543,6 +1552,8 @@ class Daemon(Switcher):
                 json.loads(state["data"])
             except ValueError:
                 return  # not complete yet
+            except RecursionError:
+                pass  # complete enough to be refused below
         self.unwatch(conn.fileno())
         conn.close()
         self.on_container_process(state["data"], state["fds"])
@@ -1561,7 +1572,7 @@ class Daemon(Switcher):
             notify_fd = fds[index]
             if os.readlink("/proc/self/fd/%d" % notify_fd) != "anon_inode:seccomp notify":
                 raise ValueError("fd seccompFd is not a seccomp notify fd")
-        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        except Exception as e:  # whatever the message holds, it costs its fds, nothing more
             log.error("dropping a malformed runtime message: %s", e)
             for fd in fds:
                 os.close(fd)
@@ -1595,21 +1606,24 @@ class Daemon(Switcher):
             log.info("container %s: gone (%s)", container.id[:12], self.format_counters(container))
 
     def on_notify(self, notify_fd, events):
+        """One notification per wake-up (epoll is level-triggered: the next one wakes us
+        again), which keeps the loop fair between containers."""
         if events & select.EPOLLIN:
             notif = self.notif
-            while True:
-                ctypes.memmove(ctypes.addressof(notif), self.zero_notif, len(self.zero_notif))
-                try:
-                    fcntl.ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, notif, True)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    if e.errno == errno.ENOENT:
-                        continue  # the target was interrupted or died before we read it
+            ctypes.memmove(ctypes.addressof(notif), self.zero_notif, len(self.zero_notif))
+            try:
+                fcntl.ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, notif, True)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                # ENOENT: the target was interrupted or died before we read it.
+                # Never RECV again here: with no target left it would
+                # answer ENOENT forever (RECV ignores O_NONBLOCK).
+                if e.errno != errno.ENOENT:
                     raise
+            else:
                 self.handle(notify_fd, notif, self.notify_owner[notify_fd])
-                break  # one per wake-up keeps the loop fair between containers
-        elif events & (select.EPOLLHUP | select.EPOLLERR):
+        if events & (select.EPOLLHUP | select.EPOLLERR):
             self.drop_notify_fd(notify_fd)
 
     def sweep_pending(self):

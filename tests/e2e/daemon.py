@@ -9,6 +9,7 @@ import itertools
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,20 @@ import testbed as tb
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _serial = itertools.count()
+# What each Daemon leaves in WORKDIR and the runtime dir, named after the test run's pid.
+_LEFTOVER = re.compile(r"^(?:b4ns|seccomp)-(\d+)-\d+\.(?:py|log|json|sock)$")
+
+
+def prune_leftovers():
+    """Remove the files of test runs that are over (their pid is gone)."""
+    for directory in (tb.WORKDIR, tb.runtime_dir()):
+        for name in os.listdir(directory):
+            match = _LEFTOVER.match(name)
+            if match and not os.path.exists("/proc/%s" % match.group(1)):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
 
 
 def generate_profile(socket_path, base="podman", extra=()):
@@ -32,8 +47,14 @@ class Daemon:
     """bypass4netns.py started as the test user; stop() ends it by pid."""
 
     def __init__(self, args=(), base="podman", debug=True):
-        name = "b4ns-%d-%d" % (os.getpid(), next(_serial))
-        self.script = tb.copy_to_workdir(str(ROOT / "bypass4netns.py"))
+        serial = next(_serial)
+        if serial == 0:
+            prune_leftovers()
+        name = "b4ns-%d-%d" % (os.getpid(), serial)
+        # A copy of its own: concurrent runs from other checkouts must not swap it.
+        self.script = os.path.join(tb.WORKDIR, name + ".py")
+        shutil.copy(str(ROOT / "bypass4netns.py"), self.script)
+        os.chmod(self.script, 0o644)
         self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
         self.log_path = os.path.join(tb.WORKDIR, name + ".log")
         self.profile = generate_profile(self.socket, base)

@@ -364,12 +364,6 @@ def hammer(testbed, tmp_path_factory):
     os.unlink(binary)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bypass4netns.py bug: Daemon.on_notify retries SECCOMP_IOCTL_NOTIF_RECV after ENOENT; RECV ignores "
-    "O_NONBLOCK and, once the filter has no users left, fails with ENOENT at once, forever: the daemon spins "
-    "at 100% CPU, keeps the dead threads' pidfds, serves no container and ignores SIGTERM. Also "
-    "Switcher.target_socket closes a cached pidfd twice (EBADF traceback) when the thread is gone. "
-    "Remove this mark with the fix."))
 def test_containers_killed_mid_notification_stall_nothing(testbed, daemon, hammer, http):
     """Containers killed while hundreds of their threads wait on trapped syscalls: the daemon must
     take the kernel's ENOENT (the target went away) in its stride, release every thread's pidfd,
@@ -556,10 +550,6 @@ def test_malformed_messages_are_dropped_and_the_daemon_serves_on(testbed, daemon
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bypass4netns.py bug: json.loads raises RecursionError, not ValueError, on deeply nested JSON; "
-    "Daemon.on_container_process does not catch it, so the message's fds leak and a traceback is logged "
-    "(before Daemon.run caught every exception, it killed the daemon). Remove this mark with the fix."))
 def test_deeply_nested_json_is_dropped_like_any_garbage(testbed, daemon, http):
     """JSON nested deeper than the parser's recursion limit (RecursionError, not ValueError) is
     malformed like any other: the daemon lives, drops it, closes the fds that came with it."""
