@@ -28,7 +28,7 @@ import uuid
 
 import pytest
 
-from e2e.daemon import ROOT, Daemon, generate_profile, run
+from e2e.daemon import ROOT, Daemon, generate_profile
 
 GENERATOR = ROOT / "seccomp-gen.py"
 # Debian's CLI, whatever else is first on PATH (another docker CLI may be).
