@@ -1031,6 +1031,19 @@ def markdown(results, summary):
                     notes.append(note)
     if notes:
         out += ["", "Not measured (n/a) or failed in some rounds:", ""] + ["- " + n for n in notes]
+    outliers = []
+    for row_key, row in summary.items():
+        if row_key == "daemon" or row["unit"] not in ("Gbit/s", "req/s", "conn/s", "s"):
+            continue
+        for c in cfgs:
+            e = row["configs"][c["key"]]
+            for rnd, v in enumerate(e["values"]):
+                if e["median"] and v and not 1 / 3 <= v / e["median"] <= 3:
+                    outliers.append("%s, %s: %s %s in one round (median %s)" % (
+                        c["label"], row["label"], fmt(v, row["unit"]), row["unit"], fmt(e["median"], row["unit"])))
+    if outliers:
+        out += ["", "Rounds more than 3x away from their median (kept in the medians and in results.json):",
+                ""] + ["- " + o for o in outliers]
     daemons = [c for c in cfgs if c["daemon"]]
     if daemons:
         out += ["", "## Daemon cost", "",
