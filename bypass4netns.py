@@ -951,7 +951,10 @@ class Switcher:
 
     # -- connect -----------------------------------------------------------
 
-    def on_connect(self, notify_fd, notif, container, _ptr):
+    def with_address(self, notify_fd, notif, container, then):
+        """connect's and bind's common start: on an IP socket, read the sockaddr once,
+        check the notification is still valid, then call `then(..., sock, family,
+        raw sockaddr, fd)`; anything else is answered here."""
         fd = ctypes.c_int(self.args[0]).value
         sock, family = self.target_socket(notif.pid, fd)
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -964,46 +967,51 @@ class Switcher:
             raw, err = self.read_sockaddr(notif, 1, 2)
             if err:
                 self.reply(notify_fd, notif.id, error=err)
+            elif self.id_valid(notify_fd, notif.id):
+                then(notify_fd, notif, container, sock, family, raw, fd)
+
+    def on_connect(self, notify_fd, notif, container, _ptr):
+        self.with_address(notify_fd, notif, container, self.connect_checked)
+
+    def connect_checked(self, notify_fd, notif, container, sock, family, raw, fd):
+        """Switch the socket to the host and connect it there, or connect it where it is."""
+        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
+        dest, reason = self.judge(container, notif.pid, raw)
+        rewritten = reason == "loopback" and self.own_published_service(family, kind, dest)
+        if rewritten:
+            raw, dest = rewritten
+            reason = None
+        if self.netns_id(sock) == self.own_netns:
+            # Already switched: it can only go where the host goes, and
+            # only with the address validated here.
+            if reason and dest is not None:
+                container.counters["refused"] += 1
+                if self.debug:
+                    self.debug_decision(container, notif, "connect", dest, "refused: switched (%s)" % reason)
+                self.reply(notify_fd, notif.id, error=-errno.ENETUNREACH)
                 return
-            if not self.id_valid(notify_fd, notif.id):
-                return
-            kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-            dest, reason = self.judge(container, notif.pid, raw)
-            own_service = reason == "loopback" and self.own_published_service(family, kind, dest)
-            if own_service:
-                raw, dest = own_service
-                reason = None
-            if self.netns_id(sock) == self.own_netns:
-                # Already switched: it can only go where the host goes, and
-                # only with the address validated here.
-                if reason and dest is not None:
-                    container.counters["refused"] += 1
-                    if self.debug:
-                        self.debug_decision(container, notif, "connect", dest, "refused: switched (%s)" % reason)
-                    self.reply(notify_fd, notif.id, error=-errno.ENETUNREACH)
-                    return
-                self.start_connect(notify_fd, notif, container, sock, raw, dest, "switched already")
-                return
-            if reason is None:
-                proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
-                if (kind, proto) not in _BYPASSABLE:
-                    reason = "not TCP or UDP"
+            self.start_connect(notify_fd, notif, container, sock, raw, dest, "switched already")
+            return
+        if reason is None:
+            proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
+            if (kind, proto) not in _BYPASSABLE:
+                reason = "not TCP or UDP"
+            else:
+                try:
+                    host = self.switch(notify_fd, notif, fd, sock, family, kind, proto, raw,
+                                       own_service=bool(rewritten))
+                except NotSwitched as why:
+                    reason = str(why)
                 else:
-                    try:
-                        host = self.switch(notify_fd, notif, fd, sock, family, kind, proto, raw,
-                                           own_service)
-                    except NotSwitched as why:
-                        reason = str(why)
-                    else:
-                        if host is not None:
-                            container.counters["bypassed"] += 1
-                            if self.debug:
-                                self.debug_decision(container, notif, "connect", dest, "bypassed")
-                            self.answer_connect(notify_fd, notif.id, container, host, host.result,
-                                                host.nonblocking)
-                        return
-            container.counters["container"] += 1
-            self.start_connect(notify_fd, notif, container, sock, raw, dest, "container (%s)" % reason)
+                    if host is not None:
+                        container.counters["bypassed"] += 1
+                        if self.debug:
+                            self.debug_decision(container, notif, "connect", dest, "bypassed")
+                        self.answer_connect(notify_fd, notif.id, container, host, host.result,
+                                            host.nonblocking)
+                    return
+        container.counters["container"] += 1
+        self.start_connect(notify_fd, notif, container, sock, raw, dest, "container (%s)" % reason)
 
     def own_published_service(self, family, kind, dest):
         """(raw, dest) of the host side of the published port a loopback `dest` names, or None.
@@ -1165,51 +1173,41 @@ class Switcher:
     # -- bind --------------------------------------------------------------
 
     def on_bind(self, notify_fd, notif, container, _ptr):
-        fd = ctypes.c_int(self.args[0]).value
-        sock, family = self.target_socket(notif.pid, fd)
-        if family not in (socket.AF_INET, socket.AF_INET6):
-            if sock is not None:
-                sock.close()
-            self.let_run(notify_fd, notif, container)
+        self.with_address(notify_fd, notif, container, self.bind_checked)
+
+    def bind_checked(self, notify_fd, notif, container, sock, family, raw, fd):
+        """Bind a published port on the host, anything else where the socket is."""
+        if self.netns_id(sock) == self.own_netns:
+            # A switched socket is bound already; binding it anew on the
+            # host would let the container pick host addresses.
+            self.reply(notify_fd, notif.id, error=-errno.EINVAL)
             return
-        with sock:
-            raw, err = self.read_sockaddr(notif, 1, 2)
-            if err:
-                self.reply(notify_fd, notif.id, error=err)
-                return
-            if not self.id_valid(notify_fd, notif.id):
-                return
-            if self.netns_id(sock) == self.own_netns:
-                # A switched socket is bound already; binding it anew on the
-                # host would let the container pick host addresses.
-                self.reply(notify_fd, notif.id, error=-errno.EINVAL)
-                return
-            dest = decode_sockaddr(raw)
-            kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-            mapping = None
-            if dest is not None and not dest[0].is_loopback:
-                mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[1]))
-            if mapping is not None:
-                proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
-                if (kind, proto) in _BYPASSABLE:
-                    try:
-                        result = self.publish_bind(notify_fd, notif, fd, sock, family, kind, proto, mapping)
-                    except NotSwitched as why:
-                        outcome = "container (%s)" % why
-                    else:
-                        if result is not None:
-                            container.counters["published"] += result == 0
-                            if self.debug:
-                                self.debug_decision(container, notif, "bind", dest, "published as %r: %s"
-                                                    % (mapping, os.strerror(-result) if result else "ok"))
-                            self.reply_result(notify_fd, notif.id, result)
-                        return
-            else:
-                outcome = "container"
-            result = sock_call(_libc.bind, sock.fileno(), raw, len(raw))
-            if self.debug:
-                self.debug_decision(container, notif, "bind", dest, outcome)
-            self.reply_result(notify_fd, notif.id, result)
+        dest = decode_sockaddr(raw)
+        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
+        mapping = None
+        if dest is not None and not dest[0].is_loopback:
+            mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[1]))
+        if mapping is not None:
+            proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
+            if (kind, proto) in _BYPASSABLE:
+                try:
+                    result = self.publish_bind(notify_fd, notif, fd, sock, family, kind, proto, mapping)
+                except NotSwitched as why:
+                    outcome = "container (%s)" % why
+                else:
+                    if result is not None:
+                        container.counters["published"] += result == 0
+                        if self.debug:
+                            self.debug_decision(container, notif, "bind", dest, "published as %r: %s"
+                                                % (mapping, os.strerror(-result) if result else "ok"))
+                        self.reply_result(notify_fd, notif.id, result)
+                    return
+        else:
+            outcome = "container"
+        result = sock_call(_libc.bind, sock.fileno(), raw, len(raw))
+        if self.debug:
+            self.debug_decision(container, notif, "bind", dest, outcome)
+        self.reply_result(notify_fd, notif.id, result)
 
     def publish_bind(self, notify_fd, notif, fd, sock, family, kind, proto, mapping):
         """Bind a host socket at the mapping's host side and install it at `fd`.
