@@ -106,9 +106,9 @@ static uint64_t now_ns(clockid_t clock) {
 }
 
 static int serve(int argc, char **argv) {
-    struct pollfd fds[8];
+    struct pollfd fds[16];
     int n = 0;
-    for (int i = 0; i < argc && n < 8; i++, n++) {
+    for (int i = 0; i < argc && n < 16; i++, n++) {
         char *colon = strrchr(argv[i], ':');
         struct sockaddr_in a = {.sin_family = AF_INET};
         int one = 1, s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
@@ -490,7 +490,7 @@ class Bench:
         self.files.append(binary)
         self.client = binary
 
-    def start_servers(self):
+    def start_servers(self, configs):
         def ports():
             return {ADDR_A: tb.free_port(ADDR_A), ADDR_B: tb.free_port(ADDR_B)}
 
@@ -508,11 +508,19 @@ class Bench:
         for addr, port in self.redis_ports.items():
             self.start(["redis-server", "--bind", addr, "--port", str(port), "--save", "", "--appendonly", "no",
                         "--protected-mode", "no", "--dir", self.tmp, "--logfile", ""], **quiet)
-        self.accept_ports = ports()
-        self.start([self.client, "serve"] + ["%s:%d" % item for item in self.accept_ports.items()], **quiet)
-        for table in (self.iperf_ports, self.nginx_ports, self.redis_ports, self.accept_ports):
-            for addr, port in table.items():
-                tb.wait_port(addr, port, timeout=20)
+        # The C clients' server: a port of its own for each configuration and workload.  slirp4netns
+        # and pasta close their outer socket first when the container's client resets the
+        # connection, so each of their connections leaves a client-side TIME_WAIT (60 s) towards
+        # this port; tens of thousands of those make the kernel's ephemeral-port search for the same
+        # destination cost milliseconds per connect() (perf: __inet_hash_connect,
+        # tcp_twsk_unique), and whatever configuration connected there next would pay for them.
+        self.accept_ports = {(c.key, w): (c.target, tb.free_port(c.target))
+                             for c in configs for w in ("connect", "crowd")}
+        self.start([self.client, "serve"] + ["%s:%d" % ep for ep in self.accept_ports.values()], **quiet)
+        endpoints = [ep for table in (self.iperf_ports, self.nginx_ports, self.redis_ports)
+                     for ep in table.items()] + list(self.accept_ports.values())
+        for addr, port in endpoints:
+            tb.wait_port(addr, port, timeout=20)
 
     def stop_servers(self):
         for proc in reversed(self.servers):
@@ -623,7 +631,8 @@ class Bench:
         """
         go = os.path.join(tb.WORKDIR, "bench-go-%s" % uuid.uuid4().hex[:12])
         self.files.append(go)
-        argv = [cfg.path(self.client), "connect", cfg.target, str(self.accept_ports[cfg.target]), str(millis),
+        addr, port = self.accept_ports[(cfg.key, "connect" if count == 1 else "crowd")]
+        argv = [cfg.path(self.client), "connect", addr, str(port), str(millis),
                 cfg.path(go)]
         procs, names, spy = [], [], None
         try:
@@ -1076,7 +1085,9 @@ def markdown(results, summary):
     if any(c["key"] == "peer" for c in cfgs):
         out.append("- peer: `%s` with the same flags." % results["peer"])
     out += ["- Servers in the test namespace, as root: iperf3 -s, nginx (1 worker, keep-alive off), "
-            "redis-server, and the C client's accept-and-close server.",
+            "redis-server, and the C client's accept-and-close server, with a port for each configuration and "
+            "connect workload (the client-side TIME_WAITs slirp4netns and pasta leave would otherwise slow "
+            "down the kernel's port search for whoever connects there next).",
             "- Durations: iperf3 {iperf} s a test, ab {ab} s, connect loops {connect_ms} ms, redis-benchmark "
             "{redis_n} requests a test, tar {tar_passes} passes in a row; each once per round.".format(
                 **results["durations"]),
@@ -1225,8 +1236,6 @@ def main(argv=None):
                "peer": args.peer, "machine": machine_info()}
     try:
         bench.build_client()
-        log("starting servers in the test namespace")
-        bench.start_servers()
         configs = [Host(), Container("slirp4netns", "slirp4netns", args.runtime), Pasta()]
         engine = start_engine(tb.free_port())
         daemons.append(engine)
@@ -1237,6 +1246,8 @@ def main(argv=None):
             configs.append(Container("peer", "peer: " + os.path.basename(args.peer), args.runtime, peer))
         if args.configs:
             configs = [c for c in configs if c.key == "host" or c.key in args.configs]
+        log("starting servers in the test namespace")
+        bench.start_servers(configs)
         results["configs"] = [{"key": c.key, "label": c.label, "daemon": bool(c.daemon)} for c in configs]
         raw = results["raw"] = {w[0]: {c.key: [] for c in configs} for w in WORKLOADS}
         # A warm page cache for tar, before any configuration is timed.
