@@ -60,6 +60,7 @@ ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)
 
 import testbed as tb  # noqa: E402
+from e2e.daemon import Daemon, generate_profile  # noqa: E402
 
 VENV = os.path.join(tb.STATE_DIR, "bench-venv")
 ADDR_A, ADDR_B = tb.HOST_IP4, tb.HOST_IP4_B
@@ -305,7 +306,6 @@ def start_engine(publish_port):
     The daemon gets .publish_port, and .publish_off: why host -> container cannot be measured (the
     daemon refused -p), or None.
     """
-    from e2e.daemon import Daemon
     args = ["--ignore", IGNORE]
     try:
         daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False)
@@ -318,11 +318,11 @@ def start_engine(publish_port):
     return daemon
 
 
-class PeerDaemon:
+class PeerDaemon(Daemon):
     """Another bypass4netns-compatible daemon: same flags, its own profile."""
 
     def __init__(self, path, profile, publish_port):
-        from e2e.daemon import generate_profile
+        # Started its own way (the original tool has no --ready-fd); the readers are Daemon's.
         name = "b4ns-peer-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
         self.script = os.path.join(tb.WORKDIR, name + "-" + os.path.basename(path))
         shutil.copy(path, self.script)
@@ -360,17 +360,6 @@ class PeerDaemon:
             time.sleep(0.05)
         tb.stop_server(proc)
         return None
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self):
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
 
     def stop(self):
         status = tb.stop_server(self.proc)
