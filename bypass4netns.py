@@ -1008,7 +1008,7 @@ class Switcher:
                         container.counters["bypassed"] += 1
                         if self.debug:
                             self.debug_decision(container, notif, "connect", dest, "bypassed")
-                        self.answer_connect(notify_fd, notif.id, container, host, host.result,
+                        self.answer_connect(notify_fd, notif.id, host, host.result,
                                             host.nonblocking)
                     return
         container.counters["container"] += 1
@@ -1131,9 +1131,9 @@ class Switcher:
         if not nonblocking:
             os.set_blocking(sock.fileno(), False)
         result = sock_call(_libc.connect, sock.fileno(), raw, len(raw))
-        self.answer_connect(notify_fd, notif.id, container, sock, result, nonblocking, borrowed=True)
+        self.answer_connect(notify_fd, notif.id, sock, result, nonblocking, borrowed=True)
 
-    def answer_connect(self, notify_fd, notif_id, container, sock, result, nonblocking, borrowed=False):
+    def answer_connect(self, notify_fd, notif_id, sock, result, nonblocking, borrowed=False):
         """Answer a connect that `sock` (ours, non-blocking now) started: now or when it ends.
 
         Takes `sock` over (closes it once answered) unless it is `borrowed`:
@@ -1148,7 +1148,7 @@ class Switcher:
             if borrowed:
                 sock = sock.dup()
                 fd = sock.fileno()
-            self.pending[fd] = Pending(notify_fd, notif_id, sock, deadline, container)
+            self.pending[fd] = Pending(notify_fd, notif_id, sock)
             self.watch(fd, select.EPOLLOUT | select.EPOLLONESHOT, lambda ev: self.finish_connect(fd))
             if deadline is not None:
                 heapq.heappush(self.timers, (deadline, fd))
@@ -1435,11 +1435,10 @@ class Pending:
     `sock` is the daemon's copy of the connecting socket, closed once answered.
     """
 
-    __slots__ = ("notify_fd", "notif_id", "sock", "deadline", "container")
+    __slots__ = ("notify_fd", "notif_id", "sock")
 
-    def __init__(self, notify_fd, notif_id, sock, deadline, container):
+    def __init__(self, notify_fd, notif_id, sock):
         self.notify_fd, self.notif_id, self.sock = notify_fd, notif_id, sock
-        self.deadline, self.container = deadline, container
 
 
 class ThreadHandle:
