@@ -137,39 +137,44 @@ NO_LOOPBACK_FILTER = (
     (BPF_RET_K, 0, 0, _ACCEPT),                             # 15
 )
 
-# Trapped syscalls by (audit arch, number).  A notification of any other
+# The trapped syscalls, one row each: the dispatch tables, the i386
+# socketcall(2) numbers and the profile's rules (seccomp-gen.py reads
+# SECCOMP_NOTIFY_RULES) all derive from it.  A notification of any other
 # arch or number is never decoded: it continues untouched.
 CONNECT, BIND, SENDTO, SENDMSG, SENDMMSG = "connect", "bind", "sendto", "sendmsg", "sendmmsg"
 SOCKETCALL = "socketcall"
-_GENERIC_NUMBERS = {CONNECT: 203, BIND: 200, SENDTO: 206, SENDMSG: 211, SENDMMSG: 269}
-SYSCALL_NUMBERS = {
-    # arch: ({name: nr}, pointer size of the ABI)
-    AUDIT_ARCH_X86_64: ({CONNECT: 42, BIND: 49, SENDTO: 44, SENDMSG: 46, SENDMMSG: 307}, 8),
-    AUDIT_ARCH_I386: ({CONNECT: 362, BIND: 361, SENDTO: 369, SENDMSG: 370, SENDMMSG: 345}, 4),
-    AUDIT_ARCH_AARCH64: (_GENERIC_NUMBERS, 8),
-    AUDIT_ARCH_RISCV64: (_GENERIC_NUMBERS, 8),
-    AUDIT_ARCH_ARM: ({CONNECT: 283, BIND: 282, SENDTO: 290, SENDMSG: 296, SENDMMSG: 374}, 4),
-}
-X32_NUMBERS = {CONNECT: 42, BIND: 49, SENDTO: 44, SENDMSG: 518, SENDMMSG: 538}
-# i386's socketcall(2) multiplexer, which libseccomp traps along with the
-# direct calls: call number -> (syscall, argument count).
-SYS_SOCKETCALL_I386 = 102
-SOCKETCALLS = {2: (BIND, 3), 3: (CONNECT, 3), 11: (SENDTO, 6), 16: (SENDMSG, 3), 20: (SENDMMSG, 4)}
+SYS_SOCKETCALL_I386 = 102                   # i386's multiplexer, which libseccomp traps too
+TRAPS = (
+    # name      x86_64  i386  x32  generic  arm  socketcall  argc  profile filter (all must match)
+    (CONNECT,       42,  362,  42,     203, 283,          3,    3, ()),
+    (BIND,          49,  361,  49,     200, 282,          2,    3, ()),
+    (SENDTO,        44,  369,  44,     206, 290,         11,    6,
+     ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)),  # only with a destination
+    (SENDMSG,       46,  370, 518,     211, 296,         16,    3, ()),
+    (SENDMMSG,     307,  345, 538,     269, 374,         20,    4, ()),
+)
+_TRAP_COLUMNS = {AUDIT_ARCH_X86_64: (1, 8), AUDIT_ARCH_I386: (2, 4), AUDIT_ARCH_AARCH64: (4, 8),
+                 AUDIT_ARCH_RISCV64: (4, 8), AUDIT_ARCH_ARM: (5, 4)}
+# arch -> ({name: nr}, pointer size of the ABI)
+SYSCALL_NUMBERS = {arch: ({row[0]: row[column] for row in TRAPS}, ptr)
+                   for arch, (column, ptr) in _TRAP_COLUMNS.items()}
+X32_NUMBERS = {row[0]: row[3] for row in TRAPS}
+SOCKETCALLS = {row[6]: (row[0], row[7]) for row in TRAPS}   # call number -> (name, argc)
+SECCOMP_NOTIFY_RULES = tuple((row[0], row[8]) for row in TRAPS) + (
+    (SOCKETCALL, ()),  # i386 only: its calls carry their arguments in memory
+)
 
 # seccomp(2) itself, for SECCOMP_GET_NOTIF_SIZES, by `uname -m`.
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "i686": 354,
                "i386": 354, "armv7l": 383, "armv8l": 383}
 
-# What the daemon answers: syscall name -> OCI seccomp "args" filters (all
-# must match).  seccomp-gen.py reads this table.
-SECCOMP_NOTIFY_RULES = (
-    (CONNECT, ()),
-    (BIND, ()),
-    (SENDTO, ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)),  # only with a destination
-    (SENDMSG, ()),
-    (SENDMMSG, ()),
-    (SOCKETCALL, ()),  # i386 only: its calls carry their arguments in memory
-)
+# The ioctls' structs as the hot path packs them (struct is several times
+# faster than ctypes field access); the ctypes classes above document them.
+_NOTIF = struct.Struct("=QIIiIQ6Q")         # seccomp_notif: id, pid, flags, nr, arch, ip, args[6]
+_RESP = struct.Struct("=QqiI")              # seccomp_notif_resp: id, val, error, flags
+_ADDFD = struct.Struct("=QIIII")            # seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags
+for _layout, _struct in ((_NOTIF, SeccompNotif), (_RESP, SeccompNotifResp), (_ADDFD, SeccompNotifAddfd)):
+    assert _layout.size == ctypes.sizeof(_struct), _struct.__name__
 
 # struct msghdr of a 64-bit and of a 32-bit ABI: name, namelen, iov, iovlen,
 # control, controllen, flags; then mmsghdr.msg_len right after it.
@@ -186,6 +191,7 @@ _TIMEVAL = struct.Struct("=qq")
 _U64 = struct.Struct("=Q")
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
 _AF_UNSPEC = _FAMILY.pack(socket.AF_UNSPEC)
+_ZERO_NOTIF = bytes(_NOTIF.size)
 
 # ---------------------------------------------------------------------------
 # Thin syscall wrappers: OSError with errno, EINTR retried
@@ -217,28 +223,53 @@ def _ioctl(fd, request, arg):
             continue
 
 
+def notif_recv(notify_fd, buffer):
+    """SECCOMP_IOCTL_NOTIF_RECV into `buffer` (a zeroed bytearray of 80): the notification's fields.
+
+    RECV ignores O_NONBLOCK: call it only when epoll says a notification waits.
+    """
+    fcntl.ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, buffer, True)
+    return _NOTIF.unpack(buffer)
+
+
+def notif_send(notify_fd, notif_id, val, error, flags):
+    """SECCOMP_IOCTL_NOTIF_SEND; False when the target stopped waiting (ENOENT)."""
+    try:
+        _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(notif_id, val, error, flags))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def notif_id_valid(notify_fd, notif_id):
+    """Whether the target still waits for this notification's answer."""
+    try:
+        _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(notif_id))
+    except OSError:
+        return False
+    return True
+
+
+def notif_addfd(notify_fd, notif_id, srcfd, newfd, cloexec):
+    """Install our `srcfd` at the target's `newfd`, replacing it; False when the target is gone."""
+    request = _ADDFD.pack(notif_id, SECCOMP_ADDFD_FLAG_SETFD, srcfd, newfd, O_CLOEXEC if cloexec else 0)
+    try:
+        _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, request)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def pidfd_getfd(pidfd, targetfd):
     """A duplicate, close-on-exec, of fd `targetfd` of the process `pidfd` names."""
     return _retry(_libc.syscall, ctypes.c_long(SYS_pidfd_getfd), ctypes.c_int(pidfd),
                   ctypes.c_int(targetfd), ctypes.c_uint(0))
 
 
-def read_memory(pid, address, length):
-    """Read `length` bytes at `address` in process `pid`; EFAULT when short."""
-    buf = ctypes.create_string_buffer(length)
-    local = IoVec(ctypes.cast(buf, ctypes.c_void_p), length)
-    remote = IoVec(address, length)
-    got = _retry(_libc.process_vm_readv, ctypes.c_int(pid), ctypes.byref(local), ctypes.c_ulong(1),
-                 ctypes.byref(remote), ctypes.c_ulong(1), ctypes.c_ulong(0))
-    if got != length:
-        raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
-    return buf.raw
+class MemoryReader:
+    """process_vm_readv into one preallocated buffer: no allocation per read but the result."""
 
-
-class SockaddrReader:
-    """read_memory for the hot path: one preallocated buffer, no per-call allocations."""
-
-    def __init__(self, size=MAX_SOCKADDR):
+    def __init__(self, size=MAX_DATAGRAM):
         self.buffer = ctypes.create_string_buffer(size)
         self.local = IoVec(ctypes.cast(self.buffer, ctypes.c_void_p), size)
         self.remote = IoVec(0, 0)
@@ -246,11 +277,14 @@ class SockaddrReader:
                      ctypes.c_ulong(1), ctypes.c_ulong(0))
 
     def read(self, pid, address, length):
+        """`length` bytes at `address` in process `pid`; EFAULT when short."""
+        if length > len(self.buffer):
+            raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
         self.local.iov_len = self.remote.iov_len = length
         self.remote.iov_base = address
         if _retry(_libc.process_vm_readv, pid, *self.args) != length:
             raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
-        return self.buffer.raw[:length]
+        return ctypes.string_at(self.buffer, length)  # .raw would copy the whole buffer
 
 
 def write_memory(pid, address, data):
@@ -335,25 +369,34 @@ def parse_ignore(values):
     return networks, auto
 
 
-def decode_sockaddr(raw):
-    """A sockaddr as read from the target -> (ip_address, port), or None.
+def parse_sockaddr(raw):
+    """A sockaddr as read from the target -> (IP version, address as an int, port), or None.
 
     None means the bytes name no IP destination the daemon can judge
-    (AF_UNSPEC, another family, too short); v4-mapped IPv6 addresses come
-    back as the IPv4 address they carry.
+    (AF_UNSPEC, another family, too short); a v4-mapped IPv6 address comes
+    back as the IPv4 address it carries.  Integers, not ipaddress objects:
+    this runs on every trapped connect.
     """
-    if len(raw) < 2:
+    if len(raw) < 16:
         return None
-    family = int.from_bytes(raw[:2], sys.byteorder)
-    if family == socket.AF_INET and len(raw) >= 16:
-        _fam, port, addr = _SOCKADDR_IN.unpack_from(raw)
-        return ipaddress.IPv4Address(addr), port
+    family = _FAMILY.unpack_from(raw)[0]
+    if family == socket.AF_INET:
+        return 4, int.from_bytes(raw[4:8], "big"), raw[2] << 8 | raw[3]
     if family == socket.AF_INET6 and len(raw) >= 24:
-        _fam, port, _flow, addr = _SOCKADDR_IN6.unpack_from(raw)
-        if addr[:12] == _MAPPED_PREFIX:
-            return ipaddress.IPv4Address(addr[12:]), port
-        return ipaddress.IPv6Address(addr), port
+        address = int.from_bytes(raw[8:24], "big")
+        if address >> 32 == 0xFFFF:
+            return 4, address & 0xFFFFFFFF, raw[2] << 8 | raw[3]
+        return 6, address, raw[2] << 8 | raw[3]
     return None
+
+
+def format_destination(dest):
+    """(version, address, port) -> "198.18.0.1:80" or "[2001:db8::1]:80", for logs."""
+    if dest is None:
+        return "-"
+    version, address, port = dest
+    return ("%s:%d" if version == 4 else "[%s]:%d") % (ipaddress.ip_address(address) if version == 6
+                                                         else ipaddress.IPv4Address(address), port)
 
 
 def encode_sockaddr(family, ip, port):
@@ -400,26 +443,51 @@ def parse_cmsgs(control, ptr):
     return items
 
 
-def container_only(ip):
-    """Why `ip` always means the container itself (never bypassed), or None."""
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.version == 6 and ip.is_link_local:
-        return "link-local"
-    return None
+# Why a destination stays in the container: decisions compare these
+# constants (by identity), logs print them.
+LOOPBACK = "loopback"                       # the container itself: never bypassed
+UNSPECIFIED = "unspecified"                 # 0.0.0.0 and :: mean the local host: never bypassed
+LINK_LOCAL = "link-local"                   # IPv6 fe80::/10 is the container's link: never bypassed
+IGNORED = "ignored"                         # in an --ignore network
+AUTO_IGNORED = "auto-ignored"               # in one of the container's own subnets (--ignore auto)
+NOT_IP = "not an IP address"                # AF_UNSPEC and the like
 
 
-def ignore_reason(ip, networks):
-    """Why a connect to `ip` must stay in the container, or None to bypass it."""
-    reason = container_only(ip)
-    if reason:
-        return reason
-    for net in networks:
-        if ip in net:
-            return "ignored %s" % net
-    return None
+def compile_networks(networks):
+    """ipaddress networks -> ((version, network as int, netmask as int, network), ...) for
+    destination_reason: integer compares cost a tenth of `ip in network`."""
+    return tuple((net.version, int(net.network_address), int(net.netmask), net) for net in networks)
+
+
+def destination_reason(dest, networks, auto_networks=()):
+    """(reason, network) why the destination `dest` stays in the container, (None, None) to bypass.
+
+    `dest` is parse_sockaddr's tuple; the networks are compile_networks'.
+    """
+    version, address, _port = dest
+    if version == 4:
+        if address >> 24 == 127:
+            return LOOPBACK, None
+        if address == 0:
+            return UNSPECIFIED, None
+    else:
+        if address == 1:
+            return LOOPBACK, None
+        if address == 0:
+            return UNSPECIFIED, None
+        if address >> 118 == 0x3FA:
+            return LINK_LOCAL, None
+    for net_version, net, mask, network in networks:
+        if net_version == version and address & mask == net:
+            return IGNORED, network
+    for net_version, net, mask, network in auto_networks:
+        if net_version == version and address & mask == net:
+            return AUTO_IGNORED, network
+    return None, None
+
+
+def describe_reason(reason, network):
+    return reason if network is None else "%s %s" % (reason, network)
 
 
 class PortMapping:
@@ -586,14 +654,17 @@ class Template:
     Only what differs from it is carried over, so that the host socket keeps
     the kernel's own defaults (buffer autotuning above all).  A buffer size
     set to exactly the default value is indistinguishable and not carried.
+    The common case, nothing set, costs one getsockopt per option and one
+    list comparison: no kernel call tells that no option was set.
     """
 
-    __slots__ = ("options",)
+    __slots__ = ("int_options", "int_defaults", "buffer_options", "buffer_defaults")
 
     def __init__(self, family, kind, proto):
         tag = _TCP if kind == socket.SOCK_STREAM else _UDP
         table = CARRIED_OPTIONS + (CARRIED_OPTIONS_V6 if family == socket.AF_INET6 else ())
-        self.options = []
+        self.int_options, self.int_defaults = [], []
+        self.buffer_options, self.buffer_defaults = [], []
         with socket.socket(family, kind, proto) as fresh:
             for level, name, size, which in table:
                 if which not in (_ANY, tag):
@@ -602,26 +673,30 @@ class Template:
                     default = fresh.getsockopt(level, name, size) if size else fresh.getsockopt(level, name)
                 except OSError:
                     continue
-                self.options.append((level, name, size, default))
+                if size:
+                    self.buffer_options.append((level, name, size))
+                    self.buffer_defaults.append(default)
+                else:
+                    self.int_options.append((level, name))
+                    self.int_defaults.append(default)
 
     def differences(self, sock):
         """[(level, name, value)] where `sock` differs from a fresh socket."""
+        get = sock.getsockopt
+        ints = [get(level, name) for level, name in self.int_options]
+        buffers = [get(level, name, size) for level, name, size in self.buffer_options]
+        if ints == self.int_defaults and buffers == self.buffer_defaults:
+            return []
         diffs = []
-        for level, name, size, default in self.options:
-            value = sock.getsockopt(level, name, size) if size else sock.getsockopt(level, name)
+        for (level, name), value, default in zip(self.int_options, ints, self.int_defaults):
             if value != default:
                 if level == _SOL and name in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                     value //= 2  # the kernel doubles what it is given
                 diffs.append((level, name, value))
+        for (level, name, _size), value, default in zip(self.buffer_options, buffers, self.buffer_defaults):
+            if value != default:
+                diffs.append((level, name, value))
         return diffs
-
-
-class HostSocket(socket.socket):
-    """A socket in the daemon's (the host's) network namespace, about to be installed."""
-
-    result = 0            # what its connect returned: 0 or -errno
-    nonblocking = False   # what the target's socket was
-    own_service = False   # connected to the container's own published port on the host's loopback
 
 
 class Reservations:
@@ -708,166 +783,288 @@ def own_netns_id():
             return ("inode", os.stat("/proc/self/ns/net").st_ino)
 
 
+def parse_fdinfo_flags(info):
+    """The `flags:` line of a /proc fdinfo text: the file's flags plus O_CLOEXEC of the fd."""
+    start = info.find(b"flags:")
+    if start < 0:
+        raise OSError(errno.EINVAL, "no flags in fdinfo")
+    return int(info[start + 6:info.index(b"\n", start)], 8)
+
+
+class ThreadHandle:
+    """What the daemon keeps open for one thread of a container while it lives.
+
+    Its pidfd, and per fd number it connected on, an open /proc fdinfo file:
+    a live view (each pread shows whatever that number holds now), so one
+    pread tells O_NONBLOCK and close-on-exec where an open+read+close took
+    five times as long.
+    """
+
+    __slots__ = ("tid", "pidfd", "fdinfo")
+    FDINFO_FILES = 8        # per thread, the most recently used fd numbers
+
+    def __init__(self, tid, pidfd):
+        self.tid, self.pidfd, self.fdinfo = tid, pidfd, {}
+
+    def fd_flags(self, fd):
+        info_fd = self.fdinfo.get(fd)
+        if info_fd is None:
+            info_fd = os.open("/proc/%d/fdinfo/%d" % (self.tid, fd), os.O_RDONLY | os.O_CLOEXEC)
+            if len(self.fdinfo) >= self.FDINFO_FILES:
+                os.close(self.fdinfo.pop(next(iter(self.fdinfo))))
+            self.fdinfo[fd] = info_fd
+        return parse_fdinfo_flags(os.pread(info_fd, 256, 0))
+
+    def close(self):
+        os.close(self.pidfd)
+        for info_fd in self.fdinfo.values():
+            os.close(info_fd)
+        self.fdinfo.clear()
+
+
+class AnswerError(RuntimeError):
+    """A handler broke the one-answer contract: a bug, logged, never a second reply."""
+
+
+class Call:
+    """One notification: who asks what, and its one answer.
+
+    A call gets exactly one answer (a value, an error or CONTINUE), or none
+    when the target stopped waiting; a PendingConnect answers it later.  A
+    call whose pointers were followed never continues: the kernel would
+    reread memory that another thread may have changed since the check.
+    """
+
+    __slots__ = ("notify_fd", "id", "tid", "args", "container", "ptr", "answered", "deferred",
+                 "read_memory", "args_in_memory", "installed")
+
+    def __init__(self, notify_fd, container, notif_id, tid, args):
+        self.notify_fd, self.container, self.id, self.tid, self.args = notify_fd, container, notif_id, tid, args
+        self.ptr = 8
+        self.answered = self.deferred = False
+        self.read_memory = False     # a pointer of the target's was followed
+        self.args_in_memory = False  # i386 socketcall: the kernel reads the arguments again
+        self.installed = False       # a host socket is at the target's fd
+
+    @property
+    def fd(self):
+        """The fd argument, as the int the target passed."""
+        fd = self.args[0] & 0xFFFFFFFF
+        return fd - (1 << 32) if fd & 0x80000000 else fd
+
+    def _answer(self, val, error, flags):
+        if self.answered:
+            raise AnswerError("notification %#x answered twice" % self.id)
+        self.answered = True
+        notif_send(self.notify_fd, self.id, val, error, flags)
+
+    def reply(self, val=0):
+        self._answer(val, 0, 0)
+
+    def fail(self, err):
+        """Fail the call with errno `err` (positive)."""
+        self._answer(0, -err, 0)
+
+    def result(self, result):
+        """Answer with a sock_call result: >= 0 is the value, < 0 an -errno."""
+        if result < 0:
+            self._answer(0, result, 0)
+        else:
+            self._answer(result, 0, 0)
+
+    def let_run(self):
+        """CONTINUE: the kernel runs the call as the target made it."""
+        if self.read_memory:
+            raise AnswerError("CONTINUE asked after reading the target's memory")
+        self._answer(0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+
+    def still_valid(self):
+        """Whether the target still waits (checked after reading its memory: what was read was its own).
+
+        When it does not, nobody waits for an answer: the call counts as answered.
+        """
+        if notif_id_valid(self.notify_fd, self.id):
+            return True
+        self.answered = True
+        return False
+
+
+class PendingConnect:
+    """A blocking connect under way, answered when its handshake ends or SO_SNDTIMEO runs out.
+
+    `sock` is the daemon's own fd of the connecting socket: its host socket,
+    or its duplicate of the container's.  Each PendingConnect is its own key:
+    a timer or event of one that ended can never match another, whatever fd
+    number it reuses.
+    """
+
+    __slots__ = ("call", "sock", "raw", "host_socket", "own_service", "timer")
+
+    def __init__(self, call, sock, raw, host_socket, own_service):
+        self.call, self.sock, self.raw = call, sock, raw
+        self.host_socket = host_socket  # the daemon's own host socket, not a container's
+        self.own_service = own_service  # connecting to the container's published service
+        self.timer = None
+
+
 class Switcher:
     """The handlers of the trapped syscalls, one per syscall, and what they share.
 
-    The daemon loop (Daemon, below) feeds it notifications and provides
-    watch/unwatch for the fds it wants to hear about.
+    `events` is the daemon loop's Events: the switcher watches thread pidfds
+    and pending connects there.
     """
 
-    def __init__(self, ignore, auto, publish, debug=False, reserve_ports=True):
-        self.ignore, self.auto, self.publish = ignore, auto, publish
+    def __init__(self, events, ignore, auto, publish, debug=False, reserve_ports=True):
+        self.events = events
+        self.networks, self.auto, self.publish = compile_networks(ignore), auto, publish
         self.reservations = Reservations(publish.values(), reserve_ports)
         self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
         self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
         self.threads = {}           # tid -> ThreadHandle, while the thread lives
-        self.pending = {}           # our socket fd -> Pending
-        self.timers = []            # heap of (deadline, fd) for SO_SNDTIMEO
+        self.pending = set()        # PendingConnect
         self.templates = {}         # (family, type, proto) -> Template
         self.pidfd_flags = PIDFD_THREAD
         self.own_netns = own_netns_id()
-        self.resp = SeccompNotifResp()
-        self.addfd = SeccompNotifAddfd()
-        self.sockaddr = SockaddrReader()
-        self.poller = select.poll()
-        self.args = ()              # the arguments of the notification being handled
-        self.args_in_memory = False # whether they came from the target's memory (socketcall)
-        self.switched = False       # whether the notification being handled got a host socket
-        handlers = {CONNECT: self.on_connect, BIND: self.on_bind, SENDTO: self.on_sendto,
-                    SENDMSG: self.on_sendmsg, SENDMMSG: self.on_sendmmsg}
+        self.memory = MemoryReader()
         self.dispatch = {}          # (arch, nr) -> (handler, pointer size)
         for arch, (numbers, ptr) in SYSCALL_NUMBERS.items():
             for name, nr in numbers.items():
-                self.dispatch[(arch, nr)] = (handlers[name], ptr)
+                self.dispatch[(arch, nr)] = (getattr(self, "on_" + name), ptr)
         for name, nr in X32_NUMBERS.items():
-            self.dispatch[(AUDIT_ARCH_X86_64, nr | X32_SYSCALL_BIT)] = (handlers[name], 4)
+            self.dispatch[(AUDIT_ARCH_X86_64, nr | X32_SYSCALL_BIT)] = (getattr(self, "on_" + name), 4)
 
-    def handle(self, notify_fd, notif, container):
+    def handle(self, call, arch, nr):
         """Answer one notification, exactly once, whatever happens in its handler."""
-        data = notif.data
-        entry = self.dispatch.get((data.arch, data.nr))
-        self.args, self.args_in_memory, self.switched = data.args, False, False
-        if entry is None and data.arch == AUDIT_ARCH_I386 and data.nr == SYS_SOCKETCALL_I386:
-            entry = self.socketcall_args(notify_fd, notif)
+        entry = self.dispatch.get((arch, nr))
+        if entry is None:
+            if arch == AUDIT_ARCH_I386 and nr == SYS_SOCKETCALL_I386:
+                entry = self.socketcall_entry(call)
+            else:
+                call.let_run()
             if entry is None:
                 return
-        if entry is None:
-            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
-            return
-        handler, ptr = entry
+        handler, call.ptr = entry
         try:
-            handler(notify_fd, notif, container, ptr)
+            handler(call)
+            if not (call.answered or call.deferred):
+                raise AnswerError("%s left its notification unanswered" % handler.__name__)
         except Exception as e:
-            container.counters["errors"] += 1
-            log.exception("container %s: %s(fd %d) failed: %s", container.id[:12], handler.__name__[3:],
-                          ctypes.c_int(self.args[0]).value, e)
-            # Fail open, unless a host socket is in place: the kernel would
-            # then run the syscall on it with whatever the memory holds now.
-            try:
-                if self.switched:
-                    self.reply(notify_fd, notif.id, error=-errno.EIO)
-                else:
-                    self.let_run(notify_fd, notif, container)
-            except OSError as e:
-                log.error("container %s: cannot answer: %s", container.id[:12], e)
+            call.container.counters["errors"] += 1
+            log.exception("container %s: %s(fd %d) failed: %s", call.container.short_id, handler.__name__[3:],
+                          call.fd, e)
+            if not (call.answered or call.deferred):
+                self.fail_safe(call)
 
-    def socketcall_args(self, notify_fd, notif):
+    @staticmethod
+    def fail_safe(call):
+        """The answer to a call whose handler failed: open where nothing was read, else an error.
+
+        With a host socket in place, or after the address was read, the
+        kernel must not run the call: it would act on memory read anew.
+        """
+        try:
+            if call.installed or call.read_memory:
+                call.fail(errno.EIO)
+            else:
+                call.let_run()
+        except OSError as e:
+            log.error("container %s: cannot answer: %s", call.container.short_id, e)
+
+    def socketcall_entry(self, call):
         """i386 socketcall(2): its arguments are in the target's memory; read them once.
 
-        Returns the (handler, pointer size) entry with self.args set to the
-        copy, or None once the notification is answered here.
+        Returns the (handler, pointer size) entry with call.args set to the
+        copy, or None once the call is answered here.
         """
-        call = notif.data.args[0] & 0xFFFFFFFF
-        name_count = SOCKETCALLS.get(call)
+        name_count = SOCKETCALLS.get(call.args[0] & 0xFFFFFFFF)
         if name_count is None:
-            self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            call.let_run()
             return None
         name, count = name_count
         try:
-            raw = read_memory(notif.pid, notif.data.args[1], 4 * count)
+            raw = self.memory.read(call.tid, call.args[1], 4 * count)
         except OSError as e:
-            self.reply(notify_fd, notif.id, error=-(e.errno or errno.EFAULT))
+            call.fail(e.errno or errno.EFAULT)
             return None
-        self.args = struct.unpack("=%dI" % count, raw) + (0,) * (6 - count)
-        self.args_in_memory = True
+        call.args = struct.unpack("=%dI" % count, raw) + (0,) * (6 - count)
+        call.args_in_memory = True
         return self.dispatch[(AUDIT_ARCH_I386, SYSCALL_NUMBERS[AUDIT_ARCH_I386][0][name])]
 
-    def let_run(self, notify_fd, notif, container):
-        """Let the syscall run untouched in the container: the decision read nothing from memory.
+    def let_run(self, call):
+        """Let the call run untouched in the container: the decision read nothing from memory.
 
         An i386 socketcall is the exception: the kernel reads its arguments,
         fd included, from memory again, so another thread could put a
         switched socket there.  It runs only in a container that holds none.
         """
-        if self.args_in_memory and container.counters["bypassed"] + container.counters["published"]:
+        container = call.container
+        if call.args_in_memory and container.counters["bypassed"] + container.counters["published"]:
             if not container.warned_socketcall:
                 container.warned_socketcall = True
                 log.warning("container %s: refusing socketcall(2) on a socket the daemon cannot handle, "
-                            "since the container holds switched sockets", container.id[:12])
-            self.reply(notify_fd, notif.id, error=-errno.ENOSYS)
+                            "since the container holds switched sockets", container.short_id)
+            call.fail(errno.ENOSYS)
             return
-        self.reply(notify_fd, notif.id, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        call.let_run()
 
-    def reply(self, notify_fd, notif_id, val=0, error=0, flags=0):
-        resp = self.resp
-        resp.id, resp.val, resp.error, resp.flags = notif_id, val, error, flags
+    def read(self, call, address, length):
+        """`length` bytes of the target's memory at `address`; from now on the call never continues."""
+        call.read_memory = True
+        return self.memory.read(call.tid, address, length)
+
+    def read_sockaddr(self, call, addr_arg, len_arg):
+        """The sockaddr the call names, or None once the call is failed (EINVAL, EFAULT)."""
+        length = call.args[len_arg] & 0xFFFFFFFF
+        if length > MAX_SOCKADDR:
+            call.fail(errno.EINVAL)
+            return None
         try:
-            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SEND, resp)
+            return self.read(call, call.args[addr_arg], length)
         except OSError as e:
-            if e.errno != errno.ENOENT:  # ENOENT: the target gave up waiting
-                raise
+            call.fail(e.errno or errno.EFAULT)
+            return None
 
-    def reply_result(self, notify_fd, notif_id, result):
-        """Answer with a sock_call result: >= 0 is the value, < 0 an -errno."""
-        if result < 0:
-            self.reply(notify_fd, notif_id, error=result)
-        else:
-            self.reply(notify_fd, notif_id, val=result)
-
-    def id_valid(self, notify_fd, notif_id):
-        try:
-            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(notif_id))
-            return True
-        except OSError:
-            return False
-
-    def netns_id(self, sock):
-        """The same kind of id as own_netns_id's, for the namespace a socket lives in."""
+    def is_host_socket(self, sock):
+        """Whether `sock` lives in the daemon's (the host's) network namespace: switched already."""
         if self.own_netns[0] == "cookie":
-            return ("cookie", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
+            return ("cookie", sock.getsockopt(_SOL, SO_NETNS_COOKIE, 8)) == self.own_netns
         try:
             nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
         except PermissionError:
             # SIOCGSKNS needs CAP_NET_ADMIN over the socket's namespace: the
             # daemon has it over its containers' (it owns their user
             # namespaces), so a namespace it cannot open is the host's.
-            return self.own_netns
+            return True
         try:
-            return ("inode", os.fstat(nsfd).st_ino)
+            return ("inode", os.fstat(nsfd).st_ino) == self.own_netns
         finally:
             os.close(nsfd)
 
-    def target_socket(self, tid, fd):
-        """(socket object on a duplicate of the target's fd, its family), or (None, 0).
+    def target_socket(self, call):
+        """A socket object on the daemon's duplicate of the target's fd if that is an IP socket.
 
-        None when the thread is gone or the fd is not a socket.  The object's
-        type and proto attributes are placeholders: the values read with
-        getsockopt are used (that skips Python's slower detection).
+        Anything else (a unix socket, not a socket, a thread gone) is let run
+        here, and None returned.  Only the family is read: the object's type
+        and proto are placeholders (that skips Python's slower detection).
         """
         try:
-            dup = self.target_fd(tid, fd)
+            dup = self.target_fd(call.tid, call.fd)
         except OSError:
-            return None, 0
+            self.let_run(call)
+            return None
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, dup)
         try:
             family = sock.getsockopt(_SOL, socket.SO_DOMAIN)
         except OSError:  # ENOTSOCK
-            sock.close()
-            return None, 0
-        if family != socket.AF_INET:  # Python decodes addresses by the object's family
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, sock.detach())
-        return sock, family
+            family = None
+        if family == socket.AF_INET:
+            return sock
+        if family == socket.AF_INET6:  # Python decodes addresses by the object's family
+            return socket.socket(family, socket.SOCK_STREAM, 0, sock.detach())
+        sock.close()
+        self.let_run(call)
+        return None
 
     def target_fd(self, tid, fd):
         """pidfd_getfd of the target's `fd`, through the thread's cached pidfd if any."""
@@ -895,7 +1092,7 @@ class Switcher:
                 self.pidfd_flags = 0  # kernel < 6.9: no thread pidfds
             else:
                 thread = self.threads[tid] = ThreadHandle(tid, pidfd)
-                self.watch(pidfd, select.EPOLLIN, lambda ev: self.forget_thread(tid))
+                self.events.watch(pidfd, select.EPOLLIN, lambda _events: self.forget_thread(tid))
                 return thread
         try:
             return ThreadHandle(tid, os.pidfd_open(tid))  # only a thread-group leader has one
@@ -909,8 +1106,16 @@ class Switcher:
     def forget_thread(self, tid):
         thread = self.threads.pop(tid, None)
         if thread is not None:
-            self.unwatch(thread.pidfd)
+            self.events.unwatch(thread.pidfd)
             thread.close()
+
+    def fd_flags(self, call):
+        """The file flags of the target's fd, O_CLOEXEC included (only /proc tells that one)."""
+        thread = self.threads.get(call.tid)
+        if thread is not None:
+            return thread.fd_flags(call.fd)
+        with open("/proc/%d/fdinfo/%d" % (call.tid, call.fd), "rb") as f:
+            return parse_fdinfo_flags(f.read())
 
     def template(self, family, kind, proto):
         key = (family, kind, proto)
@@ -919,100 +1124,82 @@ class Switcher:
             template = self.templates[key] = Template(family, kind, proto)
         return template
 
-    def read_sockaddr(self, notif, addr_arg, len_arg):
-        """The sockaddr the syscall names, as (raw bytes, -errno or 0)."""
-        length = ctypes.c_int(self.args[len_arg]).value
-        if length < 0 or length > MAX_SOCKADDR:
-            return b"", -errno.EINVAL
-        try:
-            return self.sockaddr.read(notif.pid, self.args[addr_arg], length), 0
-        except OSError as e:
-            return b"", -(e.errno or errno.EFAULT)
-
-    def judge(self, container, tid, raw):
-        """(decoded destination, reason it stays in the container or None)."""
-        dest = decode_sockaddr(raw)
+    def judge(self, call, dest):
+        """(reason, network) why `dest` stays in the container, or (None, None) to bypass it."""
         if dest is None:
-            return None, "not an IP address"
-        ip = dest[0]
-        reason = ignore_reason(ip, self.ignore)
-        if reason is None and self.auto:
-            for net in container.auto_networks(tid, time.monotonic()):
-                if ip.version == net.version and ip in net:
-                    return dest, "auto-ignored %s" % net
-        return dest, reason
+            return NOT_IP, None
+        return destination_reason(dest, self.networks, call.container.auto_networks(call.tid) if self.auto else ())
 
-    def debug_decision(self, container, notif, what, dest, outcome):
-        if dest is None:
-            where = "-"
-        else:
-            where = ("%s:%d" if dest[0].version == 4 else "[%s]:%d") % dest
-        log.debug("container %s pid %d fd %d %s %s: %s", container.id[:12], notif.pid,
-                  ctypes.c_int(self.args[0]).value, what, where, outcome)
+    def debug_decision(self, call, what, dest, outcome):
+        log.debug("container %s pid %d fd %d %s %s: %s", call.container.short_id, call.tid, call.fd, what,
+                  format_destination(dest), outcome)
 
     # -- connect -----------------------------------------------------------
 
-    def with_address(self, notify_fd, notif, container, then):
-        """connect's and bind's common start: on an IP socket, read the sockaddr once,
-        check the notification is still valid, then call `then(..., sock, family,
-        raw sockaddr, fd)`; anything else is answered here."""
-        fd = ctypes.c_int(self.args[0]).value
-        sock, family = self.target_socket(notif.pid, fd)
-        if family not in (socket.AF_INET, socket.AF_INET6):
-            # Not an IP socket: nothing was read from the target, so letting it run is safe.
+    def on_connect(self, call):
+        """Switch the socket to the host and connect it there, or connect it where it is.
+
+        The sockaddr is read once, checked, and used by the daemon's own
+        connect: never CONTINUE after reading it.
+        """
+        sock = self.target_socket(call)
+        if sock is None:
+            return
+        try:
+            raw = self.read_sockaddr(call, 1, 2)
+            if raw is None or not call.still_valid():
+                return
+            dest = parse_sockaddr(raw)
+            reason, network = self.judge(call, dest)
+            kind = sock.getsockopt(_SOL, socket.SO_TYPE)
+            own_service = False
+            if reason is LOOPBACK:
+                rewritten = self.own_published_service(sock.family, kind, dest)
+                if rewritten is not None:
+                    raw, dest = rewritten
+                    reason, own_service = None, True
+            if self.is_host_socket(sock):
+                # Switched already: it can only go where the host goes, and
+                # only with the address validated here.
+                if reason is not None and dest is not None:
+                    call.container.counters["refused"] += 1
+                    if self.debug:
+                        self.debug_decision(call, "connect", dest, "refused: switched (%s)"
+                                            % describe_reason(reason, network))
+                    call.fail(errno.ENETUNREACH)
+                    return
+                outcome = "switched already"
+            elif reason is None:
+                outcome = self.bypass_connect(call, sock, kind, raw, dest, own_service)
+                if outcome is None:
+                    return
+                call.container.counters["container"] += 1
+            else:
+                call.container.counters["container"] += 1
+                outcome = "container (%s)" % describe_reason(reason, network)
+            if self.debug:
+                self.debug_decision(call, "connect", dest, outcome)
+            self.connect_in_place(call, sock, raw)
+            sock = None
+        finally:
             if sock is not None:
                 sock.close()
-            self.let_run(notify_fd, notif, container)
-            return
-        with sock:
-            raw, err = self.read_sockaddr(notif, 1, 2)
-            if err:
-                self.reply(notify_fd, notif.id, error=err)
-            elif self.id_valid(notify_fd, notif.id):
-                then(notify_fd, notif, container, sock, family, raw, fd)
 
-    def on_connect(self, notify_fd, notif, container, _ptr):
-        self.with_address(notify_fd, notif, container, self.connect_checked)
-
-    def connect_checked(self, notify_fd, notif, container, sock, family, raw, fd):
-        """Switch the socket to the host and connect it there, or connect it where it is."""
-        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-        dest, reason = self.judge(container, notif.pid, raw)
-        rewritten = reason == "loopback" and self.own_published_service(family, kind, dest)
-        if rewritten:
-            raw, dest = rewritten
-            reason = None
-        if self.netns_id(sock) == self.own_netns:
-            # Already switched: it can only go where the host goes, and
-            # only with the address validated here.
-            if reason and dest is not None:
-                container.counters["refused"] += 1
-                if self.debug:
-                    self.debug_decision(container, notif, "connect", dest, "refused: switched (%s)" % reason)
-                self.reply(notify_fd, notif.id, error=-errno.ENETUNREACH)
-                return
-            self.start_connect(notify_fd, notif, container, sock, raw, dest, "switched already")
-            return
-        if reason is None:
-            proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
-            if (kind, proto) not in _BYPASSABLE:
-                reason = "not TCP or UDP"
-            else:
-                try:
-                    host = self.switch(notify_fd, notif, fd, sock, family, kind, proto, raw,
-                                       own_service=bool(rewritten))
-                except NotSwitched as why:
-                    reason = str(why)
-                else:
-                    if host is not None:
-                        container.counters["bypassed"] += 1
-                        if self.debug:
-                            self.debug_decision(container, notif, "connect", dest, "bypassed")
-                        self.answer_connect(notify_fd, notif.id, host, host.result,
-                                            host.nonblocking)
-                    return
-        container.counters["container"] += 1
-        self.start_connect(notify_fd, notif, container, sock, raw, dest, "container (%s)" % reason)
+    def bypass_connect(self, call, sock, kind, raw, dest, own_service):
+        """Connect a host socket for the call and install it; None once answered, else why it stays."""
+        proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
+        if (kind, proto) not in _BYPASSABLE:
+            return "container (not TCP or UDP)"
+        try:
+            result = self.switch(call, sock, kind, proto, raw, own_service)
+        except NotSwitched as why:
+            return "container (%s)" % why
+        if result is not None:
+            if self.debug:
+                self.debug_decision(call, "connect", dest, "bypassed" if result in (0, -errno.EINPROGRESS)
+                                    else "bypassed: %s" % os.strerror(-result))
+            call.container.counters["bypassed"] += 1
+        return None
 
     def own_published_service(self, family, kind, dest):
         """(raw, dest) of the host side of the published port a loopback `dest` names, or None.
@@ -1020,33 +1207,45 @@ class Switcher:
         A container that reaches its own published service on its loopback
         must find it where the daemon put it: on the host.
         """
-        mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[1]))
+        mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2]))
         if mapping is None:
             return None
-        host_ip = mapping.host_ip or (_LOOPBACK_IP4 if dest[0].version == 4 else _LOOPBACK_IP6)
+        host_ip = mapping.host_ip or (_LOOPBACK_IP4 if dest[0] == 4 else _LOOPBACK_IP6)
         raw = encode_sockaddr(family, host_ip, mapping.host_port)
-        return None if raw is None else (raw, (host_ip, mapping.host_port))
+        return None if raw is None else (raw, parse_sockaddr(raw))
 
-    def switch(self, notify_fd, notif, fd, sock, family, kind, proto, raw, own_service=False):
-        """A host socket like `sock`, connecting to `raw`, installed at the target's `fd`.
+    def switch(self, call, sock, kind, proto, raw, own_service):
+        """Connect a new host socket like `sock` to `raw` and install it at the target's fd.
 
-        It drops whatever comes from the host's loopback, unless it goes to
-        the container's own published service there (`own_service`).
-
-        Returns the host socket (with .result, the connect's, and
-        .nonblocking, what the target asked), or None if the target went
-        away.  Raises NotSwitched when the socket must stay in the container.
+        The call is answered here: the connect's result, which is the
+        destination's own answer when it fails at once (nothing is
+        installed then, as a failed connect changes nothing natively).  The
+        result is also returned: None if the target went away.  A host
+        socket that may later be pointed elsewhere (UDP) drops whatever
+        comes from the host's loopback, unless it is the container's own
+        published service there (`own_service`).  Raises NotSwitched when
+        the socket must stay in the container.
         """
-        if sock.getsockopt(_SOL, socket.SO_BINDTODEVICE, 16).strip(b"\0"):
-            raise NotSwitched("bound to a container device")
+        family = sock.family
         bound_ip, bound_port = sock.getsockname()[:2]
         if bound_ip not in ("0.0.0.0", "::"):
             raise NotSwitched("bound to a container address")
-        host = HostSocket(family, kind, proto)
-        host.own_service = own_service
+        diffs = self.template(family, kind, proto).differences(sock)
         try:
-            self.copy_options(sock, host, family, kind, proto)
-            if kind == socket.SOCK_DGRAM:
+            flags = self.fd_flags(call)
+        except OSError:
+            return None  # the fd is gone: the target is going away
+        host = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
+        try:
+            for level, name, value in diffs:
+                if level == _SOL and name == socket.SO_BINDTODEVICE:
+                    raise NotSwitched("bound to a container device")
+                try:
+                    host.setsockopt(level, name, value)
+                except OSError as e:
+                    raise NotSwitched("option %d/%d not settable on the host: %s"
+                                      % (level, name, e.strerror)) from None
+            if kind == socket.SOCK_DGRAM and not own_service:
                 self.deafen(host)  # a UDP socket can be pointed elsewhere at any time
             if bound_port:
                 try:
@@ -1054,18 +1253,26 @@ class Switcher:
                 except OSError as e:
                     raise NotSwitched("bound port %d not free on the host: %s"
                                       % (bound_port, e.strerror)) from None
-            host.setblocking(False)
-            host.result = sock_call(_libc.connect, host.fileno(), raw, len(raw))
-            if host.result < 0 and host.result != -errno.EINPROGRESS:
-                raise NotSwitched("host connect failed: %s" % os.strerror(-host.result))
-            host.nonblocking = bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
-            if not self.install(notify_fd, notif.id, host, fd, notif.pid):
-                host.close()
+            result = start_connect(host.fileno(), raw)
+            if result < 0 and result != -errno.EINPROGRESS:
+                call.result(result)  # the destination's answer, as the host's kernel gives it
+                return result
+            nonblocking = bool(flags & os.O_NONBLOCK)
+            if result == 0 and not nonblocking:
+                host.setblocking(True)
+            if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
+                call.answered = True  # the target is gone: nobody waits
                 return None
-            return host
-        except BaseException:
-            host.close()
-            raise
+            call.installed = True
+            if result == -errno.EINPROGRESS and not nonblocking:
+                self.wait_for_connect(call, host, raw, host_socket=True, own_service=own_service)
+                host = None
+            else:
+                call.result(result)
+            return result
+        finally:
+            if host is not None:
+                host.close()
 
     def deafen(self, host):
         """Lock the no-loopback filter onto a switched socket, where the kernel lets us.
@@ -1074,7 +1281,7 @@ class Switcher:
         UDP ones, and TCP ones whose connect failed.  Not on every TCP socket:
         attaching costs a filter compilation (~30 us here, as root).
         """
-        if self.no_loopback is None or not isinstance(host, HostSocket) or host.own_service:
+        if self.no_loopback is None:
             return
         try:
             self.no_loopback.attach(host)
@@ -1084,169 +1291,154 @@ class Switcher:
             log.info("socket filters are not permitted here: switched sockets are not filtered")
             self.no_loopback = None
 
-    def copy_options(self, sock, host, family, kind, proto):
-        for level, name, value in self.template(family, kind, proto).differences(sock):
-            try:
-                host.setsockopt(level, name, value)
-            except OSError as e:
-                raise NotSwitched("option %d/%d not settable on the host: %s"
-                                  % (level, name, e.strerror)) from None
-
-    def install(self, notify_fd, notif_id, host, fd, tid):
-        """Put `host` at the target's `fd`, close-on-exec if the fd it replaces was."""
-        addfd = self.addfd
-        addfd.id, addfd.flags, addfd.srcfd, addfd.newfd = notif_id, SECCOMP_ADDFD_FLAG_SETFD, host.fileno(), fd
-        addfd.newfd_flags = O_CLOEXEC if self.cloexec(tid, fd) else 0
-        try:
-            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, addfd)
-            self.switched = True
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise NotSwitched("ADDFD failed: %s" % e.strerror) from None
-        return True
-
-    def cloexec(self, tid, fd):
-        """Whether the target's fd is close-on-exec (only /proc tells)."""
-        thread = self.threads.get(tid)
-        try:
-            if thread is not None:
-                info_fd = os.open(str(fd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=thread.fdinfo_dir())
-            else:
-                info_fd = os.open("/proc/%d/fdinfo/%d" % (tid, fd), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            info = os.read(info_fd, 256)
-        finally:
-            os.close(info_fd)
-        start = info.find(b"flags:")
-        return start >= 0 and bool(int(info[start + 6:info.index(b"\n", start)], 8) & O_CLOEXEC)
-
-    def start_connect(self, notify_fd, notif, container, sock, raw, dest, outcome):
-        """Connect the target's own socket to the validated `raw`, as the target asked."""
-        if self.debug:
-            self.debug_decision(container, notif, "connect", dest, outcome)
-        nonblocking = not os.get_blocking(sock.fileno())
-        if not nonblocking:
-            os.set_blocking(sock.fileno(), False)
-        result = sock_call(_libc.connect, sock.fileno(), raw, len(raw))
-        self.answer_connect(notify_fd, notif.id, sock, result, nonblocking, borrowed=True)
-
-    def answer_connect(self, notify_fd, notif_id, sock, result, nonblocking, borrowed=False):
-        """Answer a connect that `sock` (ours, non-blocking now) started: now or when it ends.
-
-        Takes `sock` over (closes it once answered) unless it is `borrowed`:
-        then a duplicate waits for the end of the handshake.
-        """
+    def connect_in_place(self, call, sock, raw):
+        """Connect the target's own socket (our duplicate `sock`, taken over) to the validated `raw`."""
         fd = sock.fileno()
-        if result == -errno.EINPROGRESS and not nonblocking and not self.writable_now(fd):
-            # A blocking connect still under way: answer when the handshake
-            # ends, never block the loop.
-            seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
-            deadline = time.monotonic() + seconds + micros / 1e6 if seconds or micros else None
-            if borrowed:
-                sock = sock.dup()
-                fd = sock.fileno()
-            self.pending[fd] = Pending(notify_fd, notif_id, sock)
-            self.watch(fd, select.EPOLLOUT | select.EPOLLONESHOT, lambda ev: self.finish_connect(fd))
-            if deadline is not None:
-                heapq.heappush(self.timers, (deadline, fd))
-            return
-        if not nonblocking:
-            os.set_blocking(fd, True)
-            if result == -errno.EINPROGRESS:
-                result = -sock.getsockopt(_SOL, socket.SO_ERROR)
-        if not borrowed:
-            if result < 0:
-                self.deafen(sock)
-            sock.close()
-        self.reply_result(notify_fd, notif_id, result)
-
-    def writable_now(self, fd):
-        """Whether a connect under way on `fd` has ended already (loopback often has)."""
-        self.poller.register(fd, select.POLLOUT)
         try:
-            return bool(self.poller.poll(0))
+            blocking = os.get_blocking(fd)
+            if blocking:
+                os.set_blocking(fd, False)  # the file is shared with the target: restored below
+                try:
+                    result = start_connect(fd, raw)
+                finally:
+                    os.set_blocking(fd, True)
+            else:
+                result = start_connect(fd, raw)
+            if result == -errno.EINPROGRESS and blocking:
+                self.wait_for_connect(call, sock, raw, host_socket=False, own_service=False)
+                sock = None
+            else:
+                call.result(result)
         finally:
-            self.poller.unregister(fd)
+            if sock is not None:
+                sock.close()
 
-    def finish_connect(self, fd, timed_out=False):
-        pending = self.pending.pop(fd, None)
-        if pending is None:
+    def wait_for_connect(self, call, sock, raw, host_socket, own_service):
+        """Answer a blocking connect under way on `sock` (taken over) when it ends, never blocking the loop."""
+        seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
+        pending = PendingConnect(call, sock, raw, host_socket, own_service)
+        call.deferred = True
+        self.pending.add(pending)
+        self.events.watch(sock.fileno(), select.EPOLLOUT | select.EPOLLONESHOT,
+                          lambda _events: self.finish_connect(pending))
+        if seconds or micros:
+            pending.timer = self.events.call_at(time.monotonic() + seconds + micros / 1e6,
+                                                lambda: self.finish_connect(pending, timed_out=True))
+
+    def finish_connect(self, pending, timed_out=False):
+        """The handshake ended (or SO_SNDTIMEO ran out): answer as the kernel's blocking connect would."""
+        if pending not in self.pending:
             return
-        self.unwatch(fd)
-        with pending.sock as sock:
-            os.set_blocking(fd, True)
-            result = -errno.EINPROGRESS if timed_out else -sock.getsockopt(_SOL, socket.SO_ERROR)
-            if result < 0:
-                self.deafen(sock)
-        self.reply_result(pending.notify_fd, pending.notif_id, result)
+        sock = self.forget_pending(pending)
+        with sock:
+            fd = sock.fileno()
+            if timed_out:
+                result = -errno.EINPROGRESS  # as natively: the connect goes on
+            else:
+                # Connecting once more ends it as a blocking connect does (0 and
+                # connected, or the error), and waits for nothing: it is over.
+                result = sock_call(_libc.connect, fd, pending.raw, len(pending.raw))
+            if pending.host_socket:
+                os.set_blocking(fd, True)  # the target's flags from now on: its connect blocks
+                if result < 0 and not pending.own_service:
+                    self.deafen(sock)  # a later connect could point it anywhere
+        pending.call.result(result)
+
+    def forget_pending(self, pending):
+        """Stop waiting for `pending`; returns its socket, now the caller's to close."""
+        self.pending.discard(pending)
+        self.events.unwatch(pending.sock.fileno())
+        if pending.timer is not None:
+            pending.timer.cancel()
+        return pending.sock
+
+    def sweep_pending(self):
+        """Forget blocking connects whose caller was interrupted: the connect goes on, as natively."""
+        for pending in list(self.pending):
+            if not notif_id_valid(pending.call.notify_fd, pending.call.id):
+                self.forget_pending(pending).close()
+
+    def forget_notify_fd(self, notify_fd):
+        """Forget the pending connects of a filter whose processes all exited."""
+        for pending in [p for p in self.pending if p.call.notify_fd == notify_fd]:
+            self.forget_pending(pending).close()
 
     # -- bind --------------------------------------------------------------
 
-    def on_bind(self, notify_fd, notif, container, _ptr):
-        self.with_address(notify_fd, notif, container, self.bind_checked)
-
-    def bind_checked(self, notify_fd, notif, container, sock, family, raw, fd):
+    def on_bind(self, call):
         """Bind a published port on the host, anything else where the socket is."""
-        if self.netns_id(sock) == self.own_netns:
-            # A switched socket is bound already; binding it anew on the
-            # host would let the container pick host addresses.
-            self.reply(notify_fd, notif.id, error=-errno.EINVAL)
+        sock = self.target_socket(call)
+        if sock is None:
             return
-        dest = decode_sockaddr(raw)
-        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-        mapping = None
-        if dest is not None and not dest[0].is_loopback:
-            mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[1]))
-        if mapping is not None:
-            proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
-            if (kind, proto) in _BYPASSABLE:
-                try:
-                    result = self.publish_bind(notify_fd, notif, fd, sock, family, kind, proto, mapping)
-                except NotSwitched as why:
-                    outcome = "container (%s)" % why
-                else:
-                    if result is not None:
-                        container.counters["published"] += result == 0
-                        if self.debug:
-                            self.debug_decision(container, notif, "bind", dest, "published as %r: %s"
-                                                % (mapping, os.strerror(-result) if result else "ok"))
-                        self.reply_result(notify_fd, notif.id, result)
-                    return
-        else:
+        with sock:
+            raw = self.read_sockaddr(call, 1, 2)
+            if raw is None or not call.still_valid():
+                return
+            if self.is_host_socket(sock):
+                # A switched socket is bound already; binding it anew on the
+                # host would let the container pick host addresses.
+                call.fail(errno.EINVAL)
+                return
+            dest = parse_sockaddr(raw)
+            kind = sock.getsockopt(_SOL, socket.SO_TYPE)
+            mapping = None
+            if dest is not None and destination_reason(dest, ())[0] is not LOOPBACK:
+                mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2]))
             outcome = "container"
-        result = sock_call(_libc.bind, sock.fileno(), raw, len(raw))
-        if self.debug:
-            self.debug_decision(container, notif, "bind", dest, outcome)
-        self.reply_result(notify_fd, notif.id, result)
+            if mapping is not None:
+                proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
+                if (kind, proto) in _BYPASSABLE:
+                    try:
+                        result = self.publish_bind(call, sock, kind, proto, mapping)
+                    except NotSwitched as why:
+                        outcome = "container (%s)" % why
+                    else:
+                        if result is not None:
+                            call.container.counters["published"] += result == 0
+                            if self.debug:
+                                self.debug_decision(call, "bind", dest, "published as %r: %s"
+                                                    % (mapping, os.strerror(-result) if result else "ok"))
+                            call.result(result)
+                        return
+            result = sock_call(_libc.bind, sock.fileno(), raw, len(raw))
+            if self.debug:
+                self.debug_decision(call, "bind", dest, outcome)
+            call.result(result)
 
-    def publish_bind(self, notify_fd, notif, fd, sock, family, kind, proto, mapping):
-        """Bind a host socket at the mapping's host side and install it at `fd`.
+    def publish_bind(self, call, sock, kind, proto, mapping):
+        """Bind a host socket at the mapping's host side and install it at the target's fd.
 
         Returns 0 or -errno (the host's answer, EADDRINUSE as the kernel says
         it), or None if the target went away.
         """
-        raw = encode_sockaddr(family, mapping.host_ip, mapping.host_port)
+        raw = encode_sockaddr(sock.family, mapping.host_ip, mapping.host_port)
         if raw is None:
             raise NotSwitched("%r cannot be bound by an IPv4 socket" % mapping)
-        host = HostSocket(family, kind, proto)
-        with host:
-            self.copy_options(sock, host, family, kind, proto)
+        diffs = self.template(sock.family, kind, proto).differences(sock)
+        flags = self.fd_flags(call)
+        with socket.socket(sock.family, kind, proto) as host:
+            for level, name, value in diffs:
+                try:
+                    host.setsockopt(level, name, value)
+                except OSError as e:
+                    raise NotSwitched("option %d/%d not settable on the host: %s"
+                                      % (level, name, e.strerror)) from None
             self.reservations.release(mapping)
             result = sock_call(_libc.bind, host.fileno(), raw, len(raw))
             if result < 0:
                 self.reservations.take(mapping)
                 return result
-            os.set_blocking(host.fileno(), not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
-            if not self.install(notify_fd, notif.id, host, fd, notif.pid):
+            if flags & os.O_NONBLOCK:
+                host.setblocking(False)
+            if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
+                call.answered = True
                 return None
+            call.installed = True
             return 0
 
     # -- sends with a destination -------------------------------------------
 
-    def host_datagram_socket(self, notify_fd, notif, container, flags_arg):
+    def host_datagram_socket(self, call, flags_arg):
         """The target's socket if it is a switched UDP socket (its sends need us), else None.
 
         Every other case is answered here.  A socket still in the container
@@ -1255,146 +1447,156 @@ class Switcher:
         kernel ignores, except for a TCP Fast Open send, which would connect
         it anew and is refused.
         """
-        sock, family = self.target_socket(notif.pid, ctypes.c_int(self.args[0]).value)
+        sock = self.target_socket(call)
         if sock is None:
-            self.let_run(notify_fd, notif, container)
             return None
-        if family in (socket.AF_INET, socket.AF_INET6) and self.netns_id(sock) == self.own_netns:
+        if self.is_host_socket(sock):
             if sock.getsockopt(_SOL, socket.SO_TYPE) == socket.SOCK_DGRAM:
                 return sock
-            if self.args[flags_arg] & MSG_FASTOPEN:
+            if call.args[flags_arg] & MSG_FASTOPEN:
                 sock.close()
-                self.reply(notify_fd, notif.id, error=-errno.EOPNOTSUPP)
+                call.fail(errno.EOPNOTSUPP)
                 return None
         sock.close()
-        self.let_run(notify_fd, notif, container)
+        self.let_run(call)
         return None
 
-    def refuse_send(self, container, notif, sock, raw):
+    def refuse_send(self, call, sock, raw):
         """Why a switched datagram socket may not send to `raw`, or None if it may."""
         if raw[:2] == _AF_UNSPEC:
             # IPv4 UDP sends to the address of an AF_UNSPEC sockaddr too.
             raw = _FAMILY.pack(socket.AF_INET) + raw[2:]
-        dest, reason = self.judge(container, notif.pid, raw)
+        dest = parse_sockaddr(raw)
+        reason, network = self.judge(call, dest)
         if reason is None or dest is None:
             return None
-        if reason == "loopback" and sock.getsockname()[1] in self.published_udp_ports:
+        if reason is LOOPBACK and sock.getsockname()[1] in self.published_udp_ports:
             return None  # a published server answers its clients, wherever they are
-        container.counters["refused"] += 1
+        call.container.counters["refused"] += 1
         if self.debug:
-            self.debug_decision(container, notif, "send", dest, "refused (%s)" % reason)
+            self.debug_decision(call, "send", dest, "refused (%s)" % describe_reason(reason, network))
         return reason
 
-    def on_sendto(self, notify_fd, notif, container, _ptr):
-        sock = self.host_datagram_socket(notify_fd, notif, container, 3)
+    def on_sendto(self, call):
+        sock = self.host_datagram_socket(call, 3)
         if sock is None:
             return
         with sock:
-            args = self.args
+            args = call.args
             length = args[2]
             if length > MAX_DATAGRAM:
-                self.reply(notify_fd, notif.id, error=-errno.EMSGSIZE)
+                call.fail(errno.EMSGSIZE)
                 return
-            raw, err = self.read_sockaddr(notif, 4, 5)
-            if not err:
-                try:
-                    payload = read_memory(notif.pid, args[1], length) if length else b""
-                except OSError as e:
-                    err = -(e.errno or errno.EFAULT)
-            if err:
-                self.reply(notify_fd, notif.id, error=err)
+            raw = self.read_sockaddr(call, 4, 5)
+            if raw is None:
                 return
-            if not self.id_valid(notify_fd, notif.id):
+            try:
+                payload = self.read(call, args[1], length) if length else b""
+            except OSError as e:
+                call.fail(e.errno or errno.EFAULT)
                 return
-            if self.refuse_send(container, notif, sock, raw):
-                self.reply(notify_fd, notif.id, error=-errno.ENETUNREACH)
+            if not call.still_valid():
+                return
+            if self.refuse_send(call, sock, raw):
+                call.fail(errno.ENETUNREACH)
                 return
             result = sock_call(_libc.sendto, sock.fileno(), payload, len(payload),
                                ctypes.c_int(args[3] & 0xFFFFFFFF), raw, len(raw))
-            container.counters["emulated_sends"] += 1
-            self.reply_result(notify_fd, notif.id, result)
+            call.container.counters["emulated_sends"] += 1
+            call.result(result)
 
-    def on_sendmsg(self, notify_fd, notif, container, ptr):
-        self.send_message(notify_fd, notif, container, ptr, self.args[1], 2, None)
+    def on_sendmsg(self, call):
+        self.send_message(call, call.args[1], 2, None)
 
-    def on_sendmmsg(self, notify_fd, notif, container, ptr):
+    def on_sendmmsg(self, call):
         # Send the first message only: sendmmsg may send fewer than asked, and
         # callers loop on what is left.
-        if self.args[2] == 0:
-            self.let_run(notify_fd, notif, container)
+        if call.args[2] == 0:
+            self.let_run(call)
             return
-        mmsg = self.args[1]
-        self.send_message(notify_fd, notif, container, ptr, mmsg, 3, mmsg + MSGHDR_LAYOUT[ptr].size)
+        mmsg = call.args[1]
+        self.send_message(call, mmsg, 3, mmsg + MSGHDR_LAYOUT[call.ptr].size)
 
-    def send_message(self, notify_fd, notif, container, ptr, msg_addr, flags_arg, msg_len_addr):
+    def send_message(self, call, msg_addr, flags_arg, msg_len_addr):
         """sendmsg, or sendmmsg's first message, on a switched UDP socket: done here."""
-        sock = self.host_datagram_socket(notify_fd, notif, container, flags_arg)
+        sock = self.host_datagram_socket(call, flags_arg)
         if sock is None:
             return
-        flags = self.args[flags_arg]
+        flags = call.args[flags_arg] & 0xFFFFFFFF
         with sock:
             try:
-                raw, payload, ancillary = self.read_msghdr(notif.pid, msg_addr, ptr)
+                raw, payload, ancillary = self.read_msghdr(call, msg_addr)
             except OSError as e:
-                self.reply(notify_fd, notif.id, error=-(e.errno or errno.EFAULT))
+                call.fail(e.errno or errno.EFAULT)
                 return
-            if not self.id_valid(notify_fd, notif.id):
+            if not call.still_valid():
                 return
+            address = ()
             if raw:
-                if self.refuse_send(container, notif, sock, raw):
-                    self.reply(notify_fd, notif.id, error=-errno.ENETUNREACH)
+                if self.refuse_send(call, sock, raw):
+                    call.fail(errno.ENETUNREACH)
                     return
                 address = sockaddr_to_tuple(raw)
                 if address is None:
-                    self.reply(notify_fd, notif.id, error=-errno.EINVAL)
+                    call.fail(errno.EINVAL)
                     return
+                address = (address,)
             try:
-                if raw:
-                    sent = sock.sendmsg([payload], ancillary, flags & 0xFFFFFFFF, address)
-                else:
-                    sent = sock.sendmsg([payload], ancillary, flags & 0xFFFFFFFF)
+                sent = sock.sendmsg([payload], ancillary, flags, *address)
             except OSError as e:
-                self.reply(notify_fd, notif.id, error=-(e.errno or errno.EIO))
+                call.fail(e.errno or errno.EIO)
                 return
-            container.counters["emulated_sends"] += 1
+            call.container.counters["emulated_sends"] += 1
             if msg_len_addr is None:
-                self.reply(notify_fd, notif.id, val=sent)
+                call.reply(sent)
                 return
             try:
-                write_memory(notif.pid, msg_len_addr, struct.pack("=I", sent))
+                write_memory(call.tid, msg_len_addr, struct.pack("=I", sent))
             except OSError:
                 pass
-            self.reply(notify_fd, notif.id, val=1)
+            call.reply(1)
 
-    @staticmethod
-    def read_msghdr(tid, address, ptr):
+    def read_msghdr(self, call, address):
         """A target's struct msghdr -> (raw name, joined payload, [(level, type, data)])."""
-        layout = MSGHDR_LAYOUT[ptr]
+        layout = MSGHDR_LAYOUT[call.ptr]
         name, namelen, iov, iovlen, control, controllen, _flags = layout.unpack(
-            read_memory(tid, address, layout.size))
+            self.read(call, address, layout.size))
         raw = b""
         if name and namelen:
             if namelen > MAX_SOCKADDR:
                 raise OSError(errno.EINVAL, "msg_namelen")
-            raw = read_memory(tid, name, namelen)
+            raw = self.read(call, name, namelen)
         if iovlen > UIO_MAXIOV:
             raise OSError(errno.EMSGSIZE, "msg_iovlen")
-        iov_layout = IOVEC_LAYOUT[ptr]
+        iov_layout = IOVEC_LAYOUT[call.ptr]
         chunks, total = [], 0
         if iovlen:
-            table = read_memory(tid, iov, iov_layout.size * iovlen)
+            table = self.read(call, iov, iov_layout.size * iovlen)
             for base, length in iov_layout.iter_unpack(table):
                 total += length
                 if total > MAX_DATAGRAM:
                     raise OSError(errno.EMSGSIZE, "message too long")
                 if length:
-                    chunks.append(read_memory(tid, base, length))
+                    chunks.append(self.read(call, base, length))
         ancillary = []
         if control and controllen:
             if controllen > 1 << 16:
                 raise OSError(errno.ENOBUFS, "msg_controllen")
-            ancillary = parse_cmsgs(read_memory(tid, control, controllen), ptr)
+            ancillary = parse_cmsgs(self.read(call, control, controllen), call.ptr)
         return raw, b"".join(chunks), ancillary
+
+
+def start_connect(fd, raw):
+    """connect a non-blocking `fd` to `raw`: 0 if it is done at once (local handshakes often are),
+    -EINPROGRESS if under way, else -errno.  A second connect tells a handshake that ended
+    within the first; it also makes the socket connected, so a later connect gets EISCONN
+    as after any connect that returned 0."""
+    result = sock_call(_libc.connect, fd, raw, len(raw))
+    if result == -errno.EINPROGRESS:
+        result = sock_call(_libc.connect, fd, raw, len(raw))
+        if result == -errno.EALREADY:
+            result = -errno.EINPROGRESS
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -1408,14 +1610,17 @@ class Container:
 
     def __init__(self, cid):
         self.id = cid
+        self.short_id = cid[:12]
         self.notify_fds = set()
         self.counters = dict.fromkeys(("bypassed", "container", "published", "refused",
                                        "emulated_sends", "errors"), 0)
-        self.auto_nets = []
+        self.auto_nets = ()
         self.auto_read = -1e9
         self.warned_socketcall = False
 
-    def auto_networks(self, tid, now):
+    def auto_networks(self, tid):
+        """The container's own subnets (compiled), read from its network namespace through /proc."""
+        now = time.monotonic()
         if now - self.auto_read > self.AUTO_REFRESH:
             self.auto_read = now
             nets = []
@@ -1425,60 +1630,102 @@ class Container:
                         nets.extend(parse(f.read()))
                 except OSError:
                     pass
-            self.auto_nets = nets
+            self.auto_nets = compile_networks(nets)
         return self.auto_nets
 
-
-class Pending:
-    """A blocking connect answered when its handshake ends (or SO_SNDTIMEO runs out).
-
-    `sock` is the daemon's copy of the connecting socket, closed once answered.
-    """
-
-    __slots__ = ("notify_fd", "notif_id", "sock")
-
-    def __init__(self, notify_fd, notif_id, sock):
-        self.notify_fd, self.notif_id, self.sock = notify_fd, notif_id, sock
-
-
-class ThreadHandle:
-    """What the daemon keeps open for one thread of a container: its pidfd, its fdinfo dir."""
-
-    __slots__ = ("tid", "pidfd", "_fdinfo")
-
-    def __init__(self, tid, pidfd):
-        self.tid, self.pidfd, self._fdinfo = tid, pidfd, None
-
-    def fdinfo_dir(self):
-        if self._fdinfo is None:
-            self._fdinfo = os.open("/proc/%d/fdinfo" % self.tid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        return self._fdinfo
-
-    def close(self):
-        os.close(self.pidfd)
-        if self._fdinfo is not None:
-            os.close(self._fdinfo)
+    def format_counters(self):
+        return " ".join("%s=%d" % item for item in self.counters.items())
 
 
 # ---------------------------------------------------------------------------
 # The daemon loop
 # ---------------------------------------------------------------------------
 
-class Daemon(Switcher):
-    """Accepts runtimes' messages and feeds every container's notifications to the Switcher."""
+class Timer:
+    """A deadline in Events; cancel() makes it a no-op (the heap keeps it until it is due)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def cancel(self):
+        self.callback = None
+
+
+class Events:
+    """The loop's registry: one callback per watched fd (epoll), and deadlines."""
+
+    def __init__(self):
+        self.epoll = select.epoll()
+        self.callbacks = {}         # fd -> callable(events)
+        self.timers = []            # heap of (deadline, serial, Timer)
+        self.serial = 0
+
+    def watch(self, fd, mask, callback):
+        self.callbacks[fd] = callback
+        self.epoll.register(fd, mask)
+
+    def unwatch(self, fd):
+        self.callbacks.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def call_at(self, deadline, callback):
+        """Run `callback()` once time.monotonic() reaches `deadline`; returns its Timer."""
+        timer = Timer(callback)
+        self.serial += 1
+        heapq.heappush(self.timers, (deadline, self.serial, timer))
+        return timer
+
+    def run_once(self, timeout):
+        """Wait for events (at most `timeout` seconds, -1 for no limit) and run what is due."""
+        if self.timers:
+            wait = max(0.0, self.timers[0][0] - time.monotonic())
+            timeout = wait if timeout < 0 else min(timeout, wait)
+        try:
+            events = self.epoll.poll(timeout)
+        except InterruptedError:
+            return
+        for fd, mask in events:
+            callback = self.callbacks.get(fd)
+            if callback is not None:
+                self.run(callback, mask)
+        if self.timers:
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                timer = heapq.heappop(self.timers)[2]
+                if timer.callback is not None:
+                    self.run(timer.callback)
+
+    @staticmethod
+    def run(callback, *args):
+        try:
+            callback(*args)
+        except Exception:  # a bug must cost one event, never the daemon
+            log.exception("internal error in %s", getattr(callback, "__qualname__", callback))
+
+    def close(self):
+        self.epoll.close()
+
+
+class Daemon:
+    """Accepts the runtimes' messages and feeds every container's notifications to its Switcher."""
+
+    HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True):
-        super().__init__(ignore, auto, publish, debug, reserve_ports)
         self.socket_path = socket_path
-        self.epoll = select.epoll()
-        self.handlers = {}          # fd -> callable(events)
+        self.events = Events()
+        self.switcher = Switcher(self.events, ignore, auto, publish, debug, reserve_ports)
         self.containers = {}        # OCI id -> Container
         self.notify_owner = {}      # notify fd -> Container
         self.running = True
         self.listener = None
         self.signal_pipe = None
-        self.notif = SeccompNotif()
-        self.zero_notif = bytes(ctypes.sizeof(SeccompNotif))
+        self.notif = bytearray(_NOTIF.size)
 
     def check_kernel(self):
         sizes = get_notif_sizes()
@@ -1511,18 +1758,7 @@ class Daemon(Switcher):
             os.umask(old_umask)
         listener.listen(64)
         self.listener = listener
-        self.watch(listener.fileno(), select.EPOLLIN, self.on_accept)
-
-    def watch(self, fd, events, handler):
-        self.handlers[fd] = handler
-        self.epoll.register(fd, events)
-
-    def unwatch(self, fd):
-        self.handlers.pop(fd, None)
-        try:
-            self.epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
+        self.events.watch(listener.fileno(), select.EPOLLIN, self.on_accept)
 
     # -- runtimes' messages ------------------------------------------------
 
@@ -1537,8 +1773,8 @@ class Daemon(Switcher):
                 return
             conn.setblocking(False)
             state = {"data": b"", "fds": []}
-            self.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
-                       lambda ev, c=conn, s=state: self.on_runtime_data(c, s))
+            self.events.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
+                              lambda _events, c=conn, s=state: self.on_runtime_data(c, s))
 
     def on_runtime_data(self, conn, state):
         done = False
@@ -1564,7 +1800,7 @@ class Daemon(Switcher):
                 return  # not complete yet
             except RecursionError:
                 pass  # complete enough to be refused below
-        self.unwatch(conn.fileno())
+        self.events.unwatch(conn.fileno())
         conn.close()
         self.on_container_process(state["data"], state["fds"])
 
@@ -1600,29 +1836,28 @@ class Daemon(Switcher):
         except OSError:
             pass  # kernels before 6.6: wake-ups are just slower
         os.set_blocking(notify_fd, False)
-        self.watch(notify_fd, select.EPOLLIN, lambda ev, fd=notify_fd: self.on_notify(fd, ev))
-        log.info("container %s: process %s registered", cid[:12], message.get("pid"))
+        self.events.watch(notify_fd, select.EPOLLIN, lambda events, fd=notify_fd: self.on_notify(fd, events))
+        log.info("container %s: process %s registered", container.short_id, message.get("pid"))
 
     def drop_notify_fd(self, notify_fd):
         """Every process of this filter has exited: free what it held."""
         container = self.notify_owner.pop(notify_fd)
-        self.unwatch(notify_fd)
-        for fd in [fd for fd, pending in self.pending.items() if pending.notify_fd == notify_fd]:
-            self.forget_pending(fd)
+        self.events.unwatch(notify_fd)
+        self.switcher.forget_notify_fd(notify_fd)
         os.close(notify_fd)
         container.notify_fds.discard(notify_fd)
         if not container.notify_fds:
             del self.containers[container.id]
-            log.info("container %s: gone (%s)", container.id[:12], self.format_counters(container))
+            log.info("container %s: gone (%s)", container.short_id, container.format_counters())
 
     def on_notify(self, notify_fd, events):
         """One notification per wake-up (epoll is level-triggered: the next one wakes us
         again), which keeps the loop fair between containers."""
         if events & select.EPOLLIN:
-            notif = self.notif
-            ctypes.memmove(ctypes.addressof(notif), self.zero_notif, len(self.zero_notif))
+            buffer = self.notif
+            buffer[:] = _ZERO_NOTIF
             try:
-                fcntl.ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, notif, True)
+                notif_id, tid, _flags, nr, arch, _ip, *args = notif_recv(notify_fd, buffer)
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as e:
@@ -1632,32 +1867,17 @@ class Daemon(Switcher):
                 if e.errno != errno.ENOENT:
                     raise
             else:
-                self.handle(notify_fd, notif, self.notify_owner[notify_fd])
+                self.switcher.handle(Call(notify_fd, self.notify_owner[notify_fd], notif_id, tid, args), arch, nr)
         if events & (select.EPOLLHUP | select.EPOLLERR):
             self.drop_notify_fd(notify_fd)
 
-    def sweep_pending(self):
-        """Forget blocking connects whose caller was interrupted: the connect goes on, as natively."""
-        for fd, pending in list(self.pending.items()):
-            if not self.id_valid(pending.notify_fd, pending.notif_id):
-                self.forget_pending(fd)
-
-    def forget_pending(self, fd):
-        pending = self.pending.pop(fd)
-        self.unwatch(fd)
-        os.set_blocking(fd, True)
-        pending.sock.close()
-
     # -- signals and the loop ------------------------------------------------
-
-    def format_counters(self, container):
-        return " ".join("%s=%d" % item for item in container.counters.items())
 
     def log_counters(self):
         if not self.containers:
             log.warning("no containers")
         for container in self.containers.values():
-            log.warning("container %s: %s", container.id[:12], self.format_counters(container))
+            log.warning("container %s: %s", container.short_id, container.format_counters())
 
     def stop(self):
         self.running = False
@@ -1669,9 +1889,9 @@ class Daemon(Switcher):
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             signal.signal(signum, lambda *_: None)
-        self.watch(rfd, select.EPOLLIN, self.on_signals)
+        self.events.watch(rfd, select.EPOLLIN, self.on_signals)
         if exit_fd is not None:
-            self.watch(exit_fd, select.EPOLLIN | select.EPOLLHUP, lambda ev: self.on_exit_fd(exit_fd))
+            self.events.watch(exit_fd, select.EPOLLIN | select.EPOLLHUP, lambda _events: self.on_exit_fd(exit_fd))
 
     def on_signals(self, _events):
         try:
@@ -1698,42 +1918,27 @@ class Daemon(Switcher):
         self.stop()
 
     def run(self):
+        switcher = self.switcher
         next_sweep = 0.0
         while self.running:
-            timeout = -1
-            if self.pending or self.reservations.unheld():
-                timeout = 1.0
-                if self.timers:
-                    timeout = max(0.0, min(timeout, self.timers[0][0] - time.monotonic()))
-            try:
-                events = self.epoll.poll(timeout)
-            except InterruptedError:
-                continue
-            for fd, mask in events:
-                handler = self.handlers.get(fd)
-                if handler is not None:
-                    try:
-                        handler(mask)
-                    except Exception:  # a bug must cost one event, never the daemon
-                        log.exception("internal error on fd %d", fd)
-            if timeout < 0:
-                continue
-            now = time.monotonic()
-            while self.timers and self.timers[0][0] <= now:
-                self.finish_connect(heapq.heappop(self.timers)[1], timed_out=True)
-            if now >= next_sweep:
-                next_sweep = now + 1.0
-                self.sweep_pending()
-                self.reservations.retry()
+            housekeeping = switcher.pending or switcher.reservations.unheld()
+            self.events.run_once(self.HOUSEKEEPING if housekeeping else -1)
+            if housekeeping:
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + self.HOUSEKEEPING
+                    switcher.sweep_pending()
+                    switcher.reservations.retry()
 
     def close(self):
-        self.reservations.close()
-        for pending in self.pending.values():
-            pending.sock.close()
+        switcher = self.switcher
+        switcher.reservations.close()
+        for pending in list(switcher.pending):
+            switcher.forget_pending(pending).close()
         for fd in list(self.notify_owner):
             os.close(fd)
-        for thread in self.threads.values():
-            thread.close()
+        for tid in list(switcher.threads):
+            switcher.forget_thread(tid)
         if self.signal_pipe:
             signal.set_wakeup_fd(-1)
             for fd in self.signal_pipe:
@@ -1744,7 +1949,7 @@ class Daemon(Switcher):
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
-        self.epoll.close()
+        self.events.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1813,7 +2018,7 @@ def main(argv=None):
     daemon = Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports)
     try:
         daemon.check_kernel()
-        daemon.reservations.reserve_all()
+        daemon.switcher.reservations.reserve_all()
         daemon.listen()
     except (Error, OSError) as e:
         print("bypass4netns.py: error: %s" % e, file=sys.stderr)

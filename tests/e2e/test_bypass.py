@@ -284,11 +284,18 @@ def test_switched_socket_keeps_options_and_flags(testbed, daemon, http, udp_echo
     assert seen["local"] == host_ip and native["local"] != host_ip, "not bypassed"
     assert seen["after"] == seen["before"] == native["after"]
     assert seen["nonblocking"] and seen["cloexec"]
-    # Non-blocking connect, then the repeated ones, answer as they do without the tool.
-    for key in ("first", "so_error", "again"):
-        assert seen[key] == native[key], key
+    # Non-blocking connect, then the repeated ones, answer as they do without the tool; except
+    # that a TCP connect the daemon saw complete is answered 0 (POSIX allows it, and it saves
+    # the second trapped connect that APR and others make), after which the kernel answers
+    # EISCONN, as after any connect that returned 0.
+    if kind == "tcp" and seen["first"] == 0:
+        assert native["first"] == errno.EINPROGRESS and native["again"] == [0, errno.EISCONN]
+        assert seen["so_error"] == 0 and seen["again"] == [errno.EISCONN, errno.EISCONN]
+    else:
+        for key in ("first", "so_error", "again"):
+            assert seen[key] == native[key], key
     if kind == "tcp":
-        assert seen["first"] == errno.EINPROGRESS and seen["again"][-1] == errno.EISCONN
+        assert seen["again"][-1] == errno.EISCONN
 
 
 def test_asyncio_client(testbed, daemon, http):

@@ -26,27 +26,41 @@ def sockaddr_in6(ip, port, scope=0):
             + struct.pack("=I", scope))
 
 
+def dest(ip, port):
+    """parse_sockaddr's tuple for an address written as text."""
+    address = ipaddress.ip_address(ip)
+    return address.version, int(address), port
+
+
+def reason(ip, networks=(), auto=()):
+    """destination_reason as a log shows it, or None to bypass."""
+    why, network = b4ns.destination_reason(dest(ip, 1), b4ns.compile_networks(networks),
+                                           b4ns.compile_networks(auto))
+    return None if why is None else b4ns.describe_reason(why, network)
+
+
 # -- sockaddr decoding ------------------------------------------------------
 
 def test_decode_ipv4():
-    assert b4ns.decode_sockaddr(sockaddr_in("198.18.0.1", 5201)) == (ipaddress.ip_address("198.18.0.1"), 5201)
+    assert b4ns.parse_sockaddr(sockaddr_in("198.18.0.1", 5201)) == dest("198.18.0.1", 5201)
 
 
 def test_decode_ipv6():
-    assert b4ns.decode_sockaddr(sockaddr_in6("2001:db8::1", 80)) == (ipaddress.ip_address("2001:db8::1"), 80)
+    assert b4ns.parse_sockaddr(sockaddr_in6("2001:db8::1", 80)) == dest("2001:db8::1", 80)
 
 
 def test_decode_v4_mapped_is_judged_as_ipv4():
-    ip, port = b4ns.decode_sockaddr(sockaddr_in6("::ffff:127.0.0.1", 22))
-    assert ip == ipaddress.ip_address("127.0.0.1") and port == 22
-    assert b4ns.ignore_reason(ip, []) == "loopback"
+    decoded = b4ns.parse_sockaddr(sockaddr_in6("::ffff:127.0.0.1", 22))
+    assert decoded == dest("127.0.0.1", 22)
+    assert b4ns.destination_reason(decoded, ())[0] is b4ns.LOOPBACK
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x02", sockaddr_in("1.2.3.4", 1)[:8],
                                  struct.pack("=H", socket.AF_UNSPEC) + bytes(14),
-                                 struct.pack("=H", socket.AF_UNIX) + b"/tmp/x\0"])
+                                 struct.pack("=H", socket.AF_UNIX) + b"/tmp/x\0",
+                                 sockaddr_in6("2001:db8::1", 80)[:20]])
 def test_decode_rejects_what_is_not_an_ip_destination(raw):
-    assert b4ns.decode_sockaddr(raw) is None
+    assert b4ns.parse_sockaddr(raw) is None
 
 
 def test_sockaddr_to_tuple_keeps_scope_and_port():
@@ -54,23 +68,45 @@ def test_sockaddr_to_tuple_keeps_scope_and_port():
     assert b4ns.sockaddr_to_tuple(sockaddr_in("198.18.0.1", 53)) == ("198.18.0.1", 53)
 
 
+def test_format_destination():
+    assert b4ns.format_destination(dest("198.18.0.1", 80)) == "198.18.0.1:80"
+    assert b4ns.format_destination(dest("2001:db8::1", 443)) == "[2001:db8::1]:443"
+    assert b4ns.format_destination(None) == "-"
+
+
 # -- what is never bypassed --------------------------------------------------
 
-@pytest.mark.parametrize("addr", ["127.0.0.1", "127.255.0.9", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1",
-                                  "::ffff:0.0.0.0", "fe80::1"])
-def test_container_only_addresses_are_never_bypassed(addr):
+@pytest.mark.parametrize("addr,why", [("127.0.0.1", "loopback"), ("127.255.0.9", "loopback"), ("::1", "loopback"),
+                                      ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+                                      ("::ffff:127.0.0.1", "loopback"), ("::ffff:0.0.0.0", "unspecified"),
+                                      ("fe80::1", "link-local"), ("febf::1", "link-local")])
+def test_container_only_addresses_are_never_bypassed(addr, why):
     raw = sockaddr_in6(addr, 1) if ":" in addr else sockaddr_in(addr, 1)
-    ip, _port = b4ns.decode_sockaddr(raw)
-    assert b4ns.ignore_reason(ip, []) is not None
+    assert b4ns.describe_reason(*b4ns.destination_reason(b4ns.parse_sockaddr(raw), ())) == why
+
+
+@pytest.mark.parametrize("addr", ["198.18.0.1", "2001:db8::1", "fec0::1", "128.0.0.1", "1.0.0.0"])
+def test_other_addresses_are_bypassed(addr):
+    assert reason(addr) is None
 
 
 def test_ignore_networks():
     nets, auto = b4ns.parse_ignore(["10.0.0.0/8,192.168.0.0/16", "auto", "2001:db8:ff::/48"])
     assert auto
-    assert b4ns.ignore_reason(ipaddress.ip_address("10.0.2.3"), nets) == "ignored 10.0.0.0/8"
-    assert b4ns.ignore_reason(ipaddress.ip_address("2001:db8:ff::1"), nets) == "ignored 2001:db8:ff::/48"
-    assert b4ns.ignore_reason(ipaddress.ip_address("198.18.0.1"), nets) is None
-    assert b4ns.ignore_reason(ipaddress.ip_address("2001:db8::1"), nets) is None
+    assert reason("10.0.2.3", nets) == "ignored 10.0.0.0/8"
+    assert reason("2001:db8:ff::1", nets) == "ignored 2001:db8:ff::/48"
+    assert reason("198.18.0.1", nets) is None
+    assert reason("2001:db8::1", nets) is None
+    # An IPv6 socket's v4-mapped destination is judged as the IPv4 address it carries.
+    assert b4ns.destination_reason(b4ns.parse_sockaddr(sockaddr_in6("::ffff:10.1.2.3", 1)),
+                                   b4ns.compile_networks(nets))[0] is b4ns.IGNORED
+
+
+def test_auto_networks_are_told_apart():
+    auto = [ipaddress.ip_network("10.0.2.0/24")]
+    assert reason("10.0.2.3", (), auto) == "auto-ignored 10.0.2.0/24"
+    assert reason("10.0.3.3", (), auto) is None
+    assert reason("10.0.2.3", [ipaddress.ip_network("10.0.0.0/8")], auto) == "ignored 10.0.0.0/8"
 
 
 @pytest.mark.parametrize("value", ["10.0.0.0/33", "banana", "1.2.3.4/8/9"])
@@ -253,7 +289,7 @@ def test_exit_fd_stops_the_daemon(tmp_path):
 def test_encode_sockaddr_round_trips_and_maps_ipv4_into_ipv6():
     for family, ip in ((socket.AF_INET, "198.18.0.1"), (socket.AF_INET6, "2001:db8::1")):
         raw = b4ns.encode_sockaddr(family, ipaddress.ip_address(ip), 8080)
-        assert b4ns.decode_sockaddr(raw) == (ipaddress.ip_address(ip), 8080)
+        assert b4ns.parse_sockaddr(raw) == dest(ip, 8080)
     mapped = b4ns.encode_sockaddr(socket.AF_INET6, ipaddress.ip_address("127.0.0.1"), 80)
     assert b4ns.sockaddr_to_tuple(mapped)[0] == "::ffff:127.0.0.1"
     assert b4ns.encode_sockaddr(socket.AF_INET, ipaddress.ip_address("::1"), 80) is None
