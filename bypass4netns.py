@@ -138,20 +138,34 @@ NO_LOOPBACK_FILTER = (
 )
 
 # The trapped syscalls, one row each: the dispatch tables, the i386
-# socketcall(2) numbers and the profile's rules (seccomp-gen.py reads
-# SECCOMP_NOTIFY_RULES) all derive from it.  A notification of any other
-# arch or number is never decoded: it continues untouched.
-CONNECT, BIND, SENDTO, SENDMSG, SENDMMSG = "connect", "bind", "sendto", "sendmsg", "sendmmsg"
+# socketcall(2) numbers and the profiles' rules (seccomp-gen.py reads
+# SECCOMP_NOTIFY_RULES and SECCOMP_NOTIFY_RULES_UDP) all derive from it.  A
+# notification of any other arch or number is never decoded: it continues
+# untouched.
+CONNECT, BIND, LISTEN, SENDTO, SENDMSG, SENDMMSG = "connect", "bind", "listen", "sendto", "sendmsg", "sendmmsg"
 SOCKETCALL = "socketcall"
 SYS_SOCKETCALL_I386 = 102                   # i386's multiplexer, which libseccomp traps too
+
+
+def _flag_set(index, flag):
+    """An OCI seccomp filter: argument `index` has `flag` set (value is the mask, valueTwo the datum)."""
+    return ({"index": index, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"},)
+
+
+_WITH_DESTINATION = ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)
+# Two profiles: the default one switches TCP only, so that no send waits for
+# the daemon but the TCP Fast Open ones, which would connect a host socket
+# whose own connect failed; `seccomp-gen.py --udp` traps every send that can
+# carry a destination, which switched UDP sockets need (the daemon performs
+# those sends itself, after checking the destination).
 TRAPS = (
-    # name      x86_64  i386  x32  generic  arm  socketcall  argc  profile filter (all must match)
-    (CONNECT,       42,  362,  42,     203, 283,          3,    3, ()),
-    (BIND,          49,  361,  49,     200, 282,          2,    3, ()),
-    (SENDTO,        44,  369,  44,     206, 290,         11,    6,
-     ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)),  # only with a destination
-    (SENDMSG,       46,  370, 518,     211, 296,         16,    3, ()),
-    (SENDMMSG,     307,  345, 538,     269, 374,         20,    4, ()),
+    # name      x86_64  i386  x32  generic  arm  socketcall  argc  default profile             --udp profile
+    (CONNECT,       42,  362,  42,     203, 283,          3,    3, (),                         ()),
+    (BIND,          49,  361,  49,     200, 282,          2,    3, (),                         ()),
+    (LISTEN,        50,  363,  50,     201, 284,          4,    2, (),                         ()),
+    (SENDTO,        44,  369,  44,     206, 290,         11,    6, _flag_set(3, MSG_FASTOPEN), _WITH_DESTINATION),
+    (SENDMSG,       46,  370, 518,     211, 296,         16,    3, _flag_set(2, MSG_FASTOPEN), ()),
+    (SENDMMSG,     307,  345, 538,     269, 374,         20,    4, _flag_set(3, MSG_FASTOPEN), ()),
 )
 _TRAP_COLUMNS = {AUDIT_ARCH_X86_64: (1, 8), AUDIT_ARCH_I386: (2, 4), AUDIT_ARCH_AARCH64: (4, 8),
                  AUDIT_ARCH_RISCV64: (4, 8), AUDIT_ARCH_ARM: (5, 4)}
@@ -160,9 +174,13 @@ SYSCALL_NUMBERS = {arch: ({row[0]: row[column] for row in TRAPS}, ptr)
                    for arch, (column, ptr) in _TRAP_COLUMNS.items()}
 X32_NUMBERS = {row[0]: row[3] for row in TRAPS}
 SOCKETCALLS = {row[6]: (row[0], row[7]) for row in TRAPS}   # call number -> (name, argc)
-SECCOMP_NOTIFY_RULES = tuple((row[0], row[8]) for row in TRAPS) + (
-    (SOCKETCALL, ()),  # i386 only: its calls carry their arguments in memory
-)
+_SOCKETCALL_RULE = ((SOCKETCALL, ()),)  # i386 only: its calls carry their arguments in memory
+SECCOMP_NOTIFY_RULES = tuple((row[0], row[8]) for row in TRAPS) + _SOCKETCALL_RULE
+SECCOMP_NOTIFY_RULES_UDP = tuple((row[0], row[9]) for row in TRAPS) + _SOCKETCALL_RULE
+# In a profile's listenerMetadata (which the runtime passes on with each
+# container): the profile traps every send with a destination, so the daemon
+# may switch UDP sockets.  Without it, UDP sockets stay in the container.
+UDP_METADATA = "bypass4netns:udp"
 
 # seccomp(2) itself, for SECCOMP_GET_NOTIF_SIZES, by `uname -m`.
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "i686": 354,
@@ -835,11 +853,12 @@ class Call:
     reread memory that another thread may have changed since the check.
     """
 
-    __slots__ = ("notify_fd", "id", "tid", "args", "container", "ptr", "answered", "deferred",
+    __slots__ = ("filter", "notify_fd", "container", "id", "tid", "args", "ptr", "answered", "deferred",
                  "read_memory", "args_in_memory", "installed")
 
-    def __init__(self, notify_fd, container, notif_id, tid, args):
-        self.notify_fd, self.container, self.id, self.tid, self.args = notify_fd, container, notif_id, tid, args
+    def __init__(self, seccomp_filter, notif_id, tid, args):
+        self.filter, self.notify_fd, self.container = seccomp_filter, seccomp_filter.notify_fd, seccomp_filter.container
+        self.id, self.tid, self.args = notif_id, tid, args
         self.ptr = 8
         self.answered = self.deferred = False
         self.read_memory = False     # a pointer of the target's was followed
@@ -885,8 +904,12 @@ class Call:
         """
         if notif_id_valid(self.notify_fd, self.id):
             return True
-        self.answered = True
+        self.abandon()
         return False
+
+    def abandon(self):
+        """The target stopped waiting (interrupted, or gone): there is nobody to answer."""
+        self.answered = True
 
 
 class PendingConnect:
@@ -910,14 +933,14 @@ class PendingConnect:
 class Switcher:
     """The handlers of the trapped syscalls, one per syscall, and what they share.
 
-    `events` is the daemon loop's Events: the switcher watches thread pidfds
-    and pending connects there.
+    `events` is the loop's Events: the switcher watches thread pidfds and
+    pending connects there.
     """
 
-    def __init__(self, events, ignore, auto, publish, debug=False, reserve_ports=True):
+    def __init__(self, events, ignore, auto, publish, ports, debug=False):
         self.events = events
         self.networks, self.auto, self.publish = compile_networks(ignore), auto, publish
-        self.reservations = Reservations(publish.values(), reserve_ports)
+        self.ports = ports          # Reservations, or a worker's PortBroker: release(), take()
         self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
         self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
@@ -936,6 +959,7 @@ class Switcher:
 
     def handle(self, call, arch, nr):
         """Answer one notification, exactly once, whatever happens in its handler."""
+        call.container.counters["notifications"] += 1
         entry = self.dispatch.get((arch, nr))
         if entry is None:
             if arch == AUDIT_ARCH_I386 and nr == SYS_SOCKETCALL_I386:
@@ -1190,6 +1214,8 @@ class Switcher:
         proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
         if (kind, proto) not in _BYPASSABLE:
             return "container (not TCP or UDP)"
+        if kind == socket.SOCK_DGRAM and not call.filter.udp:
+            return "container (UDP: the profile was not made with --udp)"
         try:
             result = self.switch(call, sock, kind, proto, raw, own_service)
         except NotSwitched as why:
@@ -1234,7 +1260,8 @@ class Switcher:
         try:
             flags = self.fd_flags(call)
         except OSError:
-            return None  # the fd is gone: the target is going away
+            call.fail(errno.EBADF)  # another thread closed the fd: as the kernel would answer
+            return None
         host = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
         try:
             for level, name, value in diffs:
@@ -1261,7 +1288,7 @@ class Switcher:
             if result == 0 and not nonblocking:
                 host.setblocking(True)
             if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
-                call.answered = True  # the target is gone: nobody waits
+                call.abandon()
                 return None
             call.installed = True
             if result == -errno.EINPROGRESS and not nonblocking:
@@ -1381,10 +1408,19 @@ class Switcher:
                 return
             dest = parse_sockaddr(raw)
             kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-            mapping = None
+            mapping, outcome = None, "container"
             if dest is not None and destination_reason(dest, ())[0] is not LOOPBACK:
                 mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2]))
-            outcome = "container"
+            if mapping is not None and kind == socket.SOCK_DGRAM and not call.filter.udp:
+                # A published UDP socket sends wherever it is told: only the
+                # send traps of a --udp profile keep it off the host's loopback.
+                mapping = None
+                outcome = "container (UDP: the profile was not made with --udp)"
+                if not call.container.warned_udp_publish:
+                    call.container.warned_udp_publish = True
+                    log.warning("container %s: UDP ports are published only for containers whose profile "
+                                "was made with seccomp-gen.py --udp; its UDP binds stay in the container",
+                                call.container.short_id)
             if mapping is not None:
                 proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
                 if (kind, proto) in _BYPASSABLE:
@@ -1423,18 +1459,54 @@ class Switcher:
                 except OSError as e:
                     raise NotSwitched("option %d/%d not settable on the host: %s"
                                       % (level, name, e.strerror)) from None
-            self.reservations.release(mapping)
+            self.ports.release(mapping)
             result = sock_call(_libc.bind, host.fileno(), raw, len(raw))
             if result < 0:
-                self.reservations.take(mapping)
+                self.ports.take(mapping)
                 return result
             if flags & os.O_NONBLOCK:
                 host.setblocking(False)
             if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
-                call.answered = True
+                call.abandon()
                 return None
             call.installed = True
             return 0
+
+    # -- listen ------------------------------------------------------------
+
+    def on_listen(self, call):
+        """listen() on a switched socket only where a published port put it.
+
+        A host socket whose connect failed is not connected: listen() would
+        open a listener in the host's namespace, on every host address, at a
+        port the kernel picks.  That is refused (EOPNOTSUPP).  A published
+        socket listens, the daemon doing it on the very socket it checked.
+        A socket in the container listens there, untouched.
+        """
+        sock = self.target_socket(call)
+        if sock is None:
+            return
+        with sock:
+            if not self.is_host_socket(sock):
+                self.let_run(call)
+                return
+            bound = sock.getsockname()
+            if self.published_at(bound[0], bound[1]):
+                call.result(sock_call(_libc.listen, sock.fileno(), ctypes.c_int(call.args[1] & 0xFFFFFFFF)))
+                return
+            call.container.counters["refused"] += 1
+            if self.debug:
+                self.debug_decision(call, "listen", None, "refused: switched, not a published port")
+            call.fail(errno.EOPNOTSUPP)
+
+    def published_at(self, host_ip, host_port):
+        """Whether a TCP mapping publishes (host_ip, host_port) on the host."""
+        for mapping in self.publish.values():
+            if mapping.proto == _TCP and mapping.host_port == host_port and (
+                    mapping.host_ip is None or str(mapping.host_ip) == host_ip.split("%")[0]
+                    or "::ffff:%s" % mapping.host_ip == host_ip):
+                return True
+        return False
 
     # -- sends with a destination -------------------------------------------
 
@@ -1613,10 +1685,11 @@ class Container:
         self.short_id = cid[:12]
         self.notify_fds = set()
         self.counters = dict.fromkeys(("bypassed", "container", "published", "refused",
-                                       "emulated_sends", "errors"), 0)
+                                       "emulated_sends", "errors", "notifications"), 0)
         self.auto_nets = ()
         self.auto_read = -1e9
         self.warned_socketcall = False
+        self.warned_udp_publish = False
 
     def auto_networks(self, tid):
         """The container's own subnets (compiled), read from its network namespace through /proc."""
@@ -1635,6 +1708,18 @@ class Container:
 
     def format_counters(self):
         return " ".join("%s=%d" % item for item in self.counters.items())
+
+
+class Filter:
+    """One seccomp filter of a container (one notify fd): a process the runtime started and its
+    descendants, and what the profile it loaded promises."""
+
+    __slots__ = ("notify_fd", "container", "udp")
+
+    def __init__(self, notify_fd, container, metadata):
+        self.notify_fd, self.container = notify_fd, container
+        # The profile traps every send with a destination: UDP sockets may be switched.
+        self.udp = UDP_METADATA in str(metadata or "").split()
 
 
 # ---------------------------------------------------------------------------
@@ -1711,21 +1796,190 @@ class Events:
         self.epoll.close()
 
 
-class Daemon:
-    """Accepts the runtimes' messages and feeds every container's notifications to its Switcher."""
+class Server:
+    """Answers the notifications of the filters it is given, in one process.
 
-    HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
+    A single-process daemon has one, on its own loop; with --workers, each
+    worker process runs one.  Containers never span servers: every filter of
+    a container goes to the same one, so its counters and settings live in
+    one place.
+    """
 
-    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True):
-        self.socket_path = socket_path
-        self.events = Events()
-        self.switcher = Switcher(self.events, ignore, auto, publish, debug, reserve_ports)
+    def __init__(self, events, switcher):
+        self.events, self.switcher = events, switcher
         self.containers = {}        # OCI id -> Container
-        self.notify_owner = {}      # notify fd -> Container
+        self.filters = {}           # notify fd -> Filter
+        self.notif = bytearray(_NOTIF.size)
+
+    def add_filter(self, notify_fd, cid, pid, metadata):
+        """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`."""
+        container = self.containers.get(cid)
+        if container is None:
+            container = self.containers[cid] = Container(cid)
+        container.notify_fds.add(notify_fd)
+        seccomp_filter = self.filters[notify_fd] = Filter(notify_fd, container, metadata)
+        try:
+            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+        except OSError:
+            pass  # kernels before 6.6: wake-ups are just slower
+        os.set_blocking(notify_fd, False)
+        self.events.watch(notify_fd, select.EPOLLIN, lambda events: self.on_notify(notify_fd, events))
+        log.info("container %s: process %s registered%s", container.short_id, pid,
+                 " (UDP switching on)" if seccomp_filter.udp else "")
+
+    def drop_filter(self, notify_fd):
+        """Every process of this filter has exited: free what it held."""
+        container = self.filters.pop(notify_fd).container
+        self.events.unwatch(notify_fd)
+        self.switcher.forget_notify_fd(notify_fd)
+        os.close(notify_fd)
+        container.notify_fds.discard(notify_fd)
+        if not container.notify_fds:
+            del self.containers[container.id]
+            log.info("container %s: gone (%s)", container.short_id, container.format_counters())
+
+    def on_notify(self, notify_fd, events):
+        """One notification per wake-up (epoll is level-triggered: the next one wakes us
+        again), which keeps the loop fair between containers."""
+        if events & select.EPOLLIN:
+            buffer = self.notif
+            buffer[:] = _ZERO_NOTIF
+            try:
+                notif_id, tid, _flags, nr, arch, _ip, *args = notif_recv(notify_fd, buffer)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                # ENOENT: the target was interrupted or died before we read it.
+                # Never RECV again here: with no target left it would
+                # answer ENOENT forever (RECV ignores O_NONBLOCK).
+                if e.errno != errno.ENOENT:
+                    raise
+            else:
+                self.switcher.handle(Call(self.filters[notify_fd], notif_id, tid, args), arch, nr)
+        if events & (select.EPOLLHUP | select.EPOLLERR):
+            self.drop_filter(notify_fd)
+
+    def log_counters(self):
+        for container in self.containers.values():
+            log.warning("container %s: %s", container.short_id, container.format_counters())
+
+    def refresh_auto(self):
+        for container in self.containers.values():
+            container.auto_read = -1e9
+
+    def close(self):
+        switcher = self.switcher
+        for pending in list(switcher.pending):
+            switcher.forget_pending(pending).close()
+        for fd in list(self.filters):
+            self.events.unwatch(fd)
+            os.close(fd)
+        self.filters.clear()
+        for tid in list(switcher.threads):
+            switcher.forget_thread(tid)
+
+
+class PortBroker:
+    """The published ports as a worker sees them: the parent holds them and lets one go on request.
+
+    Requests are synchronous (a published bind waits for the parent's
+    answer): they happen once per server socket, not per connection.
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def release(self, mapping):
+        self.ask("release", mapping)
+
+    def take(self, mapping):
+        self.ask("take", mapping)
+
+    def ask(self, what, mapping):
+        self.channel.sendall(json.dumps([what] + mapping_key(mapping)).encode())
+        if self.channel.recv(16) != b"ok":
+            raise OSError(errno.EPIPE, "the parent process is gone")
+
+
+def mapping_key(mapping):
+    """A PortMapping's host side as JSON-able values: [proto, host port, host IP or None]."""
+    return [mapping.proto, mapping.host_port, None if mapping.host_ip is None else str(mapping.host_ip)]
+
+
+class Worker:
+    """The parent's handle on one worker process and what it serves."""
+
+    __slots__ = ("index", "pid", "pidfd", "handoff", "requests", "containers")
+
+    def __init__(self, index, pid, pidfd, handoff, requests):
+        self.index, self.pid, self.pidfd = index, pid, pidfd
+        self.handoff = handoff      # notify fds go to the worker here (SCM_RIGHTS)
+        self.requests = requests    # the worker's PortBroker asks here
+        self.containers = set()     # OCI ids routed to it
+
+    def hand(self, handed):
+        """Send one filter (a Handed) to the worker."""
+        message = json.dumps({"id": handed.cid, "pid": handed.pid, "metadata": handed.metadata}).encode()
+        self.handoff.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", handed.notify_fd))])
+
+    def close(self):
+        for channel in (self.handoff, self.requests):
+            channel.close()
+        os.close(self.pidfd)
+
+
+class Handed:
+    """A filter the parent handed to a worker: the parent keeps the notify fd, to hand it again."""
+
+    __slots__ = ("notify_fd", "cid", "pid", "metadata", "worker")
+
+    def __init__(self, notify_fd, cid, pid, metadata, worker):
+        self.notify_fd, self.cid, self.pid, self.metadata, self.worker = notify_fd, cid, pid, metadata, worker
+
+
+PR_SET_PDEATHSIG = 1                        # prctl: a signal when the parent dies
+
+
+def run_loop(events, running, housekeeping, due):
+    """Turn `events` while running(); every HOUSEKEEPING seconds while due(), call housekeeping()."""
+    next_time = 0.0
+    while running():
+        busy = due()
+        events.run_once(HOUSEKEEPING if busy else -1)
+        if busy:
+            now = time.monotonic()
+            if now >= next_time:
+                next_time = now + HOUSEKEEPING
+                housekeeping()
+
+
+HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
+
+
+class Daemon:
+    """Accepts the runtimes' messages and has their notifications served.
+
+    With one worker, by a Server on its own loop; with more, by forked
+    worker processes: the daemon (their parent) keeps every notify fd, hands
+    each container to one worker, replaces a worker that dies and hands it
+    the same filters, and holds the published ports for them all.
+    """
+
+    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1):
+        self.socket_path = socket_path
+        self.settings = (ignore, auto, publish, debug)
+        self.events = Events()
+        self.reservations = Reservations(publish.values(), reserve_ports)
+        self.worker_count = workers
+        self.workers = []
+        self.handed = {}            # notify fd -> Handed (with workers)
+        self.routes = {}            # OCI id -> Worker (with workers)
+        self.server = None
+        if workers == 1:
+            self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, self.reservations, debug))
         self.running = True
         self.listener = None
         self.signal_pipe = None
-        self.notif = bytearray(_NOTIF.size)
 
     def check_kernel(self):
         sizes = get_notif_sizes()
@@ -1826,123 +2080,198 @@ class Daemon:
         for fd in fds:
             if fd != notify_fd:
                 os.close(fd)
-        container = self.containers.get(cid)
-        if container is None:
-            container = self.containers[cid] = Container(cid)
-        container.notify_fds.add(notify_fd)
-        self.notify_owner[notify_fd] = container
-        try:
-            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
-        except OSError:
-            pass  # kernels before 6.6: wake-ups are just slower
-        os.set_blocking(notify_fd, False)
-        self.events.watch(notify_fd, select.EPOLLIN, lambda events, fd=notify_fd: self.on_notify(fd, events))
-        log.info("container %s: process %s registered", container.short_id, message.get("pid"))
+        if self.server is not None:
+            self.server.add_filter(notify_fd, cid, message.get("pid"), message.get("metadata"))
+            return
+        worker = self.routes.get(cid)
+        if worker is None:
+            worker = self.routes[cid] = min(self.workers, key=lambda w: len(w.containers))
+            worker.containers.add(cid)
+        handed = self.handed[notify_fd] = Handed(notify_fd, cid, message.get("pid"), message.get("metadata"), worker)
+        # Watched for the end of the filter only: no EPOLLIN, so that its
+        # notifications wake the worker alone.
+        self.events.watch(notify_fd, 0, lambda _events: self.on_filter_gone(notify_fd))
+        worker.hand(handed)
 
-    def drop_notify_fd(self, notify_fd):
-        """Every process of this filter has exited: free what it held."""
-        container = self.notify_owner.pop(notify_fd)
+    def on_filter_gone(self, notify_fd):
+        """A filter every process of which has exited: its worker frees it too."""
         self.events.unwatch(notify_fd)
-        self.switcher.forget_notify_fd(notify_fd)
         os.close(notify_fd)
-        container.notify_fds.discard(notify_fd)
-        if not container.notify_fds:
-            del self.containers[container.id]
-            log.info("container %s: gone (%s)", container.short_id, container.format_counters())
+        handed = self.handed.pop(notify_fd)
+        if not any(other.cid == handed.cid for other in self.handed.values()):
+            del self.routes[handed.cid]
+            handed.worker.containers.discard(handed.cid)
 
-    def on_notify(self, notify_fd, events):
-        """One notification per wake-up (epoll is level-triggered: the next one wakes us
-        again), which keeps the loop fair between containers."""
-        if events & select.EPOLLIN:
-            buffer = self.notif
-            buffer[:] = _ZERO_NOTIF
+    def container_count(self):
+        return len(self.server.containers) if self.server is not None else len(self.routes)
+
+    # -- workers -------------------------------------------------------------
+
+    def start_workers(self):
+        if self.worker_count > 1:
+            self.workers = [self.spawn_worker(index) for index in range(self.worker_count)]
+
+    def spawn_worker(self, index):
+        handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        requests, requests_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns from here
+            status = 1
             try:
-                notif_id, tid, _flags, nr, arch, _ip, *args = notif_recv(notify_fd, buffer)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as e:
-                # ENOENT: the target was interrupted or died before we read it.
-                # Never RECV again here: with no target left it would
-                # answer ENOENT forever (RECV ignores O_NONBLOCK).
-                if e.errno != errno.ENOENT:
-                    raise
+                self.become_worker(parent, handoff_end, requests_end)
+                status = 0
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(status)
+        handoff_end.close()
+        requests_end.close()
+        worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
+        self.events.watch(worker.pidfd, select.EPOLLIN, lambda _events: self.on_worker_exit(worker))
+        self.events.watch(requests.fileno(), select.EPOLLIN, lambda _events: self.on_port_request(worker))
+        log.info("worker %d: pid %d", index, pid)
+        return worker
+
+    def become_worker(self, parent, handoff, requests):
+        """In a forked worker: drop what is the parent's, then serve what the parent hands over."""
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            return  # the parent died before the prctl: nothing to serve
+        signal.set_wakeup_fd(-1)
+        keep = {0, 1, 2, handoff.fileno(), requests.fileno()}
+        keep.update(h.stream.fileno() for h in log.handlers if getattr(h, "stream", None) is not None)
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) not in keep:
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass  # the listing's own fd
+        ignore, auto, publish, debug = self.settings
+        events = Events()
+        server = Server(events, Switcher(events, ignore, auto, publish, PortBroker(requests), debug))
+        state = {"running": True}
+
+        def on_handoff(_events):
+            data, fds = recv_with_fds(handoff, 1)
+            if not data:
+                state["running"] = False  # the parent is gone
+                return
+            message = json.loads(data)
+            server.add_filter(fds[0], message["id"], message["pid"], message["metadata"])
+
+        def on_signal(signum):
+            if signum == signal.SIGUSR1:
+                server.log_counters()
+            elif signum == signal.SIGHUP:
+                server.refresh_auto()
             else:
-                self.switcher.handle(Call(notify_fd, self.notify_owner[notify_fd], notif_id, tid, args), arch, nr)
-        if events & (select.EPOLLHUP | select.EPOLLERR):
-            self.drop_notify_fd(notify_fd)
+                state["running"] = False
+        events.watch(handoff.fileno(), select.EPOLLIN, on_handoff)
+        signal_pipe = watch_signals(events, on_signal)
+        try:
+            run_loop(events, lambda: state["running"], server.switcher.sweep_pending,
+                     lambda: bool(server.switcher.pending))
+        finally:
+            server.close()
+            close_signal_pipe(signal_pipe)
+
+    def on_worker_exit(self, worker):
+        """A worker died: reap it and, unless stopping, hand its filters to a new one."""
+        _pid, status = os.waitpid(worker.pid, 0)
+        self.events.unwatch(worker.pidfd)
+        self.events.unwatch(worker.requests.fileno())
+        worker.close()
+        if not self.running:
+            return
+        log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
+        new = self.workers[worker.index] = self.spawn_worker(worker.index)
+        for cid in worker.containers:
+            self.routes[cid] = new
+        new.containers = worker.containers
+        for handed in self.handed.values():
+            if handed.worker is worker:
+                handed.worker = new
+                new.hand(handed)
+
+    def on_port_request(self, worker):
+        try:
+            data = worker.requests.recv(1024)
+        except OSError:
+            return
+        if not data:
+            return  # the worker is gone: its pidfd says so
+        what, proto, port, ip = json.loads(data)
+        act = {"release": self.reservations.release, "take": self.reservations.take}[what]
+        for mapping in self.reservations.wanted:
+            if mapping_key(mapping) == [proto, port, ip]:
+                act(mapping)
+        worker.requests.send(b"ok")
+
+    def stop_workers(self):
+        for worker in self.workers:
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for worker in self.workers:
+            if not select.select([worker.pidfd], [], [], 5)[0]:
+                os.kill(worker.pid, signal.SIGKILL)
+            os.waitpid(worker.pid, 0)
+            worker.close()
+        self.workers = []
 
     # -- signals and the loop ------------------------------------------------
-
-    def log_counters(self):
-        if not self.containers:
-            log.warning("no containers")
-        for container in self.containers.values():
-            log.warning("container %s: %s", container.short_id, container.format_counters())
 
     def stop(self):
         self.running = False
 
-    def watch_signals(self, exit_fd=None):
-        """Signals and --exit-fd arrive as loop events: handlers run between notifications."""
-        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.signal_pipe = (rfd, wfd)
-        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-            signal.signal(signum, lambda *_: None)
-        self.events.watch(rfd, select.EPOLLIN, self.on_signals)
-        if exit_fd is not None:
-            self.events.watch(exit_fd, select.EPOLLIN | select.EPOLLHUP, lambda _events: self.on_exit_fd(exit_fd))
-
-    def on_signals(self, _events):
-        try:
-            signums = os.read(self.signal_pipe[0], 64)
-        except BlockingIOError:
+    def on_signal(self, signum):
+        if signum == signal.SIGUSR1:
+            if not self.container_count():
+                log.warning("no containers")
+        elif signum != signal.SIGHUP:
+            self.stop()
             return
-        for signum in signums:
-            if signum == signal.SIGUSR1:
-                self.log_counters()
-            elif signum == signal.SIGHUP:
-                for container in self.containers.values():
-                    container.auto_read = -1e9
-            else:
-                self.stop()
+        if self.server is not None:
+            (self.server.log_counters if signum == signal.SIGUSR1 else self.server.refresh_auto)()
+        for worker in self.workers:
+            os.kill(worker.pid, signum)
 
-    def on_exit_fd(self, exit_fd):
-        try:
-            if os.read(exit_fd, 4096):
+    def watch_exit_fd(self, exit_fd):
+        """--exit-fd: stop when it reaches end of file."""
+        def on_exit_fd(_events):
+            try:
+                if os.read(exit_fd, 4096):
+                    return
+            except BlockingIOError:
                 return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self.stop()
+            except OSError:
+                pass
+            self.stop()
+        self.events.watch(exit_fd, select.EPOLLIN | select.EPOLLHUP, on_exit_fd)
+
+    def watch_signals(self):
+        self.signal_pipe = watch_signals(self.events, self.on_signal)
 
     def run(self):
-        switcher = self.switcher
-        next_sweep = 0.0
-        while self.running:
-            housekeeping = switcher.pending or switcher.reservations.unheld()
-            self.events.run_once(self.HOUSEKEEPING if housekeeping else -1)
-            if housekeeping:
-                now = time.monotonic()
-                if now >= next_sweep:
-                    next_sweep = now + self.HOUSEKEEPING
-                    switcher.sweep_pending()
-                    switcher.reservations.retry()
+        def housekeeping():
+            if self.server is not None:
+                self.server.switcher.sweep_pending()
+            self.reservations.retry()
+        run_loop(self.events, lambda: self.running, housekeeping,
+                 lambda: bool(self.server and self.server.switcher.pending) or self.reservations.unheld())
 
     def close(self):
-        switcher = self.switcher
-        switcher.reservations.close()
-        for pending in list(switcher.pending):
-            switcher.forget_pending(pending).close()
-        for fd in list(self.notify_owner):
-            os.close(fd)
-        for tid in list(switcher.threads):
-            switcher.forget_thread(tid)
-        if self.signal_pipe:
-            signal.set_wakeup_fd(-1)
-            for fd in self.signal_pipe:
-                os.close(fd)
+        self.stop()
+        self.stop_workers()
+        if self.server is not None:
+            self.server.close()
+        for notify_fd in self.handed:
+            os.close(notify_fd)
+        self.handed.clear()
+        self.reservations.close()
+        close_signal_pipe(self.signal_pipe)
         if self.listener is not None:
             self.listener.close()
             try:
@@ -1950,6 +2279,38 @@ class Daemon:
             except FileNotFoundError:
                 pass
         self.events.close()
+
+
+def watch_signals(events, on_signal):
+    """SIGTERM, SIGINT, SIGUSR1 and SIGHUP as loop events: on_signal(signum) runs between
+    notifications.  Returns the pipe, for close_signal_pipe."""
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, lambda *_: None)
+
+    def on_readable(_events):
+        try:
+            signums = os.read(rfd, 64)
+        except BlockingIOError:
+            return
+        for signum in signums:
+            on_signal(signum)
+    events.watch(rfd, select.EPOLLIN, on_readable)
+    return rfd, wfd
+
+
+def close_signal_pipe(pipe):
+    if pipe:
+        signal.set_wakeup_fd(-1)
+        for fd in pipe:
+            os.close(fd)
+
+
+def describe_exit(status):
+    if os.WIFSIGNALED(status):
+        return "was killed by signal %d" % os.WTERMSIG(status)
+    return "exited with status %d" % os.WEXITSTATUS(status)
 
 
 # ---------------------------------------------------------------------------
@@ -1978,6 +2339,10 @@ def build_parser():
                              "brackets; repeatable)")
     parser.add_argument("--no-reserve-ports", dest="reserve_ports", action="store_false",
                         help="do not hold the published host ports while no container binds them")
+    parser.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
+                        help="processes that answer notifications, each serving its share of the "
+                             "containers (default: the CPUs this process may run on, at most %d: %%(default)s "
+                             "here; 1: one process does everything)" % MAX_DEFAULT_WORKERS)
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
     parser.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
     parser.add_argument("--debug", action="store_true", help="log every decision")
@@ -1986,6 +2351,23 @@ def build_parser():
     parser.add_argument("--exit-fd", type=int, metavar="FD", help="exit when FD reaches end of file")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
+
+
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers():
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS))
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("%r is not a positive integer" % text)
+    return value
 
 
 def main(argv=None):
@@ -2015,10 +2397,11 @@ def main(argv=None):
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.debug else logging.WARNING)
 
-    daemon = Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports)
+    daemon = Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
+                    workers=args.workers)
     try:
         daemon.check_kernel()
-        daemon.switcher.reservations.reserve_all()
+        daemon.reservations.reserve_all()
         daemon.listen()
     except (Error, OSError) as e:
         print("bypass4netns.py: error: %s" % e, file=sys.stderr)
@@ -2027,12 +2410,15 @@ def main(argv=None):
         with open(args.pid_file, "w") as f:
             f.write("%d\n" % os.getpid())
 
-    daemon.watch_signals(args.exit_fd)
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, b"1")
-        os.close(args.ready_fd)
-    log.info("listening on %s", path)
     try:
+        daemon.start_workers()
+        daemon.watch_signals()  # before --ready-fd: from then on a signal is an event
+        if args.exit_fd is not None:
+            daemon.watch_exit_fd(args.exit_fd)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"1")
+            os.close(args.ready_fd)
+        log.info("listening on %s", path)
         daemon.run()
     finally:
         daemon.close()

@@ -29,17 +29,40 @@ PROG = "seccomp-gen.py"
 # What bypass4netns answers
 # ---------------------------------------------------------------------------
 
-# A copy of bypass4netns.SECCOMP_NOTIFY_RULES for when this file runs alone
-# (piped, or copied elsewhere); a unit test fails if the two disagree.
-# Syscall name -> OCI seccomp "args" filters (all must match).
-EMBEDDED_NOTIFY_RULES = (
-    ("connect", ()),
-    ("bind", ()),
-    ("sendto", ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)),  # only with a destination address
-    ("sendmsg", ()),
-    ("sendmmsg", ()),
-    ("socketcall", ()),  # i386 only: its calls carry their arguments in memory
+# sendto/sendmsg/sendmmsg flag of a TCP Fast Open send, which also connects.
+MSG_FASTOPEN = 0x20000000
+
+
+def flag_set(index, flag):
+    """An OCI filter: argument index has flag set (value is the mask, valueTwo the datum)."""
+    return ({"index": index, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"},)
+
+
+# sendto only with a destination address (its argument 4).
+WITH_DESTINATION = ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)
+# A copy of bypass4netns's trap table for when this file runs alone (piped,
+# or copied elsewhere); unit tests fail if a profile's rules and the daemon's
+# disagree.  Syscall name, then the OCI seccomp "args" filters (all must
+# match) of the default profile (TCP only: no send waits for the daemon but
+# a TCP Fast Open one) and of the --udp profile (every send that can carry a
+# destination, which switched UDP sockets need).
+EMBEDDED_TRAPS = (
+    ("connect", (), ()),
+    ("bind", (), ()),
+    ("listen", (), ()),
+    ("sendto", flag_set(3, MSG_FASTOPEN), WITH_DESTINATION),
+    ("sendmsg", flag_set(2, MSG_FASTOPEN), ()),
+    ("sendmmsg", flag_set(3, MSG_FASTOPEN), ()),
+    ("socketcall", (), ()),  # i386 only: its calls carry their arguments in memory
 )
+EMBEDDED_NOTIFY_RULES = tuple((name, default) for name, default, _ in EMBEDDED_TRAPS)
+EMBEDDED_NOTIFY_RULES_UDP = tuple((name, udp) for name, _, udp in EMBEDDED_TRAPS)
+# The daemon's attribute and the embedded copy of each profile's rules, by --udp.
+NOTIFY_RULES = {False: ("SECCOMP_NOTIFY_RULES", EMBEDDED_NOTIFY_RULES),
+                True: ("SECCOMP_NOTIFY_RULES_UDP", EMBEDDED_NOTIFY_RULES_UDP)}
+# bypass4netns.UDP_METADATA: the listenerMetadata token of a --udp profile,
+# by which the daemon learns that it may switch the container's UDP sockets.
+UDP_METADATA = "bypass4netns:udp"
 
 # Trapped only where the base allows them, else left as the base has them:
 # i386's socketcall multiplexer, which many profiles deny outright.
@@ -47,12 +70,29 @@ TRAPPED_ONLY_IF_ALLOWED = {"socketcall"}
 
 # Each comparison with the one that matches exactly the other calls: needed to
 # keep allowing, under a deny-by-default base, the calls a filter does not
-# trap.  SCMP_CMP_MASKED_EQ has no such opposite, so a filter cannot use it.
+# trap.
 OPPOSITE_OP = {
     "SCMP_CMP_NE": "SCMP_CMP_EQ", "SCMP_CMP_EQ": "SCMP_CMP_NE",
     "SCMP_CMP_LT": "SCMP_CMP_GE", "SCMP_CMP_GE": "SCMP_CMP_LT",
     "SCMP_CMP_LE": "SCMP_CMP_GT", "SCMP_CMP_GT": "SCMP_CMP_LE",
 }
+# Seccomp compares 64-bit arguments.
+ARG_LIMIT = 1 << 64
+
+
+def opposite(cmp_):
+    """The comparison that matches exactly the calls cmp_ does not, or None.
+
+    SCMP_CMP_MASKED_EQ ((arg & value) == valueTwo) has one only when the mask
+    is a single bit: that bit set or clear.  A wider mask would need one rule
+    per other value of the masked bits."""
+    op, mask, datum = cmp_.get("op"), cmp_.get("value"), cmp_.get("valueTwo")
+    if op in OPPOSITE_OP:
+        return dict(cmp_, op=OPPOSITE_OP[op])
+    if op == "SCMP_CMP_MASKED_EQ" and isinstance(mask, int) and mask > 0 \
+            and mask & (mask - 1) == 0 and datum in (0, mask):
+        return dict(cmp_, valueTwo=mask ^ datum)
+    return None
 
 
 def validate_notify_rules(rules):
@@ -70,32 +110,34 @@ def validate_notify_rules(rules):
         if not isinstance(filters, tuple):
             raise ValueError("the filters of %s are not a tuple" % name)
         for cmp_ in filters:
-            if not (isinstance(cmp_, dict) and cmp_.get("op") in OPPOSITE_OP
+            if not (isinstance(cmp_, dict) and set(cmp_) <= {"index", "value", "valueTwo", "op"}
                     and isinstance(cmp_.get("index"), int) and 0 <= cmp_["index"] <= 5
-                    and isinstance(cmp_.get("value"), int) and cmp_["value"] >= 0
-                    and set(cmp_) <= {"index", "value", "valueTwo", "op"}):
+                    and isinstance(cmp_.get("value"), int) and 0 <= cmp_["value"] < ARG_LIMIT
+                    and opposite(cmp_) is not None):
                 raise ValueError("filter %r of %s is not a supported comparison" % (cmp_, name))
     if not seen:
         raise ValueError("no syscall listed")
 
 
-def load_notify_rules():
-    """The daemon's own rules when bypass4netns.py sits beside this file (or in
-    the current directory when piped), else the embedded copy."""
+def load_notify_rules(udp=False):
+    """The rules of the default or the --udp profile: the daemon's own when
+    bypass4netns.py sits beside this file (or in the current directory when
+    piped), else the embedded copy."""
+    attribute, embedded = NOTIFY_RULES[udp]
     # Importing must not leave __pycache__ beside the user's files.
     sys.dont_write_bytecode = True
     try:
         import bypass4netns
-        rules = bypass4netns.SECCOMP_NOTIFY_RULES
+        rules = getattr(bypass4netns, attribute)
         validate_notify_rules(rules)
         return rules
     except ImportError as exc:
         if exc.name != "bypass4netns":
             warn("bypass4netns.py could not be imported (%s); using the embedded syscall list" % exc)
-    except Exception as exc:  # a broken or half-written daemon must not stop us
+    except Exception as exc:  # a broken, half-written or older daemon must not stop us
         warn("bypass4netns.py is unusable (%s: %s); using the embedded syscall list"
              % (type(exc).__name__, exc))
-    return EMBEDDED_NOTIFY_RULES
+    return embedded
 
 
 # ---------------------------------------------------------------------------
@@ -293,6 +335,8 @@ def check_base_shape(base):
     flags = base.get("flags")
     if flags is not None and not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
         raise ProfileError("the base profile's flags is not a list of strings")
+    if not isinstance(base.get("listenerMetadata", ""), str):
+        raise ProfileError("the base profile's listenerMetadata is not a string")
 
 
 def same_path(a, b):
@@ -303,20 +347,27 @@ def strip_previous_merge(base, listener_path, trapped):
     """Remove the rules an earlier run of this program added to base.
 
     Returns (the other rules, {syscall it trapped: action the base allowed it
-    under}): an earlier run only trapped syscalls the base allowed."""
-    other, previously, untrapped_action = [], {}, {}
+    under}): an earlier run only trapped syscalls the base allowed.  The
+    default and the --udp profile trap the same syscalls (with other
+    filters), so either replaces the other; a base made for a bypass4netns
+    that trapped more is refused, since what the base did with those is lost."""
+    other, trapped_before, untrapped_action = [], set(), {}
     for rule in base.get("syscalls") or []:
         ours = str(rule.get("comment", "")).startswith(RULE_MARK)
         if rule["action"] == "SCMP_ACT_NOTIFY":
             if not ours:
                 raise ProfileError("the base profile already traps %s for another seccomp agent"
                                    % ", ".join(rule_names(rule)))
-            previously.update(dict.fromkeys(rule_names(rule), "SCMP_ACT_ALLOW"))
+            trapped_before.update(rule_names(rule))
         elif ours:
             untrapped_action.update(dict.fromkeys(rule_names(rule), rule["action"]))
         else:
             other.append(rule)
-    previously.update((n, a) for n, a in untrapped_action.items() if n in previously)
+    # Without an untrapped rule, a trapped syscall's other calls fell to the
+    # default, which allowed them; or it had none (a trap without filters),
+    # and all that is known is that the base allowed them.
+    unknown = base["defaultAction"] if base["defaultAction"] in ALLOWING_ACTIONS else "SCMP_ACT_ALLOW"
+    previously = {name: untrapped_action.get(name, unknown) for name in trapped_before}
     base_listener = base.get("listenerPath")
     if base_listener and not same_path(base_listener, listener_path):
         raise ProfileError("the base profile's listenerPath is %s, not %s (pass --listener-path %s "
@@ -378,12 +429,8 @@ def notify_rules(trapped):
 def untrapped_rules(name, filters, action):
     """Rules that keep allowing the calls of name that filters do not trap:
     not (a and b) is (not a) or (not b), one rule each."""
-    rules = []
-    for cmp_ in filters:
-        opposite = dict(cmp_, op=OPPOSITE_OP[cmp_["op"]])
-        rules.append({"names": [name], "action": action, "args": [opposite],
-                      "comment": UNTRAPPED_COMMENT})
-    return rules
+    return [{"names": [name], "action": action, "args": [opposite(cmp_)], "comment": UNTRAPPED_COMMENT}
+            for cmp_ in filters]
 
 
 def without_names(rules, names):
@@ -412,12 +459,26 @@ def with_settings(profile, settings):
     return result
 
 
-def build_profile(base, trapped, listener_path, architectures=None, metadata=None,
+def listener_metadata(value, udp):
+    """listenerMetadata: value (the user's, else the base's) with the UDP
+    token when udp, and only then: a base made with --udp must not pass the
+    token on to a profile without the traps it stands for."""
+    tokens = (value or "").split()
+    if UDP_METADATA in tokens:
+        value = " ".join(t for t in tokens if t != UDP_METADATA)
+    words = ([value] if value else []) + ([UDP_METADATA] if udp else [])
+    return " ".join(words) or None
+
+
+def build_profile(base, trapped, listener_path, architectures=None, metadata=None, udp=False,
                   wait_killable_recv=False):
     """The profile: base (None: allow everything) plus the NOTIFY rules.
 
     architectures replaces the base's; None keeps them (with no base: the
-    caller must give them)."""
+    caller must give them).  metadata replaces the base's listenerMetadata;
+    None keeps it.  udp: trapped are the --udp profile's rules, which the
+    daemon learns from the UDP token in listenerMetadata, there exactly
+    when udp."""
     if base is None:
         base = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": architectures, "syscalls": []}
     check_base_shape(base)
@@ -428,23 +489,26 @@ def build_profile(base, trapped, listener_path, architectures=None, metadata=Non
     syscalls = notify_rules(trapped)
     for name, filters in trapped:
         action = allowing_action(base, others, name, previously)
-        # Under an allowing default the untrapped calls fall to it; otherwise
-        # they need their own rule, since the base's rule for name goes.
-        if filters and base["defaultAction"] not in ALLOWING_ACTIONS:
+        # The untrapped calls fall to the default where it is what the base
+        # gave them; otherwise they need their own rule, since the base's
+        # rule for name goes.
+        if filters and action != base["defaultAction"]:
             syscalls += untrapped_rules(name, filters, action)
     syscalls += without_names(others, set(names) | set(IO_URING))
     syscalls.append(IO_URING_RULE)
 
-    settings = {}
+    settings, replaced = {}, {"listenerMetadata"}
     if architectures is not None:
-        base = {k: v for k, v in base.items() if k not in ("archMap", "architectures")}
+        replaced.update(("archMap", "architectures"))
         settings["architectures"] = architectures
     settings["listenerPath"] = listener_path
+    metadata = listener_metadata(base.get("listenerMetadata") if metadata is None else metadata, udp)
     if metadata is not None:
         settings["listenerMetadata"] = metadata
     if wait_killable_recv:
         flags = list(base.get("flags") or [])
         settings["flags"] = flags if WAIT_KILLABLE_RECV in flags else flags + [WAIT_KILLABLE_RECV]
+    base = {k: v for k, v in base.items() if k not in replaced}
     return with_settings(dict(base, syscalls=syscalls), settings)
 
 
@@ -467,12 +531,14 @@ WRAPPER_TEMPLATE = r'''#!@INTERPRETER@
 #   dockerd-rootless.sh --add-runtime bypass4netns=@SELF@
 #   docker run --runtime bypass4netns --security-opt seccomp=PROFILE ...
 #
-# Docker drops listenerPath from seccomp profiles.  On `create` and `run`,
-# when the bundle's config.json has SCMP_ACT_NOTIFY rules and no
-# listenerPath, this sets linux.seccomp.listenerPath (and listenerMetadata,
-# when given) to bypass4netns's socket; then, for every command, it execs the
-# real runtime with the same arguments.  Anything it cannot patch stops the
-# container with a message: the runtime would refuse it anyway.
+# Docker drops listenerPath and listenerMetadata from seccomp profiles.  On
+# `create` and `run`, when the bundle's config.json has SCMP_ACT_NOTIFY rules
+# and no listenerPath, this sets linux.seccomp.listenerPath to bypass4netns's
+# socket and listenerMetadata to the one given, plus UDP_METADATA when the
+# rules trap every sendmsg (a profile made with --udp); then, for every
+# command, it execs the real runtime with the same arguments.  Anything it
+# cannot patch stops the container with a message: the runtime would refuse
+# it anyway.
 import json
 import os
 import sys
@@ -480,6 +546,8 @@ import sys
 RUNTIME = @RUNTIME@
 LISTENER_PATH = @LISTENER_PATH@
 LISTENER_METADATA = @LISTENER_METADATA@
+# Tells bypass4netns that the profile traps every send with a destination.
+UDP_METADATA = @UDP_METADATA@
 
 PROG = "bypass4netns runtime wrapper"
 # Global options of runc and crun that take their value as the next argument.
@@ -523,12 +591,15 @@ def add_listener(bundle):
     seccomp = (config.get("linux") or {}).get("seccomp") if isinstance(config, dict) else None
     if not isinstance(seccomp, dict) or seccomp.get("listenerPath"):
         return
-    rules = seccomp.get("syscalls") or []
-    if not any(isinstance(r, dict) and r.get("action") == "SCMP_ACT_NOTIFY" for r in rules):
+    notify = [r for r in seccomp.get("syscalls") or []
+              if isinstance(r, dict) and r.get("action") == "SCMP_ACT_NOTIFY"]
+    if not notify:
         return
     seccomp["listenerPath"] = LISTENER_PATH
-    if LISTENER_METADATA is not None and not seccomp.get("listenerMetadata"):
-        seccomp["listenerMetadata"] = LISTENER_METADATA
+    udp = any("sendmsg" in (r.get("names") or []) and not r.get("args") for r in notify)
+    metadata = ([LISTENER_METADATA] if LISTENER_METADATA else []) + ([UDP_METADATA] if udp else [])
+    if metadata and not seccomp.get("listenerMetadata"):
+        seccomp["listenerMetadata"] = " ".join(metadata)
     tmp = "%s.bypass4netns-%d.tmp" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                  os.stat(path).st_mode & 0o777)
@@ -623,7 +694,7 @@ def wrapper_script(runtime, listener_path, metadata, self_path):
     """The text of the runtime wrapper (see WRAPPER_TEMPLATE)."""
     values = {"@INTERPRETER@": wrapper_interpreter(), "@SELF@": self_path,
               "@RUNTIME@": repr(runtime), "@LISTENER_PATH@": repr(listener_path),
-              "@LISTENER_METADATA@": repr(metadata)}
+              "@LISTENER_METADATA@": repr(metadata), "@UDP_METADATA@": repr(UDP_METADATA)}
     text = WRAPPER_TEMPLATE
     for key, value in values.items():
         text = text.replace(key, value)
@@ -692,7 +763,9 @@ class OneLineParser(argparse.ArgumentParser):
 DESCRIPTION = """\
 Write the seccomp profile for containers served by bypass4netns: it traps
 (SCMP_ACT_NOTIFY) the syscalls bypass4netns.py answers and sends them to the
-daemon's socket (listenerPath).  Use it with
+daemon's socket (listenerPath): connect, bind, listen and TCP Fast Open
+sends, for TCP; with --udp, also every send that can carry a destination,
+for UDP.  Use it with
   podman run --security-opt seccomp=$HOME/seccomp.json ...
 
 By default (--base auto) the trap is merged into podman's default profile
@@ -706,11 +779,13 @@ EPILOG = """\
 Merging (--base): the base's defaultAction, defaultErrnoRet, archMap or
 architectures and every rule are kept; the trapped syscalls are taken out of
 the base's rules (a rule left with no syscall goes) and the trap rules are put
-first; under a deny-by-default base, calls that a filtered trap (sendto
-without a destination) does not catch get their own allow rule.  A base that
-denies a trapped syscall (under any condition), allows it only under
-conditions, traps syscalls for another agent or names another listenerPath is
-refused.  Merging this program's output again gives the same file.
+first; calls that a filtered trap does not catch (a send without
+MSG_FASTOPEN; with --udp, a sendto without a destination) get their own rule
+with the action the base gave them, unless the base's defaultAction is that
+action.  A base that denies a trapped syscall (under any condition), allows
+it only under conditions, traps syscalls for another agent or names another
+listenerPath is refused.  Merging this program's output again gives the same
+file; merging it with or without --udp switches between the two profiles.
 
 Runtimes: runc >= 1.1 and crun >= 1.6 honour listenerPath; if nothing
 listens there, the runtime refuses to start the container.  Docker 20.10
@@ -744,8 +819,15 @@ def parse_args(argv):
         help="absolute path of bypass4netns's socket, written as listenerPath "
              "(default: $XDG_RUNTIME_DIR/bypass4netns.sock, the daemon's default --socket)")
     parser.add_argument(
+        "--udp", action="store_true",
+        help="also switch UDP sockets: trap every sendmsg and sendmmsg and each sendto with a "
+             "destination (the default profile traps only TCP Fast Open sends, so that no other "
+             "send waits for the daemon), and add the token %s to listenerMetadata, by which "
+             "the daemon learns that it may switch this container's UDP sockets" % UDP_METADATA)
+    parser.add_argument(
         "--listener-metadata", metavar="STRING",
-        help="listenerMetadata: a string the runtime passes to the daemon with each container")
+        help="listenerMetadata: a string the runtime passes to the daemon with each container, "
+             "read as space-separated tokens; with --udp it becomes \"STRING %s\"" % UDP_METADATA)
     parser.add_argument(
         "--arch", metavar="MACHINE",
         help="write architectures for this machine instead of the one running this program: "
@@ -764,12 +846,13 @@ def parse_args(argv):
         "--docker-runtime-wrapper", metavar="PATH",
         help="instead of a profile, write at PATH an executable OCI runtime wrapper for "
              "Docker, which drops listenerPath from profiles: on create/run it sets "
-             "linux.seccomp.listenerPath (--listener-path, and --listener-metadata) in the "
-             "bundle's config.json when the profile has SCMP_ACT_NOTIFY rules and no "
-             "listenerPath, then runs the real runtime with the same arguments; every "
-             "other container is left alone.  Register it with "
+             "linux.seccomp.listenerPath (--listener-path) and listenerMetadata "
+             "(--listener-metadata, plus %s when the rules trap every sendmsg, as a --udp "
+             "profile does) in the bundle's config.json when the profile has SCMP_ACT_NOTIFY "
+             "rules and no listenerPath, then runs the real runtime with the same arguments; "
+             "every other container is left alone.  Register it with "
              "`dockerd --add-runtime NAME=PATH` (or daemon.json \"runtimes\") and start "
-             "containers with `docker run --runtime NAME`")
+             "containers with `docker run --runtime NAME`" % UDP_METADATA)
     parser.add_argument(
         "--runtime", metavar="RUNTIME",
         help="with --docker-runtime-wrapper: the OCI runtime the wrapper runs, a name "
@@ -780,13 +863,16 @@ def parse_args(argv):
              "directory) instead of stdout")
     args = parser.parse_args(argv)
     if args.docker_runtime_wrapper is not None:
-        for given, option in ((args.base, "--base"), (args.arch, "--arch"),
+        for given, option in ((args.base, "--base"), (args.arch, "--arch"), (args.udp, "--udp"),
                               (args.output, "--output"), (args.wait_killable_recv, "--wait-killable-recv")):
             if given:
                 parser.error("%s applies to the profile, not to --docker-runtime-wrapper "
                              "(run seccomp-gen.py once for each)" % option)
     elif args.runtime is not None:
         parser.error("--runtime applies only with --docker-runtime-wrapper")
+    if UDP_METADATA in (args.listener_metadata or "").split():
+        parser.error("--listener-metadata must not hold %s: --udp adds it, with the traps "
+                     "that UDP switching needs" % UDP_METADATA)
     if args.base is None:
         args.base = "auto"
     return parser, args
@@ -825,8 +911,8 @@ def main(argv=None):
             warn("%s: crun honours it, runc before 1.5 refuses to start the container "
                  "('seccomp flags are not yet supported by runc'), and so does any runtime "
                  "that does not know the flag; use it with crun" % WAIT_KILLABLE_RECV)
-        profile = build_profile(base, load_notify_rules(), listener_path, architectures,
-                                args.listener_metadata, args.wait_killable_recv)
+        profile = build_profile(base, load_notify_rules(args.udp), listener_path, architectures,
+                                args.listener_metadata, args.udp, args.wait_killable_recv)
         text = render(profile)
         if args.output:
             write_atomically(args.output, text)

@@ -7,6 +7,7 @@ or on loopback; bypass4netns.py runs as the unprivileged test user there too.
 import json
 import errno
 import os
+import re
 import subprocess
 import textwrap
 import uuid
@@ -19,9 +20,11 @@ RUNTIMES = ["runc", "crun"]
 SLIRP_ADDRESS = "10.0.2.100"  # the container's address on slirp4netns
 
 
-@pytest.fixture(scope="module")
-def daemon(testbed):
-    d = Daemon(["--ignore", "10.0.0.0/8,198.18.1.0/24"])
+@pytest.fixture(scope="module", params=["default workers", "--workers 1"])
+def daemon(testbed, request):
+    """The daemon of this module's tests, run with the default worker processes and with one process."""
+    workers = ["--workers", "1"] if request.param == "--workers 1" else []
+    d = Daemon(["--ignore", "10.0.0.0/8,198.18.1.0/24"] + workers)
     yield d
     assert d.stop() == 0
     assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
@@ -185,6 +188,49 @@ def test_static_c_client_and_threads(testbed, daemon, server, tmp_path, abi):
     assert run(argv, check=True).stdout.split() == [testbed.HOST_IP4, testbed.HOST_IP4]
 
 
+CROWD = """
+    i=0
+    while [ $i -lt 20 ]; do
+        python3 -c '
+import socket, sys
+seen = set()
+for _ in range(25):
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    seen.add(s.getsockname()[0])
+    s.close()
+print(" ".join(sorted(seen)))
+' "$1" "$2" &
+        i=$((i + 1))
+    done
+    wait
+"""
+
+
+def test_twenty_processes_of_one_container_connecting_at_once_are_all_bypassed(testbed, daemon, http):
+    port, _body = http(testbed.HOST_IP4)
+    before = daemon.decisions().count(("198.18.0.1:%d" % port, "bypassed"))
+    argv = testbed.run_container(["/bin/sh", "-c", textwrap.dedent(CROWD), "crowd", testbed.HOST_IP4, str(port)],
+                                 seccomp=daemon.profile)
+    lines = run(argv, check=True, timeout=300).stdout.split("\n")
+    assert [line for line in lines if line] == [testbed.HOST_IP4] * 20
+    assert daemon.decisions().count(("198.18.0.1:%d" % port, "bypassed")) - before == 500
+
+
+def test_ab_double_connect_is_answered_once(testbed, daemon, http):
+    """ab (APR) connects a non-blocking socket, and again once it is writable: the first connect,
+    seen complete by the daemon, is answered 0, so the second is never made."""
+    port, _body = http(testbed.HOST_IP4)
+    dest = "198.18.0.1:%d" % port
+    before = daemon.decisions()
+    argv = testbed.run_container(["ab", "-q", "-n", "50", "-c", "1", "http://%s/index.txt" % dest],
+                                 seccomp=daemon.profile)
+    out = run(argv, check=True).stdout
+    assert "Complete requests:      50" in out and "Failed requests:        0" in out, out
+    new = daemon.decisions()[len(before):]
+    assert new.count((dest, "bypassed")) == 50
+    assert (dest, "switched already") not in new, "a second connect reached the daemon"
+
+
 # -- UDP -----------------------------------------------------------------------
 
 UDP_ECHO = """
@@ -203,7 +249,13 @@ def udp_echo(testbed, server):
     def start(host):
         port = testbed.free_port(host)
         server(["python3", "-c", UDP_ECHO, host, str(port)])
-        return port
+        # Bound before any client sends: a connected UDP socket would get the
+        # ICMP port unreachable as ECONNREFUSED.
+        for _ in range(200):
+            if ":%d " % port in run(testbed.in_netns(["ss", "-Huln"])).stdout + " ":
+                return port
+            subprocess.run(["sleep", "0.05"])
+        raise TimeoutError("the UDP echo server did not bind %d" % port)
     return start
 
 
@@ -521,3 +573,93 @@ def test_host_loopback_is_never_reached_under_a_racing_rewrite(testbed, daemon, 
     tcp_ok, udp_sent = map(int, run(argv, check=True, timeout=600).stdout.split())
     assert tcp_ok > 0 and udp_sent > 0, "the race never ran the allowed path"
     assert reached() == [], "the host's loopback was reached"
+
+
+# -- the default profile: TCP only, no send waits for the daemon ----------------------
+
+@pytest.fixture(scope="module")
+def tcp_daemon(testbed):
+    """A daemon with the default profile (seccomp-gen.py without --udp)."""
+    d = Daemon(["--ignore", "10.0.0.0/8"], udp=False)
+    yield d
+    assert d.stop() == 0
+    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
+
+
+def gone_counters(daemon, seen_before):
+    """The counters of the next container to go away, once the daemon has logged it."""
+    for _ in range(100):
+        lines = re.findall(r"container \S+: gone \((.*)\)$", daemon.log(), re.M)
+        if len(lines) > seen_before:
+            return {k: int(v) for k, v in (item.split("=") for item in lines[seen_before].split())}
+        subprocess.run(["sleep", "0.1"])
+    raise AssertionError("no new 'gone' line: %s" % daemon.log()[-2000:])
+
+
+SENDS = """
+    import json, os, socket, sys
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    tcp = socket.create_connection((host, port))
+    a, b = socket.socketpair()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(n):
+        a.sendmsg([b"x"]); b.recv(1)
+        tcp.sendmsg([b""])
+        udp.sendto(b"x", (host, 9))
+        udp.sendmsg([b"x"], [], 0, (host, 9))
+    connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    connected.connect((host, 9))
+    print(json.dumps({"tcp": tcp.getsockname()[0], "udp": connected.getsockname()[0]}))
+"""
+
+
+def test_default_profile_switches_tcp_and_traps_no_plain_send(testbed, tcp_daemon, http):
+    port, _body = http(testbed.HOST_IP4)
+    gone_before = tcp_daemon.log().count(": gone (")
+    out = json.loads(container_python(testbed, tcp_daemon, SENDS, args=(testbed.HOST_IP4, port, 1000)))
+    assert out["tcp"] == testbed.HOST_IP4, "the TCP connection was not bypassed"
+    assert out["udp"] == SLIRP_ADDRESS, "a UDP socket was switched without the --udp profile's send traps"
+    assert ("198.18.0.1:9", "container (UDP: the profile was not made with --udp)") in tcp_daemon.decisions()
+    counters = gone_counters(tcp_daemon, gone_before)
+    # 4000 sends on unix, TCP and UDP sockets: none reached the daemon.  What
+    # did: the two connects, and what the runtime and python3 do at start.
+    assert counters["notifications"] < 50, counters
+    assert counters["emulated_sends"] == 0 and counters["bypassed"] == 1, counters
+
+
+DISCONNECTED = """
+    import ctypes, errno, json, socket, struct, sys
+    host, port, loopback_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    libc = ctypes.CDLL(None, use_errno=True)
+    s = socket.create_connection((host, port))
+    switched = s.getsockname()[0]
+    # Disconnect it (connect to AF_UNSPEC): a host socket, connected to nothing.
+    unspec = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)
+    disconnected = libc.connect(s.fileno(), unspec, len(unspec))
+    seen = {"switched": switched, "disconnect": disconnected}
+    try:
+        s.listen(5)
+        seen["listen"] = "listening on %s" % (s.getsockname(),)
+    except OSError as e:
+        seen["listen"] = errno.errorcode[e.errno]
+    for target in (("127.0.0.1", loopback_port), ("198.18.0.1", port)):
+        try:
+            s.sendto(b"x", 0x20000000, target)  # MSG_FASTOPEN: would connect the socket anew
+            seen["fastopen " + target[0]] = "sent"
+        except OSError as e:
+            seen["fastopen " + target[0]] = errno.errorcode[e.errno]
+    print(json.dumps(seen))
+"""
+
+
+def test_switched_socket_without_a_connection_cannot_listen_or_fast_open(testbed, tcp_daemon, http,
+                                                                         host_loopback_servers):
+    loopback_port, reached = host_loopback_servers
+    port, _body = http(testbed.HOST_IP4)
+    seen = json.loads(container_python(testbed, tcp_daemon, DISCONNECTED,
+                                       args=(testbed.HOST_IP4, port, loopback_port)))
+    assert seen["switched"] == testbed.HOST_IP4 and seen["disconnect"] == 0, seen
+    refused = errno.errorcode[errno.EOPNOTSUPP]  # ENOTSUP: the same number on Linux
+    assert seen["listen"] == refused, seen
+    assert seen["fastopen 127.0.0.1"] == refused and seen["fastopen 198.18.0.1"] == refused, seen
+    assert reached() == []

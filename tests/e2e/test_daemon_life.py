@@ -749,3 +749,64 @@ def test_daemon_killed_trapped_syscalls_fail_with_enosys(testbed, daemon, black_
     finally:
         remove_container(testbed, name)
     client.proc.wait(60)
+
+
+# -- 7. worker processes --------------------------------------------------------------
+
+STORM = """
+    import signal, socket, sys
+    # A connect whose notification died with its worker waits until a signal
+    # interrupts it; Python then makes the call again (PEP 475).
+    signal.signal(signal.SIGALRM, lambda *_: None)
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+    host, port = sys.argv[1], int(sys.argv[2])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        seen = set()
+        for _ in range(int(line)):
+            try:
+                s = socket.create_connection((host, port), timeout=10)
+                seen.add(s.getsockname()[0])
+                s.close()
+            except OSError as e:
+                seen.add(type(e).__name__)
+        print(" ".join(sorted(seen)), flush=True)
+"""
+
+
+def serving_worker(d):
+    """The pid of the worker process that holds a seccomp notify fd."""
+    for pid in d.pids()[1:]:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:seccomp notify":
+                    return pid
+            except FileNotFoundError:
+                pass
+    return None
+
+
+def test_a_killed_worker_is_replaced_and_the_container_served_on(testbed, daemon, http):
+    d = daemon(["--workers", "2"])
+    port, _body = http
+    client = attach_python(testbed, d, STORM, (testbed.HOST_IP4, port), name=name_of("storm"))
+    try:
+        assert client.expect() == "ready"
+        assert len(d.pids()) == 3, "a parent and two workers"
+        victim = wait_for(lambda: serving_worker(d), "the worker serving the container")
+        client.send("400")
+        wait_for(lambda: decision_count(d, "198.18.0.1:%d" % port) >= 20, "the storm to start")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: "(pid %d) was killed by signal 9: replacing it" % victim in d.log(), "the replacement")
+        client.expect(timeout=120)  # the storm ends, whatever the killed worker left behind
+        before = decision_count(d, "198.18.0.1:%d" % port)
+        client.send("50")
+        assert client.expect() == testbed.HOST_IP4, "connects after the replacement must be bypassed"
+        assert decision_count(d, "198.18.0.1:%d" % port) - before == 50
+        assert len(d.pids()) == 3 and victim not in d.pids()
+    finally:
+        client.proc.stdin.close()
+        client.proc.wait(60)
+    problems = [line for line in log_problems(d) if "replacing it" not in line]
+    assert problems == []
+    assert d.stop() == 0

@@ -1,10 +1,11 @@
 """seccomp-gen.py's profiles under real rootless podman, with runc and crun.
 
-Generated as the test user the way README says (piped, default base; the
-test/seccomp.json.sh wrapper; --base none), each profile is accepted by both
-runtimes and the bypass works under it; the profile merged into podman's
-default still denies what podman denies, while the allow-all profile of the
-original project lets those calls through.
+Generated as the test user the way README says (piped, default base, with
+and without --udp; the test/seccomp.json.sh wrapper; --base none), each
+profile is accepted by both runtimes, traps exactly the calls it should (its
+SCMP_CMP_MASKED_EQ filters included) and the bypass works under it; the
+profile merged into podman's default still denies what podman denies, while
+the allow-all profile of the original project lets those calls through.
 """
 
 import json
@@ -39,29 +40,63 @@ DENIAL_PROBE = """
         print(name, "ok" if ret >= 0 else errno.errorcode[ctypes.get_errno()])
 """
 
-# An HTTP fetch through the daemon, then the sends the profile must leave
-# alone: send() on a connected socket (sendto without a destination, allowed
-# by its own rule under a deny-by-default base) and sendmsg (trapped, answered
-# by the daemon as "not bypassed").
+# An HTTP fetch through the daemon, a connected UDP socket (switched only
+# under a --udp profile, whose metadata the runtime passes on), then sends
+# on a unix socket, which must arrive: send() (sendto without a destination,
+# allowed by its own rule under a deny-by-default base) and sendmsg (allowed
+# the same way by the default profile, trapped by a --udp one and answered by
+# the daemon as "not bypassed").
 NETWORK_PROBE = """
     import json, socket, sys
     s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
     s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
     data = s.makefile("rb").read()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.connect((sys.argv[1], 9))
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.send(b"send")
     a.sendmsg([b"sendmsg"])
     print(json.dumps({"sockname": s.getsockname()[0], "body": data.split(b"\\r\\n\\r\\n", 1)[1].decode(),
-                      "pair": [b.recv(64).decode(), b.recv(64).decode()]}))
+                      "udp": u.getsockname()[0], "pair": [b.recv(64).decode(), b.recv(64).decode()]}))
 """
 
-# A stand-in seccomp agent that answers every notification with CONTINUE, a
-# second late: only for the flag test, which needs an answer that is late
-# for sure.  It logs one line per notification (pid, syscall number).
-SLOW_AGENT = """
+MSG_FASTOPEN = 0x20000000
+MSG_DONTWAIT_NOSIGNAL = 0x4040
+DESTINATION = 0x1000  # a sockaddr pointer, never read: the fd is bad
+# Calls on fd -1, which the kernel answers EBADF whether trapped or not, each
+# marked by its second argument (the agent logs it); and whether the default
+# and the --udp profile trap it.  x86_64 numbers.
+TRAP_CASES = [
+    # mark, nr, arguments after the mark,                  default, --udp
+    (0xB4001, 42, [16], True, True),  # connect
+    (0xB4002, 49, [16], True, True),  # bind
+    (0xB4003, 50, [], True, True),  # listen (the mark is its backlog)
+    (0xB4004, 44, [0, 0, 0, 0], False, False),  # sendto without a destination: send()
+    (0xB4005, 44, [0, MSG_DONTWAIT_NOSIGNAL, DESTINATION, 16], False, True),
+    (0xB4006, 44, [0, MSG_FASTOPEN, DESTINATION, 16], True, True),
+    (0xB4007, 46, [0], False, True),  # sendmsg
+    (0xB4008, 46, [MSG_DONTWAIT_NOSIGNAL], False, True),
+    (0xB4009, 46, [MSG_FASTOPEN | MSG_DONTWAIT_NOSIGNAL], True, True),
+    (0xB400A, 307, [1, 0], False, True),  # sendmmsg
+    (0xB400B, 307, [1, MSG_FASTOPEN], True, True),
+]
+TRAP_PROBE = """
+    import ctypes, json, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    for mark, nr, rest in json.loads(sys.argv[1]):
+        assert libc.syscall(*[ctypes.c_long(a) for a in [nr, -1, mark] + rest]) == -1
+        assert ctypes.get_errno() == 9, (mark, ctypes.get_errno())  # EBADF
+    print("done")
+"""
+
+# A stand-in seccomp agent that answers every notification with CONTINUE,
+# after a delay: for the flag test, which needs an answer that is late for
+# sure, and to see which calls a profile traps.  It logs one line per
+# notification (pid, syscall number, second argument).
+AGENT = """
     import array, fcntl, json, os, socket, struct, sys, threading, time
     RECV, SEND, CONTINUE = 0xC0502100, 0xC0182101, 1
-    path, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
+    path, log, delay = sys.argv[1], open(sys.argv[2], "a", buffering=1), float(sys.argv[3])
     def answer(fd):
         while True:
             buf = bytearray(80)
@@ -69,9 +104,9 @@ SLOW_AGENT = """
                 fcntl.ioctl(fd, RECV, buf)
             except OSError:
                 return
-            nid, pid, _, nr = struct.unpack_from("=QIIi", buf)
-            log.write("%d %d\\n" % (pid, nr))
-            time.sleep(1)
+            nid, pid, _, nr, _, _, _, arg1 = struct.unpack_from("=QIIiIQQQ", buf)
+            log.write("%d %d %d\\n" % (pid, nr, arg1))
+            time.sleep(delay)
             try:
                 fcntl.ioctl(fd, SEND, bytearray(struct.pack("=QqiI", nid, 0, 0, CONTINUE)))
             except OSError:
@@ -147,14 +182,18 @@ def checkout(testbed):
     shutil.rmtree(dest, ignore_errors=True)
 
 
+def make_profile(testbed, path, options):
+    """README's way: piped, as the test user in its home (no bypass4netns.py beside it)."""
+    as_user(testbed, ["python3", "-", "-o", path] + list(options), stdin=(ROOT / "seccomp-gen.py").read_text())
+
+
 @pytest.fixture(scope="module")
 def profiles(testbed, daemon, checkout):
     """Profiles for the daemon's socket, made as the test user."""
     made = {name: workfile(testbed, "profile-%s.json" % name)
-            for name in ("default", "wrapper", "allow-all")}
-    script = (ROOT / "seccomp-gen.py").read_text()
-    # README's way: piped, in the user's home (no bypass4netns.py beside it).
-    as_user(testbed, ["python3", "-", "--listener-path", daemon.socket, "-o", made["default"]], stdin=script)
+            for name in ("default", "udp", "wrapper", "allow-all")}
+    make_profile(testbed, made["default"], ["--listener-path", daemon.socket])
+    make_profile(testbed, made["udp"], ["--listener-path", daemon.socket, "--udp"])
     # The original workflow, from the checkout (the syscall list then comes
     # from bypass4netns.py beside it).
     as_user(testbed, ["sh", "-c", './test/seccomp.json.sh --listener-path "$1" > "$2"', "sh",
@@ -189,11 +228,13 @@ def test_generator_and_wrapper_give_the_same_profile(profiles):
     default = load(profiles["default"])
     assert load(profiles["wrapper"]) == default
     assert default["defaultAction"] == "SCMP_ACT_ERRNO"  # podman's default, merged
+    assert "listenerMetadata" not in default
+    assert load(profiles["udp"])["listenerMetadata"] == "bypass4netns:udp"
     assert load(profiles["allow-all"])["defaultAction"] == "SCMP_ACT_ALLOW"
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-@pytest.mark.parametrize("kind", ["default", "allow-all"])
+@pytest.mark.parametrize("kind", ["default", "udp", "allow-all"])
 def test_profile_is_accepted_and_the_bypass_works(testbed, daemon, profiles, http, runtime, kind):
     port, body = http()
     res = container(testbed, NETWORK_PROBE, profiles[kind], runtime, [testbed.HOST_IP4, port])
@@ -201,8 +242,29 @@ def test_profile_is_accepted_and_the_bypass_works(testbed, daemon, profiles, htt
     seen = json.loads(res.stdout)
     assert seen["body"] == body
     assert seen["sockname"] == testbed.HOST_IP4, "not bypassed: the socket is on slirp4netns"
+    assert seen["udp"] == (testbed.HOST_IP4 if kind == "udp" else SLIRP_ADDRESS)
     assert seen["pair"] == ["send", "sendmsg"]
     assert ("198.18.0.1:%d" % port, "bypassed") in daemon.decisions()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("udp", [False, True], ids=["default", "udp"])
+def test_profile_traps_exactly_its_calls(testbed, agent, runtime, udp):
+    """The runtime takes the SCMP_CMP_MASKED_EQ filters (and their untrapped
+    complements under podman's deny-by-default profile), and the kernel
+    traps a send by its MSG_FASTOPEN bit alone."""
+    sock, log = agent(0)
+    path = workfile(testbed, "profile-traps.json")
+    make_profile(testbed, path, ["--listener-path", sock] + (["--udp"] if udp else []))
+    try:
+        res = container(testbed, TRAP_PROBE, path, runtime, [json.dumps([case[:3] for case in TRAP_CASES])])
+    finally:
+        os.unlink(path)
+    assert res.returncode == 0 and res.stdout == "done\n", res.stderr
+    with open(log) as f:
+        marks = {int(line.split()[2]) for line in f if len(line.split()) == 3}
+    assert marks & {case[0] for case in TRAP_CASES} == {
+        mark for mark, _, _, by_default, by_udp in TRAP_CASES if (by_udp if udp else by_default)}
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -227,10 +289,7 @@ def test_merged_profile_still_denies_what_podman_denies(testbed, daemon, profile
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_runtime_refuses_to_start_without_a_listener(testbed, runtime):
     path = workfile(testbed, "profile-nobody.json")
-    subprocess.run(testbed.as_user(["python3", "-", "--listener-path", testbed.runtime_dir() + "/b4ns-nobody.sock",
-                                    "-o", path], netns=False),
-                   input=(ROOT / "seccomp-gen.py").read_text(), universal_newlines=True, check=True,
-                   stderr=subprocess.DEVNULL)
+    make_profile(testbed, path, ["--listener-path", testbed.runtime_dir() + "/b4ns-nobody.sock"])
     try:
         res = container(testbed, "print('started')", path, runtime)
     finally:
@@ -240,36 +299,38 @@ def test_runtime_refuses_to_start_without_a_listener(testbed, runtime):
 
 
 @pytest.fixture
-def slow_agent(testbed, server):
-    """A socket path served by SLOW_AGENT as the test user, and its log."""
-    sock = os.path.join(testbed.runtime_dir(), "b4ns-slow-agent-%d.sock" % os.getpid())
-    log = workfile(testbed, "slow-agent.log")
-    server(["python3", "-c", textwrap.dedent(SLOW_AGENT), sock, log], user=True, netns=False)
-    deadline = time.monotonic() + 10
-    while not (os.path.exists(log) and "ready" in open(log).read()):
-        assert time.monotonic() < deadline, "the stand-in agent did not start"
-        time.sleep(0.05)
-    yield sock, log
-    os.unlink(sock)
-    os.unlink(log)
+def agent(testbed, server):
+    """start(delay) -> (socket path, log) of AGENT, run as the test user."""
+    sock = os.path.join(testbed.runtime_dir(), "b4ns-agent-%d.sock" % os.getpid())
+    log = workfile(testbed, "agent.log")
+
+    def start(delay):
+        server(["python3", "-c", textwrap.dedent(AGENT), sock, log, str(delay)], user=True, netns=False)
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(log) and "ready" in open(log).read()):
+            assert time.monotonic() < deadline, "the stand-in agent did not start"
+            time.sleep(0.05)
+        return sock, log
+    yield start
+    for path in (sock, log):
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 @pytest.mark.parametrize("wait_killable", [False, True])
-def test_wait_killable_recv_with_crun(testbed, slow_agent, wait_killable):
+def test_wait_killable_recv_with_crun(testbed, agent, wait_killable):
     """crun takes the flag from podman, and it works: a signal no longer cuts
     short a trapped connect that the agent is answering."""
-    sock, log = slow_agent
+    sock, log = agent(1)
     path = workfile(testbed, "profile-killable.json")
-    options = ["--wait-killable-recv"] if wait_killable else []
-    as_user(testbed, ["python3", "-", "--listener-path", sock, "-o", path] + options,
-            stdin=(ROOT / "seccomp-gen.py").read_text())
+    make_profile(testbed, path, ["--listener-path", sock] + (["--wait-killable-recv"] if wait_killable else []))
     try:
         res = container(testbed, INTERRUPTED_CONNECT, path, "crun")
     finally:
         os.unlink(path)
     assert res.returncode == 0, res.stderr
     with open(log) as f:
-        connects = [line for line in f if line.split()[-1] == "42"]
+        connects = [line for line in f if line.split()[1:2] == ["42"]]
     assert len(connects) == 1
     if wait_killable:
         assert float(res.stdout) >= 0.9  # waited for the agent's answer
@@ -282,8 +343,7 @@ def test_wait_killable_recv_is_refused_by_runc_1_1(testbed, daemon):
     if tuple(int(x) for x in version.split("+")[0].split(".")[:2]) >= (1, 5):
         pytest.skip("runc %s may know the flag" % version)
     path = workfile(testbed, "profile-killable-runc.json")
-    as_user(testbed, ["python3", "-", "--listener-path", daemon.socket, "--wait-killable-recv", "-o", path],
-            stdin=(ROOT / "seccomp-gen.py").read_text())
+    make_profile(testbed, path, ["--listener-path", daemon.socket, "--wait-killable-recv"])
     try:
         res = container(testbed, "print('started')", path, "runc")
     finally:

@@ -16,8 +16,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "seccomp-gen.py"
 WRAPPER = ROOT / "test" / "seccomp.json.sh"
 PODMAN_DEFAULT = pathlib.Path("/usr/share/containers/seccomp.json")
-TRAPPED = {"connect", "bind", "sendto", "sendmsg", "sendmmsg", "socketcall"}
+TRAPPED = {"connect", "bind", "listen", "sendto", "sendmsg", "sendmmsg", "socketcall"}
 LISTENER = "/run/user/4242/bypass4netns.sock"
+MSG_FASTOPEN = 0x20000000
+# Where each send keeps its flags; the default profile traps only the sends
+# with MSG_FASTOPEN there.
+FLAGS_ARG = {"sendto": 3, "sendmsg": 2, "sendmmsg": 3}
+UDP = ["--udp"]
 
 spec = importlib.util.spec_from_file_location("seccomp_gen", SCRIPT)
 gen = importlib.util.module_from_spec(spec)
@@ -75,7 +80,7 @@ PODMAN_LIKE = {
     "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86"]}],
     "syscalls": [
         {"names": ["kexec_load", "userfaultfd"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
-        {"names": ["read", "write", "connect", "bind", "sendto", "sendmsg", "sendmmsg", "socket"],
+        {"names": ["read", "write", "connect", "bind", "listen", "sendto", "sendmsg", "sendmmsg", "socket"],
          "action": "SCMP_ACT_ALLOW", "args": [], "comment": "", "includes": {}, "excludes": {}},
         {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
          "args": [{"index": 0, "value": 8, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]},
@@ -91,10 +96,11 @@ PODMAN_LIKE = {
 # -- a model of how a profile answers one call ------------------------------
 
 def args_match(filters, call_args):
-    ops = {"SCMP_CMP_EQ": lambda a, v: a == v, "SCMP_CMP_NE": lambda a, v: a != v,
-           "SCMP_CMP_LT": lambda a, v: a < v, "SCMP_CMP_LE": lambda a, v: a <= v,
-           "SCMP_CMP_GT": lambda a, v: a > v, "SCMP_CMP_GE": lambda a, v: a >= v}
-    return all(ops[f["op"]](call_args[f["index"]], f["value"]) for f in filters or [])
+    ops = {"SCMP_CMP_EQ": lambda a, f: a == f["value"], "SCMP_CMP_NE": lambda a, f: a != f["value"],
+           "SCMP_CMP_LT": lambda a, f: a < f["value"], "SCMP_CMP_LE": lambda a, f: a <= f["value"],
+           "SCMP_CMP_GT": lambda a, f: a > f["value"], "SCMP_CMP_GE": lambda a, f: a >= f["value"],
+           "SCMP_CMP_MASKED_EQ": lambda a, f: a & f["value"] == f.get("valueTwo", 0)}
+    return all(ops[f["op"]](call_args[f["index"]], f) for f in filters or [])
 
 
 def verdict(profile, name, call_args=(0,) * 6, caps=()):
@@ -116,9 +122,10 @@ def verdict(profile, name, call_args=(0,) * 6, caps=()):
 
 def sample_calls(profile):
     """Calls of every syscall the profile names plus the trapped ones, with the
-    argument values its filters compare to (and their neighbours)."""
+    argument values its filters compare to (and their neighbours), and send
+    flags with and without MSG_FASTOPEN."""
     names = set(TRAPPED)
-    values = {0, 1}
+    values = {0, 1, MSG_FASTOPEN, MSG_FASTOPEN | 0x40, 0x4040}
     for rule in profile["syscalls"]:
         names.update(names_of(rule))
         for f in rule.get("args") or []:
@@ -131,16 +138,58 @@ def sample_calls(profile):
                 yield name, tuple(call_args)
 
 
+def trapped_by(name, call_args, udp):
+    """Whether the default (udp: the --udp) profile traps a call, as README says."""
+    if name not in FLAGS_ARG:
+        return name in TRAPPED
+    if udp:  # every send that can carry a destination
+        return name != "sendto" or call_args[4] != 0
+    return bool(call_args[FLAGS_ARG[name]] & MSG_FASTOPEN)  # TCP Fast Open sends only
+
+
 # -- one source of truth ----------------------------------------------------
 
-def test_embedded_rules_match_the_daemon():
-    daemon = load_daemon()
-    assert daemon.SECCOMP_NOTIFY_RULES == gen.EMBEDDED_NOTIFY_RULES
+@pytest.mark.parametrize("udp", [False, True])
+def test_embedded_rules_match_the_daemon(udp):
+    attribute, embedded = gen.NOTIFY_RULES[udp]
+    assert getattr(load_daemon(), attribute) == embedded
 
 
-def test_embedded_rules_are_valid():
-    gen.validate_notify_rules(gen.EMBEDDED_NOTIFY_RULES)
-    assert {name for name, _ in gen.EMBEDDED_NOTIFY_RULES} == TRAPPED
+def test_udp_token_matches_the_daemon():
+    assert load_daemon().UDP_METADATA == gen.UDP_METADATA
+
+
+@pytest.mark.parametrize("udp", [False, True])
+def test_embedded_rules_are_valid(udp):
+    rules = gen.NOTIFY_RULES[udp][1]
+    gen.validate_notify_rules(rules)
+    assert {name for name, _ in rules} == TRAPPED
+
+
+def masked(mask, datum, index=2):
+    return {"index": index, "value": mask, "valueTwo": datum, "op": "SCMP_CMP_MASKED_EQ"}
+
+
+@pytest.mark.parametrize("cmp_, expected", [
+    ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"}, {"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}),
+    ({"index": 1, "value": 7, "op": "SCMP_CMP_LT"}, {"index": 1, "value": 7, "op": "SCMP_CMP_GE"}),
+    ({"index": 1, "value": 7, "op": "SCMP_CMP_GT"}, {"index": 1, "value": 7, "op": "SCMP_CMP_LE"}),
+    (masked(MSG_FASTOPEN, MSG_FASTOPEN), masked(MSG_FASTOPEN, 0)),
+    (masked(MSG_FASTOPEN, 0), masked(MSG_FASTOPEN, MSG_FASTOPEN)),
+    (masked(1 << 63, 1 << 63), masked(1 << 63, 0)),
+    (masked(0x30000000, 0x30000000), None),  # two bits: three other values
+    (masked(MSG_FASTOPEN, 1), None),  # never matches
+    (masked(0, 0), None),  # always matches
+    ({"index": 1, "value": MSG_FASTOPEN, "op": "SCMP_CMP_MASKED_EQ"}, None),  # no valueTwo: the datum must be written out
+    ({"index": 1, "value": 7, "op": "SCMP_CMP_BOGUS"}, None),
+])
+def test_opposite_comparison(cmp_, expected):
+    assert gen.opposite(cmp_) == expected
+    if expected is not None:
+        assert gen.opposite(expected) == cmp_
+        for value in (0, 1, 6, 7, 8, MSG_FASTOPEN, MSG_FASTOPEN | 7, 1 << 63, (1 << 64) - 1):
+            call_args = (value,) * 6
+            assert args_match([cmp_], call_args) != args_match([expected], call_args), value
 
 
 @pytest.mark.parametrize("rules", [
@@ -148,8 +197,12 @@ def test_embedded_rules_are_valid():
     (("connect", ()), ("connect", ())),
     (("connect", [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}]),),
     (("sendto", ({"index": 4, "value": 0, "op": "SCMP_CMP_MASKED_EQ"},)),),
+    (("sendto", (masked(0x30000000, 0x30000000),)),),
+    (("sendto", (masked(MSG_FASTOPEN, 1),)),),
+    (("sendto", (masked(1 << 64, 1 << 64),)),),
     (("sendto", ({"index": 6, "value": 0, "op": "SCMP_CMP_NE"},)),),
     (("sendto", ({"index": 4, "value": -1, "op": "SCMP_CMP_NE"},)),),
+    (("sendto", ({"index": 4, "value": 1 << 64, "op": "SCMP_CMP_NE"},)),),
     (("sendto", ({"index": 4, "value": 0, "op": "SCMP_CMP_NE", "extra": 1},)),),
     ((42, ()),),
     ("connect",),
@@ -159,38 +212,67 @@ def test_malformed_rules_are_rejected(rules):
         gen.validate_notify_rules(rules)
 
 
-def test_rules_come_from_bypass4netns_beside_the_script(tmp_path):
+@pytest.mark.parametrize("filters", [
+    (masked(MSG_FASTOPEN, MSG_FASTOPEN),),
+    (masked(MSG_FASTOPEN, 0, index=3), {"index": 4, "value": 0, "op": "SCMP_CMP_NE"}),
+    ({"index": 4, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_NE"},),
+])
+def test_supported_filters_are_accepted(filters):
+    gen.validate_notify_rules((("sendto", filters),))
+
+
+def copy_beside(tmp_path, daemon_source):
+    """seccomp-gen.py in tmp_path with a bypass4netns.py of daemon_source: argv0 to run it."""
     (tmp_path / "seccomp-gen.py").write_text(SCRIPT.read_text())
-    (tmp_path / "bypass4netns.py").write_text('SECCOMP_NOTIFY_RULES = (("connect", ()),)\n')
-    profile = generate(["--base", "none"], argv0=[sys.executable, str(tmp_path / "seccomp-gen.py")])
-    assert [r["names"] for r in profile["syscalls"]] == [["connect"], gen.IO_URING]
+    (tmp_path / "bypass4netns.py").write_text(daemon_source)
+    return [sys.executable, str(tmp_path / "seccomp-gen.py")]
+
+
+@pytest.mark.parametrize("options", [[], UDP])
+def test_rules_come_from_bypass4netns_beside_the_script(tmp_path, options):
+    argv0 = copy_beside(tmp_path, 'SECCOMP_NOTIFY_RULES = (("connect", ()),)\n'
+                                  'SECCOMP_NOTIFY_RULES_UDP = (("bind", ()),)\n')
+    profile = generate(["--base", "none"] + options, argv0=argv0)
+    assert [r["names"] for r in profile["syscalls"]] == [["bind" if options else "connect"], gen.IO_URING]
     assert not (tmp_path / "__pycache__").exists()
 
 
+@pytest.mark.parametrize("options", [[], UDP])
 @pytest.mark.parametrize("source", [
     "raise RuntimeError('half written')\n",
-    "SECCOMP_NOTIFY_RULES = 'connect'\n",
+    "SECCOMP_NOTIFY_RULES = SECCOMP_NOTIFY_RULES_UDP = 'connect'\n",
     "import no_such_module_here\n",
     "def broken(:\n",
 ])
-def test_a_broken_daemon_falls_back_to_the_embedded_copy(tmp_path, source):
-    (tmp_path / "seccomp-gen.py").write_text(SCRIPT.read_text())
-    (tmp_path / "bypass4netns.py").write_text(source)
-    res = run(["--base", "none"], argv0=[sys.executable, str(tmp_path / "seccomp-gen.py")])
+def test_a_broken_daemon_falls_back_to_the_embedded_copy(tmp_path, source, options):
+    res = run(["--base", "none"] + options, argv0=copy_beside(tmp_path, source))
     assert res.returncode == 0, res.stderr
     assert "warning" in res.stderr and "embedded" in res.stderr
-    assert json.loads(res.stdout) == generate(["--base", "none"])
+    assert json.loads(res.stdout) == generate(["--base", "none"] + options)
 
 
-def test_runs_piped_without_a_file(tmp_path):
+def test_a_daemon_without_udp_rules_falls_back_for_udp_only(tmp_path):
+    """A bypass4netns.py from before --udp: its rules serve the default profile."""
+    argv0 = copy_beside(tmp_path, 'SECCOMP_NOTIFY_RULES = (("connect", ()),)\n')
+    res = run(["--base", "none", "--udp"], argv0=argv0)
+    assert res.returncode == 0, res.stderr
+    assert "SECCOMP_NOTIFY_RULES_UDP" in res.stderr and "embedded" in res.stderr
+    assert json.loads(res.stdout) == generate(["--base", "none", "--udp"])
+    assert [r["names"] for r in generate(["--base", "none"], argv0=argv0)["syscalls"]] == [
+        ["connect"], gen.IO_URING]
+
+
+@pytest.mark.parametrize("options", [[], UDP])
+def test_runs_piped_without_a_file(tmp_path, options):
     """curl ... | python3 - ARGS: no __file__, no bypass4netns.py around."""
-    res = run(["--base", "none", "--arch", "aarch64"], cwd=str(tmp_path),
+    res = run(["--base", "none", "--arch", "aarch64"] + options, cwd=str(tmp_path),
               stdin=SCRIPT.read_text(), argv0=[sys.executable, "-"])
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
     profile = json.loads(res.stdout)
     assert profile["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
     assert {n for r in profile["syscalls"] for n in r["names"]} == TRAPPED | set(gen.IO_URING)
+    assert profile == generate(["--base", "none", "--arch", "aarch64"] + options)
     assert os.listdir(str(tmp_path)) == []
 
 
@@ -210,28 +292,75 @@ def test_vermin_finds_nothing_newer_than_python39():
 
 # -- the allow-all profile (--base none) ------------------------------------
 
-def test_allow_all_profile():
-    profile = generate(["--base", "none", "--arch", "x86_64"])
-    assert list(profile) == ["defaultAction", "architectures", "listenerPath", "syscalls"]
+def notify(names, args=None):
+    rule = {"names": names, "action": "SCMP_ACT_NOTIFY"}
+    if args:
+        rule["args"] = args
+    rule["comment"] = gen.NOTIFY_COMMENT
+    return rule
+
+
+@pytest.mark.parametrize("options, metadata, syscalls", [
+    ([], None, [
+        notify(["connect", "bind", "listen", "socketcall"]),
+        notify(["sendto", "sendmmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3)]),
+        notify(["sendmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=2)]),
+    ]),
+    (UDP, "bypass4netns:udp", [
+        notify(["connect", "bind", "listen", "sendmsg", "sendmmsg", "socketcall"]),
+        notify(["sendto"], [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}]),
+    ]),
+])
+def test_allow_all_profile(options, metadata, syscalls):
+    profile = generate(["--base", "none", "--arch", "x86_64"] + options)
+    assert list(profile) == ["defaultAction", "architectures", "listenerPath"] + (
+        ["listenerMetadata"] if metadata else []) + ["syscalls"]
     assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
     assert profile["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
     assert profile["listenerPath"] == LISTENER
-    assert profile["syscalls"] == [
-        {"names": ["connect", "bind", "sendmsg", "sendmmsg", "socketcall"], "action": "SCMP_ACT_NOTIFY",
-         "comment": gen.NOTIFY_COMMENT},
-        {"names": ["sendto"], "action": "SCMP_ACT_NOTIFY",
-         "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}], "comment": gen.NOTIFY_COMMENT},
-        gen.IO_URING_RULE,
-    ]
+    assert profile.get("listenerMetadata") == metadata
+    assert profile["syscalls"] == syscalls + [gen.IO_URING_RULE]
 
 
-def test_every_trapped_call_is_notified_and_others_allowed():
-    profile = generate(["--base", "none", "--arch", "x86_64"])
-    assert verdict(profile, "sendto", (3, 0, 0, 0, 0, 0)) == "SCMP_ACT_ALLOW"
-    assert verdict(profile, "sendto", (3, 0, 0, 0, 0x7fff0000, 16)) == "SCMP_ACT_NOTIFY"
-    for name in TRAPPED - {"sendto"}:
-        assert verdict(profile, name) == "SCMP_ACT_NOTIFY"
-    assert verdict(profile, "add_key") == "SCMP_ACT_ALLOW"
+DESTINATION = 0x7fff0000  # a sockaddr pointer
+MSG_DONTWAIT_NOSIGNAL = 0x4040
+
+# (syscall, its arguments, trapped by the default profile, by the --udp one)
+CALLS = [
+    ("connect", (3, DESTINATION, 16, 0, 0, 0), True, True),
+    ("bind", (3, DESTINATION, 16, 0, 0, 0), True, True),
+    ("listen", (3, 128, 0, 0, 0, 0), True, True),
+    ("socketcall", (3, DESTINATION, 0, 0, 0, 0), True, True),
+    ("sendto", (3, 0, 0, 0, 0, 0), False, False),
+    ("sendto", (3, 0, 0, MSG_DONTWAIT_NOSIGNAL, 0, 0), False, False),
+    ("sendto", (3, 0, 0, 0, DESTINATION, 16), False, True),
+    ("sendto", (3, 0, 0, MSG_FASTOPEN, 0, 0), True, False),  # fails in the kernel: no address
+    ("sendto", (3, 0, 0, MSG_FASTOPEN | MSG_DONTWAIT_NOSIGNAL, DESTINATION, 16), True, True),
+    ("sendto", (3, 0, MSG_FASTOPEN, 0, 0, 0), False, False),  # a length, not the flags
+    ("sendmsg", (3, 0, 0, 0, 0, 0), False, True),
+    ("sendmsg", (3, 0, MSG_DONTWAIT_NOSIGNAL, 0, 0, 0), False, True),
+    ("sendmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), True, True),
+    ("sendmsg", (3, 0, 0xFFFFFFFF, 0, 0, 0), True, True),
+    ("sendmsg", (3, 0, 0, MSG_FASTOPEN, 0, 0), False, True),
+    ("sendmmsg", (3, 0, 1, 0, 0, 0), False, True),
+    ("sendmmsg", (3, 0, 1, MSG_FASTOPEN, 0, 0), True, True),
+    ("sendmmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), False, True),  # vlen, not the flags
+    ("recvmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), False, False),
+    ("close", (3, 0, 0, 0, 0, 0), False, False),
+]
+
+
+@pytest.mark.parametrize("udp", [False, True])
+@pytest.mark.parametrize("name, call_args, by_default, by_udp", CALLS)
+def test_every_trapped_call_is_notified_and_others_allowed(tmp_path, name, call_args, by_default, by_udp, udp):
+    trapped = by_udp if udp else by_default
+    assert trapped_by(name, call_args, udp) == trapped  # the model the merge tests use
+    options = UDP if udp else []
+    deny_by_default = write_json(tmp_path / "base.json", with_rule(
+        {"names": ["socketcall", "recvmsg", "close"], "action": "SCMP_ACT_ALLOW"}))
+    for base in ("none", deny_by_default):
+        profile = generate(["--base", base, "--arch", "x86_64"] + options)
+        assert verdict(profile, name, call_args) == ("SCMP_ACT_NOTIFY" if trapped else "SCMP_ACT_ALLOW"), base
 
 
 @pytest.mark.parametrize("machine, expected", [
@@ -286,10 +415,36 @@ def test_too_long_listener_path_is_refused():
     assert_one_line_error(run(["--base", "none", "--listener-path", "/" + "x" * 120]), "107")
 
 
-def test_listener_metadata():
-    profile = generate(["--base", "none", "--listener-metadata", "name=web"])
-    assert profile["listenerMetadata"] == "name=web"
-    assert "listenerMetadata" not in generate(["--base", "none"])
+@pytest.mark.parametrize("base_metadata, options, expected", [
+    (None, [], None),
+    (None, ["--listener-metadata", "name=web"], "name=web"),
+    (None, ["--listener-metadata", "a  b"], "a  b"),  # the user's string, as given
+    (None, UDP, "bypass4netns:udp"),
+    (None, UDP + ["--listener-metadata", "a b"], "a b bypass4netns:udp"),
+    ("kept", [], "kept"),
+    ("kept", UDP, "kept bypass4netns:udp"),
+    ("kept", ["--listener-metadata", "new"], "new"),
+    # The token is the profile's to set: a base made with --udp does not pass it on.
+    ("x bypass4netns:udp y", [], "x y"),
+    ("x bypass4netns:udp y", UDP, "x y bypass4netns:udp"),
+    ("bypass4netns:udp", [], None),
+    ("bypass4netns:udp", ["--listener-metadata", "z"], "z"),
+])
+def test_listener_metadata(tmp_path, base_metadata, options, expected):
+    base = podman_like() if base_metadata is None else podman_like(listenerMetadata=base_metadata)
+    profile = generate(["--base", write_json(tmp_path / "base.json", base)] + options)
+    assert profile.get("listenerMetadata") == expected
+    assert list(profile)[-2:] == (["listenerMetadata"] if expected else ["listenerPath"]) + ["syscalls"]
+
+
+@pytest.mark.parametrize("options", [
+    ["--base", "none", "--listener-metadata", "bypass4netns:udp"],
+    ["--base", "none", "--listener-metadata", "name=web bypass4netns:udp", "--udp"],
+    ["--docker-runtime-wrapper", "/nonexistent/w", "--listener-metadata", "bypass4netns:udp"],
+])
+def test_udp_token_in_listener_metadata_is_refused(options):
+    """Without --udp it would have the daemon switch UDP sockets whose sends nothing traps."""
+    assert_one_line_error(run(options), "--listener-metadata", "bypass4netns:udp", "--udp")
 
 
 def test_wait_killable_recv_flag_and_its_warning():
@@ -303,9 +458,9 @@ def test_wait_killable_recv_flag_and_its_warning():
 def test_help_explains_every_option():
     res = run(["--help"])
     assert res.returncode == 0
-    for option in ("--base", "--listener-path", "--listener-metadata", "--arch",
-                   "--wait-killable-recv", "--output", "auto", "none", "podman", "docker",
-                   "runc", "crun"):
+    for option in ("--base", "--listener-path", "--listener-metadata", "--udp", "bypass4netns:udp",
+                   "MSG_FASTOPEN", "--arch", "--wait-killable-recv", "--output", "auto", "none", "podman",
+                   "docker", "runc", "crun"):
         assert option in res.stdout
 
 
@@ -315,22 +470,35 @@ def test_unknown_option_is_one_line_error():
 
 # -- merging into a base profile ---------------------------------------------
 
-def test_merge_keeps_the_base_and_traps_first(tmp_path):
+UNTRAPPED_SENDS = [  # the default profile's untrapped rules, as they follow its NOTIFY rules
+    {"names": ["sendto"], "action": "SCMP_ACT_ALLOW", "args": [masked(MSG_FASTOPEN, 0, index=3)],
+     "comment": gen.UNTRAPPED_COMMENT},
+    {"names": ["sendmsg"], "action": "SCMP_ACT_ALLOW", "args": [masked(MSG_FASTOPEN, 0, index=2)],
+     "comment": gen.UNTRAPPED_COMMENT},
+    {"names": ["sendmmsg"], "action": "SCMP_ACT_ALLOW", "args": [masked(MSG_FASTOPEN, 0, index=3)],
+     "comment": gen.UNTRAPPED_COMMENT},
+]
+
+
+@pytest.mark.parametrize("options, notify_rules, untrapped", [
+    ([], 3, UNTRAPPED_SENDS),
+    (UDP, 2, [{"names": ["sendto"], "action": "SCMP_ACT_ALLOW",
+               "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}], "comment": gen.UNTRAPPED_COMMENT}]),
+])
+def test_merge_keeps_the_base_and_traps_first(tmp_path, options, notify_rules, untrapped):
     base = write_json(tmp_path / "base.json", PODMAN_LIKE)
-    profile = generate(["--base", base])
+    profile = generate(["--base", base] + options)
     assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
     assert profile["defaultErrnoRet"] == 38
     assert profile["archMap"] == PODMAN_LIKE["archMap"]
     assert "architectures" not in profile  # podman refuses both at once
     assert profile["listenerPath"] == LISTENER
     rules = profile["syscalls"]
-    assert [r["action"] for r in rules[:3]] == ["SCMP_ACT_NOTIFY", "SCMP_ACT_NOTIFY", "SCMP_ACT_ALLOW"]
-    assert rules[2] == {"names": ["sendto"], "action": "SCMP_ACT_ALLOW",
-                        "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}],
-                        "comment": gen.UNTRAPPED_COMMENT}
+    assert {r["action"] for r in rules[:notify_rules]} == {"SCMP_ACT_NOTIFY"}
+    assert rules[notify_rules:notify_rules + len(untrapped)] == untrapped
     # Every base rule is kept, less the trapped names; the one left empty goes.
     assert rules[-1] == gen.IO_URING_RULE
-    rest = rules[3:-1]
+    rest = rules[notify_rules + len(untrapped):-1]
     assert rest[1] == dict(PODMAN_LIKE["syscalls"][1], names=["read", "write", "socket"])
     assert rest[6] == dict(PODMAN_LIKE["syscalls"][6], names=["recvmmsg"])
     assert rest == [r if not set(names_of(r)) & TRAPPED else
@@ -338,50 +506,68 @@ def test_merge_keeps_the_base_and_traps_first(tmp_path):
                     for r in PODMAN_LIKE["syscalls"][:-1]]
 
 
-def test_merge_answers_every_other_call_as_the_base_did(tmp_path):
-    base = write_json(tmp_path / "base.json", PODMAN_LIKE)
-    profile = generate(["--base", base])
-    for caps in ((), ("CAP_SYS_ADMIN",)):
-        for name, call_args in sample_calls(PODMAN_LIKE):
-            trapped = name in TRAPPED and (name != "sendto" or call_args[4] != 0) and (
-                name not in gen.TRAPPED_ONLY_IF_ALLOWED or verdict(PODMAN_LIKE, name) == "SCMP_ACT_ALLOW")
-            expected = "SCMP_ACT_NOTIFY" if trapped else verdict(PODMAN_LIKE, name, call_args, caps)
+def assert_answers_as_the_base(base, profile, udp, caps_sets):
+    """profile traps what the model says (socketcall only where base allows
+    it) and answers every other call as base does."""
+    for caps in caps_sets:
+        for name, call_args in sample_calls(base):
+            trapped = trapped_by(name, call_args, udp) and (
+                name not in gen.TRAPPED_ONLY_IF_ALLOWED or verdict(base, name) in gen.ALLOWING_ACTIONS)
+            expected = "SCMP_ACT_NOTIFY" if trapped else verdict(base, name, call_args, caps)
             assert verdict(profile, name, call_args, caps) == expected, (name, call_args, caps)
 
 
+@pytest.mark.parametrize("udp", [False, True])
+def test_merge_answers_every_other_call_as_the_base_did(tmp_path, udp):
+    base = write_json(tmp_path / "base.json", PODMAN_LIKE)
+    profile = generate(["--base", base] + (UDP if udp else []))
+    assert_answers_as_the_base(PODMAN_LIKE, profile, udp, ((), ("CAP_SYS_ADMIN",)))
+
+
 @pytest.mark.skipif(not PODMAN_DEFAULT.exists(), reason="podman's default profile is not installed")
-def test_merge_into_podmans_default_answers_every_other_call_as_it_did():
+@pytest.mark.parametrize("udp", [False, True])
+def test_merge_into_podmans_default_answers_every_other_call_as_it_did(udp):
     base = json.loads(PODMAN_DEFAULT.read_text())
-    profile = generate(["--base", str(PODMAN_DEFAULT)])
-    for caps in ((), ("CAP_SYS_ADMIN", "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE")):
-        for name, call_args in sample_calls(base):
-            if name in TRAPPED and not (name == "sendto" and call_args[4] == 0):
-                continue  # trapped: below
-            assert verdict(profile, name, call_args, caps) == verdict(base, name, call_args, caps)
-    for name in TRAPPED - {"sendto"}:
-        assert verdict(profile, name) == "SCMP_ACT_NOTIFY"
-    assert verdict(profile, "sendto", (3, 0, 0, 0, 0x1000, 16)) == "SCMP_ACT_NOTIFY"
+    profile = generate(["--base", str(PODMAN_DEFAULT)] + (UDP if udp else []))
+    assert_answers_as_the_base(base, profile, udp,
+                               ((), ("CAP_SYS_ADMIN", "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE")))
 
 
-def test_merge_under_allowing_default_needs_no_extra_rule(tmp_path):
-    base = write_json(tmp_path / "base.json", {
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "syscalls": [{"names": ["add_key", "keyctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]})
-    profile = generate(["--base", base])
-    assert [r["action"] for r in profile["syscalls"]] == ["SCMP_ACT_NOTIFY", "SCMP_ACT_NOTIFY", "SCMP_ACT_ERRNO",
-                                                         "SCMP_ACT_ERRNO"]
+@pytest.mark.parametrize("default, sends, untrapped", [
+    ("SCMP_ACT_ALLOW", None, None),  # the untrapped calls fall to the default
+    ("SCMP_ACT_ALLOW", "SCMP_ACT_ALLOW", None),
+    ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_LOG"),  # not to the default: they were logged
+    ("SCMP_ACT_LOG", None, None),
+    ("SCMP_ACT_LOG", "SCMP_ACT_ALLOW", "SCMP_ACT_ALLOW"),
+    ("SCMP_ACT_ERRNO", "SCMP_ACT_ALLOW", "SCMP_ACT_ALLOW"),
+    ("SCMP_ACT_ERRNO", "SCMP_ACT_LOG", "SCMP_ACT_LOG"),
+])
+def test_untrapped_sends_keep_the_bases_action(tmp_path, default, sends, untrapped):
+    rules = [{"names": ["add_key", "keyctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+             {"names": ["connect", "bind", "listen"], "action": "SCMP_ACT_ALLOW"}]
+    if sends:
+        rules.append({"names": ["sendto", "sendmsg", "sendmmsg"], "action": sends})
+    base = {"defaultAction": default, "syscalls": rules}
+    profile = generate(["--base", write_json(tmp_path / "base.json", base)])
+    expected = [dict(rule, action=untrapped) for rule in UNTRAPPED_SENDS] if untrapped else []
+    assert profile["syscalls"][3:-2] == expected
+    assert [r["action"] for r in profile["syscalls"][-2:]] == ["SCMP_ACT_ERRNO", "SCMP_ACT_ERRNO"]
     assert "architectures" not in profile  # the base's choice (none: native only) is kept
+    assert_answers_as_the_base(base, profile, False, ((),))
+    assert generate(["--base", write_json(tmp_path / "again.json", profile)]) == profile
 
 
-def test_log_allowed_syscalls_stay_logged(tmp_path):
-    base = write_json(tmp_path / "base.json", {
-        "defaultAction": "SCMP_ACT_ERRNO",
-        "syscalls": [{"names": ["connect", "bind", "sendmsg", "sendmmsg", "sendto"],
-                      "action": "SCMP_ACT_LOG"}]})
-    profile = generate(["--base", base])
-    assert profile["syscalls"][2]["action"] == "SCMP_ACT_LOG"
+@pytest.mark.parametrize("options", [[], UDP])
+def test_log_allowed_syscalls_stay_logged(tmp_path, options):
+    base = {"defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [{"names": ["connect", "bind", "listen", "sendmsg", "sendmmsg", "sendto"],
+                          "action": "SCMP_ACT_LOG"}]}
+    profile = generate(["--base", write_json(tmp_path / "base.json", base)] + options)
+    assert_answers_as_the_base(base, profile, bool(options), ((),))
+    assert {r["action"] for r in profile["syscalls"] if r.get("comment") == gen.UNTRAPPED_COMMENT} == {
+        "SCMP_ACT_LOG"}
     again = write_json(tmp_path / "again.json", profile)
-    assert generate(["--base", again]) == profile
+    assert generate(["--base", again] + options) == profile
 
 
 def test_arch_option_replaces_the_bases_architectures(tmp_path):
@@ -395,7 +581,7 @@ def test_empty_conditions_count_as_none(tmp_path):
     base = write_json(tmp_path / "base.json", podman_like(syscalls=[
         {"names": sorted(TRAPPED), "action": "SCMP_ACT_ALLOW", "includes": {"caps": []}, "excludes": {}}]))
     assert [r["action"] for r in generate(["--base", base])["syscalls"]] == [
-        "SCMP_ACT_NOTIFY", "SCMP_ACT_NOTIFY", "SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO"]
+        "SCMP_ACT_NOTIFY"] * 3 + ["SCMP_ACT_ALLOW"] * 3 + ["SCMP_ACT_ERRNO"]
 
 
 def test_base_flags_are_kept_and_extended(tmp_path):
@@ -409,6 +595,8 @@ def test_base_flags_are_kept_and_extended(tmp_path):
     [],
     ["--wait-killable-recv", "--listener-metadata", "m"],
     ["--arch", "x86_64"],
+    UDP,
+    UDP + ["--listener-metadata", "m"],
 ])
 def test_merging_again_gives_the_same_file(tmp_path, options):
     base = write_json(tmp_path / "base.json", PODMAN_LIKE)
@@ -418,17 +606,51 @@ def test_merging_again_gives_the_same_file(tmp_path, options):
 
 
 @pytest.mark.skipif(not PODMAN_DEFAULT.exists(), reason="podman's default profile is not installed")
-def test_merging_podmans_default_again_gives_the_same_file(tmp_path):
+@pytest.mark.parametrize("options", [[], UDP])
+def test_merging_podmans_default_again_gives_the_same_file(tmp_path, options):
     first = tmp_path / "first.json"
-    assert run(["--base", "podman", "-o", str(first)]).returncode == 0
+    assert run(["--base", "podman", "-o", str(first)] + options).returncode == 0
     second = tmp_path / "second.json"
-    assert run(["--base", str(first), "-o", str(second)]).returncode == 0
+    assert run(["--base", str(first), "-o", str(second)] + options).returncode == 0
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_allow_all_profile_merged_again_is_the_same(tmp_path):
-    first = run(["--base", "none"]).stdout
-    assert run(["--base", write_json(tmp_path / "p.json", json.loads(first))]).stdout == first
+@pytest.mark.parametrize("options", [[], UDP])
+def test_allow_all_profile_merged_again_is_the_same(tmp_path, options):
+    first = run(["--base", "none"] + options).stdout
+    assert run(["--base", write_json(tmp_path / "p.json", json.loads(first))] + options).stdout == first
+
+
+# Bases for switching between the profiles: podman-like, allow-all, and
+# podman's own when installed.
+SWITCH_BASES = ["podman-like", "none"] + (["podman"] if PODMAN_DEFAULT.exists() else [])
+
+
+@pytest.mark.parametrize("base", SWITCH_BASES)
+@pytest.mark.parametrize("first, then", [
+    ([], UDP),
+    (UDP, []),
+    (UDP + ["--listener-metadata", "m"], ["--listener-metadata", "m"]),
+    (["--listener-metadata", "m"], UDP + ["--listener-metadata", "m"]),
+])
+def test_merging_the_other_profile_replaces_it(tmp_path, base, first, then):
+    """A profile made with (or without) --udp, merged without (or with) it,
+    is the base merged directly: no rule or token of the first is left."""
+    if base == "podman-like":
+        base = write_json(tmp_path / "base.json", PODMAN_LIKE)
+    made = write_json(tmp_path / "first.json", generate(["--base", base] + first))
+    assert run(["--base", made] + then).stdout == run(["--base", base] + then).stdout
+
+
+def test_merge_made_by_the_previous_version_is_upgraded(tmp_path):
+    """A profile of the seccomp-gen.py that trapped every send and no listen."""
+    old = copy_beside(tmp_path, 'SECCOMP_NOTIFY_RULES = (("connect", ()), ("bind", ()), '
+                                '("sendto", ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)), '
+                                '("sendmsg", ()), ("sendmmsg", ()), ("socketcall", ()))\n')
+    base = write_json(tmp_path / "base.json", PODMAN_LIKE)
+    made = write_json(tmp_path / "old.json", generate(["--base", base], argv0=old))
+    for options in ([], UDP):
+        assert run(["--base", made] + options).stdout == run(["--base", base] + options).stdout
 
 
 # -- bases that are refused --------------------------------------------------
@@ -608,7 +830,8 @@ def test_output_into_missing_directory_is_one_line_error(tmp_path):
 
 # -- the shell wrapper ---------------------------------------------------------
 
-@pytest.mark.parametrize("options", [["--base", "none"], ["--base", "BASE", "--listener-metadata", "x"]])
+@pytest.mark.parametrize("options", [["--base", "none"], ["--base", "BASE", "--listener-metadata", "x"],
+                                     ["--base", "BASE", "--udp"]])
 def test_wrapper_gives_the_same_profile(tmp_path, options):
     options = [write_json(tmp_path / "b.json", PODMAN_LIKE) if o == "BASE" else o for o in options]
     assert os.access(str(WRAPPER), os.X_OK)
@@ -642,3 +865,57 @@ def test_io_uring_is_denied_whatever_the_base(tmp_path):
     for profile in (generate(["--base", "none"]), generate(["--base", write_json(tmp_path / "b.json", allow_all)])):
         for name in gen.IO_URING:
             assert verdict(profile, name) == "SCMP_ACT_ERRNO"
+
+
+# -- the Docker runtime wrapper's listenerMetadata -----------------------------
+
+def wrapper_module(metadata):
+    """The runtime wrapper's code (tests/e2e/test_docker.py runs it whole), loaded."""
+    namespace = {"__name__": "bypass4netns_runtime_wrapper"}
+    exec(compile(gen.wrapper_script("/usr/bin/true", LISTENER, metadata, "/w"), "wrapper", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("base", ["none", "podman-like"])
+@pytest.mark.parametrize("options, metadata, expected", [
+    ([], None, None),
+    ([], "name=web", "name=web"),
+    (UDP, None, "bypass4netns:udp"),
+    (UDP, "name=web", "name=web bypass4netns:udp"),
+])
+def test_runtime_wrapper_gives_a_udp_profile_its_token(tmp_path, base, options, metadata, expected):
+    """Docker drops listenerMetadata: the wrapper, written once, puts back
+    what the profile had, whichever of the two profiles a container uses."""
+    if base == "podman-like":
+        base = write_json(tmp_path / "base.json", PODMAN_LIKE)
+    profile = generate(["--base", base] + options + (["--listener-metadata", metadata] if metadata else []))
+    assert profile.get("listenerMetadata") == expected
+    seccomp = {k: v for k, v in profile.items() if k not in ("listenerPath", "listenerMetadata")}
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    write_json(bundle / "config.json", {"ociVersion": "1.0.2-dev", "linux": {"seccomp": seccomp}})
+    wrapper_module(metadata)["add_listener"](str(bundle))
+    patched = json.loads((bundle / "config.json").read_text())["linux"]["seccomp"]
+    assert patched == dict(seccomp, listenerPath=LISTENER, **({"listenerMetadata": expected} if expected else {}))
+
+
+@pytest.mark.parametrize("rule, udp", [
+    ({"names": ["sendmsg"], "action": "SCMP_ACT_NOTIFY"}, True),
+    ({"names": ["connect", "sendmsg"], "action": "SCMP_ACT_NOTIFY", "args": []}, True),  # Docker's form
+    ({"names": ["sendmsg"], "action": "SCMP_ACT_NOTIFY", "args": [masked(MSG_FASTOPEN, MSG_FASTOPEN)]}, False),
+    ({"names": ["sendmsg"], "action": "SCMP_ACT_ALLOW"}, False),
+    ({"names": ["connect", "sendmmsg"], "action": "SCMP_ACT_NOTIFY"}, False),
+])
+def test_runtime_wrapper_reads_udp_from_an_unfiltered_sendmsg_trap(tmp_path, rule, udp):
+    seccomp = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["bind"], "action": "SCMP_ACT_NOTIFY"}, rule]}
+    write_json(tmp_path / "config.json", {"linux": {"seccomp": seccomp}})
+    wrapper_module(None)["add_listener"](str(tmp_path))
+    patched = json.loads((tmp_path / "config.json").read_text())["linux"]["seccomp"]
+    assert patched.get("listenerMetadata") == ("bypass4netns:udp" if udp else None)
+
+
+def test_udp_applies_to_the_profile_not_the_wrapper(tmp_path):
+    assert_one_line_error(run(["--docker-runtime-wrapper", str(tmp_path / "w"), "--udp"]),
+                          "--udp applies to the profile")
+    assert os.listdir(str(tmp_path)) == []

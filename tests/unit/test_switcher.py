@@ -1,0 +1,205 @@
+"""The switcher's handlers against a real kernel: a child under a real seccomp filter.
+
+No root and no container: the child (notify_target.Target) has a user and
+network namespace of its own, the test's namespace plays the host's, and a
+real Daemon answers the child's connect, bind and listen.  A loopback
+destination is never bypassed, except the container's own published port:
+so these tests reach "the host" through -p 127.0.0.1:HOSTPORT:CONTAINERPORT.
+"""
+
+import errno
+import importlib.util
+import logging
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from . import notify_target
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("bypass4netns", ROOT / "bypass4netns.py")
+b4ns = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b4ns)
+
+CONTAINER_PORT = 80
+
+
+@pytest.fixture
+def host_listener():
+    """A TCP listener on the test namespace's loopback: the host side of a published port."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield listener
+
+
+@pytest.fixture
+def target(tmp_path, caplog):
+    """start(publish) -> a Target whose notifications a fresh Daemon answers."""
+    why = notify_target.can_run()
+    if why:
+        pytest.skip(why)
+    made = []
+
+    def start(publish=()):
+        daemon = b4ns.Daemon(str(tmp_path / "unused.sock"), [], False, b4ns.build_publish_table(publish),
+                             debug=True, reserve_ports=False)
+        made.append(daemon)
+        made.append(notify_target.Target(b4ns, daemon))
+        return made[-1]
+    caplog.set_level(logging.DEBUG, logger="bypass4netns")
+    yield start
+    for thing in reversed(made):
+        thing.close()
+
+
+def counters(target):
+    (container,) = target.daemon.server.containers.values()
+    return container.counters
+
+
+def published(listener):
+    return ["127.0.0.1:%d:%d" % (listener.getsockname()[1], CONTAINER_PORT)]
+
+
+def test_a_published_port_on_loopback_is_reached_on_the_host_side(target, host_listener):
+    t = target(published(host_listener))
+    peer = t.run("""
+s = socket.socket()
+s.connect(("127.0.0.1", %d))
+result = s.getpeername()
+""" % CONTAINER_PORT)
+    assert peer == ["127.0.0.1", host_listener.getsockname()[1]]
+    host_listener.settimeout(5)
+    host_listener.accept()[0].close()  # it is in this namespace: switched
+    assert counters(t)["bypassed"] == 1
+
+
+def test_other_loopback_destinations_stay_in_the_container(target, caplog):
+    t = target()
+    got = t.run("""
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+s = socket.socket()
+s.connect(listener.getsockname())
+conn, _ = listener.accept()
+result = [conn.getpeername() == s.getsockname(), s.getsockname()[0]]
+""")
+    assert got == [True, "127.0.0.1"]
+    assert counters(t)["container"] == 1 and counters(t)["bypassed"] == 0
+    assert "bind 127.0.0.1:0: container" in caplog.text and ": container (loopback)" in caplog.text
+
+
+def test_a_nonblocking_connect_seen_complete_is_answered_0_then_eisconn(target, host_listener):
+    t = target(published(host_listener))
+    got = t.run("""
+s = socket.socket()
+s.setblocking(False)
+result = [s.connect_ex(("127.0.0.1", %d)), s.connect_ex(("127.0.0.1", %d)), s.getblocking()]
+""" % (CONTAINER_PORT, CONTAINER_PORT))
+    assert got == [0, errno.EISCONN, False]
+
+
+def test_a_refused_connect_gets_the_kernels_errno_and_stays_in_the_container(target):
+    with socket.socket() as closed:  # bound, not listening: a connect is refused at once
+        closed.bind(("127.0.0.1", 0))
+        t = target(["127.0.0.1:%d:%d" % (closed.getsockname()[1], CONTAINER_PORT)])
+        got = t.run("""
+s = socket.socket()
+probe = socket.socket()
+result = [s.connect_ex(("127.0.0.1", %d)),
+          s.getsockopt(socket.SOL_SOCKET, 71, 8) == probe.getsockopt(socket.SOL_SOCKET, 71, 8)]
+""" % CONTAINER_PORT)  # 71: SO_NETNS_COOKIE
+    assert got == [errno.ECONNREFUSED, True], "errno, and whether the socket is still the container's"
+
+
+def test_a_handler_that_answers_twice_is_caught_and_the_daemon_goes_on(target, host_listener, caplog):
+    t = target(published(host_listener))
+    switcher = t.daemon.server.switcher
+    bind_entry = next(key for key, (handler, _ptr) in switcher.dispatch.items() if handler.__name__ == "on_bind")
+
+    def answers_twice(call):
+        call.let_run()
+        call.let_run()
+    switcher.dispatch[bind_entry] = (answers_twice, 8)
+    got = t.run("""
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+c = socket.socket()
+c.setblocking(False)
+result = c.connect_ex(("127.0.0.1", %d))
+""" % CONTAINER_PORT)
+    assert got == 0, "the bind ran once and the daemon still answers"
+    assert counters(t)["errors"] == 1 and "answered twice" in caplog.text
+
+
+def test_continue_after_reading_memory_is_refused_by_the_call_itself(target, host_listener, caplog):
+    t = target(published(host_listener))
+    switcher = t.daemon.server.switcher
+    bind_entry = next(key for key, (handler, _ptr) in switcher.dispatch.items() if handler.__name__ == "on_bind")
+
+    def reads_then_continues(call):
+        switcher.read(call, call.args[1], 16)
+        call.let_run()
+    switcher.dispatch[bind_entry] = (reads_then_continues, 8)
+    got = t.run("""
+s = socket.socket()
+result = s.connect_ex(("127.0.0.1", 1)) if False else None
+try:
+    s.bind(("127.0.0.1", 0))
+    result = "bound"
+except OSError as e:
+    result = errno.errorcode[e.errno]
+""")
+    assert got == "EIO", "after reading memory, a failed handler's call is failed, never continued"
+    assert "CONTINUE asked after reading" in caplog.text
+
+
+DRAIN = """
+import socket, sys, time
+listener = socket.socket(fileno=int(sys.argv[1]))
+time.sleep(0.3)
+filler = listener.accept()  # A's retransmitted SYN gets in
+time.sleep(2.5)
+a = listener.accept()       # after A's deadline: B's SYN gets in
+time.sleep(2.5)
+"""
+
+
+def test_a_finished_blocking_connect_leaves_no_timer_behind(target, host_listener):
+    """Regression: timers were (deadline, fd) pairs that outlived their connect.
+
+    Connect A has SO_SNDTIMEO 2.5 s and ends at about 1 s; connect B, with no
+    timeout, is still under way when A's deadline passes, on a host socket
+    that reuses A's fd number in the daemon (A is closed first).  B must end as its
+    handshake does (0), not "time out" with EINPROGRESS at A's deadline.  The
+    host listener's accept queue (backlog 0, so one connection fills it) is
+    what holds each handshake: a SYN to a full queue is dropped and
+    retransmitted a second later.
+    """
+    host_listener.listen(0)
+    filler = socket.create_connection(host_listener.getsockname())  # fills the queue
+    t = target(published(host_listener))
+    # The queue is drained by a process of its own: an accept here would take
+    # an fd number in the daemon's process and shift the numbers this test lines up.
+    drainer = subprocess.Popen([sys.executable, "-c", DRAIN, str(host_listener.fileno())],
+                               pass_fds=[host_listener.fileno()])
+    try:
+        got = t.run("""
+a = socket.socket()
+a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("qq", 2, 500000))
+ra = a.connect_ex(("127.0.0.1", %d))
+a.close()  # B gets A's fd number, here and in the daemon
+b = socket.socket()
+rb = b.connect_ex(("127.0.0.1", %d))
+result = [ra, rb]
+""" % (CONTAINER_PORT, CONTAINER_PORT), timeout=60)
+    finally:
+        drainer.wait(30)
+        filler.close()
+    assert got == [0, 0], "connect B answered %s" % errno.errorcode.get(got[1], got[1])
+    assert not t.daemon.server.switcher.pending
