@@ -23,10 +23,14 @@ Configurations (the client is the only thing that changes):
 Workloads: iperf3 container -> host (1 and 4 streams) and host -> container
 through a published port; ab -c 1 and -c 8 against nginx, one connection per
 request; a connect/close loop of a static C client (built here with gcc
--static); redis-benchmark GET/SET on one kept-alive connection; tar of
-/usr/share (no networking: what the seccomp profile costs); 20 clients
-connecting at once.  The daemons' CPU time and memory are read from /proc
-around the connect workloads (--py-spy DIR also records their stacks).
+-static), and the same loop pinned to CPU 0 (the client, and the daemon with
+its threads and workers: no wake-ups across CPUs); redis-benchmark GET/SET on
+one kept-alive connection; tar of /usr/share (no networking: what the seccomp
+profile costs); 20 clients connecting at once, in 20 containers, and as 20
+processes in one container.  The daemons' CPU time and memory are read from
+/proc around the connect workloads (--py-spy DIR also records their stacks).
+After the rounds, an untimed pass counts each daemon's syscalls per connection:
+`strace -c -f` on it and its workers during a loop of 2000 connections.
 
 Rounds are interleaved (for each round, for each workload, every configuration
 in turn, the order rotated by one each round: A B C D, B C D A, ...), and the
@@ -37,6 +41,7 @@ chart.png (matplotlib, from a virtualenv of the bench's own:
 """
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -66,6 +71,7 @@ VENV = os.path.join(tb.STATE_DIR, "bench-venv")
 ADDR_A, ADDR_B = tb.HOST_IP4, tb.HOST_IP4_B
 PUBLISHED_PORT = 5201  # the container side of the published port (iperf3's own)
 IGNORE = "127.0.0.0/8,10.0.0.0/8,auto"  # README's recommended daemon flags
+PINNED_CPU = 0  # the CPU of the pinned connect loop
 
 # ---------------------------------------------------------------------------
 # The static C client (and accept-and-close server, and timer)
@@ -73,15 +79,18 @@ IGNORE = "127.0.0.0/8,10.0.0.0/8,auto"  # README's recommended daemon flags
 
 CONNBENCH_C = r"""
 /* connbench, built by tests/bench.py with gcc -static:
- *   connbench serve ADDR:PORT...          accept and close, on every listener
- *   connbench connect ADDR PORT MS [GO]   connect/close loop for MS ms
- *   connbench time CMD ARG...             run CMD, print its wall time
+ *   connbench serve ADDR:PORT...                 accept and close, on every listener
+ *   connbench connect ADDR PORT MS [GO [PROCS]]  connect/close loop for MS ms
+ *   connbench count ADDR PORT N [GO [PROCS]]     the same loop for N connections
+ *   connbench time CMD ARG...                    run CMD, print its wall time
  * connect: socket(); connect() (timed); SO_LINGER 0, so that close() sends an
  * RST and leaves no TIME_WAIT to run out of ports; close().  With GO (a file
  * path), print "ready", wait for GO to hold a CLOCK_REALTIME start time in ns
  * and start then, so that many clients run in the same window.  Prints
  * "count N errors E elapsed_us T sum_us S" and "hist US:COUNT ..." (1 us
- * buckets below 10 ms, 1 ms buckets above, capped at 10 s). */
+ * buckets below 10 ms, 1 ms buckets above, capped at 10 s).  With PROCS, that
+ * many forked copies of the loop (so all in one container, under its one
+ * seccomp filter) print "ready" together, then each its own two lines. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -90,6 +99,7 @@ CONNBENCH_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -98,6 +108,8 @@ CONNBENCH_C = r"""
 
 #define FINE 10000
 #define COARSE 10000
+#define MAX_LISTENERS 64
+#define MAX_PROCS 64
 static uint64_t fine[FINE], coarse[COARSE + 1];
 
 static uint64_t now_ns(clockid_t clock) {
@@ -107,9 +119,10 @@ static uint64_t now_ns(clockid_t clock) {
 }
 
 static int serve(int argc, char **argv) {
-    struct pollfd fds[16];
+    struct pollfd fds[MAX_LISTENERS];
     int n = 0;
-    for (int i = 0; i < argc && n < 16; i++, n++) {
+    if (argc > MAX_LISTENERS) { fprintf(stderr, "more than %d listeners\n", MAX_LISTENERS); return 2; }
+    for (int i = 0; i < argc; i++, n++) {
         char *colon = strrchr(argv[i], ':');
         struct sockaddr_in a = {.sin_family = AF_INET};
         int one = 1, s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
@@ -137,7 +150,8 @@ static int serve(int argc, char **argv) {
     }
 }
 
-static int client(int argc, char **argv) {
+/* by_count: argv[2] is a number of connections (errors included), not milliseconds. */
+static int client(int argc, char **argv, int by_count) {
     struct sockaddr_in a = {.sin_family = AF_INET};
     struct linger lin = {1, 0};
     uint64_t count = 0, errors = 0, sum_ns = 0, start, end, t0, t1;
@@ -145,7 +159,7 @@ static int client(int argc, char **argv) {
     if (argc < 3) return 2;
     a.sin_port = htons(atoi(argv[1]));
     if (inet_pton(AF_INET, argv[0], &a.sin_addr) != 1) return 2;
-    uint64_t duration = (uint64_t)atoll(argv[2]) * 1000000u;
+    uint64_t limit = (uint64_t)atoll(argv[2]), most = by_count ? limit : 100000000u;
     if (argc > 3) {
         struct stat st;
         int waited = 0;
@@ -162,7 +176,7 @@ static int client(int argc, char **argv) {
         while (now_ns(CLOCK_REALTIME) < at) usleep(200);
     }
     start = now_ns(CLOCK_MONOTONIC);
-    end = start + duration;
+    end = by_count ? UINT64_MAX : start + limit * 1000000u;
     do {
         int s = socket(AF_INET, SOCK_STREAM, 0);
         if (s < 0) { errors++; last_errno = errno; usleep(1000); t1 = now_ns(CLOCK_MONOTONIC); continue; }
@@ -181,7 +195,7 @@ static int client(int argc, char **argv) {
             last_errno = errno;
         }
         close(s);
-    } while (t1 < end && count + errors < 100000000u);
+    } while (t1 < end && count + errors < most);
     printf("count %llu errors %llu elapsed_us %llu sum_us %llu errno %d\nhist", (unsigned long long)count,
            (unsigned long long)errors, (unsigned long long)((t1 - start) / 1000),
            (unsigned long long)(sum_ns / 1000), last_errno);
@@ -204,11 +218,51 @@ static int timed(char **argv) {
     return 0;
 }
 
+/* PROCS copies of the loop.  Each writes to a memfd of its own, copied to stdout once all have
+ * exited: lines of copies that finish together would interleave in a shared pipe. */
+static int spawn(int procs, int argc, char **argv, int by_count) {
+    int fds[MAX_PROCS], status, failed = 0;
+    pid_t pids[MAX_PROCS];
+    char buf[65536];
+    if (procs < 1 || procs > MAX_PROCS) return 2;
+    for (int i = 0; i < procs; i++) {
+        if ((fds[i] = memfd_create("connbench", 0)) < 0) { perror("memfd_create"); return 1; }
+        fflush(stdout);
+        if ((pids[i] = fork()) < 0) { perror("fork"); return 1; }
+        if (pids[i] == 0) {
+            dup2(fds[i], 1);
+            exit(client(argc, argv, by_count));  /* exit, not _exit: stdio must flush */
+        }
+    }
+    for (int i = 0; i < procs; i++) {  /* "ready" once every copy is: it has printed its own */
+        int waited = 0;
+        while (pread(fds[i], buf, 6, 0) < 6) {
+            if (waitpid(pids[i], &status, WNOHANG) == pids[i]) { fprintf(stderr, "a copy exited\n"); return 1; }
+            if (++waited > 120000) { fprintf(stderr, "a copy did not start\n"); return 1; }  /* 2 min */
+            usleep(1000);
+        }
+    }
+    printf("ready\n");
+    fflush(stdout);
+    for (int i = 0; i < procs; i++) {
+        ssize_t n;
+        if (waitpid(pids[i], &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status)) failed = 1;
+        lseek(fds[i], 0, SEEK_SET);
+        while ((n = read(fds[i], buf, sizeof buf)) > 0) fwrite(buf, 1, n, stdout);
+    }
+    return failed;
+}
+
 int main(int argc, char **argv) {
     if (argc > 2 && !strcmp(argv[1], "serve")) return serve(argc - 2, argv + 2);
-    if (argc > 2 && !strcmp(argv[1], "connect")) return client(argc - 2, argv + 2);
+    if (argc > 2 && (!strcmp(argv[1], "connect") || !strcmp(argv[1], "count"))) {
+        int by_count = !strcmp(argv[1], "count");
+        if (argc > 6) return spawn(atoi(argv[6]), 4, argv + 2, by_count);
+        return client(argc - 2, argv + 2, by_count);
+    }
     if (argc > 2 && !strcmp(argv[1], "time")) return timed(argv + 2);
-    fprintf(stderr, "usage: connbench serve ADDR:PORT... | connect ADDR PORT MS [GO] | time CMD...\n");
+    fprintf(stderr, "usage: connbench serve ADDR:PORT... | connect ADDR PORT MS [GO [PROCS]] | "
+                    "count ADDR PORT N [GO [PROCS]] | time CMD...\n");
     return 2;
 }
 """
@@ -256,13 +310,64 @@ def run(argv, timeout, what):
     return result.stdout
 
 
-def children(pid):
-    """Direct children of pid (to stop what a pasta we started runs)."""
+def threads(pid):
+    """The thread ids of pid ([] once it has exited)."""
     try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-            return [int(p) for p in f.read().split()]
+        return [int(tid) for tid in os.listdir("/proc/%d/task" % pid)]
     except OSError:
         return []
+
+
+def apt_install(packages, why):
+    """Install Debian packages the bench needs beyond the test bed's."""
+    log("installing %s (%s)" % (" and ".join(packages), why))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600", "install", "-y"] + packages, check=True,
+                   env=env, stdin=subprocess.DEVNULL)
+
+
+def children(pid):
+    """Direct children of pid, forked by any of its threads (what a pasta we started runs)."""
+    found = []
+    for tid in threads(pid):
+        try:
+            with open("/proc/%d/task/%d/children" % (pid, tid)) as f:
+                found += [int(p) for p in f.read().split()]
+        except OSError:  # a thread that exited meanwhile
+            pass
+    return found
+
+
+def descendants(pid):
+    """pid and every process under it: a daemon and the workers it forked."""
+    return [pid] + [d for child in children(pid) for d in descendants(child)]
+
+
+def set_affinity(pid, cpus):
+    """Every thread of pid and of its descendants on cpus (taskset -a -p for each of them)."""
+    for proc in descendants(pid):
+        for tid in threads(proc):
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:  # a worker or thread that exited meanwhile
+                pass
+
+
+@contextlib.contextmanager
+def pinned(pid):
+    """pid (a daemon), its threads and its workers on PINNED_CPU, then back on the CPUs pid had; None: no-op.
+
+    Workers forked meanwhile inherit the pinning and are restored too.
+    """
+    if pid is None:
+        yield
+        return
+    cpus = os.sched_getaffinity(pid)
+    set_affinity(pid, {PINNED_CPU})
+    try:
+        yield
+    finally:
+        set_affinity(pid, cpus)
 
 
 def read_line_matching(proc, pattern, timeout):
@@ -288,16 +393,30 @@ def read_line_matching(proc, pattern, timeout):
 # ---------------------------------------------------------------------------
 
 def proc_status(pid):
-    """(VmRSS, VmHWM) of pid in KiB."""
-    with open("/proc/%d/status" % pid) as f:
-        text = f.read()
-    return tuple(int(re.search(r"%s:\s+(\d+)" % key, text).group(1)) for key in ("VmRSS", "VmHWM"))
+    """(VmRSS, VmHWM) in KiB of pid and its workers, added up."""
+    rss = hwm = 0
+    for proc in descendants(pid):
+        try:
+            with open("/proc/%d/status" % proc) as f:
+                text = f.read()
+        except FileNotFoundError:  # a worker that exited meanwhile
+            continue
+        rss += int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
+        hwm += int(re.search(r"VmHWM:\s+(\d+)", text).group(1))
+    return rss, hwm
 
 
 def proc_cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of pid and its workers (a worker that exited takes its share with it)."""
+    ticks = 0
+    for proc in descendants(pid):
+        try:
+            with open("/proc/%d/stat" % proc) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def start_engine(publish_port):
@@ -308,12 +427,12 @@ def start_engine(publish_port):
     """
     args = ["--ignore", IGNORE]
     try:
-        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False)
+        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False, udp=False)
         daemon.publish_port, daemon.publish_off = publish_port, None
     except Exception as exc:  # noqa: BLE001 - any failure: run without -p, say why
         why = "the daemon did not start with -p: %s" % (str(exc).strip().splitlines() or ["?"])[-1][:200]
         log(why)
-        daemon = Daemon(args, debug=False)
+        daemon = Daemon(args, debug=False, udp=False)
         daemon.publish_port, daemon.publish_off = None, why
     return daemon
 
@@ -437,6 +556,67 @@ class Container(Config):
 # Workloads
 # ---------------------------------------------------------------------------
 
+class Clients:
+    """C clients of one configuration, started and ready: go() starts their loops together.
+
+    mode and limit: "connect" and milliseconds, or "count" and connections.  wrappers: how many
+    times cfg wraps a client (containers, for a container configuration); procs: loops in each (the
+    client forks them, so they share its container); pin: the clients on PINNED_CPU.  The accept
+    server has a port for each configuration and workload (see Bench.start_servers).
+    """
+
+    def __init__(self, bench, cfg, workload, mode, limit, wrappers=1, procs=1, pin=False):
+        self.cfg = cfg
+        self.go_path = os.path.join(tb.WORKDIR, "bench-go-%s" % uuid.uuid4().hex[:12])
+        bench.files.append(self.go_path)
+        addr, port = bench.accept_ports[(cfg.key, workload)]
+        self.argv = (["taskset", "-c", str(PINNED_CPU)] if pin else []) + [
+            cfg.path(bench.client), mode, addr, str(port), str(limit), cfg.path(self.go_path)] + (
+            [str(procs)] if procs > 1 else [])
+        self.wrappers = wrappers
+        self.procs, self.names = [], []
+
+    def __enter__(self):
+        try:
+            for _ in range(self.wrappers):
+                self.names.append("b4ns-bench-%s" % uuid.uuid4().hex[:8])
+                self.procs.append(subprocess.Popen(self.cfg.wrap(self.argv, name=self.names[-1]),
+                                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.PIPE))
+            for proc in self.procs:
+                if not read_line_matching(proc, r"ready", 120):
+                    raise Failed("a client did not start: " + proc.stderr.read(300).decode(errors="replace")
+                                 if proc.poll() is not None else "a client did not start in 120 s")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def go(self):
+        """Start every loop in 0.2 s; return that time."""
+        start = time.time() + 0.2
+        with open(self.go_path + ".tmp", "w") as f:
+            f.write("%d\n" % int(start * 1e9))
+        os.chmod(self.go_path + ".tmp", 0o644)
+        os.rename(self.go_path + ".tmp", self.go_path)
+        return start
+
+    def outputs(self):
+        """What every client printed, once they have all exited."""
+        outputs = []
+        for proc in self.procs:
+            out, err = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                raise Failed("client exited %d: %s" % (proc.returncode, err.decode(errors="replace")[-300:]))
+            outputs.append(out.decode())
+        return outputs
+
+    def __exit__(self, *exc):
+        for proc, name in zip(self.procs, self.names):
+            if proc.poll() is None:
+                self.cfg.stop_detached(proc, name)
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -444,7 +624,7 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="b4ns-bench-")
         os.chmod(self.tmp, 0o755)
         self.servers = []
-        self.made = {}  # configuration -> connections its clients made (ab, connect, crowd)
+        self.made = {}  # configuration -> connections its clients made (ab and the connect workloads)
         self.spy_runs = {}  # configuration -> py-spy recordings made
         self.files = []  # in WORKDIR, removed at the end
         self.t = {  # durations
@@ -453,7 +633,8 @@ class Bench:
             "connect_ms": 1000 if self.quick else 3000,
             "redis_n": 2000 if self.quick else 20000,
             "tar_passes": 2 if self.quick else 5,
-            "crowd": 20,
+            "crowd": 20,  # clients at once, in containers of their own or in one
+            "syscalls_n": 2000,  # connections of the strace pass
         }
 
     # -- servers in the test namespace ------------------------------------
@@ -470,10 +651,7 @@ class Bench:
         binary = os.path.join(tb.WORKDIR, "connbench-%d" % os.getpid())
         cmd = ["gcc", "-O2", "-static", "-Wall", "-o", binary, src]
         if not shutil.which("gcc") or subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode != 0:
-            log("installing gcc and libc6-dev (a static C client)")
-            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            subprocess.run(["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "gcc",
-                            "libc6-dev"], check=True, env=env, stdin=subprocess.DEVNULL)
+            apt_install(["gcc", "libc6-dev"], "a static C client")
             subprocess.run(cmd, check=True)
         os.chmod(binary, 0o755)
         self.files.append(binary)
@@ -504,7 +682,7 @@ class Bench:
         # destination cost milliseconds per connect() (perf: __inet_hash_connect,
         # tcp_twsk_unique), and whatever configuration connected there next would pay for them.
         self.accept_ports = {(c.key, w): (c.target, tb.free_port(c.target))
-                             for c in configs for w in ("connect", "crowd")}
+                             for c in configs for w in CONNECT_WORKLOADS + ("syscalls",)}
         self.start([self.client, "serve"] + ["%s:%d" % ep for ep in self.accept_ports.values()], **quiet)
         endpoints = [ep for table in (self.iperf_ports, self.nginx_ports, self.redis_ports)
                      for ep in table.items()] + list(self.accept_ports.values())
@@ -613,71 +791,28 @@ class Bench:
             raise Failed("tar: no time: " + out[-300:])
         return {"value": int(m.group(1)) / 1e6 / passes, "passes": passes}
 
-    def connect_clients(self, cfg, count, millis, profile=False):
-        """count connect/close clients of cfg started together: merged results and the daemon's cost.
+    def connect_clients(self, cfg, workload, wrappers=1, procs=1, pin=False):
+        """Timed connect/close clients of cfg started together: merged results and the daemon's cost.
 
-        profile: record the daemon with py-spy while the clients connect (--py-spy).
+        wrappers, procs, pin: as for Clients; pin also pins the daemon (and its workers) there.  With
+        --py-spy, the daemon is recorded while the clients connect.
         """
-        go = os.path.join(tb.WORKDIR, "bench-go-%s" % uuid.uuid4().hex[:12])
-        self.files.append(go)
-        addr, port = self.accept_ports[(cfg.key, "connect" if count == 1 else "crowd")]
-        argv = [cfg.path(self.client), "connect", addr, str(port), str(millis),
-                cfg.path(go)]
-        procs, names, spy = [], [], None
-        try:
-            for i in range(count):
-                names.append("b4ns-bench-%s" % uuid.uuid4().hex[:8])
-                procs.append(subprocess.Popen(cfg.wrap(argv, name=names[-1]), stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-            for proc in procs:
-                if not read_line_matching(proc, r"ready", 120):
-                    raise Failed("a client did not start: " + proc.stderr.read(300).decode(errors="replace")
-                                 if proc.poll() is not None else "a client did not start in 120 s")
-            daemon = cfg.daemon
-            if profile and daemon:
-                spy = self.start_py_spy(daemon.pid, "%s-%s" % (cfg.key, "connect" if count == 1 else "crowd"),
-                                        millis)
-            before = (proc_cpu_seconds(daemon.pid), proc_status(daemon.pid)) if daemon else None
-            start = time.time() + 0.2
-            with open(go + ".tmp", "w") as f:
-                f.write("%d\n" % int(start * 1e9))
-            os.chmod(go + ".tmp", 0o644)
-            os.rename(go + ".tmp", go)
-            time.sleep(max(0.0, start + millis / 1000 - time.time()))
-            after = (proc_cpu_seconds(daemon.pid), proc_status(daemon.pid)) if daemon else None
-            outputs = []
-            for proc in procs:
-                out, err = proc.communicate(timeout=120)
-                if proc.returncode != 0:
-                    raise Failed("client exited %d: %s" % (proc.returncode, err.decode(errors="replace")[-300:]))
-                outputs.append(out.decode())
-        finally:
-            for proc, name in zip(procs, names):
-                if proc.poll() is None:
-                    cfg.stop_detached(proc, name)
-            if spy:
-                self.finish_py_spy(*spy)
-        total = errors = sum_us = last_errno = 0
-        elapsed = []
-        hist = {}
-        for out in outputs:
-            m = re.search(r"count (\d+) errors (\d+) elapsed_us (\d+) sum_us (\d+) errno (\d+)", out)
-            if not m:
-                raise Failed("client printed: " + out[-300:])
-            total += int(m.group(1))
-            errors += int(m.group(2))
-            elapsed.append(int(m.group(3)) / 1e6)
-            sum_us += int(m.group(4))
-            for item in out.split("hist", 1)[1].split():
-                us, n = item.split(":")
-                hist[int(us)] = hist.get(int(us), 0) + int(n)
-            if int(m.group(2)):
-                last_errno = int(m.group(5))
-        if not total:
-            raise Failed("no connection succeeded (errno %d)" % last_errno)
-        result = {"value": total / max(elapsed), "connections": total, "errors": errors,
-                  "mean_us": sum_us / total, "p50_us": percentile(hist, 0.50), "p99_us": percentile(hist, 0.99),
-                  "max_us": max(hist)}
+        millis = self.t["connect_ms"]
+        daemon, spy = cfg.daemon, None
+        with Clients(self, cfg, workload, "connect", millis, wrappers, procs, pin) as clients, \
+                pinned(daemon.pid if daemon and pin else None):
+            try:
+                if self.args.py_spy and daemon:
+                    spy = self.start_py_spy(daemon.pid, "%s-%s" % (cfg.key, workload), millis)
+                before = (proc_cpu_seconds(daemon.pid), proc_status(daemon.pid)) if daemon else None
+                start = clients.go()
+                time.sleep(max(0.0, start + millis / 1000 - time.time()))
+                after = (proc_cpu_seconds(daemon.pid), proc_status(daemon.pid)) if daemon else None
+                result = merge_clients(clients.outputs())
+            finally:
+                if spy:
+                    self.finish_py_spy(*spy)
+        total = result["connections"]
         self.made[cfg.key] = self.made.get(cfg.key, 0) + total
         if before:
             time.sleep(0.5)  # the daemon learns of the clients' exits (pidfds) and frees what they held
@@ -689,6 +824,41 @@ class Bench:
                                 "rss_kib_after_exit": rss_exited, "hwm_kib": hwm,
                                 "connections_made_so_far": self.made[cfg.key]}
         return result
+
+    def syscalls(self, cfg):
+        """The daemon's syscalls per connect: strace -c -f on it and its workers during a loop of N connections.
+
+        Untimed (strace slows every syscall down); the container's exit is counted too, a few calls.
+        """
+        if not shutil.which("strace"):
+            apt_install(["strace"], "the daemons' syscall counts")
+        table = os.path.join(self.tmp, "strace-%s.txt" % cfg.key)
+        with Clients(self, cfg, "syscalls", "count", self.t["syscalls_n"]) as clients:
+            pids = descendants(cfg.daemon.pid)
+            argv = ["strace", "-c", "-f", "-o", table] + [arg for pid in pids for arg in ("-p", str(pid))]
+            strace = tb.start_server(argv, netns=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                if not read_line_matching(strace, r"(?s)(attached.*?){%d}" % len(pids), 30):
+                    raise Failed("strace did not attach to the daemon")
+                clients.go()
+                result = merge_clients(clients.outputs())
+            finally:
+                strace.send_signal(signal.SIGINT)  # strace -c detaches and writes its table
+                try:
+                    strace.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass
+                tb.stop_server(strace)
+        with open(table) as f:
+            calls = strace_calls(f.read())
+        if not calls:
+            raise Failed("strace counted no syscall")
+        attempts = result["connections"] + result["errors"]  # each one a notification for the daemon
+        total = sum(calls.values())
+        return {"value": total / attempts, "connections": result["connections"], "errors": result["errors"],
+                "calls": total, "calls_by_syscall": calls,
+                "top5": [{"syscall": name, "calls": calls[name], "per_connect": calls[name] / attempts}
+                         for name in sorted(calls, key=lambda name: -calls[name])[:5]]}
 
     def start_py_spy(self, pid, key, millis):
         """py-spy (from the bench venv) recording pid, non-blocking, for the connecting window.
@@ -718,6 +888,42 @@ class Bench:
                 text = f.read()
             with open(raw[:-4] + "-top.txt", "w") as f:
                 f.write(hot_spots(text))
+
+
+def merge_clients(outputs):
+    """The C clients' printed results, merged: conn/s over the longest client's window, connect() times."""
+    total = errors = sum_us = last_errno = 0
+    elapsed = []
+    hist = {}
+    for m in re.finditer(r"count (\d+) errors (\d+) elapsed_us (\d+) sum_us (\d+) errno (\d+)\nhist([^\n]*)",
+                         "\n".join(outputs)):
+        total += int(m.group(1))
+        errors += int(m.group(2))
+        elapsed.append(int(m.group(3)) / 1e6)
+        sum_us += int(m.group(4))
+        for item in m.group(6).split():
+            us, n = item.split(":")
+            hist[int(us)] = hist.get(int(us), 0) + int(n)
+        if int(m.group(2)):
+            last_errno = int(m.group(5))
+    if not elapsed:
+        raise Failed("client printed: " + "".join(outputs)[-300:])
+    if not total:
+        raise Failed("no connection succeeded (errno %d)" % last_errno)
+    return {"value": total / max(elapsed), "connections": total, "errors": errors, "clients": len(elapsed),
+            "mean_us": sum_us / total, "p50_us": percentile(hist, 0.50), "p99_us": percentile(hist, 0.99),
+            "max_us": max(hist)}
+
+
+def strace_calls(table):
+    """{syscall: calls} from the table strace -c writes (its total line left out)."""
+    calls = {}
+    for line in table.splitlines():
+        # "% time  seconds  usecs/call  calls  [errors]  syscall": errors is blank when there were none
+        fields = line.split()
+        if len(fields) in (5, 6) and re.match(r"[\d.]+$", fields[0]) and fields[-1] != "total":
+            calls[fields[-1]] = calls.get(fields[-1], 0) + int(fields[3])
+    return calls
 
 
 def hot_spots(collapsed, top=25):
@@ -760,13 +966,18 @@ WORKLOADS = [
      lambda b, c: b.iperf3_published(c)),
     ("ab1", "ab -c 1 against nginx, new connection per request", "req/s", True, lambda b, c: b.ab(c, 1)),
     ("ab8", "ab -c 8 against nginx, new connection per request", "req/s", True, lambda b, c: b.ab(c, 8)),
-    ("connect", "connect/close loop, static C client", "conn/s", True,
-     lambda b, c: b.connect_clients(c, 1, b.t["connect_ms"], profile=bool(b.args.py_spy))),
+    ("connect", "connect/close loop, static C client", "conn/s", True, lambda b, c: b.connect_clients(c, "connect")),
+    ("connect_pinned", "connect/close loop, client and daemon on CPU %d" % PINNED_CPU, "conn/s", True,
+     lambda b, c: b.connect_clients(c, "connect_pinned", pin=True)),
     ("redis", "redis-benchmark -c 1 -t get,set (kept-alive connection)", "ms", False, lambda b, c: b.redis(c)),
     ("tar", "tar of /usr/share (no networking)", "s", False, lambda b, c: b.tar(c)),
     ("crowd", "20 clients connecting at once, static C client", "conn/s", True,
-     lambda b, c: b.connect_clients(c, b.t["crowd"], b.t["connect_ms"], profile=bool(b.args.py_spy))),
+     lambda b, c: b.connect_clients(c, "crowd", wrappers=b.t["crowd"])),
+    ("crowd1", "20 processes connecting at once in one container", "conn/s", True,
+     lambda b, c: b.connect_clients(c, "crowd1", procs=b.t["crowd"])),
 ]
+# The workloads of Bench.connect_clients, which sample the daemon's cost.
+CONNECT_WORKLOADS = ("connect", "connect_pinned", "crowd", "crowd1")
 
 # Rows of the table: (row key, label, unit, higher is better, workload key, path to the value).
 ROWS = [
@@ -778,6 +989,10 @@ ROWS = [
     ("ab8", "HTTP, new connection per request, ab -c 8 (nginx)", "req/s", True, "ab8", ("value",)),
     ("connect", "connect/close loop, static C client", "conn/s", True, "connect", ("value",)),
     ("connect_us", "connect/close loop: mean connect()", "us", False, "connect", ("mean_us",)),
+    ("connect_pinned", "connect/close loop, client and daemon pinned to CPU %d" % PINNED_CPU, "conn/s", True,
+     "connect_pinned", ("value",)),
+    ("connect_pinned_us", "pinned connect/close loop: mean connect()", "us", False, "connect_pinned",
+     ("mean_us",)),
     ("redis_get_p50", "redis GET p50, 1 kept-alive connection", "ms", False, "redis", ("get", "p50_latency_ms")),
     ("redis_get_p99", "redis GET p99", "ms", False, "redis", ("get", "p99_latency_ms")),
     ("redis_set_p50", "redis SET p50", "ms", False, "redis", ("set", "p50_latency_ms")),
@@ -786,15 +1001,20 @@ ROWS = [
     ("tar", "tar of /usr/share to /dev/zero, no networking", "s", False, "tar", ("value",)),
     ("crowd", "20 clients connecting at once: total", "conn/s", True, "crowd", ("value",)),
     ("crowd_p99", "20 clients connecting at once: p99 connect()", "us", False, "crowd", ("p99_us",)),
+    ("crowd1", "20 processes connecting at once in one container: total", "conn/s", True, "crowd1", ("value",)),
+    ("crowd1_p99", "20 processes in one container: p99 connect()", "us", False, "crowd1", ("p99_us",)),
 ]
 
 # Daemon cost rows: (key, label, format of the value).
 DAEMON_ROWS = [
     ("connect.cpu_s_per_1000", "CPU seconds per 1000 connections, connect loop", "%.3f"),
     ("connect.cores", "CPU cores busy during the connect loop", "%.2f"),
+    ("connect_pinned.cpu_s_per_1000", "CPU seconds per 1000 connections, connect loop pinned to CPU %d"
+     % PINNED_CPU, "%.3f"),
     ("crowd.cpu_s_per_1000", "CPU seconds per 1000 connections, 20 clients at once", "%.3f"),
     ("crowd.cores", "CPU cores busy with 20 clients connecting", "%.2f"),
     ("crowd.rss_mib_open", "RSS with 20 containers connecting, MiB", "%.1f"),
+    ("crowd1.cpu_s_per_1000", "CPU seconds per 1000 connections, 20 processes in one container", "%.3f"),
     ("rss_first_mib", "RSS after the first connect workload (clients gone), MiB", "%.1f"),
     ("rss_last_mib", "RSS after the last one, MiB", "%.1f"),
     ("made_between", "connections made in between", "{:,.0f}"),
@@ -805,9 +1025,9 @@ MEMORY_GROWTH_LIMIT = 5.0  # KiB per 1000 connections: 5 bytes a connection, les
 
 
 def daemon_summary(raw, key):
-    """The daemon's cost, from the connect and crowd workloads of one configuration."""
+    """The daemon's cost, from the connect workloads of one configuration."""
     out = {}
-    for workload in ("connect", "crowd"):
+    for workload in CONNECT_WORKLOADS:
         runs = [r["daemon"] for r in raw[workload][key] if "daemon" in r]
         for name in ("cpu_s_per_1000", "cores"):
             values = [r[name] for r in runs]
@@ -817,9 +1037,9 @@ def daemon_summary(raw, key):
             out["crowd.rss_mib_open"] = {"median": statistics.median(r["rss_kib_window_end"] for r in runs) / 1024}
     # Chronological samples taken once each connect workload's clients had exited.
     samples = []
-    rounds = max([r["round"] for w in ("connect", "crowd") for r in raw[w][key]] + [-1]) + 1
+    rounds = max([r["round"] for w in CONNECT_WORKLOADS for r in raw[w][key]] + [-1]) + 1
     for rnd in range(rounds):
-        for workload in ("connect", "crowd"):
+        for workload in CONNECT_WORKLOADS:
             for r in raw[workload][key]:
                 if r["round"] == rnd and "daemon" in r:
                     samples.append(r["daemon"])
@@ -835,6 +1055,11 @@ def daemon_summary(raw, key):
         out["rss_samples_kib"] = [s["rss_kib_after_exit"] for s in samples]
     return out
 
+
+
+def top_syscalls(counted):
+    """'ioctl 4.00, ...': the top 5 of a Bench.syscalls result, per connect."""
+    return ", ".join("%s %.2f" % (t["syscall"], t["per_connect"]) for t in counted["top5"])
 
 
 def dig(result, path):
@@ -1048,7 +1273,9 @@ def markdown(results, summary):
                 "Read from /proc/PID/stat and /proc/PID/status of the daemon around the connect workloads "
                 "(medians over the rounds; CPU cores = CPU seconds / wall seconds of the connecting window; "
                 "RSS samples taken once the clients had exited; connections made counts ab requests and "
-                "the C clients' connections).", "",
+                "the C clients' connections).  The syscall rows: `strace -c -f -p PID` on the daemon and each "
+                "of its child processes, during a connect/close loop of its own after the rounds (syscalls "
+                "per connection attempt; the container's exit adds a few calls).", "",
                 "| | " + " | ".join(c["label"] for c in daemons) + " |", "|---|" + "---:|" * len(daemons)]
         for key, label, form in DAEMON_ROWS:
             cells = []
@@ -1056,6 +1283,16 @@ def markdown(results, summary):
                 v = summary["daemon"].get(c["key"], {}).get(key, {}).get("median")
                 cells.append("n/a" if v is None else (form.format(v) if "{" in form else form % v))
             out.append("| %s | %s |" % (label, " | ".join(cells)))
+        counted = [results.get("syscalls", {}).get(c["key"], {}) for c in daemons]
+        if any(counted):
+            out.append("| syscalls per connect, strace -c -f over %s connections (untimed) | %s |" % (
+                "{:,}".format(results["durations"]["syscalls_n"]),
+                " | ".join("%.1f" % e["value"] if "value" in e else "n/a" for e in counted)))
+            out.append("| top 5 syscalls, per connect | %s |" % " | ".join(
+                top_syscalls(e) if "value" in e else "n/a" for e in counted))
+        for c, e in zip(daemons, counted):
+            if "error" in e:
+                out += ["", "%s: syscalls not counted: %s" % (c["label"], e["error"])]
         for c in daemons:
             if c.get("log_errors"):
                 out += ["", "%s's log had %d error line(s), e.g.: `%s`" % (
@@ -1077,6 +1314,11 @@ def markdown(results, summary):
             "redis-server, and the C client's accept-and-close server, with a port for each configuration and "
             "connect workload (the client-side TIME_WAITs slirp4netns and pasta leave would otherwise slow "
             "down the kernel's port search for whoever connects there next).",
+            "- Pinned connect loop: the client under `taskset -c {cpu}`, and for the daemon configurations "
+            "every thread of the daemon and of its child processes on CPU {cpu} too while the client connects "
+            "(their affinity restored afterwards); slirp4netns and pasta are not pinned.  20 clients at "
+            "once: 20 containers (20 pastas, 20 processes for the host), or 20 processes forked by one client "
+            "in one container (one pasta).".format(cpu=PINNED_CPU),
             "- Durations: iperf3 {iperf} s a test, ab {ab} s, connect loops {connect_ms} ms, redis-benchmark "
             "{redis_n} requests a test, tar {tar_passes} passes in a row; each once per round.".format(
                 **results["durations"]),
@@ -1088,8 +1330,8 @@ def markdown(results, summary):
     return "\n".join(out)
 
 
-CHART_ROWS = ["iperf1", "iperf4", "iperf_pub", "ab1", "ab8", "connect", "redis_get_p50", "redis_set_p50", "tar",
-              "crowd"]
+CHART_ROWS = ["iperf1", "iperf4", "iperf_pub", "ab1", "ab8", "connect", "connect_pinned", "redis_get_p50",
+              "redis_set_p50", "tar", "crowd", "crowd1"]
 
 
 def chart(json_path, png_path):
@@ -1169,7 +1411,21 @@ def ensure_venv(package="matplotlib"):
 # Main
 # ---------------------------------------------------------------------------
 
+def attempt(measure, bench, cfg):
+    """measure(bench, cfg), timed; a failure is the result's "error" (that configuration's n/a)."""
+    t0 = time.monotonic()
+    try:
+        result = measure(bench, cfg)
+    except Failed as exc:
+        result = {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one failed measurement, not the whole run
+        result = {"error": "%s: %s" % (type(exc).__name__, exc)}
+    result["seconds"] = round(time.monotonic() - t0, 2)
+    return result
+
+
 def parse_args(argv):
+    known = [w[0] for w in WORKLOADS] + ["syscalls"]  # syscalls: the strace pass
     p = argparse.ArgumentParser(prog="tests/bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=textwrap.dedent(__doc__.split("\n\n", 2)[2]))
@@ -1183,7 +1439,7 @@ def parse_args(argv):
     p.add_argument("--out", metavar="DIR", default=os.path.join(ROOT, "docs", "bench"),
                    help="where results.json, results.md and chart.png go (default docs/bench)")
     p.add_argument("--only", metavar="WORKLOAD[,...]",
-                   help="run only these workloads: " + ",".join(w[0] for w in WORKLOADS))
+                   help="run only these workloads: " + ",".join(known))
     p.add_argument("--configs", metavar="CONFIG[,...]",
                    help="run only these configurations: host,slirp4netns,pasta,bypass,peer (host is always run)")
     p.add_argument("--py-spy", metavar="DIR",
@@ -1199,7 +1455,6 @@ def parse_args(argv):
         p.error("--peer: no such file: %s" % args.peer)
     if args.peer_profile and not os.path.isfile(args.peer_profile):
         p.error("--peer-profile: no such file: %s" % args.peer_profile)
-    known = [w[0] for w in WORKLOADS]
     args.only = args.only.split(",") if args.only else known
     for w in args.only:
         if w not in known:
@@ -1248,19 +1503,20 @@ def main(argv=None):
                 # Interleaved, and rotated by one each round (A B C D, B C D A, ...): no configuration
                 # always runs first after a workload change, or right after the same neighbour.
                 for cfg in configs[rnd % len(configs):] + configs[:rnd % len(configs)]:
-                    t0 = time.monotonic()
-                    try:
-                        result = measure(bench, cfg)
-                    except Failed as exc:
-                        result = {"error": str(exc)}
-                    except Exception as exc:  # noqa: BLE001 - one failed measurement, not the whole run
-                        result = {"error": "%s: %s" % (type(exc).__name__, exc)}
+                    result = attempt(measure, bench, cfg)
                     result["round"] = rnd
-                    result["seconds"] = round(time.monotonic() - t0, 2)
                     raw[key][cfg.key].append(result)
                     shown = result.get("error") or (
                         "%s %s" % (fmt(result["value"], unit), unit) if "value" in result else "ok")
                     log("round %d/%d %-9s %-16s %s" % (rnd + 1, args.rounds, key, cfg.label, shown))
+        # Once, after the timed rounds: a count of calls needs no rounds, and strace slows the daemon down.
+        if "syscalls" in args.only:
+            results["syscalls"] = {}
+            for cfg in configs:
+                if cfg.daemon:
+                    result = results["syscalls"][cfg.key] = attempt(Bench.syscalls, bench, cfg)
+                    log("syscalls %-16s %s" % (cfg.label, result.get("error") or "%.1f per connect: %s" % (
+                        result["value"], top_syscalls(result))))
     finally:
         for d in daemons:
             d.stop()

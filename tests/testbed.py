@@ -42,6 +42,7 @@ PACKAGES = [
     "busybox-static", "socat", "curl", "redis-server", "redis-tools",
     "nginx-light", "apache2-utils", "python3-pytest", "python3-venv",
     "iproute2", "procps", "util-linux",
+    "strace",  # the benchmark's syscalls-per-connect count
     # static test clients, 64- and 32-bit (i386's socketcall path)
     "gcc", "libc6-dev", "gcc-multilib",
 ]

@@ -1,10 +1,11 @@
 """The benchmark (tests/bench.py) in its quick mode, end to end, so that it never rots.
 
 Every configuration (host, slirp4netns, pasta, bypass4netns.py, and a peer:
-bypass4netns.py itself through --peer) runs every workload once; the test
-checks that each produced a number and that results.json, results.md and
-chart.png are there and well formed.  No performance threshold: the numbers of
-a shared machine are not a test.
+bypass4netns.py itself through --peer) runs every workload once, and each
+daemon's syscalls are counted once; the test checks that each produced a
+number and that results.json, results.md and chart.png are there and well
+formed.  No performance threshold: the numbers of a shared machine are not a
+test.
 """
 
 import json
@@ -76,6 +77,10 @@ def test_quick_benchmark_runs_every_configuration_and_writes_its_outputs(testbed
         assert daemon["connect.cpu_s_per_1000"]["median"] >= 0
         assert daemon["hwm_mib"]["median"] > 1
         assert daemon["made_between"]["median"] > 0
+        counted = results["syscalls"][key]
+        assert "error" not in counted, counted
+        assert counted["connections"] + counted["errors"] == results["durations"]["syscalls_n"], counted
+        assert counted["value"] > 0 and 0 < len(counted["top5"]) <= 5, counted
 
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| workload |"))
@@ -88,6 +93,9 @@ def test_quick_benchmark_runs_every_configuration_and_writes_its_outputs(testbed
             assert "n/a" not in line, line
     assert info["kernel"] in md and info["cpu"] in md and info["date"] in md
     assert "## Daemon cost" in md and "## Targets (issue 6)" in md
+    for label in ("| syscalls per connect", "| top 5 syscalls"):
+        line = next((t for t in table if t.startswith(label)), None)
+        assert line and "n/a" not in line, "no %s row in results.md: %s" % (label, line)
 
     width, height = png_size(out / "chart.png")
     assert width >= 600 and height >= 400
