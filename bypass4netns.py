@@ -63,6 +63,7 @@ MSG_FASTOPEN = 0x20000000
 O_CLOEXEC = 0o2000000
 SO_ATTACH_FILTER = 26
 SO_LOCK_FILTER = 44                         # a socket filter nobody can change or remove
+PR_SET_PDEATHSIG = 1                        # prctl: a signal to this process when its parent dies
 
 
 class SeccompData(ctypes.Structure):
@@ -322,6 +323,19 @@ def sock_call(call, fd, *args):
         err = ctypes.get_errno()
         if err != errno.EINTR:
             return -err
+
+
+def start_connect(fd, raw):
+    """connect a non-blocking `fd` to `raw`: 0 if it is done at once (local handshakes often are),
+    -EINPROGRESS if under way, else -errno.  A second connect tells a handshake that ended
+    within the first; it also makes the socket connected, so a later connect gets EISCONN
+    as after any connect that returned 0."""
+    result = sock_call(_libc.connect, fd, raw, len(raw))
+    if result == -errno.EINPROGRESS:
+        result = sock_call(_libc.connect, fd, raw, len(raw))
+        if result == -errno.EALREADY:
+            result = -errno.EINPROGRESS
+    return result
 
 
 class SocketFilter:
@@ -1069,23 +1083,23 @@ class Switcher:
         """A socket object on the daemon's duplicate of the target's fd if that is an IP socket.
 
         Anything else (a unix socket, not a socket, a thread gone) is let run
-        here, and None returned.  Only the family is read: the object's type
-        and proto are placeholders (that skips Python's slower detection).
+        here, and None returned.  The family comes from the getsockname()
+        Python makes anyway to check the fd; the object's type and proto are
+        placeholders, so that Python asks the kernel for nothing more.
         """
         try:
             dup = self.target_fd(call.tid, call.fd)
-        except OSError:
+        except OSError:  # the thread is gone, or the fd is not open
             self.let_run(call)
             return None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, dup)
         try:
-            family = sock.getsockopt(_SOL, socket.SO_DOMAIN)
-        except OSError:  # ENOTSOCK
-            family = None
-        if family == socket.AF_INET:
+            sock = socket.socket(-1, socket.SOCK_STREAM, 0, dup)
+        except OSError:  # ENOTSOCK: Python leaves the fd to us
+            os.close(dup)
+            self.let_run(call)
+            return None
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
             return sock
-        if family == socket.AF_INET6:  # Python decodes addresses by the object's family
-            return socket.socket(family, socket.SOCK_STREAM, 0, sock.detach())
         sock.close()
         self.let_run(call)
         return None
@@ -1500,13 +1514,11 @@ class Switcher:
             call.fail(errno.EOPNOTSUPP)
 
     def published_at(self, host_ip, host_port):
-        """Whether a TCP mapping publishes (host_ip, host_port) on the host."""
-        for mapping in self.publish.values():
-            if mapping.proto == _TCP and mapping.host_port == host_port and (
-                    mapping.host_ip is None or str(mapping.host_ip) == host_ip.split("%")[0]
-                    or "::ffff:%s" % mapping.host_ip == host_ip):
-                return True
-        return False
+        """Whether a TCP mapping publishes (host_ip, host_port), a getsockname() result, on the host."""
+        address = ipaddress.ip_address(host_ip.split("%")[0])
+        address = getattr(address, "ipv4_mapped", None) or address
+        return any(mapping.proto == _TCP and mapping.host_port == host_port
+                   and mapping.host_ip in (None, address) for mapping in self.publish.values())
 
     # -- sends with a destination -------------------------------------------
 
@@ -1656,19 +1668,6 @@ class Switcher:
                 raise OSError(errno.ENOBUFS, "msg_controllen")
             ancillary = parse_cmsgs(self.read(call, control, controllen), call.ptr)
         return raw, b"".join(chunks), ancillary
-
-
-def start_connect(fd, raw):
-    """connect a non-blocking `fd` to `raw`: 0 if it is done at once (local handshakes often are),
-    -EINPROGRESS if under way, else -errno.  A second connect tells a handshake that ended
-    within the first; it also makes the socket connected, so a later connect gets EISCONN
-    as after any connect that returned 0."""
-    result = sock_call(_libc.connect, fd, raw, len(raw))
-    if result == -errno.EINPROGRESS:
-        result = sock_call(_libc.connect, fd, raw, len(raw))
-        if result == -errno.EALREADY:
-            result = -errno.EINPROGRESS
-    return result
 
 
 # ---------------------------------------------------------------------------
@@ -1937,7 +1936,44 @@ class Handed:
         self.notify_fd, self.cid, self.pid, self.metadata, self.worker = notify_fd, cid, pid, metadata, worker
 
 
-PR_SET_PDEATHSIG = 1                        # prctl: a signal when the parent dies
+HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
+
+
+class WorkerProcess:
+    """A worker's own side: a Server for the filters its parent hands over, and its loop."""
+
+    def __init__(self, settings, handoff, requests):
+        ignore, auto, publish, debug = settings
+        self.handoff = handoff
+        self.events = Events()
+        self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, PortBroker(requests), debug))
+        self.running = True
+
+    def on_handoff(self, _events):
+        data, fds = recv_with_fds(self.handoff, 1)
+        if not data:
+            self.running = False  # the parent is gone
+            return
+        message = json.loads(data)
+        self.server.add_filter(fds[0], message["id"], message["pid"], message["metadata"])
+
+    def on_signal(self, signum):
+        if signum == signal.SIGUSR1:
+            self.server.log_counters()
+        elif signum == signal.SIGHUP:
+            self.server.refresh_auto()
+        else:
+            self.running = False
+
+    def run(self):
+        self.events.watch(self.handoff.fileno(), select.EPOLLIN, self.on_handoff)
+        signal_pipe = watch_signals(self.events, self.on_signal)
+        switcher = self.server.switcher
+        try:
+            run_loop(self.events, lambda: self.running, switcher.sweep_pending, lambda: bool(switcher.pending))
+        finally:
+            self.server.close()
+            close_signal_pipe(signal_pipe)
 
 
 def run_loop(events, running, housekeeping, due):
@@ -1951,9 +1987,6 @@ def run_loop(events, running, housekeeping, due):
             if now >= next_time:
                 next_time = now + HOUSEKEEPING
                 housekeeping()
-
-
-HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
 
 
 class Daemon:
@@ -2147,34 +2180,7 @@ class Daemon:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
-        ignore, auto, publish, debug = self.settings
-        events = Events()
-        server = Server(events, Switcher(events, ignore, auto, publish, PortBroker(requests), debug))
-        state = {"running": True}
-
-        def on_handoff(_events):
-            data, fds = recv_with_fds(handoff, 1)
-            if not data:
-                state["running"] = False  # the parent is gone
-                return
-            message = json.loads(data)
-            server.add_filter(fds[0], message["id"], message["pid"], message["metadata"])
-
-        def on_signal(signum):
-            if signum == signal.SIGUSR1:
-                server.log_counters()
-            elif signum == signal.SIGHUP:
-                server.refresh_auto()
-            else:
-                state["running"] = False
-        events.watch(handoff.fileno(), select.EPOLLIN, on_handoff)
-        signal_pipe = watch_signals(events, on_signal)
-        try:
-            run_loop(events, lambda: state["running"], server.switcher.sweep_pending,
-                     lambda: bool(server.switcher.pending))
-        finally:
-            server.close()
-            close_signal_pipe(signal_pipe)
+        WorkerProcess(self.settings, handoff, requests).run()
 
     def on_worker_exit(self, worker):
         """A worker died: reap it and, unless stopping, hand its filters to a new one."""

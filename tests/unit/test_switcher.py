@@ -203,3 +203,32 @@ result = [ra, rb]
         filler.close()
     assert got == [0, 0], "connect B answered %s" % errno.errorcode.get(got[1], got[1])
     assert not t.daemon.server.switcher.pending
+
+
+def test_calls_on_what_is_not_an_ip_socket_run_untouched_and_cost_no_fd(target):
+    import os
+    t = target()
+    # A first call: the daemon opens the thread's pidfd, which it keeps while the thread lives.
+    t.run("""
+try:
+    socket.socket(socket.AF_UNIX).connect("/nonexistent")
+except OSError:
+    pass
+""")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    got = t.run("""
+r, w = os.pipe()
+unix = socket.socket(socket.AF_UNIX)
+raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H4s8x", 80, socket.inet_aton("198.18.0.1"))
+result = []
+for fd in (r, 999):
+    libc.connect(fd, raw, len(raw))
+    result.append(errno.errorcode[ctypes.get_errno()])
+try:
+    unix.connect("/nonexistent")
+except OSError as e:
+    result.append(errno.errorcode[e.errno])
+""")
+    assert got == ["ENOTSOCK", "EBADF", "ENOENT"], "the kernel's own answers"
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert counters(t)["notifications"] == 4 and counters(t)["errors"] == 0
