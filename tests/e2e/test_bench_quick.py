@@ -92,7 +92,7 @@ def test_quick_benchmark_runs_every_configuration_and_writes_its_outputs(testbed
             assert line, "no row for %s in results.md" % row["label"]
             assert "n/a" not in line, line
     assert info["kernel"] in md and info["cpu"] in md and info["date"] in md
-    assert "## Daemon cost" in md and "## Targets (issue 6)" in md
+    assert "## Daemon cost" in md and "## Targets (issues 6 and 9)" in md
     for label in ("| syscalls per connect", "| top 5 syscalls"):
         line = next((t for t in table if t.startswith(label)), None)
         assert line and "n/a" not in line, "no %s row in results.md: %s" % (label, line)
