@@ -2327,8 +2327,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="bypass4netns.py",
         description="Host-speed networking for rootless containers: containers started with a "
-                    "seccomp profile whose listenerPath is --socket get their TCP and UDP "
-                    "sockets switched to the host network namespace.",
+                    "seccomp profile whose listenerPath is --socket get their TCP sockets (and UDP "
+                    "ones, with a profile from seccomp-gen.py --udp) switched to the host network "
+                    "namespace.",
         epilog="Signals: SIGUSR1 logs each container's counters (at warning level, so "
                "without --debug too); SIGHUP re-reads the 'auto' subnets; SIGTERM and SIGINT "
                "remove the socket and the pid file and exit 0.")
