@@ -270,7 +270,11 @@ def notif_id_valid(notify_fd, notif_id):
 
 
 def notif_addfd(notify_fd, notif_id, srcfd, newfd, cloexec):
-    """Install our `srcfd` at the target's `newfd`, replacing it; False when the target is gone."""
+    """Install our `srcfd` at the target's `newfd`, replacing it; False when the target is gone.
+
+    Other failures raise OSError: EBADF when `newfd` is past the target's
+    RLIMIT_NOFILE, EMFILE and the like.
+    """
     request = _ADDFD.pack(notif_id, SECCOMP_ADDFD_FLAG_SETFD, srcfd, newfd, O_CLOEXEC if cloexec else 0)
     try:
         _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, request)
@@ -1301,10 +1305,8 @@ class Switcher:
             nonblocking = bool(flags & os.O_NONBLOCK)
             if result == 0 and not nonblocking:
                 host.setblocking(True)
-            if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
-                call.abandon()
+            if not self.install(call, host, flags):
                 return None
-            call.installed = True
             if result == -errno.EINPROGRESS and not nonblocking:
                 self.wait_for_connect(call, host, raw, host_socket=True, own_service=own_service)
                 host = None
@@ -1314,6 +1316,20 @@ class Switcher:
         finally:
             if host is not None:
                 host.close()
+
+    @staticmethod
+    def install(call, host, flags):
+        """ADDFD: `host` at the target's fd, close-on-exec as that fd was.  False when the target
+        is gone (the call is abandoned); NotSwitched when the kernel refuses (the fd is past the
+        target's RLIMIT_NOFILE, say): the socket then stays in the container."""
+        try:
+            if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
+                call.abandon()
+                return False
+        except OSError as e:
+            raise NotSwitched("ADDFD failed: %s" % e.strerror) from None
+        call.installed = True
+        return True
 
     def deafen(self, host):
         """Lock the no-loopback filter onto a switched socket, where the kernel lets us.
@@ -1480,10 +1496,13 @@ class Switcher:
                 return result
             if flags & os.O_NONBLOCK:
                 host.setblocking(False)
-            if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
-                call.abandon()
-                return None
-            call.installed = True
+            try:
+                if not self.install(call, host, flags):
+                    return None
+            except NotSwitched:
+                host.close()
+                self.ports.take(mapping)  # held again, as before the bind
+                raise
             return 0
 
     # -- listen ------------------------------------------------------------

@@ -232,3 +232,23 @@ except OSError as e:
     assert got == ["ENOTSOCK", "EBADF", "ENOENT"], "the kernel's own answers"
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert counters(t)["notifications"] == 4 and counters(t)["errors"] == 0
+
+
+def test_a_refused_addfd_leaves_the_socket_in_the_container(target, host_listener, caplog):
+    """ADDFD fails with EBADF when the target's fd is past its RLIMIT_NOFILE: the switch fails,
+    not the call, which then runs in the container's network, with no error logged."""
+    t = target(published(host_listener))
+    got = t.run("""
+import resource
+s = socket.socket()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (s.fileno(), hard))  # s is now past the limit
+result = [s.connect_ex(("127.0.0.1", %d))]
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+p = socket.socket()
+result.append(s.getsockopt(socket.SOL_SOCKET, 71, 8) == p.getsockopt(socket.SOL_SOCKET, 71, 8))
+""" % CONTAINER_PORT)
+    # Nothing listens on the published port's host side inside the container: refused there.
+    assert got == [errno.ECONNREFUSED, True], "errno, and whether the socket is still the container's"
+    assert "container (ADDFD failed: Bad file descriptor)" in caplog.text
+    assert counters(t)["errors"] == 0 and "Traceback" not in caplog.text
