@@ -810,6 +810,18 @@ class NotSwitched(Exception):
     """The socket stays in the container; the message says why (debug log)."""
 
 
+def carry_options(host, diffs):
+    """Set a Template's differences on the host socket; NotSwitched where the host refuses one, or
+    where the socket is bound to a device of the container's (the host has no such device)."""
+    for level, name, value in diffs:
+        if level == _SOL and name == socket.SO_BINDTODEVICE:
+            raise NotSwitched("bound to a container device")
+        try:
+            host.setsockopt(level, name, value)
+        except OSError as e:
+            raise NotSwitched("option %d/%d not settable on the host: %s" % (level, name, e.strerror)) from None
+
+
 def own_netns_id():
     """An id of the daemon's network namespace: its cookie (Linux >= 5.14), else its inode."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -1238,11 +1250,11 @@ class Switcher:
             result = self.switch(call, sock, kind, proto, raw, own_service)
         except NotSwitched as why:
             return "container (%s)" % why
-        if result is not None:
-            if self.debug:
-                self.debug_decision(call, "connect", dest, "bypassed" if result in (0, -errno.EINPROGRESS)
-                                    else "bypassed: %s" % os.strerror(-result))
+        if call.installed:
             call.container.counters["bypassed"] += 1
+        if self.debug and result is not None:
+            self.debug_decision(call, "connect", dest, "bypassed" if call.installed
+                                else "host connect failed, answered as is: %s" % os.strerror(-result))
         return None
 
     def own_published_service(self, family, kind, dest):
@@ -1282,14 +1294,7 @@ class Switcher:
             return None
         host = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
         try:
-            for level, name, value in diffs:
-                if level == _SOL and name == socket.SO_BINDTODEVICE:
-                    raise NotSwitched("bound to a container device")
-                try:
-                    host.setsockopt(level, name, value)
-                except OSError as e:
-                    raise NotSwitched("option %d/%d not settable on the host: %s"
-                                      % (level, name, e.strerror)) from None
+            carry_options(host, diffs)
             if kind == socket.SOCK_DGRAM and not own_service:
                 self.deafen(host)  # a UDP socket can be pointed elsewhere at any time
             if bound_port:
@@ -1481,14 +1486,13 @@ class Switcher:
         if raw is None:
             raise NotSwitched("%r cannot be bound by an IPv4 socket" % mapping)
         diffs = self.template(sock.family, kind, proto).differences(sock)
-        flags = self.fd_flags(call)
+        try:
+            flags = self.fd_flags(call)
+        except OSError:
+            call.fail(errno.EBADF)  # another thread closed the fd: as the kernel would answer
+            return None
         with socket.socket(sock.family, kind, proto) as host:
-            for level, name, value in diffs:
-                try:
-                    host.setsockopt(level, name, value)
-                except OSError as e:
-                    raise NotSwitched("option %d/%d not settable on the host: %s"
-                                      % (level, name, e.strerror)) from None
+            carry_options(host, diffs)
             self.ports.release(mapping)
             result = sock_call(_libc.bind, host.fileno(), raw, len(raw))
             if result < 0:
