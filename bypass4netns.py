@@ -738,14 +738,17 @@ class Template:
 class Reservations:
     """Published host ports held open so no other host process takes them.
 
-    A port is released just before the container's bind takes it, and taken
-    again once it is free (tried by the loop every second: there is no close
-    trap to tell when the container let it go).
+    A port is lent to the container's bind just before it binds (released,
+    and left alone until the bind reports back: a worker binds in another
+    process, while the loop keeps retrying), and taken again once it is free
+    (tried by the loop every second: there is no close trap to tell when the
+    container let it go).
     """
 
     def __init__(self, mappings, enabled):
         self.enabled = enabled
         self.held = {}                              # PortMapping key -> socket
+        self.lent = set()                           # PortMapping keys a bind under way may take
         self.wanted = list(mappings) if enabled else []
 
     @staticmethod
@@ -780,10 +783,18 @@ class Reservations:
             raise
         return sock
 
-    def release(self, mapping):
+    def lend(self, mapping):
+        """Free the port for a bind about to take it; retry() leaves it alone until end_loan()."""
+        self.lent.add(self.key(mapping))
         sock = self.held.pop(self.key(mapping), None)
         if sock is not None:
             sock.close()
+
+    def end_loan(self, mapping, bound):
+        """The bind is over: the port is the container's now (`bound`), or taken back at once."""
+        self.lent.discard(self.key(mapping))
+        if not bound:
+            self.take(mapping)
 
     def take(self, mapping):
         """Reserve the port again if it is free (and reservation is on)."""
@@ -795,7 +806,8 @@ class Reservations:
 
     def retry(self):
         for mapping in self.wanted:
-            self.take(mapping)
+            if self.key(mapping) not in self.lent:
+                self.take(mapping)
 
     def unheld(self):
         return len(self.held) < len(self.wanted)
@@ -970,7 +982,7 @@ class Switcher:
     def __init__(self, events, ignore, auto, publish, ports, debug=False):
         self.events = events
         self.networks, self.auto, self.publish = compile_networks(ignore), auto, publish
-        self.ports = ports          # Reservations, or a worker's PortBroker: release(), take()
+        self.ports = ports          # Reservations, or a worker's PortBroker: lend(), end_loan()
         self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
         self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
@@ -1491,23 +1503,23 @@ class Switcher:
         except OSError:
             call.fail(errno.EBADF)  # another thread closed the fd: as the kernel would answer
             return None
-        with socket.socket(sock.family, kind, proto) as host:
+        host = socket.socket(sock.family, kind, proto)
+        lent = installed = False
+        try:
             carry_options(host, diffs)
-            self.ports.release(mapping)
+            self.ports.lend(mapping)
+            lent = True
             result = sock_call(_libc.bind, host.fileno(), raw, len(raw))
             if result < 0:
-                self.ports.take(mapping)
                 return result
             if flags & os.O_NONBLOCK:
                 host.setblocking(False)
-            try:
-                if not self.install(call, host, flags):
-                    return None
-            except NotSwitched:
-                host.close()
-                self.ports.take(mapping)  # held again, as before the bind
-                raise
-            return 0
+            installed = self.install(call, host, flags)
+            return 0 if installed else None
+        finally:
+            host.close()
+            if lent:
+                self.ports.end_loan(mapping, bound=installed)
 
     # -- listen ------------------------------------------------------------
 
@@ -1911,11 +1923,11 @@ class PortBroker:
     def __init__(self, channel):
         self.channel = channel
 
-    def release(self, mapping):
-        self.ask("release", mapping)
+    def lend(self, mapping):
+        self.ask("lend", mapping)
 
-    def take(self, mapping):
-        self.ask("take", mapping)
+    def end_loan(self, mapping, bound):
+        self.ask("bound" if bound else "unbound", mapping)
 
     def ask(self, what, mapping):
         self.channel.sendall(json.dumps([what] + mapping_key(mapping)).encode())
@@ -2231,7 +2243,9 @@ class Daemon:
         if not data:
             return  # the worker is gone: its pidfd says so
         what, proto, port, ip = json.loads(data)
-        act = {"release": self.reservations.release, "take": self.reservations.take}[what]
+        reservations = self.reservations
+        act = {"lend": reservations.lend, "bound": lambda m: reservations.end_loan(m, True),
+               "unbound": lambda m: reservations.end_loan(m, False)}[what]
         for mapping in self.reservations.wanted:
             if mapping_key(mapping) == [proto, port, ip]:
                 act(mapping)

@@ -344,3 +344,29 @@ def test_a_published_port_that_cannot_be_reserved_stops_the_start(tmp_path):
     assert result.returncode == 1
     assert "cannot reserve published port 127.0.0.1:%d->80/tcp" % port in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+
+
+def test_a_port_lent_to_a_bind_is_left_alone_until_the_bind_reports():
+    """Regression: with workers, the parent's once-a-second retry took a port back between its
+    release and the worker's bind, which then failed with EADDRINUSE."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    reservations = b4ns.Reservations(b4ns.build_publish_table(["127.0.0.1:%d:80" % port]).values(), True)
+    reservations.reserve_all()
+    (mapping,) = reservations.wanted
+    try:
+        reservations.lend(mapping)
+        reservations.retry()
+        with socket.socket() as container_side:
+            container_side.bind(("127.0.0.1", port))  # the bind the port was lent to
+            reservations.end_loan(mapping, bound=True)
+            reservations.retry()  # in use by the container: not taken
+            assert not reservations.held
+        reservations.retry()  # the container let it go: held again
+        assert len(reservations.held) == 1
+        reservations.lend(mapping)
+        reservations.end_loan(mapping, bound=False)  # a failed bind: taken back at once
+        assert len(reservations.held) == 1
+    finally:
+        reservations.close()
