@@ -14,10 +14,12 @@ Single file, standard library only, Linux >= 5.9, Python >= 3.9.
 """
 
 import argparse
+import collections
 import ctypes
 import errno
 import fcntl
 import heapq
+import mmap
 import ipaddress
 import json
 import logging
@@ -982,7 +984,7 @@ class Switcher:
     def __init__(self, events, ignore, auto, publish, ports, debug=False):
         self.events = events
         self.networks, self.auto, self.publish = compile_networks(ignore), auto, publish
-        self.ports = ports          # Reservations, or a worker's PortBroker: lend(), end_loan()
+        self.ports = ports          # Reservations, or a worker's ParentChannel: lend(), end_loan()
         self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
         self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
@@ -1001,7 +1003,7 @@ class Switcher:
 
     def handle(self, call, arch, nr):
         """Answer one notification, exactly once, whatever happens in its handler."""
-        call.container.counters["notifications"] += 1
+        call.container.counters[COUNT_NOTIFICATIONS] += 1
         entry = self.dispatch.get((arch, nr))
         if entry is None:
             if arch == AUDIT_ARCH_I386 and nr == SYS_SOCKETCALL_I386:
@@ -1016,7 +1018,7 @@ class Switcher:
             if not (call.answered or call.deferred):
                 raise AnswerError("%s left its notification unanswered" % handler.__name__)
         except Exception as e:
-            call.container.counters["errors"] += 1
+            call.container.counters[COUNT_ERRORS] += 1
             log.exception("container %s: %s(fd %d) failed: %s", call.container.short_id, handler.__name__[3:],
                           call.fd, e)
             if not (call.answered or call.deferred):
@@ -1065,7 +1067,7 @@ class Switcher:
         switched socket there.  It runs only in a container that holds none.
         """
         container = call.container
-        if call.args_in_memory and container.counters["bypassed"] + container.counters["published"]:
+        if call.args_in_memory and container.holds_switched_sockets():
             if not container.warned_socketcall:
                 container.warned_socketcall = True
                 log.warning("container %s: refusing socketcall(2) on a socket the daemon cannot handle, "
@@ -1228,7 +1230,7 @@ class Switcher:
                 # Switched already: it can only go where the host goes, and
                 # only with the address validated here.
                 if reason is not None and dest is not None:
-                    call.container.counters["refused"] += 1
+                    call.container.counters[COUNT_REFUSED] += 1
                     if self.debug:
                         self.debug_decision(call, "connect", dest, "refused: switched (%s)"
                                             % describe_reason(reason, network))
@@ -1239,9 +1241,9 @@ class Switcher:
                 outcome = self.bypass_connect(call, sock, kind, raw, dest, own_service)
                 if outcome is None:
                     return
-                call.container.counters["container"] += 1
+                call.container.counters[COUNT_CONTAINER] += 1
             else:
-                call.container.counters["container"] += 1
+                call.container.counters[COUNT_CONTAINER] += 1
                 outcome = "container (%s)" % describe_reason(reason, network)
             if self.debug:
                 self.debug_decision(call, "connect", dest, outcome)
@@ -1263,7 +1265,7 @@ class Switcher:
         except NotSwitched as why:
             return "container (%s)" % why
         if call.installed:
-            call.container.counters["bypassed"] += 1
+            call.container.counters[COUNT_BYPASSED] += 1
         if self.debug and result is not None:
             self.debug_decision(call, "connect", dest, "bypassed" if call.installed
                                 else "host connect failed, answered as is: %s" % os.strerror(-result))
@@ -1477,7 +1479,7 @@ class Switcher:
                         outcome = "container (%s)" % why
                     else:
                         if result is not None:
-                            call.container.counters["published"] += result == 0
+                            call.container.counters[COUNT_PUBLISHED] += result == 0
                             if self.debug:
                                 self.debug_decision(call, "bind", dest, "published as %r: %s"
                                                     % (mapping, os.strerror(-result) if result else "ok"))
@@ -1543,7 +1545,7 @@ class Switcher:
             if self.published_at(bound[0], bound[1]):
                 call.result(sock_call(_libc.listen, sock.fileno(), ctypes.c_int(call.args[1] & 0xFFFFFFFF)))
                 return
-            call.container.counters["refused"] += 1
+            call.container.counters[COUNT_REFUSED] += 1
             if self.debug:
                 self.debug_decision(call, "listen", None, "refused: switched, not a published port")
             call.fail(errno.EOPNOTSUPP)
@@ -1591,7 +1593,7 @@ class Switcher:
             return None
         if reason is LOOPBACK and sock.getsockname()[1] in self.published_udp_ports:
             return None  # a published server answers its clients, wherever they are
-        call.container.counters["refused"] += 1
+        call.container.counters[COUNT_REFUSED] += 1
         if self.debug:
             self.debug_decision(call, "send", dest, "refused (%s)" % describe_reason(reason, network))
         return reason
@@ -1621,7 +1623,7 @@ class Switcher:
                 return
             result = sock_call(_libc.sendto, sock.fileno(), payload, len(payload),
                                ctypes.c_int(args[3] & 0xFFFFFFFF), raw, len(raw))
-            call.container.counters["emulated_sends"] += 1
+            call.container.counters[COUNT_EMULATED_SENDS] += 1
             call.result(result)
 
     def on_sendmsg(self, call):
@@ -1665,7 +1667,7 @@ class Switcher:
             except OSError as e:
                 call.fail(e.errno or errno.EIO)
                 return
-            call.container.counters["emulated_sends"] += 1
+            call.container.counters[COUNT_EMULATED_SENDS] += 1
             if msg_len_addr is None:
                 call.reply(sent)
                 return
@@ -1709,21 +1711,85 @@ class Switcher:
 # The per-container session
 # ---------------------------------------------------------------------------
 
+COUNTERS = ("bypassed", "container", "published", "refused", "emulated_sends", "errors", "notifications")
+(COUNT_BYPASSED,            # connects switched to a host socket
+ COUNT_CONTAINER,           # connects left to the container's network
+ COUNT_PUBLISHED,           # binds of a published port done on the host
+ COUNT_REFUSED,             # calls failed by policy (a host socket to a forbidden place)
+ COUNT_EMULATED_SENDS,      # UDP sends done by the daemon
+ COUNT_ERRORS,              # handlers that failed (a bug, logged)
+ COUNT_NOTIFICATIONS) = range(len(COUNTERS))
+
+
+def format_counters(values):
+    return " ".join("%s=%d" % item for item in zip(COUNTERS, values))
+
+
+class CounterTable:
+    """Every container's counters, in memory the daemon shares with the workers it forks.
+
+    A container has a slot; each server (worker) that serves it counts in
+    its own row of that slot, so every row has one writer and nothing is
+    lost; the daemon reads the sums.  Slots are reused oldest-freed first,
+    so that a late write by a worker that has not yet seen a container go
+    lands in a row nobody reads.
+    """
+
+    SLOTS = 16384   # containers alive at once (each costs the daemon fds: far more than it can hold)
+
+    def __init__(self, servers, slots=SLOTS):
+        self.servers, self.slots = servers, slots
+        self.memory = mmap.mmap(-1, servers * slots * len(COUNTERS) * 8)  # MAP_SHARED, kept by fork
+        self.cells = memoryview(self.memory).cast("q")
+        self.free = collections.deque(range(slots))
+
+    def allocate(self):
+        """A zeroed slot; Error when every slot is taken."""
+        if not self.free:
+            raise Error("%d containers at once: no counters left" % self.slots)
+        slot = self.free.popleft()
+        zeros = bytes(len(COUNTERS) * 8)
+        for server in range(self.servers):
+            self.row(server, slot).cast("B")[:] = zeros
+        return slot
+
+    def release(self, slot):
+        self.free.append(slot)
+
+    def row(self, server, slot):
+        """Server `server`'s counters of slot `slot`: a writable view, indexed by COUNT_*."""
+        start = (server * self.slots + slot) * len(COUNTERS)
+        return self.cells[start:start + len(COUNTERS)]
+
+    def totals(self, slot):
+        return [sum(column) for column in zip(*(self.row(server, slot) for server in range(self.servers)))]
+
+    def close(self):
+        self.cells.release()
+        self.memory.close()
+
+
 class Container:
-    """One container (by OCI id): its notify fds, its `auto` subnets, counters."""
+    """One container (by OCI id) as one server sees it: its filters there, its `auto` subnets,
+    and the server's row of its counters."""
 
     AUTO_REFRESH = 2.0  # seconds an `auto` subnet list is trusted
 
-    def __init__(self, cid):
+    def __init__(self, cid, table, slot, server):
         self.id = cid
         self.short_id = cid[:12]
         self.notify_fds = set()
-        self.counters = dict.fromkeys(("bypassed", "container", "published", "refused",
-                                       "emulated_sends", "errors", "notifications"), 0)
+        self.table, self.slot = table, slot
+        self.counters = table.row(server, slot)
         self.auto_nets = ()
         self.auto_read = -1e9
         self.warned_socketcall = False
         self.warned_udp_publish = False
+
+    def holds_switched_sockets(self):
+        """Whether any server has put a host socket in this container."""
+        totals = self.table.totals(self.slot)
+        return bool(totals[COUNT_BYPASSED] + totals[COUNT_PUBLISHED])
 
     def auto_networks(self, tid):
         """The container's own subnets (compiled), read from its network namespace through /proc."""
@@ -1740,20 +1806,21 @@ class Container:
             self.auto_nets = compile_networks(nets)
         return self.auto_nets
 
-    def format_counters(self):
-        return " ".join("%s=%d" % item for item in self.counters.items())
-
 
 class Filter:
     """One seccomp filter of a container (one notify fd): a process the runtime started and its
     descendants, and what the profile it loaded promises."""
 
-    __slots__ = ("notify_fd", "container", "udp")
+    __slots__ = ("key", "notify_fd", "container", "udp", "shared", "last_tid", "tid_changes", "window")
 
-    def __init__(self, notify_fd, container, metadata):
-        self.notify_fd, self.container = notify_fd, container
+    def __init__(self, key, notify_fd, container, metadata, shared):
+        self.key, self.notify_fd, self.container = key, notify_fd, container
         # The profile traps every send with a destination: UDP sockets may be switched.
         self.udp = UDP_METADATA in str(metadata or "").split()
+        self.shared = shared        # other servers RECV on the same filter
+        self.last_tid = 0           # the busy test: see Server.note_thread
+        self.tid_changes = 0
+        self.window = 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -1830,56 +1897,100 @@ class Events:
         self.epoll.close()
 
 
+BUSY_TID_CHANGES = 100  # notifications each from another thread than the one before...
+BUSY_WINDOW = 1.0       # ...within this many seconds, twice in a row: a filter worth every worker
+RECV_GUARD = 0.002      # seconds a RECV on a shared filter may wait for a notification another took
+
+
 class Server:
     """Answers the notifications of the filters it is given, in one process.
 
     A single-process daemon has one, on its own loop; with --workers, each
-    worker process runs one.  Containers never span servers: every filter of
-    a container goes to the same one, so its counters and settings live in
-    one place.
+    worker process runs one.  A container's filters go to one server, its
+    home, until that server finds one of them busy: many threads of the
+    container taking turns at trapped calls.  Then every server receives
+    on them (the kernel gives each notification to one receiver), each
+    counting in its own row of the container's counters.
     """
 
-    def __init__(self, events, switcher):
+    def __init__(self, events, switcher, table, index=0, on_busy=None):
         self.events, self.switcher = events, switcher
+        self.table, self.index = table, index
+        self.on_busy = on_busy      # callable(Container) once a filter is found busy; None: never shared
         self.containers = {}        # OCI id -> Container
         self.filters = {}           # notify fd -> Filter
+        self.keys = {}              # the daemon's key of a filter -> notify fd here
         self.notif = bytearray(_NOTIF.size)
 
-    def add_filter(self, notify_fd, cid, pid, metadata):
+    def add_filter(self, notify_fd, key, cid, slot, pid, metadata, shared=False):
         """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`."""
         container = self.containers.get(cid)
         if container is None:
-            container = self.containers[cid] = Container(cid)
+            container = self.containers[cid] = Container(cid, self.table, slot, self.index)
         container.notify_fds.add(notify_fd)
-        seccomp_filter = self.filters[notify_fd] = Filter(notify_fd, container, metadata)
+        seccomp_filter = self.filters[notify_fd] = Filter(key, notify_fd, container, metadata, shared)
+        self.keys[key] = notify_fd
         try:
             _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
         except OSError:
             pass  # kernels before 6.6: wake-ups are just slower
         os.set_blocking(notify_fd, False)
-        self.events.watch(notify_fd, select.EPOLLIN, lambda events: self.on_notify(notify_fd, events))
-        log.info("container %s: process %s registered%s", container.short_id, pid,
-                 " (UDP switching on)" if seccomp_filter.udp else "")
+        self.watch(seccomp_filter)
+        if not shared:
+            log.info("container %s: process %s registered%s", container.short_id, pid,
+                     " (UDP switching on)" if seccomp_filter.udp else "")
+
+    def watch(self, seccomp_filter):
+        notify_fd = seccomp_filter.notify_fd
+        # Shared, EPOLLEXCLUSIVE: a notification wakes one idle server, not all.
+        mask = select.EPOLLIN | (select.EPOLLEXCLUSIVE if seccomp_filter.shared else 0)
+        self.events.watch(notify_fd, mask, lambda events: self.on_notify(notify_fd, events))
+
+    def share(self, container):
+        """Receive on `container`'s filters as one of several servers."""
+        for notify_fd in container.notify_fds:
+            seccomp_filter = self.filters[notify_fd]
+            if not seccomp_filter.shared:
+                seccomp_filter.shared = True
+                self.events.unwatch(notify_fd)  # EPOLLEXCLUSIVE is set when added, never by a change
+                self.watch(seccomp_filter)
+
+    def drop(self, key):
+        """The daemon saw this filter go: a shared one may never wake this server to say so."""
+        notify_fd = self.keys.get(key)
+        if notify_fd is not None:
+            self.drop_filter(notify_fd)
 
     def drop_filter(self, notify_fd):
         """Every process of this filter has exited: free what it held."""
-        container = self.filters.pop(notify_fd).container
+        seccomp_filter = self.filters.pop(notify_fd)
+        del self.keys[seccomp_filter.key]
+        container = seccomp_filter.container
         self.events.unwatch(notify_fd)
         self.switcher.forget_notify_fd(notify_fd)
         os.close(notify_fd)
         container.notify_fds.discard(notify_fd)
         if not container.notify_fds:
             del self.containers[container.id]
-            log.info("container %s: gone (%s)", container.short_id, container.format_counters())
 
     def on_notify(self, notify_fd, events):
         """One notification per wake-up (epoll is level-triggered: the next one wakes us
         again), which keeps the loop fair between containers."""
         if events & select.EPOLLIN:
+            seccomp_filter = self.filters[notify_fd]
             buffer = self.notif
             buffer[:] = _ZERO_NOTIF
             try:
-                notif_id, tid, _flags, nr, arch, _ip, *args = notif_recv(notify_fd, buffer)
+                if seccomp_filter.shared:
+                    # Another server may have taken what epoll reported, and RECV
+                    # ignores O_NONBLOCK: the timer's signal ends the wait.
+                    signal.setitimer(signal.ITIMER_REAL, RECV_GUARD)
+                    try:
+                        fields = notif_recv(notify_fd, buffer)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                else:
+                    fields = notif_recv(notify_fd, buffer)
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as e:
@@ -1889,13 +2000,25 @@ class Server:
                 if e.errno != errno.ENOENT:
                     raise
             else:
-                self.switcher.handle(Call(self.filters[notify_fd], notif_id, tid, args), arch, nr)
+                notif_id, tid, _flags, nr, arch, _ip, *args = fields
+                if tid != seccomp_filter.last_tid:
+                    self.note_thread(seccomp_filter, tid)
+                self.switcher.handle(Call(seccomp_filter, notif_id, tid, args), arch, nr)
         if events & (select.EPOLLHUP | select.EPOLLERR):
             self.drop_filter(notify_fd)
 
-    def log_counters(self):
-        for container in self.containers.values():
-            log.warning("container %s: %s", container.short_id, container.format_counters())
+    def note_thread(self, seccomp_filter, tid):
+        """The busy test: threads taking turns often enough that one server makes them queue."""
+        seccomp_filter.last_tid = tid
+        if self.on_busy is None or seccomp_filter.shared:
+            return
+        seccomp_filter.tid_changes += 1
+        if seccomp_filter.tid_changes >= BUSY_TID_CHANGES:
+            now = time.monotonic()
+            if now - seccomp_filter.window < BUSY_WINDOW:
+                self.share(seccomp_filter.container)
+                self.on_busy(seccomp_filter.container)
+            seccomp_filter.tid_changes, seccomp_filter.window = 0, now
 
     def refresh_auto(self):
         for container in self.containers.values():
@@ -1909,28 +2032,33 @@ class Server:
             self.events.unwatch(fd)
             os.close(fd)
         self.filters.clear()
+        self.keys.clear()
         for tid in list(switcher.threads):
             switcher.forget_thread(tid)
 
 
-class PortBroker:
-    """The published ports as a worker sees them: the parent holds them and lets one go on request.
+class ParentChannel:
+    """A worker's requests to its parent: the published ports it holds, and busy containers.
 
     Requests are synchronous (a published bind waits for the parent's
-    answer): they happen once per server socket, not per connection.
+    answer): they happen once per server socket or container, not per
+    connection.
     """
 
     def __init__(self, channel):
         self.channel = channel
 
     def lend(self, mapping):
-        self.ask("lend", mapping)
+        self.ask(["lend"] + mapping_key(mapping))
 
     def end_loan(self, mapping, bound):
-        self.ask("bound" if bound else "unbound", mapping)
+        self.ask(["bound" if bound else "unbound"] + mapping_key(mapping))
 
-    def ask(self, what, mapping):
-        self.channel.sendall(json.dumps([what] + mapping_key(mapping)).encode())
+    def share(self, container):
+        self.ask(["share", container.id])
+
+    def ask(self, request):
+        self.channel.sendall(json.dumps(request).encode())
         if self.channel.recv(16) != b"ok":
             raise OSError(errno.EPIPE, "the parent process is gone")
 
@@ -1940,21 +2068,44 @@ def mapping_key(mapping):
     return [mapping.proto, mapping.host_port, None if mapping.host_ip is None else str(mapping.host_ip)]
 
 
+class Handed:
+    """A filter the daemon serves: it keeps the notify fd, to hand it to servers (again)."""
+
+    __slots__ = ("key", "notify_fd", "cid", "pid", "metadata")
+
+    def __init__(self, key, notify_fd, cid, pid, metadata):
+        self.key, self.notify_fd, self.cid, self.pid, self.metadata = key, notify_fd, cid, pid, metadata
+
+
+class Hosted:
+    """A container as the daemon sees it: its counters' slot, its filters, who serves them."""
+
+    __slots__ = ("cid", "slot", "home", "shared", "filters")
+
+    def __init__(self, cid, slot, home):
+        self.cid, self.slot, self.home = cid, slot, home
+        self.shared = False         # served by every worker, not just its home
+        self.filters = set()        # the daemon's notify fds
+
+
 class Worker:
-    """The parent's handle on one worker process and what it serves."""
+    """The daemon's handle on one worker process and what it serves."""
 
     __slots__ = ("index", "pid", "pidfd", "handoff", "requests", "containers")
 
     def __init__(self, index, pid, pidfd, handoff, requests):
         self.index, self.pid, self.pidfd = index, pid, pidfd
-        self.handoff = handoff      # notify fds go to the worker here (SCM_RIGHTS)
-        self.requests = requests    # the worker's PortBroker asks here
-        self.containers = set()     # OCI ids routed to it
+        self.handoff = handoff      # filters go to the worker here (SCM_RIGHTS)
+        self.requests = requests    # the worker's ParentChannel asks here
+        self.containers = set()     # OCI ids it is home to
 
-    def hand(self, handed):
-        """Send one filter (a Handed) to the worker."""
-        message = json.dumps({"id": handed.cid, "pid": handed.pid, "metadata": handed.metadata}).encode()
+    def hand(self, handed, slot, shared):
+        message = json.dumps({"key": handed.key, "id": handed.cid, "slot": slot, "pid": handed.pid,
+                              "metadata": handed.metadata, "shared": shared}).encode()
         self.handoff.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", handed.notify_fd))])
+
+    def drop(self, key):
+        self.handoff.send(json.dumps({"drop": key}).encode())
 
     def close(self):
         for channel in (self.handoff, self.requests):
@@ -1962,13 +2113,21 @@ class Worker:
         os.close(self.pidfd)
 
 
-class Handed:
-    """A filter the parent handed to a worker: the parent keeps the notify fd, to hand it again."""
+class LocalWorker:
+    """A single-process daemon's own Server, as the daemon's workers are handled."""
 
-    __slots__ = ("notify_fd", "cid", "pid", "metadata", "worker")
+    __slots__ = ("index", "server", "containers")
 
-    def __init__(self, notify_fd, cid, pid, metadata, worker):
-        self.notify_fd, self.cid, self.pid, self.metadata, self.worker = notify_fd, cid, pid, metadata, worker
+    def __init__(self, server):
+        self.index, self.server = 0, server
+        self.containers = set()
+
+    def hand(self, handed, slot, shared):
+        self.server.add_filter(os.dup(handed.notify_fd), handed.key, handed.cid, slot, handed.pid,
+                               handed.metadata, shared)
+
+    def drop(self, key):
+        self.server.drop(key)
 
 
 HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
@@ -1977,11 +2136,13 @@ HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld 
 class WorkerProcess:
     """A worker's own side: a Server for the filters its parent hands over, and its loop."""
 
-    def __init__(self, settings, handoff, requests):
+    def __init__(self, settings, table, index, handoff, requests):
         ignore, auto, publish, debug = settings
         self.handoff = handoff
         self.events = Events()
-        self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, PortBroker(requests), debug))
+        parent = ParentChannel(requests)
+        self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, parent, debug),
+                             table, index, parent.share)
         self.running = True
 
     def on_handoff(self, _events):
@@ -1990,19 +2151,22 @@ class WorkerProcess:
             self.running = False  # the parent is gone
             return
         message = json.loads(data)
-        self.server.add_filter(fds[0], message["id"], message["pid"], message["metadata"])
+        if "drop" in message:
+            self.server.drop(message["drop"])
+            return
+        self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
+                               message["metadata"], message["shared"])
 
     def on_signal(self, signum):
-        if signum == signal.SIGUSR1:
-            self.server.log_counters()
-        elif signum == signal.SIGHUP:
+        if signum == signal.SIGHUP:
             self.server.refresh_auto()
-        else:
+        elif signum in (signal.SIGTERM, signal.SIGINT):
             self.running = False
+        # SIGALRM: RECV_GUARD has ended a RECV
 
     def run(self):
         self.events.watch(self.handoff.fileno(), select.EPOLLIN, self.on_handoff)
-        signal_pipe = watch_signals(self.events, self.on_signal)
+        signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGALRM,))
         switcher = self.server.switcher
         try:
             run_loop(self.events, lambda: self.running, switcher.sweep_pending, lambda: bool(switcher.pending))
@@ -2028,9 +2192,10 @@ class Daemon:
     """Accepts the runtimes' messages and has their notifications served.
 
     With one worker, by a Server on its own loop; with more, by forked
-    worker processes: the daemon (their parent) keeps every notify fd, hands
-    each container to one worker, replaces a worker that dies and hands it
-    the same filters, and holds the published ports for them all.
+    worker processes.  Either way the daemon keeps every notify fd and the
+    containers' counters, hands each container to one worker (its home) or,
+    once it is busy, to all, and holds the published ports for them all; a
+    worker that dies is replaced and the new one is handed the same filters.
     """
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1):
@@ -2038,13 +2203,17 @@ class Daemon:
         self.settings = (ignore, auto, publish, debug)
         self.events = Events()
         self.reservations = Reservations(publish.values(), reserve_ports)
+        self.table = CounterTable(workers)
         self.worker_count = workers
-        self.workers = []
-        self.handed = {}            # notify fd -> Handed (with workers)
-        self.routes = {}            # OCI id -> Worker (with workers)
+        self.workers = []           # Worker, or one LocalWorker
+        self.filters = {}           # notify fd -> Handed
+        self.containers = {}        # OCI id -> Hosted
+        self.serial = 0             # the last Handed.key
         self.server = None
         if workers == 1:
-            self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, self.reservations, debug))
+            self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, self.reservations, debug),
+                                 self.table)
+            self.workers = [LocalWorker(self.server)]
         self.running = True
         self.listener = None
         self.signal_pipe = None
@@ -2148,35 +2317,68 @@ class Daemon:
         for fd in fds:
             if fd != notify_fd:
                 os.close(fd)
-        if self.server is not None:
-            self.server.add_filter(notify_fd, cid, message.get("pid"), message.get("metadata"))
-            return
-        worker = self.routes.get(cid)
-        if worker is None:
-            worker = self.routes[cid] = min(self.workers, key=lambda w: len(w.containers))
-            worker.containers.add(cid)
-        handed = self.handed[notify_fd] = Handed(notify_fd, cid, message.get("pid"), message.get("metadata"), worker)
+        hosted = self.containers.get(cid)
+        if hosted is None:
+            try:
+                slot = self.table.allocate()
+            except Error as e:
+                log.error("container %s: not served: %s", cid[:12], e)
+                os.close(notify_fd)
+                return
+            home = min(self.workers, key=lambda w: len(w.containers))
+            hosted = self.containers[cid] = Hosted(cid, slot, home)
+            home.containers.add(cid)
+        self.serial += 1
+        handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, message.get("pid"),
+                                                  message.get("metadata"))
+        hosted.filters.add(notify_fd)
         # Watched for the end of the filter only: no EPOLLIN, so that its
-        # notifications wake the worker alone.
+        # notifications wake its servers alone.
         self.events.watch(notify_fd, 0, lambda _events: self.on_filter_gone(notify_fd))
-        worker.hand(handed)
+        for worker in self.servers_of(hosted):
+            worker.hand(handed, hosted.slot, hosted.shared)
+
+    def servers_of(self, hosted):
+        return self.workers if hosted.shared else (hosted.home,)
 
     def on_filter_gone(self, notify_fd):
-        """A filter every process of which has exited: its worker frees it too."""
+        """A filter every process of which has exited: free it here and in its servers."""
         self.events.unwatch(notify_fd)
+        handed = self.filters.pop(notify_fd)
+        hosted = self.containers[handed.cid]
+        if hosted.shared:
+            for worker in self.workers:
+                worker.drop(handed.key)
         os.close(notify_fd)
-        handed = self.handed.pop(notify_fd)
-        if not any(other.cid == handed.cid for other in self.handed.values()):
-            del self.routes[handed.cid]
-            handed.worker.containers.discard(handed.cid)
+        hosted.filters.discard(notify_fd)
+        if not hosted.filters:
+            del self.containers[hosted.cid]
+            hosted.home.containers.discard(hosted.cid)
+            log.info("container %s: gone (%s)", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
+            self.table.release(hosted.slot)
 
-    def container_count(self):
-        return len(self.server.containers) if self.server is not None else len(self.routes)
+    def share(self, cid):
+        """A worker found container `cid` busy, and receives on its filters as one of several now."""
+        hosted = self.containers.get(cid)
+        if hosted is None or hosted.shared:
+            return
+        hosted.shared = True
+        for worker in self.workers:
+            if worker is not hosted.home:
+                for notify_fd in hosted.filters:
+                    worker.hand(self.filters[notify_fd], hosted.slot, True)
+        log.info("container %s: busy, now served by %d workers", cid[:12], len(self.workers))
+
+    def log_counters(self):
+        if not self.containers:
+            log.warning("no containers")
+        for hosted in self.containers.values():
+            log.warning("container %s: %s", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
 
     # -- workers -------------------------------------------------------------
 
     def start_workers(self):
-        if self.worker_count > 1:
+        if self.server is None:
             self.workers = [self.spawn_worker(index) for index in range(self.worker_count)]
 
     def spawn_worker(self, index):
@@ -2187,7 +2389,7 @@ class Daemon:
         if pid == 0:  # the worker: never returns from here
             status = 1
             try:
-                self.become_worker(parent, handoff_end, requests_end)
+                self.become_worker(index, parent, handoff_end, requests_end)
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -2197,11 +2399,11 @@ class Daemon:
         requests_end.close()
         worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
         self.events.watch(worker.pidfd, select.EPOLLIN, lambda _events: self.on_worker_exit(worker))
-        self.events.watch(requests.fileno(), select.EPOLLIN, lambda _events: self.on_port_request(worker))
+        self.events.watch(requests.fileno(), select.EPOLLIN, lambda _events: self.on_worker_request(worker))
         log.info("worker %d: pid %d", index, pid)
         return worker
 
-    def become_worker(self, parent, handoff, requests):
+    def become_worker(self, index, parent, handoff, requests):
         """In a forked worker: drop what is the parent's, then serve what the parent hands over."""
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
@@ -2215,7 +2417,7 @@ class Daemon:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
-        WorkerProcess(self.settings, handoff, requests).run()
+        WorkerProcess(self.settings, self.table, index, handoff, requests).run()
 
     def on_worker_exit(self, worker):
         """A worker died: reap it and, unless stopping, hand its filters to a new one."""
@@ -2227,31 +2429,37 @@ class Daemon:
             return
         log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
         new = self.workers[worker.index] = self.spawn_worker(worker.index)
-        for cid in worker.containers:
-            self.routes[cid] = new
         new.containers = worker.containers
-        for handed in self.handed.values():
-            if handed.worker is worker:
-                handed.worker = new
-                new.hand(handed)
+        for hosted in self.containers.values():
+            if hosted.home is worker:
+                hosted.home = new
+            if hosted.home is new or hosted.shared:
+                for notify_fd in hosted.filters:
+                    new.hand(self.filters[notify_fd], hosted.slot, hosted.shared)
 
-    def on_port_request(self, worker):
+    def on_worker_request(self, worker):
+        """A worker's ParentChannel: a published port to lend it or take back, a busy container."""
         try:
-            data = worker.requests.recv(1024)
+            data = worker.requests.recv(4096)
         except OSError:
             return
         if not data:
             return  # the worker is gone: its pidfd says so
-        what, proto, port, ip = json.loads(data)
-        reservations = self.reservations
-        act = {"lend": reservations.lend, "bound": lambda m: reservations.end_loan(m, True),
-               "unbound": lambda m: reservations.end_loan(m, False)}[what]
-        for mapping in self.reservations.wanted:
-            if mapping_key(mapping) == [proto, port, ip]:
-                act(mapping)
+        what, *request = json.loads(data)
+        if what == "share":
+            self.share(*request)
+        else:
+            reservations = self.reservations
+            act = {"lend": reservations.lend, "bound": lambda m: reservations.end_loan(m, True),
+                   "unbound": lambda m: reservations.end_loan(m, False)}[what]
+            for mapping in self.reservations.wanted:
+                if mapping_key(mapping) == request:
+                    act(mapping)
         worker.requests.send(b"ok")
 
     def stop_workers(self):
+        if self.server is not None:
+            return
         for worker in self.workers:
             try:
                 os.kill(worker.pid, signal.SIGTERM)
@@ -2271,15 +2479,14 @@ class Daemon:
 
     def on_signal(self, signum):
         if signum == signal.SIGUSR1:
-            if not self.container_count():
-                log.warning("no containers")
+            self.log_counters()
         elif signum != signal.SIGHUP:
             self.stop()
-            return
-        if self.server is not None:
-            (self.server.log_counters if signum == signal.SIGUSR1 else self.server.refresh_auto)()
-        for worker in self.workers:
-            os.kill(worker.pid, signum)
+        elif self.server is not None:
+            self.server.refresh_auto()
+        else:
+            for worker in self.workers:
+                os.kill(worker.pid, signum)
 
     def watch_exit_fd(self, exit_fd):
         """--exit-fd: stop when it reaches end of file."""
@@ -2310,9 +2517,9 @@ class Daemon:
         self.stop_workers()
         if self.server is not None:
             self.server.close()
-        for notify_fd in self.handed:
+        for notify_fd in self.filters:
             os.close(notify_fd)
-        self.handed.clear()
+        self.filters.clear()
         self.reservations.close()
         close_signal_pipe(self.signal_pipe)
         if self.listener is not None:
@@ -2324,12 +2531,12 @@ class Daemon:
         self.events.close()
 
 
-def watch_signals(events, on_signal):
-    """SIGTERM, SIGINT, SIGUSR1 and SIGHUP as loop events: on_signal(signum) runs between
-    notifications.  Returns the pipe, for close_signal_pipe."""
+def watch_signals(events, on_signal, more=()):
+    """SIGTERM, SIGINT, SIGUSR1, SIGHUP and `more` as loop events: on_signal(signum) runs
+    between notifications.  Returns the pipe, for close_signal_pipe."""
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) + tuple(more):
         signal.signal(signum, lambda *_: None)
 
     def on_readable(_events):
@@ -2385,7 +2592,7 @@ def build_parser():
                         help="do not hold the published host ports while no container binds them")
     parser.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
                         help="processes that answer notifications, each serving its share of the "
-                             "containers (default: the CPUs this process may run on, at most %d: %%(default)s "
+                             "containers and all of them a busy one (default: the CPUs this process may run on, at most %d: %%(default)s "
                              "here; 1: one process does everything)" % MAX_DEFAULT_WORKERS)
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
     parser.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")

@@ -216,6 +216,52 @@ def test_twenty_processes_of_one_container_connecting_at_once_are_all_bypassed(t
     assert daemon.decisions().count(("198.18.0.1:%d" % port, "bypassed")) - before == 500
 
 
+ACCEPT_AND_CLOSE = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(4096)
+while True:
+    s.accept()[0].close()
+"""
+
+BUSY = """
+    import socket, sys
+    from multiprocessing import Process
+    def connect_loop():
+        for _ in range(500):
+            socket.create_connection((sys.argv[1], int(sys.argv[2]))).close()
+    procs = [Process(target=connect_loop) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    print(sum(p.exitcode == 0 for p in procs))
+"""
+
+
+def test_a_busy_container_is_served_by_every_worker(testbed, daemon, server):
+    """Four processes of one container connecting in turn: the worker that is the container's home
+    finds it busy and every worker receives its notifications from then on, each counting in its
+    own row: the counters the daemon logs are the sum, exact."""
+    port = testbed.free_port(testbed.HOST_IP4)
+    server(["python3", "-c", ACCEPT_AND_CLOSE, testbed.HOST_IP4, str(port)])
+    testbed.wait_port(testbed.HOST_IP4, port)
+    dest = "198.18.0.1:%d" % port
+    gone_before = daemon.log().count(": gone (")
+    before = daemon.decisions().count((dest, "bypassed"))
+    assert container_python(testbed, daemon, BUSY, args=(testbed.HOST_IP4, port)).strip() == "4"
+    assert daemon.decisions().count((dest, "bypassed")) - before == 2000
+    counters = gone_counters(daemon, gone_before)
+    assert counters["bypassed"] == 2000 and counters["errors"] == 0, counters
+    shared = re.findall(r"container \S+: busy, now served by (\d+) workers", daemon.log())
+    if len(daemon.pids()) > 1:
+        assert shared and int(shared[-1]) == len(daemon.pids()) - 1, daemon.log()[-2000:]
+    else:
+        assert not shared, "one process has no one to share with"
+
+
 def test_ab_double_connect_is_answered_once(testbed, daemon, http):
     """ab (APR) connects a non-blocking socket, and again once it is writable: the first connect,
     seen complete by the daemon, is answered 0, so the second is never made."""
