@@ -343,6 +343,15 @@ def descendants(pid):
     return [pid] + [d for child in children(pid) for d in descendants(child)]
 
 
+def signal_tree(pid, signum):
+    """signum to pid and its descendants (SIGSTOP: a daemon that is not being measured)."""
+    for proc in descendants(pid):
+        try:
+            os.kill(proc, signum)
+        except ProcessLookupError:
+            pass
+
+
 def set_affinity(pid, cpus):
     """Every thread of pid and of its descendants on cpus (taskset -a -p for each of them)."""
     for proc in descendants(pid):
@@ -1443,14 +1452,23 @@ def ensure_venv(package="matplotlib"):
 # ---------------------------------------------------------------------------
 
 def attempt(measure, bench, cfg):
-    """measure(bench, cfg), timed; a failure is the result's "error" (that configuration's n/a)."""
+    """measure(bench, cfg), timed; a failure is the result's "error" (that configuration's n/a).
+
+    The configuration's daemon runs only meanwhile: stopped, it cannot take
+    CPU from the others (the Go tool spins on RECV once a container is gone).
+    """
     t0 = time.monotonic()
+    if cfg.daemon:
+        signal_tree(cfg.daemon.pid, signal.SIGCONT)
     try:
         result = measure(bench, cfg)
     except Failed as exc:
         result = {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one failed measurement, not the whole run
         result = {"error": "%s: %s" % (type(exc).__name__, exc)}
+    finally:
+        if cfg.daemon:
+            signal_tree(cfg.daemon.pid, signal.SIGSTOP)
     result["seconds"] = round(time.monotonic() - t0, 2)
     return result
 
@@ -1521,6 +1539,8 @@ def main(argv=None):
             configs.append(Container("peer", "peer: " + os.path.basename(args.peer), args.runtime, peer))
         if args.configs:
             configs = [c for c in configs if c.key == "host" or c.key in args.configs]
+        for d in daemons:
+            signal_tree(d.pid, signal.SIGSTOP)  # until attempt() measures it
         log("starting servers in the test namespace")
         bench.start_servers(configs)
         results["configs"] = [{"key": c.key, "label": c.label, "daemon": bool(c.daemon)} for c in configs]
@@ -1550,6 +1570,7 @@ def main(argv=None):
                         result["value"], top_syscalls(result))))
     finally:
         for d in daemons:
+            signal_tree(d.pid, signal.SIGCONT)
             d.stop()
         bench.stop_servers()
     if "configs" not in results:
