@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -34,6 +35,32 @@ import time
 __version__ = "0.1.0"
 
 log = logging.getLogger("bypass4netns")
+
+
+class LogLimit:
+    """Errors that can repeat at the rate of calls or clients, logged so that they cannot fill
+    a disk: a line once, then at most once per INTERVAL with how many times it was left out."""
+
+    INTERVAL = 10.0     # seconds
+    LINES = 1024        # distinct lines remembered (the oldest forgotten first)
+
+    def __init__(self):
+        self.lines = {}             # line -> [monotonic time it may be logged again, times left out]
+
+    def log(self, level, message, *args):
+        line = message % args
+        now = time.monotonic()
+        entry = self.lines.pop(line, None)
+        if entry is not None and now < entry[0]:
+            entry[1] += 1
+            self.lines[line] = entry
+            return
+        if len(self.lines) >= self.LINES:
+            del self.lines[next(iter(self.lines))]
+        self.lines[line] = [now + self.INTERVAL, 0]
+        if entry is not None and entry[1]:
+            line += " (%d more times in the last %g s)" % (entry[1], self.INTERVAL)
+        log.log(level, "%s", line)
 
 # ---------------------------------------------------------------------------
 # Kernel ABI (include/uapi/linux/seccomp.h, audit.h, socket.h)
@@ -368,13 +395,37 @@ def get_notif_sizes():
 
 
 def recv_with_fds(sock, maxfds=16):
-    """One recvmsg: (data, [fds]).  Every received fd is ours to close."""
-    data, ancdata, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(maxfds * 4))
+    """One recvmsg: (data, [fds]).  Every received fd is ours to close.
+
+    OSError(EMFILE) when the kernel dropped fds it could not install here
+    (MSG_CTRUNC): this process is out of fds.
+    """
+    data, ancdata, flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(maxfds * 4))
     fds = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(struct.unpack("%di" % (len(payload) // 4), payload[:len(payload) // 4 * 4]))
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EMFILE, "file descriptors dropped in transit (MSG_CTRUNC)")
     return data, fds
+
+
+def out_of_fds(error):
+    """Whether an OSError says this process (EMFILE) or the system (ENFILE) has no fd left."""
+    return error.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def raise_fd_limit():
+    """RLIMIT_NOFILE's soft limit raised to the hard one, as Go's runtime does: (old, new)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, soft
+    return soft, hard
 
 
 # ---------------------------------------------------------------------------
@@ -981,6 +1032,9 @@ class Switcher:
     pending connects there.
     """
 
+    THREADS_KEPT = 1024     # ThreadHandles at most, each 1 + up to FDINFO_FILES fds...
+    FD_SHARE = 16           # ...and at most 1/16 of the fd limit's worth of them
+
     def __init__(self, events, ignore, auto, publish, ports, debug=False):
         self.events = events
         self.networks, self.auto, self.publish = compile_networks(ignore), auto, publish
@@ -988,12 +1042,15 @@ class Switcher:
         self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
         self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
-        self.threads = {}           # tid -> ThreadHandle, while the thread lives
+        self.threads = {}           # tid -> ThreadHandle, while the thread lives (the oldest evicted)
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.threads_kept = min(self.THREADS_KEPT, max(16, fd_limit // self.FD_SHARE))
         self.pending = set()        # PendingConnect
         self.templates = {}         # (family, type, proto) -> Template
         self.pidfd_flags = PIDFD_THREAD
         self.own_netns = own_netns_id()
         self.memory = MemoryReader()
+        self.limit = LogLimit()
         self.dispatch = {}          # (arch, nr) -> (handler, pointer size)
         for arch, (numbers, ptr) in SYSCALL_NUMBERS.items():
             for name, nr in numbers.items():
@@ -1119,7 +1176,9 @@ class Switcher:
         """
         try:
             dup = self.target_fd(call.tid, call.fd)
-        except OSError:  # the thread is gone, or the fd is not open
+        except OSError as e:  # the thread is gone, the fd is not open, or we are out of fds
+            if out_of_fds(e):
+                self.note_out_of_fds(call, e)
             self.let_run(call)
             return None
         try:
@@ -1133,6 +1192,34 @@ class Switcher:
         sock.close()
         self.let_run(call)
         return None
+
+    def note_out_of_fds(self, call, error):
+        """The daemon could not take an fd: the call stays the container's, said once in a while."""
+        call.container.counters[COUNT_OUT_OF_FDS] += 1
+        self.limit.log(logging.ERROR, "container %s: a call left to the container's network: "
+                       "the daemon is out of file descriptors (%s)", call.container.short_id, error.strerror)
+
+    def host_twin(self, call, family, kind, proto):
+        """(the target fd's file flags, a new socket in the host's namespace) for a switch.
+
+        None once the call is failed with EBADF: another thread closed the
+        fd, as the kernel would answer.  NotSwitched when the daemon is out
+        of fds or the host makes no such socket.
+        """
+        try:
+            flags = self.fd_flags(call)
+        except OSError as e:
+            if out_of_fds(e):
+                self.note_out_of_fds(call, e)
+                raise NotSwitched("the daemon is out of file descriptors") from None
+            call.fail(errno.EBADF)
+            return None
+        try:
+            return flags, socket.socket(family, kind, proto)
+        except OSError as e:
+            if out_of_fds(e):
+                self.note_out_of_fds(call, e)
+            raise NotSwitched("no host socket: %s" % e.strerror) from None
 
     def target_fd(self, tid, fd):
         """pidfd_getfd of the target's `fd`, through the thread's cached pidfd if any."""
@@ -1159,6 +1246,8 @@ class Switcher:
                     raise
                 self.pidfd_flags = 0  # kernel < 6.9: no thread pidfds
             else:
+                if len(self.threads) >= self.threads_kept:
+                    self.forget_thread(next(iter(self.threads)))  # the longest kept
                 thread = self.threads[tid] = ThreadHandle(tid, pidfd)
                 self.events.watch(pidfd, select.EPOLLIN, lambda _events: self.forget_thread(tid))
                 return thread
@@ -1301,12 +1390,10 @@ class Switcher:
         if bound_ip not in ("0.0.0.0", "::"):
             raise NotSwitched("bound to a container address")
         diffs = self.template(family, kind, proto).differences(sock)
-        try:
-            flags = self.fd_flags(call)
-        except OSError:
-            call.fail(errno.EBADF)  # another thread closed the fd: as the kernel would answer
+        twin = self.host_twin(call, family, kind | socket.SOCK_NONBLOCK, proto)
+        if twin is None:
             return None
-        host = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
+        flags, host = twin
         try:
             carry_options(host, diffs)
             if kind == socket.SOCK_DGRAM and not own_service:
@@ -1500,12 +1587,10 @@ class Switcher:
         if raw is None:
             raise NotSwitched("%r cannot be bound by an IPv4 socket" % mapping)
         diffs = self.template(sock.family, kind, proto).differences(sock)
-        try:
-            flags = self.fd_flags(call)
-        except OSError:
-            call.fail(errno.EBADF)  # another thread closed the fd: as the kernel would answer
+        twin = self.host_twin(call, sock.family, kind, proto)
+        if twin is None:
             return None
-        host = socket.socket(sock.family, kind, proto)
+        flags, host = twin
         lent = installed = False
         try:
             carry_options(host, diffs)
@@ -1711,13 +1796,15 @@ class Switcher:
 # The per-container session
 # ---------------------------------------------------------------------------
 
-COUNTERS = ("bypassed", "container", "published", "refused", "emulated_sends", "errors", "notifications")
+COUNTERS = ("bypassed", "container", "published", "refused", "emulated_sends", "errors", "out_of_fds",
+            "notifications")
 (COUNT_BYPASSED,            # connects switched to a host socket
  COUNT_CONTAINER,           # connects left to the container's network
  COUNT_PUBLISHED,           # binds of a published port done on the host
  COUNT_REFUSED,             # calls failed by policy (a host socket to a forbidden place)
  COUNT_EMULATED_SENDS,      # UDP sends done by the daemon
  COUNT_ERRORS,              # handlers that failed (a bug, logged)
+ COUNT_OUT_OF_FDS,          # calls left to the container because the daemon had no fd left
  COUNT_NOTIFICATIONS) = range(len(COUNTERS))
 
 
@@ -2188,6 +2275,26 @@ def run_loop(events, running, housekeeping, due):
                 housekeeping()
 
 
+LISTEN_BACKLOG = 4096       # runtimes' connections waiting to be accepted (the kernel may cap it)
+ACCEPT_PAUSE = 0.1          # seconds without accept() after it failed with nothing to free
+EVICTED = 16                # unfinished runtime connections dropped at once when out of fds
+MESSAGE_TIMEOUT = 10        # seconds a runtime has to send its whole message
+MAX_MESSAGE = 1 << 20       # bytes: a container's state is a few KiB
+
+
+class RuntimeMessage:
+    """A runtime's connection to the listener and what it sent so far."""
+
+    __slots__ = ("conn", "data", "fds", "tried", "timer")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.data = bytearray()
+        self.fds = []
+        self.tried = 0              # the length at the last parse attempt
+        self.timer = None
+
+
 class Daemon:
     """Accepts the runtimes' messages and has their notifications served.
 
@@ -2217,6 +2324,9 @@ class Daemon:
         self.running = True
         self.listener = None
         self.signal_pipe = None
+        self.limit = LogLimit()
+        self.messages = {}          # connection fd -> RuntimeMessage, oldest first
+        self.out_of_fds = 0         # times the daemon had no fd for a runtime's connection or fds
 
     def check_kernel(self):
         sizes = get_notif_sizes()
@@ -2247,7 +2357,7 @@ class Daemon:
             listener.bind(path)
         finally:
             os.umask(old_umask)
-        listener.listen(64)
+        listener.listen(LISTEN_BACKLOG)
         self.listener = listener
         self.events.watch(listener.fileno(), select.EPOLLIN, self.on_accept)
 
@@ -2260,40 +2370,78 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.error("accept on %s: %s", self.socket_path, e)
+                if out_of_fds(e):
+                    self.out_of_fds += 1
+                    if self.messages:
+                        # The oldest clients that have not sent a whole message
+                        # make room: a runtime dials without waiting (EAGAIN on
+                        # a full backlog), so the backlog must keep moving.
+                        for oldest in list(self.messages.values())[:EVICTED]:
+                            self.end_message(oldest, "out of file descriptors: the oldest unfinished "
+                                             "connections make room")
+                        continue
+                # Nothing to free: the connection waits in the backlog, retried
+                # after a pause, not at the rate epoll reports it.
+                self.limit.log(logging.ERROR, "accept on %s: %s: pausing %.1f s",
+                               self.socket_path, e.strerror, ACCEPT_PAUSE)
+                self.events.unwatch(self.listener.fileno())
+                self.events.call_at(time.monotonic() + ACCEPT_PAUSE, self.watch_listener)
                 return
             conn.setblocking(False)
-            state = {"data": b"", "fds": []}
+            message = self.messages[conn.fileno()] = RuntimeMessage(conn)
+            message.timer = self.events.call_at(time.monotonic() + MESSAGE_TIMEOUT,
+                                                lambda m=message: self.end_message(m, "no complete message in %d s"
+                                                                                   % MESSAGE_TIMEOUT))
             self.events.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
-                              lambda _events, c=conn, s=state: self.on_runtime_data(c, s))
+                              lambda _events, m=message: self.on_runtime_data(m))
 
-    def on_runtime_data(self, conn, state):
-        done = False
+    def watch_listener(self):
+        if self.listener is not None:
+            self.events.watch(self.listener.fileno(), select.EPOLLIN, self.on_accept)
+
+    def on_runtime_data(self, message):
+        """Read what a runtime sent; parse it at its end, or before if it may be complete, each
+        time it has doubled in length: a slow sender costs a few parses, not one per chunk."""
         try:
             while True:
-                data, fds = recv_with_fds(conn)
-                state["fds"].extend(fds)
+                data, fds = recv_with_fds(message.conn)
+                message.fds.extend(fds)
                 if not data:
-                    done = True
                     break
-                state["data"] += data
-                if len(state["data"]) > 1 << 20:
-                    raise ValueError("message longer than 1 MiB")
+                message.data += data
+                if len(message.data) > MAX_MESSAGE:
+                    raise ValueError("longer than %d MiB" % (MAX_MESSAGE >> 20))
         except (BlockingIOError, InterruptedError):
-            pass
-        except (OSError, ValueError) as e:
-            log.error("dropping a runtime message: %s", e)
-            done, state["data"] = True, b""
-        if not done:
+            if len(message.data) < 2 * message.tried or not message.data:
+                return
+            message.tried = len(message.data)
             try:
-                json.loads(state["data"])
+                json.loads(message.data)
             except ValueError:
                 return  # not complete yet
             except RecursionError:
-                pass  # complete enough to be refused below
-        self.events.unwatch(conn.fileno())
-        conn.close()
-        self.on_container_process(state["data"], state["fds"])
+                pass  # complete enough to be refused as malformed
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError) and out_of_fds(e):
+                self.out_of_fds += 1
+            self.end_message(message, str(e))
+            return
+        self.end_message(message, None)
+        if message.data or message.fds:
+            self.on_container_process(bytes(message.data), message.fds)
+        else:
+            log.debug("a client of %s closed without a message", self.socket_path)
+
+    def end_message(self, message, error):
+        """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
+        message.timer.cancel()
+        del self.messages[message.conn.fileno()]
+        self.events.unwatch(message.conn.fileno())
+        message.conn.close()
+        if error is not None:
+            for fd in message.fds:
+                os.close(fd)
+            self.limit.log(logging.ERROR, "dropping a runtime message: %s", error)
 
     def on_container_process(self, data, fds):
         """A runtime's message: container state JSON + SCM_RIGHTS fds."""
@@ -2310,7 +2458,7 @@ class Daemon:
             if os.readlink("/proc/self/fd/%d" % notify_fd) != "anon_inode:seccomp notify":
                 raise ValueError("fd seccompFd is not a seccomp notify fd")
         except Exception as e:  # whatever the message holds, it costs its fds, nothing more
-            log.error("dropping a malformed runtime message: %s", e)
+            self.limit.log(logging.ERROR, "dropping a malformed runtime message: %s", e)
             for fd in fds:
                 os.close(fd)
             return
@@ -2374,6 +2522,8 @@ class Daemon:
             log.warning("no containers")
         for hosted in self.containers.values():
             log.warning("container %s: %s", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
+        if self.out_of_fds:
+            log.warning("daemon: out of file descriptors %d times (runtimes' connections and fds)", self.out_of_fds)
 
     # -- workers -------------------------------------------------------------
 
@@ -2647,6 +2797,8 @@ def main(argv=None):
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    old_limit, fd_limit = raise_fd_limit()
+    log.info("file descriptor limit %d (was %d)", fd_limit, old_limit)
 
     daemon = Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
                     workers=args.workers)

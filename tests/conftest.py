@@ -61,3 +61,23 @@ def server(testbed):
     yield start
     for proc in procs:
         testbed.stop_server(proc)
+
+
+ACCEPT_AND_CLOSE = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(4096)
+while True:
+    s.accept()[0].close()
+"""
+
+
+@pytest.fixture
+def acceptor(testbed, server):
+    """The port of a server in the test namespace that accepts connections and closes them."""
+    port = testbed.free_port(testbed.HOST_IP4)
+    server(["python3", "-c", ACCEPT_AND_CLOSE, testbed.HOST_IP4, str(port)])
+    testbed.wait_port(testbed.HOST_IP4, port)
+    return port

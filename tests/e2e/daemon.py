@@ -46,7 +46,7 @@ def generate_profile(socket_path, base="podman", extra=()):
 class Daemon:
     """bypass4netns.py started as the test user; stop() ends it by pid."""
 
-    def __init__(self, args=(), base="podman", debug=True, udp=True):
+    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=()):
         serial = next(_serial)
         if serial == 0:
             prune_leftovers()
@@ -61,7 +61,8 @@ class Daemon:
         # destination trapped), which the tests written before the default
         # profile became TCP-only assume; udp=False for the default profile.
         self.profile = generate_profile(self.socket, base, ["--udp"] if udp else [])
-        argv = ["python3", self.script, "--socket", self.socket, "--log-file", self.log_path, *args]
+        # prefix: a command that execs the rest (prlimit ...), so the pid stays the daemon's.
+        argv = [*prefix, "python3", self.script, "--socket", self.socket, "--log-file", self.log_path, *args]
         if debug:
             argv.append("--debug")
         ready_r, ready_w = os.pipe()

@@ -216,16 +216,6 @@ def test_twenty_processes_of_one_container_connecting_at_once_are_all_bypassed(t
     assert daemon.decisions().count(("198.18.0.1:%d" % port, "bypassed")) - before == 500
 
 
-ACCEPT_AND_CLOSE = """
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(4096)
-while True:
-    s.accept()[0].close()
-"""
-
 BUSY = """
     import socket, sys
     from multiprocessing import Process
@@ -241,13 +231,11 @@ BUSY = """
 """
 
 
-def test_a_busy_container_is_served_by_every_worker(testbed, daemon, server):
+def test_a_busy_container_is_served_by_every_worker(testbed, daemon, acceptor):
     """Four processes of one container connecting in turn: the worker that is the container's home
     finds it busy and every worker receives its notifications from then on, each counting in its
     own row: the counters the daemon logs are the sum, exact."""
-    port = testbed.free_port(testbed.HOST_IP4)
-    server(["python3", "-c", ACCEPT_AND_CLOSE, testbed.HOST_IP4, str(port)])
-    testbed.wait_port(testbed.HOST_IP4, port)
+    port = acceptor
     dest = "198.18.0.1:%d" % port
     gone_before = daemon.log().count(": gone (")
     before = daemon.decisions().count((dest, "bypassed"))

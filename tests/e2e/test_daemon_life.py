@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -36,8 +37,8 @@ def daemon(testbed):
     """A daemon of this test alone (fd and memory figures must be its own); ended by pid."""
     daemons = []
 
-    def start(args=(), debug=True):
-        d = Daemon(args, debug=debug)
+    def start(args=(), debug=True, prefix=()):
+        d = Daemon(args, debug=debug, prefix=prefix)
         daemons.append(d)
         if debug:
             # Logged once --ready-fd is closed: from then on its fd count is its own.
@@ -483,71 +484,211 @@ def test_malformed_messages_are_dropped_and_the_daemon_serves_on(testbed, daemon
     d = daemon()
     port, body = http
     fds_before = d.fd_count()
-    # A client that connects, says nothing and stays: it must hold up no one.
-    silent = unix_client(d.socket)
+    r, w = os.pipe()
     try:
-        r, w = os.pipe()
-        try:
-            # (what is sent, fds, whether EOF is needed to end it, what the log says)
-            cases = [
-                (b"garbage {{{", (), True, "Expecting value"),
-                (b"\xc3\x28 invalid utf-8", (), True, "can't decode"),
-                (b"", (), True, "Expecting value"),
-                (b"[1, 2, 3]", (), False, "list indices"),
-                (b"null", (), False, "NoneType"),
-                (message(fds=[]), (), False, "'seccompFd' is not in list"),
-                (message(fds=["somethingElse"]), (r,), False, "'seccompFd' is not in list"),
-                (json.dumps({"fds": ["seccompFd"]}).encode() + b"\n", (), False, "0 fds for 1 names"),
-                (message(fds=["seccompFd"]), (), False, "0 fds for 1 names"),
-                (message(fds=["seccompFd"]), (r,), False, "not a seccomp notify fd"),
-                (message(fds=["seccompFd"]), (r, w), False, "2 fds for 1 names"),
-                (message(fds=["seccompFd"]), [r] * 20, False, "for 1 names"),  # more fds than it takes
-                (message(fds="seccompFd"), (r,), False, "fds for 9 names"),
-                (message(state="not an object", fds=["seccompFd"]), (r,), False, "has no attribute 'get'"),
-            ]
-            for data, fds, end, logged in cases:
-                errors = len(log_problems(d))
-                assert send_message(d.socket, data, fds, end), "not dropped: %r" % data
-                wait_for(lambda: len(log_problems(d)) > errors, "an error logged for %r" % data)
-                assert logged in "\n".join(log_problems(d)[errors:]), (data, log_problems(d)[errors:])
-        finally:
-            os.close(r)
-            os.close(w)
-
-        # 2 MiB: cut off after 1 MiB.
-        errors = len(log_problems(d))
-        big = unix_client(d.socket)
-        sender_error = []
-
-        def send_big():
-            try:
-                big.sendall(message(fds=["seccompFd"], pad="x" * (2 << 20)))
-            except OSError as e:
-                sender_error.append(e)
-        sender = threading.Thread(target=send_big, daemon=True)
-        sender.start()
-        sender.join(60)
-        assert not sender.is_alive(), "the daemon stopped reading a 2 MiB message without closing it"
-        assert dropped(big)
-        assert sender_error and sender_error[0].errno in (errno.EPIPE, errno.ECONNRESET), sender_error
-        wait_for(lambda: "longer than 1 MiB" in "\n".join(log_problems(d)[errors:]), "the 2 MiB message logged")
-
-        # The silent client is still connected, and containers are served.
-        silent.settimeout(0.2)
-        with pytest.raises(socket.timeout):
-            silent.recv(1)
-        out = run(testbed.run_container(["/bin/wget", "-q", "-O", "-", "http://198.18.0.1:%d/index.txt" % port],
-                                        seccomp=d.profile), check=True).stdout
-        assert out == body
-        assert decision_count(d, "198.18.0.1:%d" % port) == 1
+        # (what is sent, fds, whether EOF is needed to end it, what the log says)
+        cases = [
+            (b"garbage {{{", (), True, "Expecting value"),
+            (b"\xc3\x28 invalid utf-8", (), True, "can't decode"),
+            (b"", (), True, "Expecting value"),
+            (b"[1, 2, 3]", (), False, "list indices"),
+            (b"null", (), False, "NoneType"),
+            (message(fds=[]), (), False, "'seccompFd' is not in list"),
+            (message(fds=["somethingElse"]), (r,), False, "'seccompFd' is not in list"),
+            (json.dumps({"fds": ["seccompFd"]}).encode() + b"\n", (), False, "0 fds for 1 names"),
+            (message(fds=["seccompFd"]), (), False, "0 fds for 1 names"),
+            (message(fds=["seccompFd"]), (r,), False, "not a seccomp notify fd"),
+            (message(fds=["seccompFd"]), (r, w), False, "2 fds for 1 names"),
+            (message(fds=["seccompFd"]), [r] * 20, False, "for 1 names"),  # more fds than it takes
+            (message(fds="seccompFd"), (r,), False, "fds for 9 names"),
+            (message(state="not an object", fds=["seccompFd"]), (r,), False, "has no attribute 'get'"),
+        ]
+        for data, fds, end, logged in cases:
+            assert send_message(d.socket, data, fds, end), "not dropped: %r" % data
+            # (a line identical to one of the last 10 s is not repeated: LogLimit)
+            wait_for(lambda: logged in "\n".join(log_problems(d)), "%r logged for %r" % (logged, data))
     finally:
-        silent.close()
+        os.close(r)
+        os.close(w)
+
+    # 2 MiB: cut off after 1 MiB.
+    errors = len(log_problems(d))
+    big = unix_client(d.socket)
+    sender_error = []
+
+    def send_big():
+        try:
+            big.sendall(message(fds=["seccompFd"], pad="x" * (2 << 20)))
+        except OSError as e:
+            sender_error.append(e)
+    sender = threading.Thread(target=send_big, daemon=True)
+    sender.start()
+    sender.join(60)
+    assert not sender.is_alive(), "the daemon stopped reading a 2 MiB message without closing it"
+    assert dropped(big)
+    assert sender_error and sender_error[0].errno in (errno.EPIPE, errno.ECONNRESET), sender_error
+    wait_for(lambda: "longer than 1 MiB" in "\n".join(log_problems(d)[errors:]), "the 2 MiB message logged")
+
+    # Containers are served.
+    out = run(testbed.run_container(["/bin/wget", "-q", "-O", "-", "http://198.18.0.1:%d/index.txt" % port],
+                                    seccomp=d.profile), check=True).stdout
+    assert out == body
+    assert decision_count(d, "198.18.0.1:%d" % port) == 1
     # Every fd the bad clients brought in is closed again.
     wait_for(lambda: d.fd_count() == fds_before,
              lambda: "fd count %d back to %d: %s" % (d.fd_count(), fds_before, os.listdir("/proc/%d/fd" % d.pid)))
     assert "Traceback" not in d.log()
     assert d.proc.poll() is None
     assert d.stop() == 0
+
+
+# -- fd limits and clients that say nothing (issue 12) ------------------------------------
+
+THREADS_CLIENT = """
+    import collections, json, socket, sys, threading
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    barrier = threading.Barrier(n)
+    outcomes = collections.Counter()
+    lock = threading.Lock()
+    def connect():
+        barrier.wait()
+        try:
+            s = socket.create_connection((host, port), timeout=120)
+            outcome = s.getsockname()[0]
+            s.close()
+        except OSError as e:
+            outcome = "errno %s" % e.errno
+        with lock:
+            outcomes[outcome] += 1
+    threads = [threading.Thread(target=connect) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(outcomes))
+"""
+
+
+def threads_connect(testbed, d, port, threads):
+    """{local address or 'errno N': count} of `threads` threads of one container connecting at once."""
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(THREADS_CLIENT), testbed.HOST_IP4, str(port),
+                                  str(threads)], seccomp=d.profile)
+    return json.loads(run(argv, check=True, timeout=300).stdout)
+
+
+def idle_clients(path, count, patience=3.0):
+    """Up to `count` unix connections to `path` that send nothing: as many as get in (a backlog
+    full for `patience` seconds ends it)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    clients = []
+    full_since = None
+    while len(clients) < count:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:  # the backlog is full
+            c.close()
+            full_since = full_since or time.monotonic()
+            if time.monotonic() - full_since > patience:
+                break
+            time.sleep(0.01)
+            continue
+        full_since = None
+        clients.append(c)
+    return clients
+
+
+def cpu_over(d, seconds):
+    before = d.cpu_seconds()
+    time.sleep(seconds)
+    return d.cpu_seconds() - before
+
+
+def test_fd_limit_is_raised_and_idle_clients_hold_up_no_container(testbed, daemon, acceptor):
+    """Started with a soft limit of 1024, the daemon raises it to the hard one: 2000 clients that
+    say nothing and a container of 700 threads connecting at once all fit; the silent clients
+    are dropped after the time limit, with one log line for all of them."""
+    d = daemon(prefix=["prlimit", "--nofile=1024:8192", "--"])
+    assert "file descriptor limit 8192 (was 1024)" in d.log()
+    clients = idle_clients(d.socket, 2000)
+    try:
+        assert len(clients) == 2000
+        idle_cpu = cpu_over(d, 2)
+        assert threads_connect(testbed, d, acceptor, 700) == {testbed.HOST_IP4: 700}
+        wait_for(lambda: "no complete message in" in d.log(), "the silent clients dropped", timeout=30)
+        assert all(dropped(c, timeout=5) for c in clients[:20])
+        assert threads_connect(testbed, d, acceptor, 1) == {testbed.HOST_IP4: 1}, "a new container"
+    finally:
+        for c in clients:
+            c.close()
+    print("2000 silent clients: daemon CPU %.2f s in 2 s" % idle_cpu)
+    assert idle_cpu < 1.0, "a busy loop"
+    problems = log_problems(d)
+    assert len(problems) == 1 and "dropping a runtime message: no complete message" in problems[0], problems
+
+
+def test_out_of_fds_the_oldest_silent_clients_make_room(testbed, daemon, acceptor):
+    """Soft and hard limit 1024: 2000 silent clients fill the daemon's fd table.  It drops the
+    oldest of them to accept the next (a runtime dials without waiting: a full backlog fails the
+    container), without spinning, logging it a few times; a container started then starts, and
+    every one of its 700 threads connects (bypassed, or through slirp4netns where a worker had
+    no fd left)."""
+    d = daemon(prefix=["prlimit", "--nofile=1024:1024", "--"])
+    clients = idle_clients(d.socket, 2000)
+    try:
+        assert len(clients) == 2000
+        wait_for(lambda: "the oldest unfinished connections make room" in d.log(), "the eviction logged")
+        busy_cpu = cpu_over(d, 2)
+        outcomes = threads_connect(testbed, d, acceptor, 700)
+        assert sum(outcomes.values()) == 700 and set(outcomes) <= {testbed.HOST_IP4, SLIRP_ADDRESS}, outcomes
+    finally:
+        for c in clients:
+            c.close()
+    print("out of fds: daemon CPU %.2f s in 2 s; 700 threads: %s" % (busy_cpu, outcomes))
+    assert busy_cpu < 1.0, "a busy loop"
+    os.kill(d.pid, signal.SIGUSR1)
+    wait_for(lambda: "daemon: out of file descriptors" in d.log(), "the SIGUSR1 report")
+    problems = log_problems(d)
+    assert 1 <= len(problems) <= 8, problems
+    assert "Traceback" not in d.log()
+    assert d.stop() == 0
+
+
+def test_slow_runtime_messages_cost_other_containers_little(testbed, daemon, acceptor):
+    """20 clients sending 1 MiB each, 1 KiB at a time: a JSON string that never ends, every chunk
+    ending like an object does.  Each parse scans all that came; the daemon parses a few times
+    per client, not at every chunk; a container started meanwhile connects bypassed."""
+    d = daemon()
+    sent = [0] * 20
+
+    def slow_sender(index):
+        c = unix_client(d.socket)
+        try:
+            c.sendall(b'{"pad": "')
+            for _ in range(1023):
+                c.sendall(b"a" * 1023 + b"}")
+                sent[index] += 1
+                time.sleep(0.002)
+        except OSError:
+            pass  # dropped: the time limit
+        finally:
+            c.close()
+    senders = [threading.Thread(target=slow_sender, args=(i,)) for i in range(20)]
+    before = d.cpu_seconds()
+    for sender in senders:
+        sender.start()
+    wait_for(lambda: min(sent) >= 200, "the senders under way")
+    outcomes = threads_connect(testbed, d, acceptor, 50)
+    for sender in senders:
+        sender.join(300)
+    used = d.cpu_seconds() - before
+    print("20 slow senders (%d KiB sent): daemon CPU %.2f s" % (sum(sent), used))
+    assert outcomes == {testbed.HOST_IP4: 50}
+    assert sum(sent) > 20 * 900, "dropped early: %s" % sent
+    assert used < 1.2, "parsed at every chunk (2.0 s measured so, 0.36 s not)"
+    assert "Traceback" not in d.log()
 
 
 def test_deeply_nested_json_is_dropped_like_any_garbage(testbed, daemon, http):

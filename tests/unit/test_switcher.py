@@ -10,10 +10,13 @@ so these tests reach "the host" through -p 127.0.0.1:HOSTPORT:CONTAINERPORT.
 import errno
 import importlib.util
 import logging
+import os
 import pathlib
+import resource
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -252,3 +255,60 @@ result.append(s.getsockopt(socket.SOL_SOCKET, 71, 8) == p.getsockopt(socket.SOL_
     assert got == [errno.ECONNREFUSED, True], "errno, and whether the socket is still the container's"
     assert "container (ADDFD failed: Bad file descriptor)" in caplog.text
     assert counters(t)["errors"] == 0 and "Traceback" not in caplog.text
+
+
+def test_out_of_fds_leaves_the_call_to_the_container_with_one_log_line(target, host_listener, caplog):
+    """The daemon with no fd left cannot take the target's socket: the connect runs where it is
+    (here, the child's own loopback, where nothing listens), counted and logged once."""
+    t = target(published(host_listener))
+    connect = """
+s = socket.socket()
+result = s.connect_ex(("127.0.0.1", %d))
+""" % CONTAINER_PORT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1, hard))
+    try:
+        while True:  # the free numbers below the limit
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+                break
+        results = [t.run(connect) for _ in range(3)]
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert results == [errno.ECONNREFUSED] * 3
+    assert counters(t)["out_of_fds"] == 3 and counters(t)["errors"] == 0 and counters(t)["bypassed"] == 0
+    assert caplog.text.count("the daemon is out of file descriptors") == 1, caplog.text
+    # With fds again, the same connect is switched to the published port's host side.
+    assert t.run(connect) == 0
+    host_listener.settimeout(5)
+    host_listener.accept()[0].close()
+    assert counters(t)["bypassed"] == 1
+
+
+def test_log_limit_says_a_repeated_line_once_then_how_often_it_came():
+    logger = logging.getLogger("bypass4netns")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        limit = b4ns.LogLimit()
+        limit.INTERVAL = 0.3
+        for _ in range(100):
+            limit.log(logging.ERROR, "accept on %s: %s", "/run/x.sock", "Too many open files")
+        limit.log(logging.ERROR, "another line")
+        deadline = time.monotonic() + 0.35
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        limit.log(logging.ERROR, "accept on %s: %s", "/run/x.sock", "Too many open files")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "accept on /run/x.sock: Too many open files",
+        "another line",
+        "accept on /run/x.sock: Too many open files (99 more times in the last 0.3 s)"]
