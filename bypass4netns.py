@@ -667,6 +667,74 @@ def build_publish_table(specs):
     return table
 
 
+# OCI annotations by which a container adds to the daemon's --ignore and -p
+PUBLISH_ANNOTATION = "bypass4netns.publish"                     # comma-separated -p values
+IGNORE_ANNOTATION = "bypass4netns.ignore"                       # comma-separated CIDRs or auto
+NERDCTL_IGNORE_SUBNETS = "nerdctl/bypass4netns-ignore-subnets"  # nerdctl's: a JSON list of the same
+NERDCTL_IGNORE_BIND = "nerdctl/bypass4netns-ignore-bind"        # nerdctl's: "true", no bind bypassed
+
+
+def parse_annotations(annotations):
+    """A container's annotations -> (ignore values, publish specs, ignore_bind), every value
+    checked; Error naming the annotation that is invalid."""
+    if not isinstance(annotations, dict):
+        return [], [], False
+    ignore = [str(annotations[IGNORE_ANNOTATION])] if annotations.get(IGNORE_ANNOTATION) else []
+    subnets = annotations.get(NERDCTL_IGNORE_SUBNETS)
+    if subnets:
+        try:
+            subnets = json.loads(subnets)
+        except (TypeError, ValueError):
+            subnets = None
+        if not (isinstance(subnets, list) and all(isinstance(item, str) for item in subnets)):
+            raise Error("%s: not a JSON list of strings" % NERDCTL_IGNORE_SUBNETS)
+        ignore.extend(subnets)
+    try:
+        parse_ignore(ignore)
+    except Error as e:
+        raise Error("%s: %s" % (IGNORE_ANNOTATION, e)) from None
+    publish = [spec.strip() for spec in str(annotations.get(PUBLISH_ANNOTATION) or "").split(",") if spec.strip()]
+    try:
+        build_publish_table(publish)
+    except Error as e:
+        raise Error("%s: %s" % (PUBLISH_ANNOTATION, e)) from None
+    return ignore, publish, str(annotations.get(NERDCTL_IGNORE_BIND, "")).lower() == "true"
+
+
+class Settings:
+    """How a container's calls are judged: the daemon's --ignore and -p, plus its annotations'.
+
+    `publish` maps (proto, container port) to a PortMapping; `in_use` holds
+    the (proto, container port) keys whose host side another container
+    published first: binding them fails with EADDRINUSE, as with docker.
+    """
+
+    __slots__ = ("networks", "auto", "publish", "in_use", "published_udp_ports")
+
+    def __init__(self, networks, auto, publish, in_use=frozenset()):
+        self.networks, self.auto, self.publish, self.in_use = networks, auto, publish, in_use
+        self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
+
+    def for_container(self, ignore, mappings, in_use, ignore_bind):
+        """These settings plus a container's: ignore values, own PortMappings, in_use keys, and
+        ignore_bind (nerdctl's: no published port at all, the daemon's included)."""
+        networks, auto = parse_ignore(ignore)
+        publish = {} if ignore_bind else dict(self.publish)
+        publish.update(((m.proto, m.container_port), m) for m in mappings)
+        return Settings(self.networks + compile_networks(networks), self.auto or auto, publish,
+                        frozenset(in_use))
+
+
+def mapping_to_json(mapping):
+    return [mapping.proto, None if mapping.host_ip is None else str(mapping.host_ip), mapping.host_port,
+            mapping.container_port]
+
+
+def mapping_from_json(values):
+    proto, host_ip, host_port, container_port = values
+    return PortMapping(None if host_ip is None else ipaddress.ip_address(host_ip), host_port, container_port, proto)
+
+
 def parse_proc_route(text):
     """/proc/PID/net/route -> on-link IPv4 networks (gateway 0, not the default route)."""
     nets = []
@@ -803,10 +871,56 @@ class Reservations:
         self.held = {}                              # PortMapping key -> socket
         self.lent = set()                           # PortMapping keys a bind under way may take
         self.wanted = list(mappings) if enabled else []
+        self.claims = {self.key(m): (m, None) for m in mappings}  # key -> (mapping, container or None)
 
     @staticmethod
     def key(mapping):
         return mapping.proto, mapping.host_port, mapping.host_ip
+
+    def holder(self, mapping):
+        """(True, the container id, or None for the daemon's -p) if a mapping on the same
+        host port and an overlapping address is claimed, else (False, None)."""
+        for other, owner in self.claims.values():
+            if (other.proto == mapping.proto and other.host_port == mapping.host_port
+                    and (None in (other.host_ip, mapping.host_ip) or other.host_ip == mapping.host_ip)):
+                return True, owner
+        return False, None
+
+    def claim(self, owner, mappings):
+        """Container `owner`'s own mappings -> (mappings it has now, [(mapping, holder)] claimed
+        by another first, [(mapping, why)] of its own that cannot be reserved yet).
+
+        One not reserved yet (TIME_WAIT connections of a server that just
+        stopped, or a host process on it) is retried like every reserved
+        port; the container's bind gets the host's answer meanwhile.
+        """
+        own, in_use, unreserved = [], [], []
+        for mapping in mappings:
+            taken, holder = self.holder(mapping)
+            if taken:
+                in_use.append((mapping, holder))
+                continue
+            if self.enabled:
+                self.wanted.append(mapping)
+                try:
+                    self.held[self.key(mapping)] = self.bind(mapping)
+                except OSError as e:
+                    unreserved.append((mapping, e.strerror))
+            self.claims[self.key(mapping)] = (mapping, owner)
+            own.append(mapping)
+        return own, in_use, unreserved
+
+    def release(self, owner):
+        """Container `owner` is gone: its host ports are free for anyone."""
+        for key, (mapping, claimant) in list(self.claims.items()):
+            if claimant == owner and owner is not None:
+                del self.claims[key]
+                if mapping in self.wanted:
+                    self.wanted.remove(mapping)
+                self.lent.discard(key)
+                sock = self.held.pop(key, None)
+                if sock is not None:
+                    sock.close()
 
     def reserve_all(self):
         """Take every port at start; a port that cannot be taken is an Error."""
@@ -1037,9 +1151,8 @@ class Switcher:
 
     def __init__(self, events, ignore, auto, publish, ports, debug=False):
         self.events = events
-        self.networks, self.auto, self.publish = compile_networks(ignore), auto, publish
+        self.base = Settings(compile_networks(ignore), auto, publish)  # a container's add to it
         self.ports = ports          # Reservations, or a worker's ParentChannel: lend(), end_loan()
-        self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
         self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
         self.threads = {}           # tid -> ThreadHandle, while the thread lives (the oldest evicted)
@@ -1285,7 +1398,9 @@ class Switcher:
         """(reason, network) why `dest` stays in the container, or (None, None) to bypass it."""
         if dest is None:
             return NOT_IP, None
-        return destination_reason(dest, self.networks, call.container.auto_networks(call.tid) if self.auto else ())
+        settings = call.container.settings
+        return destination_reason(dest, settings.networks,
+                                  call.container.auto_networks(call.tid) if settings.auto else ())
 
     def debug_decision(self, call, what, dest, outcome):
         log.debug("container %s pid %d fd %d %s %s: %s", call.container.short_id, call.tid, call.fd, what,
@@ -1311,7 +1426,7 @@ class Switcher:
             kind = sock.getsockopt(_SOL, socket.SO_TYPE)
             own_service = False
             if reason is LOOPBACK:
-                rewritten = self.own_published_service(sock.family, kind, dest)
+                rewritten = self.own_published_service(call.container.settings, sock.family, kind, dest)
                 if rewritten is not None:
                     raw, dest = rewritten
                     reason, own_service = None, True
@@ -1360,13 +1475,14 @@ class Switcher:
                                 else "host connect failed, answered as is: %s" % os.strerror(-result))
         return None
 
-    def own_published_service(self, family, kind, dest):
+    @staticmethod
+    def own_published_service(settings, family, kind, dest):
         """(raw, dest) of the host side of the published port a loopback `dest` names, or None.
 
         A container that reaches its own published service on its loopback
         must find it where the daemon put it: on the host.
         """
-        mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2]))
+        mapping = settings.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2]))
         if mapping is None:
             return None
         host_ip = mapping.host_ip or (_LOOPBACK_IP4 if dest[0] == 4 else _LOOPBACK_IP6)
@@ -1546,7 +1662,13 @@ class Switcher:
             kind = sock.getsockopt(_SOL, socket.SO_TYPE)
             mapping, outcome = None, "container"
             if dest is not None and destination_reason(dest, ())[0] is not LOOPBACK:
-                mapping = self.publish.get((_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2]))
+                key = (_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2])
+                if key in call.container.settings.in_use:
+                    if self.debug:
+                        self.debug_decision(call, "bind", dest, "refused: another container published its host port")
+                    call.fail(errno.EADDRINUSE)
+                    return
+                mapping = call.container.settings.publish.get(key)
             if mapping is not None and kind == socket.SOCK_DGRAM and not call.filter.udp:
                 # A published UDP socket sends wherever it is told: only the
                 # send traps of a --udp profile keep it off the host's loopback.
@@ -1627,7 +1749,7 @@ class Switcher:
                 self.let_run(call)
                 return
             bound = sock.getsockname()
-            if self.published_at(bound[0], bound[1]):
+            if self.published_at(call.container.settings, bound[0], bound[1]):
                 call.result(sock_call(_libc.listen, sock.fileno(), ctypes.c_int(call.args[1] & 0xFFFFFFFF)))
                 return
             call.container.counters[COUNT_REFUSED] += 1
@@ -1635,12 +1757,13 @@ class Switcher:
                 self.debug_decision(call, "listen", None, "refused: switched, not a published port")
             call.fail(errno.EOPNOTSUPP)
 
-    def published_at(self, host_ip, host_port):
+    @staticmethod
+    def published_at(settings, host_ip, host_port):
         """Whether a TCP mapping publishes (host_ip, host_port), a getsockname() result, on the host."""
         address = ipaddress.ip_address(host_ip.split("%")[0])
         address = getattr(address, "ipv4_mapped", None) or address
         return any(mapping.proto == _TCP and mapping.host_port == host_port
-                   and mapping.host_ip in (None, address) for mapping in self.publish.values())
+                   and mapping.host_ip in (None, address) for mapping in settings.publish.values())
 
     # -- sends with a destination -------------------------------------------
 
@@ -1676,7 +1799,7 @@ class Switcher:
         reason, network = self.judge(call, dest)
         if reason is None or dest is None:
             return None
-        if reason is LOOPBACK and sock.getsockname()[1] in self.published_udp_ports:
+        if reason is LOOPBACK and sock.getsockname()[1] in call.container.settings.published_udp_ports:
             return None  # a published server answers its clients, wherever they are
         call.container.counters[COUNT_REFUSED] += 1
         if self.debug:
@@ -1862,9 +1985,10 @@ class Container:
 
     AUTO_REFRESH = 2.0  # seconds an `auto` subnet list is trusted
 
-    def __init__(self, cid, table, slot, server):
+    def __init__(self, cid, table, slot, server, settings):
         self.id = cid
         self.short_id = cid[:12]
+        self.settings = settings    # Settings: the daemon's, plus the container's annotations
         self.notify_fds = set()
         self.table, self.slot = table, slot
         self.counters = table.row(server, slot)
@@ -2009,11 +2133,19 @@ class Server:
         self.keys = {}              # the daemon's key of a filter -> notify fd here
         self.notif = bytearray(_NOTIF.size)
 
-    def add_filter(self, notify_fd, key, cid, slot, pid, metadata, shared=False):
-        """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`."""
+    def add_filter(self, notify_fd, key, cid, slot, pid, metadata, shared=False, settings=None):
+        """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`.
+
+        `settings`: what the daemon found in the container's annotations
+        (Daemon.container_settings), None for nothing.
+        """
         container = self.containers.get(cid)
         if container is None:
-            container = self.containers[cid] = Container(cid, self.table, slot, self.index)
+            base = self.switcher.base
+            if settings is not None:
+                base = base.for_container(settings["ignore"], map(mapping_from_json, settings["publish"]),
+                                          map(tuple, settings["in_use"]), settings["ignore_bind"])
+            container = self.containers[cid] = Container(cid, self.table, slot, self.index, base)
         container.notify_fds.add(notify_fd)
         seccomp_filter = self.filters[notify_fd] = Filter(key, notify_fd, container, metadata, shared)
         self.keys[key] = notify_fd
@@ -2167,10 +2299,11 @@ class Handed:
 class Hosted:
     """A container as the daemon sees it: its counters' slot, its filters, who serves them."""
 
-    __slots__ = ("cid", "slot", "home", "shared", "filters")
+    __slots__ = ("cid", "slot", "home", "shared", "filters", "settings")
 
-    def __init__(self, cid, slot, home):
+    def __init__(self, cid, slot, home, settings):
         self.cid, self.slot, self.home = cid, slot, home
+        self.settings = settings    # Daemon.container_settings()
         self.shared = False         # served by every worker, not just its home
         self.filters = set()        # the daemon's notify fds
 
@@ -2186,9 +2319,10 @@ class Worker:
         self.requests = requests    # the worker's ParentChannel asks here
         self.containers = set()     # OCI ids it is home to
 
-    def hand(self, handed, slot, shared):
-        message = json.dumps({"key": handed.key, "id": handed.cid, "slot": slot, "pid": handed.pid,
-                              "metadata": handed.metadata, "shared": shared}).encode()
+    def hand(self, handed, hosted):
+        message = json.dumps({"key": handed.key, "id": handed.cid, "slot": hosted.slot, "pid": handed.pid,
+                              "metadata": handed.metadata, "shared": hosted.shared,
+                              "settings": hosted.settings}).encode()
         self.handoff.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", handed.notify_fd))])
 
     def drop(self, key):
@@ -2209,9 +2343,9 @@ class LocalWorker:
         self.index, self.server = 0, server
         self.containers = set()
 
-    def hand(self, handed, slot, shared):
-        self.server.add_filter(os.dup(handed.notify_fd), handed.key, handed.cid, slot, handed.pid,
-                               handed.metadata, shared)
+    def hand(self, handed, hosted):
+        self.server.add_filter(os.dup(handed.notify_fd), handed.key, handed.cid, hosted.slot, handed.pid,
+                               handed.metadata, hosted.shared, hosted.settings)
 
     def drop(self, key):
         self.server.drop(key)
@@ -2242,7 +2376,7 @@ class WorkerProcess:
             self.server.drop(message["drop"])
             return
         self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
-                               message["metadata"], message["shared"])
+                               message["metadata"], message["shared"], message["settings"])
 
     def on_signal(self, signum):
         if signum == signal.SIGHUP:
@@ -2275,6 +2409,7 @@ def run_loop(events, running, housekeeping, due):
                 housekeeping()
 
 
+STATUS_REQUEST = b'{"bypass4netns": "status"}'  # what `bypass4netns.py status` sends to the socket
 LISTEN_BACKLOG = 4096       # runtimes' connections waiting to be accepted (the kernel may cap it)
 ACCEPT_PAUSE = 0.1          # seconds without accept() after it failed with nothing to free
 EVICTED = 16                # unfinished runtime connections dropped at once when out of fds
@@ -2426,11 +2561,49 @@ class Daemon:
                 self.out_of_fds += 1
             self.end_message(message, str(e))
             return
+        if not message.fds and message.data.strip() == STATUS_REQUEST:
+            self.answer_status(message.conn)
         self.end_message(message, None)
+        if message.data.strip() == STATUS_REQUEST:
+            return
         if message.data or message.fds:
             self.on_container_process(bytes(message.data), message.fds)
         else:
             log.debug("a client of %s closed without a message", self.socket_path)
+
+    def answer_status(self, conn):
+        """`bypass4netns.py status`: the answer is written without waiting, or cut."""
+        reply = json.dumps(self.status()).encode()
+        try:
+            sent = conn.send(reply)
+        except OSError as e:
+            sent, why = 0, e.strerror
+        else:
+            why = "the client does not read"
+        if sent < len(reply):
+            self.limit.log(logging.WARNING, "a status answer was cut: %s", why)
+
+    def status(self):
+        """The daemon, its workers and every container it serves, as JSON-able values."""
+        containers = []
+        for hosted in self.containers.values():
+            settings = hosted.settings or {}
+            own = [mapping_from_json(values) for values in settings.get("publish", ())]
+            published = own if settings.get("ignore_bind") else list(self.settings[2].values()) + own
+            containers.append({
+                "id": hosted.cid,
+                "processes": [self.filters[fd].pid for fd in hosted.filters],
+                "worker": None if self.server is not None else hosted.home.index,
+                "shared": hosted.shared,
+                "published": [repr(m) for m in published],
+                "port_in_use": ["%d/%s" % (port, proto) for proto, port in settings.get("in_use", ())],
+                "ignore": settings.get("ignore", []),
+                "counters": dict(zip(COUNTERS, self.table.totals(hosted.slot))),
+            })
+        return {"pid": os.getpid(), "version": __version__, "socket": self.socket_path,
+                "workers": [worker.pid for worker in self.workers if isinstance(worker, Worker)],
+                "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.out_of_fds,
+                "containers": containers}
 
     def end_message(self, message, error):
         """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
@@ -2474,7 +2647,7 @@ class Daemon:
                 os.close(notify_fd)
                 return
             home = min(self.workers, key=lambda w: len(w.containers))
-            hosted = self.containers[cid] = Hosted(cid, slot, home)
+            hosted = self.containers[cid] = Hosted(cid, slot, home, self.container_settings(cid, state))
             home.containers.add(cid)
         self.serial += 1
         handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, message.get("pid"),
@@ -2484,7 +2657,33 @@ class Daemon:
         # notifications wake its servers alone.
         self.events.watch(notify_fd, 0, lambda _events: self.on_filter_gone(notify_fd))
         for worker in self.servers_of(hosted):
-            worker.hand(handed, hosted.slot, hosted.shared)
+            worker.hand(handed, hosted)
+
+    def container_settings(self, cid, state):
+        """What container `cid`'s annotations add to the daemon's flags, as its servers are
+        handed it (JSON), or None for nothing.  Its own published ports are claimed here,
+        for as long as it lives."""
+        short = cid[:12]
+        try:
+            ignore, specs, ignore_bind = parse_annotations(state.get("annotations"))
+        except Error as e:
+            log.error("container %s: its annotations are ignored: %s", short, e)
+            return None
+        if not (ignore or specs or ignore_bind):
+            return None
+        own, in_use, unreserved = self.reservations.claim(cid, [m for spec in specs for m in parse_publish(spec)])
+        for mapping, holder in in_use:
+            log.warning("container %s: %r: host port %d/%s is published by %s: its bind of port %d gets "
+                        "EADDRINUSE", short, mapping, mapping.host_port, mapping.proto,
+                      "the daemon's -p" if holder is None else "container " + holder[:12], mapping.container_port)
+        for mapping, why in unreserved:
+            log.warning("container %s: %r: host port %d/%s cannot be reserved yet (%s): retried every second; "
+                        "the container's bind gets the host's answer", short, mapping, mapping.host_port,
+                        mapping.proto, why)
+        if own:
+            log.info("container %s: publishing %s", short, ", ".join(map(repr, own)))
+        return {"ignore": ignore, "publish": [mapping_to_json(m) for m in own],
+                "in_use": [[m.proto, m.container_port] for m, _holder in in_use], "ignore_bind": ignore_bind}
 
     def servers_of(self, hosted):
         return self.workers if hosted.shared else (hosted.home,)
@@ -2504,6 +2703,7 @@ class Daemon:
             hosted.home.containers.discard(hosted.cid)
             log.info("container %s: gone (%s)", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
             self.table.release(hosted.slot)
+            self.reservations.release(hosted.cid)
 
     def share(self, cid):
         """A worker found container `cid` busy, and receives on its filters as one of several now."""
@@ -2514,7 +2714,7 @@ class Daemon:
         for worker in self.workers:
             if worker is not hosted.home:
                 for notify_fd in hosted.filters:
-                    worker.hand(self.filters[notify_fd], hosted.slot, True)
+                    worker.hand(self.filters[notify_fd], hosted)
         log.info("container %s: busy, now served by %d workers", cid[:12], len(self.workers))
 
     def log_counters(self):
@@ -2585,7 +2785,7 @@ class Daemon:
                 hosted.home = new
             if hosted.home is new or hosted.shared:
                 for notify_fd in hosted.filters:
-                    new.hand(self.filters[notify_fd], hosted.slot, hosted.shared)
+                    new.hand(self.filters[notify_fd], hosted)
 
     def on_worker_request(self, worker):
         """A worker's ParentChannel: a published port to lend it or take back, a busy container."""
@@ -2724,7 +2924,8 @@ def build_parser():
                     "seccomp profile whose listenerPath is --socket get their TCP sockets (and UDP "
                     "ones, with a profile from seccomp-gen.py --udp) switched to the host network "
                     "namespace.",
-        epilog="Signals: SIGUSR1 logs each container's counters (at warning level, so "
+        epilog="`bypass4netns.py status [--socket PATH] [--json]` shows what a running daemon "
+               "serves.  Signals: SIGUSR1 logs each container's counters (at warning level, so "
                "without --debug too); SIGHUP re-reads the 'auto' subnets; SIGTERM and SIGINT "
                "remove the socket and the pid file and exit 0.")
     parser.add_argument("--socket", metavar="PATH",
@@ -2771,7 +2972,77 @@ def positive_int(text):
     return value
 
 
+def socket_path(parser, args):
+    """--socket, or the default under $XDG_RUNTIME_DIR."""
+    if args.socket is not None:
+        return args.socket
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime_dir:
+        parser.error("XDG_RUNTIME_DIR is not set: give --socket PATH")
+    return os.path.join(runtime_dir, "bypass4netns.sock")
+
+
+def format_status(status):
+    """`bypass4netns.py status` as a person reads it."""
+    workers = status["workers"]
+    lines = ["bypass4netns.py %s, pid %d, on %s: %s; fd limit %d%s" % (
+        status["version"], status["pid"], status["socket"],
+        "workers %s" % " ".join(map(str, workers)) if workers else "one process", status["fd_limit"],
+        ", out of fds %d times" % status["out_of_fds"] if status["out_of_fds"] else "")]
+    if not status["containers"]:
+        return "\n".join(lines + ["no containers"])
+    rows = [("CONTAINER", "PROCESSES", "WORKER", "BYPASSED", "CONTAINER-NET", "REFUSED", "ERRORS", "PUBLISHED")]
+    for container in status["containers"]:
+        counters = container["counters"]
+        worker = "all" if container["shared"] else "-" if container["worker"] is None else str(container["worker"])
+        published = ",".join(container["published"] + ["%s in use" % port for port in container["port_in_use"]])
+        rows.append((container["id"][:12], str(len(container["processes"])), worker, str(counters["bypassed"]),
+                     str(counters["container"]), str(counters["refused"]), str(counters["errors"]), published or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def status_main(argv):
+    """bypass4netns.py status [--socket PATH] [--json]: ask a running daemon what it serves."""
+    parser = argparse.ArgumentParser(prog="bypass4netns.py status",
+                                     description="Show the containers a running bypass4netns.py serves, "
+                                                 "their published ports and counters.")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the daemon's socket (default: $XDG_RUNTIME_DIR/bypass4netns.sock)")
+    parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    args = parser.parse_args(argv)
+    path = socket_path(parser, args)
+    chunks = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(path)
+            client.sendall(STATUS_REQUEST)
+            client.shutdown(socket.SHUT_WR)
+            while True:
+                chunk = client.recv(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError as e:
+        print("bypass4netns.py status: error: no daemon answers on %s: %s" % (path, e.strerror or e),
+              file=sys.stderr)
+        return 1
+    try:
+        status = json.loads(b"".join(chunks))
+    except ValueError:
+        print("bypass4netns.py status: error: the daemon on %s gave no status (a version without it?)" % path,
+              file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -2779,12 +3050,7 @@ def main(argv=None):
         publish = build_publish_table(args.publish)
     except Error as e:
         parser.error(str(e))
-    path = args.socket
-    if path is None:
-        runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-        if not runtime_dir:
-            parser.error("XDG_RUNTIME_DIR is not set: give --socket PATH")
-        path = os.path.join(runtime_dir, "bypass4netns.sock")
+    path = socket_path(parser, args)
     for name in ("ready_fd", "exit_fd"):
         fd = getattr(args, name)
         if fd is not None:

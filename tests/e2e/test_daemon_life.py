@@ -755,6 +755,44 @@ def test_sigusr1_counters_and_sigterm(testbed, daemon, http, runtime):
     assert not os.path.exists(pid_file)
 
 
+def status(testbed, d, *args):
+    """`bypass4netns.py status --socket ... ARGS` as the test user: (exit code, stdout, stderr)."""
+    result = run(testbed.as_user(["python3", d.script, "status", "--socket", d.socket, *args]), timeout=60)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_status_shows_containers_ports_and_counters(testbed, daemon, http):
+    """`bypass4netns.py status` asks the running daemon over its socket: the table, and --json."""
+    d = daemon()
+    port, body = http
+    code, out, _err = status(testbed, d)
+    assert code == 0 and "pid %d" % d.pid in out and out.rstrip().endswith("no containers"), out
+    name = name_of("status")
+    cid = run(testbed.run_container(["sleep", "60"], seccomp=d.profile, name=name,
+                                    extra=["-d", "--annotation", "bypass4netns.publish=%d:80" % testbed.free_port()]),
+              check=True).stdout.strip()
+    try:
+        out = run(testbed.podman(["exec", name, "/bin/wget", "-q", "-O", "-",
+                                  "http://198.18.0.1:%d/index.txt" % port]), check=True).stdout
+        assert out == body
+        code, out, _err = status(testbed, d, "--json")
+        assert code == 0
+        answer = json.loads(out)
+        (container,) = answer["containers"]
+        assert container["id"] == cid and len(container["processes"]) == 1  # podman exec's wget has exited
+        assert container["counters"]["bypassed"] == 1 and re.fullmatch(r"\d+->80/tcp", container["published"][0])
+        assert answer["pid"] == d.pid and len(answer["workers"]) == len(d.pids()) - 1
+        code, out, _err = status(testbed, d)
+        row = next(line for line in out.splitlines() if line.startswith(cid[:12]))
+        worker = "-" if container["worker"] is None else str(container["worker"])
+        assert row.split()[1:4] == ["1", worker, "1"], row
+    finally:
+        remove_container(testbed, name)
+    code, _out, err = status(testbed, d, "--socket", d.socket + ".nobody")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no daemon answers" in err, err
+    assert log_problems(d) == []
+
+
 # -- 5. --ignore auto ---------------------------------------------------------------------
 
 AUTO_CLIENT = """

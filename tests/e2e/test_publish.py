@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -265,3 +266,75 @@ def test_container_reaches_its_own_service_on_loopback(testbed, daemons, contain
     assert out.split() == [str(container_port), "127.0.0.1"]
     outcome = bind_outcome % port if "%d" in bind_outcome else bind_outcome
     assert ("0.0.0.0:%d" % container_port, outcome) in daemon.decisions("bind")
+
+
+BIND_AND_SAY = textwrap.dedent("""
+    import socket, sys, time
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAITs of the last one
+    try:
+        s.bind(("0.0.0.0", int(sys.argv[1])))
+        print("bound", flush=True)
+    except OSError as e:
+        print("errno", e.errno, flush=True)
+    time.sleep(3600)
+""")
+
+
+def nginx(containers, daemon, user_dir, name, annotation):
+    """An nginx container answering `name`, logging to user_dir/name/, with the annotation."""
+    directory = os.path.join(user_dir, name)
+    os.mkdir(directory)
+    os.chown(directory, int(os.stat(user_dir).st_uid), int(os.stat(user_dir).st_gid))
+    with open(os.path.join(directory, "nginx.conf"), "w") as f:
+        f.write(NGINX_CONF % name)
+    return containers(["/usr/sbin/nginx", "-c", "/conf/nginx.conf", "-p", "/tmp", "-e", "stderr"], daemon,
+                      extra=["--annotation", annotation, "-v", "%s:/conf:ro" % directory,
+                             "-v", "%s:/logs" % directory])
+
+
+def test_containers_publish_their_own_ports_by_annotation(testbed, daemons, containers, user_dir):
+    """One daemon without -p; each container publishes its own host port (bypass4netns.publish),
+    reserved while it lives: a third container asking for a taken port gets EADDRINUSE at its
+    bind, and once the first container is gone its port is free for the next."""
+    daemon = daemons([])
+    port1 = testbed.free_port()
+    port2 = next(p for p in iter(testbed.free_port, None) if p != port1)
+    first = nginx(containers, daemon, user_dir, "first", "bypass4netns.publish=%d:80" % port1)
+    nginx(containers, daemon, user_dir, "second", "bypass4netns.publish=%d:80" % port2)
+    for port, name in ((port1, "first"), (port2, "second")):
+        result = fetch(testbed, testbed.HOST_IP4, port, source=testbed.HOST_IP4_B)
+        assert result.stdout.strip() == name, result.stderr
+        with open(os.path.join(user_dir, name, "access.log")) as f:
+            assert f.read().startswith(testbed.HOST_IP4_B + " "), "not the client's own address"
+    assert re.search(r"container \S+: publishing %d->80/tcp" % port1, daemon.log())
+
+    third = containers(["python3", "-c", BIND_AND_SAY, "80"], daemon,
+                       extra=["--annotation", "bypass4netns.publish=%d:80" % port1])
+    assert wait_logs(third, "errno") == "errno %d" % errno.EADDRINUSE
+    assert re.search(r"host port %d/tcp is published by container \S+: its bind of port 80 gets EADDRINUSE"
+                     % port1, daemon.log())
+
+    gone = daemon.log().count(": gone (")
+    first.stop()
+    deadline = time.monotonic() + 30
+    while daemon.log().count(": gone (") == gone and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert connect_errno(testbed, testbed.HOST_IP4, port1) == errno.ECONNREFUSED, "released with its container"
+    assert fetch(testbed, testbed.HOST_IP4, port2).stdout.strip() == "second"
+    fourth = containers(["python3", "-c", BIND_AND_SAY, "80"], daemon,
+                        extra=["--annotation", "bypass4netns.publish=%d:80" % port1])
+    assert wait_logs(fourth, "bound") == "bound"
+    published = re.findall(r"bind 0\.0\.0\.0:80: published as %d->80/tcp: ok" % port1, daemon.log())
+    assert len(published) == 2, "the fourth container's bind was not published"
+
+
+def wait_logs(container, word, timeout=60):
+    """The first line of the container's output that starts with `word`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in container.logs().splitlines():
+            if line.startswith(word):
+                return line
+        time.sleep(0.2)
+    raise AssertionError("no %r in the logs of %s: %s" % (word, container.name, container.logs()))

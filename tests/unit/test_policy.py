@@ -370,3 +370,102 @@ def test_a_port_lent_to_a_bind_is_left_alone_until_the_bind_reports():
         assert len(reservations.held) == 1
     finally:
         reservations.close()
+
+
+# -- per-container settings (OCI annotations) ------------------------------------------
+
+@pytest.mark.parametrize("annotations,expected", [
+    (None, ([], [], False)),
+    ({}, ([], [], False)),
+    ({"org.opencontainers.image.title": "x"}, ([], [], False)),
+    ({"bypass4netns.publish": "8080:80, 127.0.0.1:8443:443/tcp"}, ([], ["8080:80", "127.0.0.1:8443:443/tcp"], False)),
+    ({"bypass4netns.ignore": "10.0.0.0/8,auto"}, (["10.0.0.0/8,auto"], [], False)),
+    ({"nerdctl/bypass4netns-ignore-subnets": '["192.168.0.0/16", "auto"]', "bypass4netns.ignore": "10.0.0.0/8"},
+     (["10.0.0.0/8", "192.168.0.0/16", "auto"], [], False)),
+    ({"nerdctl/bypass4netns-ignore-bind": "true"}, ([], [], True)),
+    ({"nerdctl/bypass4netns-ignore-bind": "false"}, ([], [], False)),
+])
+def test_annotations_a_container_adds(annotations, expected):
+    assert b4ns.parse_annotations(annotations) == expected
+
+
+@pytest.mark.parametrize("annotations,needle", [
+    ({"bypass4netns.publish": "8080"}, "bypass4netns.publish"),
+    ({"bypass4netns.publish": "8080:80,8080:81"}, "host port 8080/tcp is already published"),
+    ({"bypass4netns.ignore": "banana"}, "bypass4netns.ignore"),
+    ({"nerdctl/bypass4netns-ignore-subnets": "10.0.0.0/8"}, "not a JSON list"),
+    ({"nerdctl/bypass4netns-ignore-subnets": "[1, 2]"}, "not a JSON list"),
+])
+def test_bad_annotations_name_the_annotation(annotations, needle):
+    with pytest.raises(b4ns.Error, match=needle):
+        b4ns.parse_annotations(annotations)
+
+
+def test_container_settings_add_to_the_daemons():
+    base = b4ns.Settings(b4ns.compile_networks([ipaddress.ip_network("10.0.0.0/8")]), False,
+                         b4ns.build_publish_table(["8000:80", "5353:53/udp"]))
+    own = b4ns.parse_publish("9000:80") + b4ns.parse_publish("9001:81")
+    settings = base.for_container(["192.168.0.0/16,auto"], own, [("tcp", 82)], False)
+    assert [n[3] for n in settings.networks] == [ipaddress.ip_network("10.0.0.0/8"),
+                                                  ipaddress.ip_network("192.168.0.0/16")]
+    assert settings.auto and not base.auto
+    assert {key: repr(m) for key, m in settings.publish.items()} == {
+        ("tcp", 80): "9000->80/tcp", ("tcp", 81): "9001->81/tcp", ("udp", 53): "5353->53/udp"}
+    assert settings.in_use == {("tcp", 82)} and settings.published_udp_ports == {5353}
+    assert len(base.publish) == 2, "the daemon's own table is left as it was"
+    assert base.for_container([], [], [], True).publish == {}, "ignore-bind: nothing published"
+
+
+def test_mappings_cross_to_workers_as_json():
+    for spec in ["8080:80", "127.0.0.1:8443:443/tcp", "[::1]:5353:53/udp"]:
+        (mapping,) = b4ns.parse_publish(spec)
+        assert b4ns.mapping_from_json(b4ns.mapping_to_json(mapping)) == mapping
+
+
+def test_containers_claim_host_ports_first_come_and_release_them():
+    free = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free.append(s.getsockname()[1])
+    daemon_own = b4ns.parse_publish("127.0.0.1:%d:80" % free[0])
+    reservations = b4ns.Reservations(daemon_own, True)
+    reservations.reserve_all()
+    try:
+        first = b4ns.parse_publish("127.0.0.1:%d:80" % free[1])
+        assert reservations.claim("a" * 64, first) == (first, [], [])
+        with socket.socket() as s:  # held: nobody else on the host gets it
+            assert s.connect_ex(("127.0.0.1", free[1])) != 0
+            with pytest.raises(OSError):
+                s.bind(("127.0.0.1", free[1]))
+        # All addresses overlap 127.0.0.1: the second container and the daemon's -p both hold it.
+        held, in_use, refused = reservations.claim("b" * 64, b4ns.parse_publish("%d:81" % free[1])
+                                                   + b4ns.parse_publish("%d:82" % free[0]))
+        assert held == [] and refused == [] and [(repr(m), who) for m, who in in_use] == [
+            ("%d->81/tcp" % free[1], "a" * 64), ("%d->82/tcp" % free[0], None)]
+        reservations.release("a" * 64)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", free[1]))  # free again
+            # taken by the host meanwhile: the next claim has it, not reserved yet
+            assert reservations.claim("c" * 64, first) == (first, [], [(first[0], "Address already in use")])
+            assert reservations.key(first[0]) not in reservations.held
+        reservations.retry()
+        assert reservations.key(first[0]) in reservations.held, "reserved once the host let it go"
+    finally:
+        reservations.close()
+
+
+def test_status_reads_as_a_table():
+    status = {"version": "0.1.0", "pid": 42, "socket": "/run/user/1000/bypass4netns.sock", "workers": [43, 44],
+              "fd_limit": 524288, "out_of_fds": 0, "containers": [
+                  {"id": "3f3419b83dca" + "0" * 52, "processes": [100, 200], "worker": 1, "shared": False,
+                   "published": ["8080->80/tcp"], "port_in_use": ["8443/tcp"], "ignore": [],
+                   "counters": dict(zip(b4ns.COUNTERS, range(1, 9)))}]}
+    lines = b4ns.format_status(status).splitlines()
+    assert lines[0] == ("bypass4netns.py 0.1.0, pid 42, on /run/user/1000/bypass4netns.sock: workers 43 44; "
+                        "fd limit 524288")
+    assert lines[1].split() == ["CONTAINER", "PROCESSES", "WORKER", "BYPASSED", "CONTAINER-NET", "REFUSED",
+                                "ERRORS", "PUBLISHED"]
+    assert lines[2].split() == ["3f3419b83dca", "2", "1", "1", "2", "4", "6", "8080->80/tcp,8443/tcp", "in", "use"]
+    status["containers"] = []
+    assert b4ns.format_status(status).splitlines()[1] == "no containers"
