@@ -2035,6 +2035,150 @@ class Filter:
 
 
 # ---------------------------------------------------------------------------
+# The bypass4netnsd API (nerdctl's): HTTP/1.1 over a unix socket
+# ---------------------------------------------------------------------------
+
+API_HEAD_MAX = 16 << 10     # bytes of a request line and headers
+API_BODY_MAX = 1 << 20      # bytes of a request body
+SPEC_FIELDS = frozenset(("id", "socketPath", "pidFilePath", "logFilePath", "portMapping", "ignoreSubnets",
+                         "ignoreBind"))
+PORT_SPEC_FIELDS = frozenset(("protos", "parentIP", "parentPort", "childIP", "childPort"))
+HTTP_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                411: "Length Required", 413: "Payload Too Large", 500: "Internal Server Error"}
+
+
+class ApiError(Error):
+    """A request the API refuses: its HTTP status and the message of its JSON body."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_http_request(data):
+    """(method, path, body) of one HTTP/1.x request in `data`, None while it is incomplete;
+    ApiError(400, 411 or 413) for one that cannot be served."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0:
+        if len(data) > API_HEAD_MAX:
+            raise ApiError(400, "request headers longer than %d bytes" % API_HEAD_MAX)
+        return None
+    lines = bytes(data[:head_end]).decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ApiError(400, "not an HTTP/1.x request line: %r" % lines[0][:100])
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ApiError(400, "malformed header line: %r" % line[:100])
+        headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise ApiError(411, "a chunked body: send Content-Length")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise ApiError(400, "Content-Length is not a number") from None
+    if length < 0:
+        raise ApiError(400, "Content-Length is negative")
+    if length > API_BODY_MAX:
+        raise ApiError(413, "a body longer than %d bytes" % API_BODY_MAX)
+    body = data[head_end + 4:]
+    if len(body) < length:
+        return None
+    return parts[0], parts[1].split("?", 1)[0], bytes(body[:length])
+
+
+def format_http_response(status, payload=None):
+    """A complete HTTP/1.1 response, the connection closed after it; `payload` as JSON."""
+    body = b"" if payload is None else json.dumps(payload).encode()
+    head = "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n" % (
+        status, HTTP_REASONS.get(status, "Error"), len(body))
+    if payload is not None:
+        head += "Content-Type: application/json\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def parse_bypass_spec(body):
+    """A BypassSpec (JSON) -> (the spec as JSON-able values, ignore values, publish specs,
+    ignore_bind); ApiError(400) naming what is wrong.  A port mapping's childIP is accepted
+    and not used: a published port is the container port, on whatever address it binds."""
+    try:
+        spec = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, "malformed JSON: %s" % e) from None
+    if not isinstance(spec, dict):
+        raise ApiError(400, "a BypassSpec is a JSON object")
+    unknown = sorted(set(spec) - SPEC_FIELDS)
+    if unknown:
+        raise ApiError(400, "unknown field(s) %s" % ", ".join(map(repr, unknown)))
+    sid = spec.get("id")
+    if not isinstance(sid, str) or not sid or "/" in sid:
+        raise ApiError(400, "id: a non-empty string without '/' is needed")
+    for field in ("socketPath", "pidFilePath", "logFilePath"):
+        if not isinstance(spec.get(field) or "", str):
+            raise ApiError(400, "%s: not a string" % field)
+    if not os.path.isabs(spec.get("socketPath") or ""):
+        raise ApiError(400, "socketPath: an absolute path is needed")
+    if not isinstance(spec.get("ignoreBind", False), bool):
+        raise ApiError(400, "ignoreBind: not a boolean")
+    ignore = spec.get("ignoreSubnets") or []
+    if not (isinstance(ignore, list) and all(isinstance(item, str) for item in ignore)):
+        raise ApiError(400, "ignoreSubnets: not a list of strings")
+    try:
+        parse_ignore(ignore)
+    except Error as e:
+        raise ApiError(400, "ignoreSubnets: %s" % e) from None
+    publish = []
+    mappings = spec.get("portMapping") or []
+    if not isinstance(mappings, list):
+        raise ApiError(400, "portMapping: not a list")
+    for mapping in mappings:
+        publish.extend(port_spec_to_publish(mapping))
+    try:
+        build_publish_table(publish)
+    except Error as e:
+        raise ApiError(400, "portMapping: %s" % e) from None
+    return spec, ignore, publish, spec.get("ignoreBind", False)
+
+
+def port_spec_to_publish(mapping):
+    """One PortSpec -> its -p values, one per protocol."""
+    if not isinstance(mapping, dict) or set(mapping) - PORT_SPEC_FIELDS:
+        raise ApiError(400, "portMapping: an entry is not a PortSpec: %s" % json.dumps(mapping)[:200])
+    protos = mapping.get("protos") or ["tcp"]
+    host_ip = mapping.get("parentIP") or ""
+    ports = (mapping.get("parentPort"), mapping.get("childPort"))
+    if not (isinstance(protos, list) and all(p in ("tcp", "udp") for p in protos)):
+        raise ApiError(400, "portMapping: protos must be a list of tcp and udp")
+    if not (isinstance(host_ip, str) and isinstance(mapping.get("childIP") or "", str)
+            and all(isinstance(port, int) and not isinstance(port, bool) for port in ports)):
+        raise ApiError(400, "portMapping: parentIP and childIP are strings, parentPort and childPort numbers")
+    if host_ip in ("0.0.0.0", "::"):
+        host_ip = ""
+    if ":" in host_ip:
+        host_ip = "[%s]" % host_ip
+    specs = ["%s%s%d:%d/%s" % (host_ip, ":" if host_ip else "", ports[0], ports[1], proto) for proto in protos]
+    try:
+        for spec in specs:
+            parse_publish(spec)
+    except Error as e:
+        raise ApiError(400, "portMapping: %s" % e) from None
+    return specs
+
+
+class Bypass:
+    """A BypassSpec the API started: its socket, and what containers that come through it get."""
+
+    __slots__ = ("spec", "listener", "settings")
+
+    def __init__(self, spec, settings):
+        self.spec = spec            # as posted, for GET
+        self.settings = settings    # as Daemon.container_settings() gives them
+        self.listener = None
+
+
+# ---------------------------------------------------------------------------
 # The daemon loop
 # ---------------------------------------------------------------------------
 
@@ -2417,13 +2561,49 @@ MESSAGE_TIMEOUT = 10        # seconds a runtime has to send its whole message
 MAX_MESSAGE = 1 << 20       # bytes: a container's state is a few KiB
 
 
+def bind_unix_listener(path):
+    """A listening unix socket at `path`, only for this user; Error if a daemon listens there."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody is listening there
+        else:
+            raise Error("another daemon is listening on %s" % path)
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+        listener.listen(LISTEN_BACKLOG)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return listener
+
+
+class Listener:
+    """One of the daemon's sockets: the runtimes', the API's, or a Bypass's (the runtimes' too)."""
+
+    __slots__ = ("sock", "path", "on_data", "bypass")
+
+    def __init__(self, sock, path, on_data, bypass):
+        self.sock, self.path = sock, path
+        self.on_data = on_data      # callable(RuntimeMessage) when a client sent something
+        self.bypass = bypass        # the Bypass whose socket it is, or None
+
+
 class RuntimeMessage:
-    """A runtime's connection to the listener and what it sent so far."""
+    """A client's connection to a Listener and what it sent so far."""
 
-    __slots__ = ("conn", "data", "fds", "tried", "timer")
+    __slots__ = ("conn", "listener", "data", "fds", "tried", "timer")
 
-    def __init__(self, conn):
-        self.conn = conn
+    def __init__(self, conn, listener):
+        self.conn, self.listener = conn, listener
         self.data = bytearray()
         self.fds = []
         self.tried = 0              # the length at the last parse attempt
@@ -2459,6 +2639,8 @@ class Daemon:
         self.running = True
         self.listener = None
         self.signal_pipe = None
+        self.api_listener = None
+        self.bypasses = {}          # BypassSpec id -> Bypass (the API's)
         self.limit = LogLimit()
         self.messages = {}          # connection fd -> RuntimeMessage, oldest first
         self.out_of_fds = 0         # times the daemon had no fd for a runtime's connection or fds
@@ -2474,34 +2656,31 @@ class Daemon:
                 raise Error("kernel's struct %s is %d bytes, this daemon knows %d"
                             % (struct_type.__name__, got, ctypes.sizeof(struct_type)))
 
-    def listen(self):
-        path = self.socket_path
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody is listening there
-            else:
-                raise Error("another daemon is listening on %s" % path)
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        old_umask = os.umask(0o177)
+    def listen(self, api_path=None):
+        """The runtimes' socket, and the bypass4netnsd API's if asked for."""
+        self.listener = self.add_listener(self.socket_path, self.on_runtime_data)
+        if api_path is not None:
+            self.api_listener = self.add_listener(api_path, self.on_api_data)
+
+    def add_listener(self, path, on_data, bypass=None):
+        listener = Listener(bind_unix_listener(path), path, on_data, bypass)
+        self.watch_listener(listener)
+        return listener
+
+    def close_listener(self, listener):
+        self.events.unwatch(listener.sock.fileno())
+        listener.sock.close()
         try:
-            listener.bind(path)
-        finally:
-            os.umask(old_umask)
-        listener.listen(LISTEN_BACKLOG)
-        self.listener = listener
-        self.events.watch(listener.fileno(), select.EPOLLIN, self.on_accept)
+            os.unlink(listener.path)
+        except FileNotFoundError:
+            pass
 
     # -- runtimes' messages ------------------------------------------------
 
-    def on_accept(self, _events):
+    def on_accept(self, listener):
         while True:
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -2518,21 +2697,21 @@ class Daemon:
                 # Nothing to free: the connection waits in the backlog, retried
                 # after a pause, not at the rate epoll reports it.
                 self.limit.log(logging.ERROR, "accept on %s: %s: pausing %.1f s",
-                               self.socket_path, e.strerror, ACCEPT_PAUSE)
-                self.events.unwatch(self.listener.fileno())
-                self.events.call_at(time.monotonic() + ACCEPT_PAUSE, self.watch_listener)
+                               listener.path, e.strerror, ACCEPT_PAUSE)
+                self.events.unwatch(listener.sock.fileno())
+                self.events.call_at(time.monotonic() + ACCEPT_PAUSE, lambda: self.watch_listener(listener))
                 return
             conn.setblocking(False)
-            message = self.messages[conn.fileno()] = RuntimeMessage(conn)
+            message = self.messages[conn.fileno()] = RuntimeMessage(conn, listener)
             message.timer = self.events.call_at(time.monotonic() + MESSAGE_TIMEOUT,
                                                 lambda m=message: self.end_message(m, "no complete message in %d s"
                                                                                    % MESSAGE_TIMEOUT))
             self.events.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
-                              lambda _events, m=message: self.on_runtime_data(m))
+                              lambda _events, m=message: listener.on_data(m))
 
-    def watch_listener(self):
-        if self.listener is not None:
-            self.events.watch(self.listener.fileno(), select.EPOLLIN, self.on_accept)
+    def watch_listener(self, listener):
+        if listener.sock.fileno() >= 0:  # not closed meanwhile
+            self.events.watch(listener.sock.fileno(), select.EPOLLIN, lambda _events: self.on_accept(listener))
 
     def on_runtime_data(self, message):
         """Read what a runtime sent; parse it at its end, or before if it may be complete, each
@@ -2567,7 +2746,7 @@ class Daemon:
         if message.data.strip() == STATUS_REQUEST:
             return
         if message.data or message.fds:
-            self.on_container_process(bytes(message.data), message.fds)
+            self.on_container_process(bytes(message.data), message.fds, message.listener.bypass)
         else:
             log.debug("a client of %s closed without a message", self.socket_path)
 
@@ -2582,6 +2761,119 @@ class Daemon:
             why = "the client does not read"
         if sent < len(reply):
             self.limit.log(logging.WARNING, "a status answer was cut: %s", why)
+
+    # -- the bypass4netnsd API -------------------------------------------------
+
+    def on_api_data(self, message):
+        """An HTTP request on the API socket: answered once complete, then the connection closed."""
+        ended = False
+        try:
+            while not ended:
+                data = message.conn.recv(1 << 16)
+                ended = not data
+                message.data += data
+                if len(message.data) > API_HEAD_MAX + API_BODY_MAX:
+                    raise ApiError(413, "a request longer than %d bytes" % (API_HEAD_MAX + API_BODY_MAX))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ApiError as e:
+            self.answer_api(message, e.status, {"message": str(e)})
+            return
+        except OSError as e:
+            self.end_message(message, "API client: %s" % e.strerror)
+            return
+        try:
+            request = parse_http_request(message.data)
+            if request is None:
+                if not ended:
+                    return  # more to come
+                if not message.data:
+                    self.end_message(message, None)  # connected and said nothing
+                    return
+                raise ApiError(400, "the request ended before it was complete")
+            status, payload = self.api_call(*request)
+        except ApiError as e:
+            status, payload = e.status, {"message": str(e)}
+        except Exception as e:  # a bug: this request fails, the daemon serves on
+            log.exception("API request failed")
+            status, payload = 500, {"message": "internal error: %s" % e}
+        self.answer_api(message, status, payload)
+
+    def answer_api(self, message, status, payload):
+        reply = format_http_response(status, payload)
+        try:
+            sent = message.conn.send(reply)
+        except OSError:
+            sent = 0
+        self.end_message(message, None if sent == len(reply) else "API client: the answer was cut")
+
+    def api_call(self, method, path, body):
+        """(HTTP status, JSON payload or None) of one API request."""
+        if path == "/v1/bypass":
+            if method == "GET":
+                return 200, [self.bypass_status(bypass) for bypass in self.bypasses.values()]
+            if method == "POST":
+                return 201, self.bypass_status(self.start_bypass(*parse_bypass_spec(body)))
+            raise ApiError(405, "%s %s: GET or POST" % (method, path))
+        if path.startswith("/v1/bypass/"):
+            if method != "DELETE":
+                raise ApiError(405, "%s %s: DELETE" % (method, path))
+            sid = path[len("/v1/bypass/"):]
+            if sid not in self.bypasses:
+                raise ApiError(400, "no bypass with id %r" % sid)
+            self.stop_bypass(sid)
+            return 200, None
+        raise ApiError(404, "no such path: %s" % path)
+
+    def bypass_status(self, bypass):
+        return {"id": bypass.spec["id"], "pid": os.getpid(), "spec": bypass.spec}
+
+    def start_bypass(self, spec, ignore, publish, ignore_bind):
+        """A BypassSpec's socket, listening before this returns (the runtime connects at once):
+        containers that come through it get its ports and subnets, held until it is stopped."""
+        sid = spec["id"]
+        if sid in self.bypasses:
+            raise ApiError(400, "a bypass with id %r exists" % sid)
+        directory = os.path.dirname(spec["socketPath"])
+        if not os.path.isdir(directory):
+            raise ApiError(400, "socketPath: no directory %s" % directory)
+        owner = "bypass " + sid
+        own, in_use, unreserved = self.reservations.claim(owner, [m for p in publish for m in parse_publish(p)])
+        if in_use:
+            self.reservations.release(owner)
+            raise ApiError(400, "portMapping: host port %s published already" % ", ".join(
+                "%d/%s" % (m.host_port, m.proto) for m, _holder in in_use))
+        for mapping, why in unreserved:
+            log.warning("bypass %s: %r: host port cannot be reserved yet (%s): retried every second", sid, mapping, why)
+        bypass = Bypass(spec, {"ignore": ignore, "publish": [mapping_to_json(m) for m in own], "in_use": [],
+                               "ignore_bind": ignore_bind})
+        try:
+            bypass.listener = self.add_listener(spec["socketPath"], self.on_runtime_data, bypass)
+            if spec.get("pidFilePath"):
+                with open(spec["pidFilePath"], "w") as f:
+                    f.write("%d\n" % os.getpid())
+        except (OSError, Error) as e:
+            if bypass.listener is not None:
+                self.close_listener(bypass.listener)
+            self.reservations.release(owner)
+            raise ApiError(400, "socketPath %s: %s" % (spec["socketPath"], getattr(e, "strerror", None) or e)) from None
+        self.bypasses[sid] = bypass
+        log.info("bypass %s: listening on %s%s", sid, spec["socketPath"],
+                 "; publishing " + ", ".join(map(repr, own)) if own else "")
+        return bypass
+
+    def stop_bypass(self, sid):
+        """Close a Bypass's socket, remove its pid file, free its ports; its containers' calls
+        go on being answered (the daemon holds their notify fds already)."""
+        bypass = self.bypasses.pop(sid)
+        self.close_listener(bypass.listener)
+        if bypass.spec.get("pidFilePath"):
+            try:
+                os.unlink(bypass.spec["pidFilePath"])
+            except FileNotFoundError:
+                pass
+        self.reservations.release("bypass " + sid)
+        log.info("bypass %s: stopped", sid)
 
     def status(self):
         """The daemon, its workers and every container it serves, as JSON-able values."""
@@ -2616,8 +2908,9 @@ class Daemon:
                 os.close(fd)
             self.limit.log(logging.ERROR, "dropping a runtime message: %s", error)
 
-    def on_container_process(self, data, fds):
-        """A runtime's message: container state JSON + SCM_RIGHTS fds."""
+    def on_container_process(self, data, fds, bypass=None):
+        """A runtime's message: container state JSON + SCM_RIGHTS fds; through the socket of
+        `bypass` (an API's Bypass) if not None."""
         notify_fd = None
         try:
             message = json.loads(data)
@@ -2647,7 +2940,8 @@ class Daemon:
                 os.close(notify_fd)
                 return
             home = min(self.workers, key=lambda w: len(w.containers))
-            hosted = self.containers[cid] = Hosted(cid, slot, home, self.container_settings(cid, state))
+            settings = bypass.settings if bypass is not None else self.container_settings(cid, state)
+            hosted = self.containers[cid] = Hosted(cid, slot, home, settings)
             home.containers.add(cid)
         self.serial += 1
         handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, message.get("pid"),
@@ -2872,12 +3166,11 @@ class Daemon:
         self.filters.clear()
         self.reservations.close()
         close_signal_pipe(self.signal_pipe)
-        if self.listener is not None:
-            self.listener.close()
-            try:
-                os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+        for sid in list(self.bypasses):
+            self.stop_bypass(sid)
+        for listener in (self.listener, self.api_listener):
+            if listener is not None:
+                self.close_listener(listener)
         self.events.close()
 
 
@@ -2939,6 +3232,10 @@ def build_parser():
                         help="publish container ports on the host: a bind to CONTAINERPORT in a "
                              "container listens on HOSTIP:HOSTPORT of the host (IPv6 HOSTIP in "
                              "brackets; repeatable)")
+    parser.add_argument("--api", action="store_true",
+                        help="serve the bypass4netnsd API that nerdctl speaks (HTTP on "
+                             "$XDG_RUNTIME_DIR/bypass4netnsd.sock, or --api-socket)")
+    parser.add_argument("--api-socket", metavar="PATH", help="the API's socket (implies --api)")
     parser.add_argument("--no-reserve-ports", dest="reserve_ports", action="store_false",
                         help="do not hold the published host ports while no container binds them")
     parser.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
@@ -3051,6 +3348,11 @@ def main(argv=None):
     except Error as e:
         parser.error(str(e))
     path = socket_path(parser, args)
+    api_path = args.api_socket
+    if args.api and api_path is None:
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            parser.error("XDG_RUNTIME_DIR is not set: give --api-socket PATH")
+        api_path = os.path.join(os.environ["XDG_RUNTIME_DIR"], "bypass4netnsd.sock")
     for name in ("ready_fd", "exit_fd"):
         fd = getattr(args, name)
         if fd is not None:
@@ -3071,7 +3373,7 @@ def main(argv=None):
     try:
         daemon.check_kernel()
         daemon.reservations.reserve_all()
-        daemon.listen()
+        daemon.listen(api_path)
     except (Error, OSError) as e:
         print("bypass4netns.py: error: %s" % e, file=sys.stderr)
         return 1

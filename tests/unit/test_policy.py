@@ -2,6 +2,7 @@
 
 import importlib.util
 import ipaddress
+import json
 import pathlib
 import socket
 import struct
@@ -469,3 +470,76 @@ def test_status_reads_as_a_table():
     assert lines[2].split() == ["3f3419b83dca", "2", "1", "1", "2", "4", "6", "8080->80/tcp,8443/tcp", "in", "use"]
     status["containers"] = []
     assert b4ns.format_status(status).splitlines()[1] == "no containers"
+
+
+# -- the bypass4netnsd API: requests and specs ------------------------------------------------
+
+def test_http_request_parsed_once_complete():
+    head = b"POST /v1/bypass HTTP/1.1\r\nHost: bypass4netnsd\r\nContent-Length: 7\r\n\r\n"
+    assert b4ns.parse_http_request(head[:20]) is None
+    assert b4ns.parse_http_request(head + b'{"id"') is None
+    assert b4ns.parse_http_request(head + b'{"id":1}extra') == ("POST", "/v1/bypass", b'{"id":1')
+    assert b4ns.parse_http_request(b"DELETE /v1/bypass/abc?x=1 HTTP/1.1\r\n\r\n") == ("DELETE", "/v1/bypass/abc", b"")
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /v1/bypass\r\n\r\n", 400),
+    (b"GET /v1/bypass HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"POST /v1/bypass HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+    (b"POST /v1/bypass HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (10 << 20), 413),
+    (b"POST /v1/bypass HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+    (b"GET /" + b"x" * (20 << 10), 400),
+])
+def test_http_requests_refused_with_their_status(request_bytes, status):
+    with pytest.raises(b4ns.ApiError) as refused:
+        b4ns.parse_http_request(request_bytes)
+    assert refused.value.status == status
+
+
+def test_http_response_closes_the_connection():
+    assert b4ns.format_http_response(200) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    response = b4ns.format_http_response(400, {"message": "no"})
+    assert response.startswith(b"HTTP/1.1 400 Bad Request\r\n") and response.endswith(b'\r\n\r\n{"message": "no"}')
+
+
+NERDCTL_SPEC = {"id": "0123456789abcdef", "socketPath": "/run/user/1000/bypass4netns/0123456789abcde.sock",
+                "pidFilePath": "/run/user/1000/bypass4netns/0123456789abcde.pid", "logFilePath": "",
+                "portMapping": [{"protos": ["tcp", "udp"], "parentIP": "", "parentPort": 8080, "childIP": "",
+                                 "childPort": 80},
+                                {"protos": ["tcp"], "parentIP": "::1", "parentPort": 8443, "childIP": "10.4.0.2",
+                                 "childPort": 443}],
+                "ignoreSubnets": ["127.0.0.0/8", "10.4.0.0/24", "auto"], "ignoreBind": False}
+
+
+def test_a_spec_as_nerdctl_posts_it():
+    spec, ignore, publish, ignore_bind = b4ns.parse_bypass_spec(json.dumps(NERDCTL_SPEC).encode())
+    assert spec == NERDCTL_SPEC and ignore == ["127.0.0.0/8", "10.4.0.0/24", "auto"] and not ignore_bind
+    assert publish == ["8080:80/tcp", "8080:80/udp", "[::1]:8443:443/tcp"]
+    go_nulls = dict(NERDCTL_SPEC, portMapping=None, ignoreSubnets=None)  # Go marshals nil slices as null
+    del go_nulls["ignoreBind"]  # bypass4netns 0.4's spec has no ignoreBind
+    assert b4ns.parse_bypass_spec(json.dumps(go_nulls).encode())[1:] == ([], [], False)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"extra": 1}, "unknown field"),
+    ({"id": ""}, "id:"),
+    ({"id": None}, "id:"),
+    ({"id": "a/b"}, "id:"),
+    ({"socketPath": "relative.sock"}, "socketPath"),
+    ({"ignoreBind": "yes"}, "ignoreBind"),
+    ({"ignoreSubnets": "10.0.0.0/8"}, "ignoreSubnets"),
+    ({"ignoreSubnets": ["banana"]}, "ignoreSubnets"),
+    ({"portMapping": [{"parentPort": 8080}]}, "portMapping"),
+    ({"portMapping": [{"protos": ["sctp"], "parentPort": 1, "childPort": 1}]}, "protos"),
+    ({"portMapping": [{"parentPort": 70000, "childPort": 80}]}, "portMapping"),
+    ({"portMapping": [{"parentPort": 8080, "childPort": 80, "hostIP": "x"}]}, "not a PortSpec"),
+    ({"portMapping": [{"parentPort": 8080, "childPort": 80}, {"parentPort": 8080, "childPort": 81}]},
+     "already published"),
+])
+def test_bad_specs_are_400_naming_the_field(change, needle):
+    with pytest.raises(b4ns.ApiError, match=needle) as refused:
+        b4ns.parse_bypass_spec(json.dumps(dict(NERDCTL_SPEC, **change)).encode())
+    assert refused.value.status == 400
+    for body in (b"{", b"[]", b'"x"'):
+        with pytest.raises(b4ns.ApiError):
+            b4ns.parse_bypass_spec(body)
