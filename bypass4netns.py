@@ -1130,13 +1130,14 @@ class PendingConnect:
     number it reuses.
     """
 
-    __slots__ = ("call", "sock", "raw", "host_socket", "own_service", "timer")
+    __slots__ = ("call", "sock", "raw", "host_socket", "own_service", "timer", "slot")
 
     def __init__(self, call, sock, raw, host_socket, own_service):
         self.call, self.sock, self.raw = call, sock, raw
         self.host_socket = host_socket  # the daemon's own host socket, not a container's
         self.own_service = own_service  # connecting to the container's published service
         self.timer = None
+        self.slot = 0                   # its Inflight slot (0: none)
 
 
 class Switcher:
@@ -1164,6 +1165,7 @@ class Switcher:
         self.own_netns = own_netns_id()
         self.memory = MemoryReader()
         self.limit = LogLimit()
+        self.inflight = Inflight(InflightTable(1).row(0))  # the Server running it gives its shared one
         self.dispatch = {}          # (arch, nr) -> (handler, pointer size)
         for arch, (numbers, ptr) in SYSCALL_NUMBERS.items():
             for name, nr in numbers.items():
@@ -1539,11 +1541,11 @@ class Switcher:
             if host is not None:
                 host.close()
 
-    @staticmethod
-    def install(call, host, flags):
+    def install(self, call, host, flags):
         """ADDFD: `host` at the target's fd, close-on-exec as that fd was.  False when the target
         is gone (the call is abandoned); NotSwitched when the kernel refuses (the fd is past the
         target's RLIMIT_NOFILE, say): the socket then stays in the container."""
+        self.inflight.host_socket()
         try:
             if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
                 call.abandon()
@@ -1596,6 +1598,7 @@ class Switcher:
         """Answer a blocking connect under way on `sock` (taken over) when it ends, never blocking the loop."""
         seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
         pending = PendingConnect(call, sock, raw, host_socket, own_service)
+        pending.slot = self.inflight.add_pending(call.filter.key, call.id)
         call.deferred = True
         self.pending.add(pending)
         self.events.watch(sock.fileno(), select.EPOLLOUT | select.EPOLLONESHOT,
@@ -1626,6 +1629,7 @@ class Switcher:
     def forget_pending(self, pending):
         """Stop waiting for `pending`; returns its socket, now the caller's to close."""
         self.pending.discard(pending)
+        self.inflight.end_pending(pending.slot)
         self.events.unwatch(pending.sock.fileno())
         if pending.timer is not None:
             pending.timer.cancel()
@@ -1979,6 +1983,72 @@ class CounterTable:
         self.memory.close()
 
 
+class InflightTable:
+    """The notifications each worker is answering, in memory shared with the daemon, so that
+    when a worker dies the daemon answers what it left: a thread would otherwise wait in its
+    call until a signal interrupts it.
+
+    Per worker, slot 0 is the notification being handled and the others the
+    blocking connects waiting in its loop; a slot is (filter key, 0 when free;
+    notification id; 1 once a host socket may be in the target's fd).
+    """
+
+    PENDING = 1024      # blocking connects per worker the daemon can answer for
+    FIELDS = 3
+
+    def __init__(self, servers):
+        self.per_server = (1 + self.PENDING) * self.FIELDS
+        self.memory = mmap.mmap(-1, servers * self.per_server * 8)  # MAP_SHARED, kept by fork
+        self.cells = memoryview(self.memory).cast("Q")  # notification ids are random u64
+
+    def row(self, server):
+        return self.cells[server * self.per_server:(server + 1) * self.per_server]
+
+    def orphans(self, server):
+        """[(filter key, notification id, host socket)] a dead worker left; its row is freed."""
+        row = self.row(server)
+        left = [tuple(row[i:i + self.FIELDS]) for i in range(0, len(row), self.FIELDS) if row[i]]
+        row.cast("B")[:] = bytes(len(row) * 8)
+        return left
+
+
+class Inflight:
+    """One worker's row of the InflightTable, as it writes it: a few stores per notification."""
+
+    __slots__ = ("cells", "free")
+
+    def __init__(self, cells):
+        self.cells = cells
+        self.free = list(range(InflightTable.PENDING, 0, -1))
+
+    def begin(self, key, notif_id):
+        cells = self.cells
+        cells[1], cells[2] = notif_id, 0
+        cells[0] = key
+
+    def host_socket(self):
+        self.cells[2] = 1
+
+    def end(self):
+        self.cells[0] = 0
+
+    def add_pending(self, key, notif_id):
+        """A slot for a blocking connect left waiting (0 if all are taken: it is not answered for)."""
+        if not self.free:
+            return 0
+        slot = self.free.pop()
+        base = slot * InflightTable.FIELDS
+        cells = self.cells
+        cells[base + 1], cells[base + 2] = notif_id, 1
+        cells[base] = key
+        return slot
+
+    def end_pending(self, slot):
+        if slot:
+            self.cells[slot * InflightTable.FIELDS] = 0
+            self.free.append(slot)
+
+
 class Container:
     """One container (by OCI id) as one server sees it: its filters there, its `auto` subnets,
     and the server's row of its counters."""
@@ -2268,9 +2338,12 @@ class Server:
     counting in its own row of the container's counters.
     """
 
-    def __init__(self, events, switcher, table, index=0, on_busy=None):
+    def __init__(self, events, switcher, table, index=0, on_busy=None, inflight=None):
         self.events, self.switcher = events, switcher
         self.table, self.index = table, index
+        if inflight is not None:  # Inflight: what the daemon answers for if this process dies
+            switcher.inflight = inflight
+        self.inflight = switcher.inflight
         self.on_busy = on_busy      # callable(Container) once a filter is found busy; None: never shared
         self.containers = {}        # OCI id -> Container
         self.filters = {}           # notify fd -> Filter
@@ -2366,7 +2439,9 @@ class Server:
                 notif_id, tid, _flags, nr, arch, _ip, *args = fields
                 if tid != seccomp_filter.last_tid:
                     self.note_thread(seccomp_filter, tid)
+                self.inflight.begin(seccomp_filter.key, notif_id)
                 self.switcher.handle(Call(seccomp_filter, notif_id, tid, args), arch, nr)
+                self.inflight.end()
         if events & (select.EPOLLHUP | select.EPOLLERR):
             self.drop_filter(notify_fd)
 
@@ -2501,13 +2576,13 @@ HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld 
 class WorkerProcess:
     """A worker's own side: a Server for the filters its parent hands over, and its loop."""
 
-    def __init__(self, settings, table, index, handoff, requests):
+    def __init__(self, settings, table, inflight, index, handoff, requests):
         ignore, auto, publish, debug = settings
         self.handoff = handoff
         self.events = Events()
         parent = ParentChannel(requests)
         self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, parent, debug),
-                             table, index, parent.share)
+                             table, index, parent.share, Inflight(inflight.row(index)))
         self.running = True
 
     def on_handoff(self, _events):
@@ -2626,6 +2701,7 @@ class Daemon:
         self.events = Events()
         self.reservations = Reservations(publish.values(), reserve_ports)
         self.table = CounterTable(workers)
+        self.inflight = InflightTable(workers)
         self.worker_count = workers
         self.workers = []           # Worker, or one LocalWorker
         self.filters = {}           # notify fd -> Handed
@@ -3061,7 +3137,7 @@ class Daemon:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
-        WorkerProcess(self.settings, self.table, index, handoff, requests).run()
+        WorkerProcess(self.settings, self.table, self.inflight, index, handoff, requests).run()
 
     def on_worker_exit(self, worker):
         """A worker died: reap it and, unless stopping, hand its filters to a new one."""
@@ -3072,6 +3148,7 @@ class Daemon:
         if not self.running:
             return
         log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
+        self.answer_orphans(worker)
         new = self.workers[worker.index] = self.spawn_worker(worker.index)
         new.containers = worker.containers
         for hosted in self.containers.values():
@@ -3080,6 +3157,24 @@ class Daemon:
             if hosted.home is new or hosted.shared:
                 for notify_fd in hosted.filters:
                     new.hand(self.filters[notify_fd], hosted)
+
+    def answer_orphans(self, worker):
+        """Answer the calls a dead worker had received and not answered.  One with no host socket
+        in place runs in the container as it was made (CONTINUE: what an ignored destination
+        gets); one with a host socket, or a blocking connect under way, gets EINTR, as a
+        signal would have: POSIX says the connection then goes on asynchronously."""
+        keys = {handed.key: handed.notify_fd for handed in self.filters.values()}
+        answered = 0
+        for key, notif_id, host_socket in self.inflight.orphans(worker.index):
+            notify_fd = keys.get(key)
+            if notify_fd is not None:
+                answer = (0, -errno.EINTR, 0) if host_socket else (0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+                try:
+                    answered += notif_send(notify_fd, notif_id, *answer)
+                except OSError as e:
+                    log.error("worker %d: cannot answer a call it left: %s", worker.index, e.strerror)
+        if answered:
+            log.warning("worker %d: %d call(s) it left unanswered answered", worker.index, answered)
 
     def on_worker_request(self, worker):
         """A worker's ParentChannel: a published port to lend it or take back, a busy container."""

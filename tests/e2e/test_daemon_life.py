@@ -965,6 +965,127 @@ def serving_worker(d):
     return None
 
 
+def assert_only_the_kill_logged(d):
+    """The daemon logged no problem but a worker's death, and stops cleanly."""
+    assert [line for line in log_problems(d) if "replacing it" not in line] == []
+    assert d.stop() == 0
+
+
+LATE_SERVER = """
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((sys.argv[1], int(sys.argv[2])))
+listener.listen(1)
+print("ready", flush=True)
+sys.stdin.readline()  # till then the backlog is full: SYNs are dropped, the clients' connects wait
+while True:
+    listener.accept()[0].close()
+"""
+
+BLOCKING_CONNECTS = """
+    import collections, json, socket, sys, threading
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    outcomes = collections.Counter()
+    def connect():
+        s = socket.socket()  # blocking, no timeout: its connect waits in the daemon's loop
+        try:
+            s.connect((host, port))
+            outcomes[s.getsockname()[0]] += 1
+        except OSError as e:
+            outcomes["errno %d" % e.errno] += 1
+    threads = [threading.Thread(target=connect) for _ in range(n)]
+    for t in threads:
+        t.start()
+    print("started", flush=True)
+    for t in threads:
+        t.join()
+    print(json.dumps(outcomes), flush=True)
+"""
+
+
+def test_calls_a_killed_worker_left_are_answered(testbed, daemon, server):
+    """Blocking connects wait in a worker's loop when it is killed: no signal will ever come to
+    those threads.  The daemon answers what the worker left with EINTR; the connection goes on
+    (POSIX), Python waits for it, and every connect ends connected, bypassed."""
+    d = daemon(["--workers", "2"])
+    port = testbed.free_port()
+    late = server(["python3", "-c", LATE_SERVER, testbed.HOST_IP4, str(port)], stdin=subprocess.PIPE,
+                  stdout=subprocess.PIPE, universal_newlines=True)
+    assert late.stdout.readline() == "ready\n"
+    dest = "198.18.0.1:%d" % port
+    client = attach_python(testbed, d, BLOCKING_CONNECTS, (testbed.HOST_IP4, port, 10), name=name_of("orphans"))
+    try:
+        assert client.expect() == "started"
+        wait_for(lambda: decision_count(d, dest) >= 10, "10 connects switched and waiting")
+        victim = serving_worker(d)
+        os.kill(victim, signal.SIGKILL)
+        line = wait_for(lambda: re.search(r"worker \d+: (\d+) call\(s\) it left unanswered answered", d.log()),
+                        "the orphans answered")
+        assert int(line.group(1)) >= 1
+        late.stdin.write("go\n")
+        late.stdin.flush()
+        outcomes = json.loads(client.expect(timeout=120))
+        assert outcomes == {testbed.HOST_IP4: 10}, outcomes
+    finally:
+        client.proc.stdin.close()
+        client.proc.wait(60)
+    assert_only_the_kill_logged(d)
+
+
+ON_REQUEST = """
+    import socket, sys
+    host, port = sys.argv[1], int(sys.argv[2])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect((host, port))
+            print(s.getsockname()[0], flush=True)
+        except OSError as e:
+            print("errno", e.errno, flush=True)
+        s.close()
+"""
+
+
+def test_what_a_container_sees_when_the_daemon_is_gone(testbed, daemon, http):
+    """README "When the daemon is not there", as measured: SIGSTOP makes trapped calls wait
+    (the application's own timeout does not run meanwhile); after SIGKILL every trapped call
+    fails with ENOSYS, also once a new daemon listens on the same socket; a container started
+    while no daemon listens does not start."""
+    d = daemon()
+    port, _body = http
+    client = attach_python(testbed, d, ON_REQUEST, (testbed.HOST_IP4, port), name=name_of("gone"))
+    try:
+        assert client.expect() == "ready"
+        client.send("")
+        assert client.expect() == testbed.HOST_IP4
+        stopped = d.pids()  # the daemon and its workers
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            client.send("")
+            with pytest.raises(AssertionError, match="no output"):
+                client.expect(timeout=8)  # longer than the client's own 5 s timeout
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        assert client.expect() == testbed.HOST_IP4, "answered once the daemon runs again"
+        workers = d.pids()[1:]
+        os.kill(d.pid, signal.SIGKILL)
+        d.proc.wait(30)
+        # Its workers die with it (PR_SET_PDEATHSIG): then no one holds the notify fd.
+        wait_for(lambda: not any(os.path.exists("/proc/%d/fd" % pid) for pid in workers), "the workers gone")
+        client.send("")
+        assert client.expect() == "errno %d" % errno.ENOSYS
+    finally:
+        client.proc.stdin.close()
+        client.proc.wait(60)
+    result = run(testbed.run_container(["true"], seccomp=d.profile))
+    assert result.returncode != 0 and "seccomp agent" in result.stderr, result.stderr[-500:]
+
+
 def test_a_killed_worker_is_replaced_and_the_container_served_on(testbed, daemon, http):
     d = daemon(["--workers", "2"])
     port, _body = http
@@ -986,6 +1107,4 @@ def test_a_killed_worker_is_replaced_and_the_container_served_on(testbed, daemon
     finally:
         client.proc.stdin.close()
         client.proc.wait(60)
-    problems = [line for line in log_problems(d) if "replacing it" not in line]
-    assert problems == []
-    assert d.stop() == 0
+    assert_only_the_kill_logged(d)
