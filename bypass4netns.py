@@ -14,6 +14,7 @@ Single file, standard library only, Linux >= 5.9, Python >= 3.9.
 """
 
 import argparse
+import array
 import collections
 import ctypes
 import errno
@@ -237,6 +238,7 @@ _SOCKADDR_IN = struct.Struct("!HH4s")       # family is host order: read separat
 _SOCKADDR_IN6 = struct.Struct("!HHI16s")     # then sin6_scope_id, host order
 _TIMEVAL = struct.Struct("=qq")
 _U64 = struct.Struct("=Q")
+_U32 = struct.Struct("!I")                  # the length of a hand-over's state
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
 _AF_UNSPEC = _FAMILY.pack(socket.AF_UNSPEC)
 _ZERO_NOTIF = bytes(_NOTIF.size)
@@ -910,6 +912,27 @@ class Reservations:
             own.append(mapping)
         return own, in_use, unreserved
 
+    def export(self):
+        """[(mapping, owner, held socket or None)] of every claim, for a hand-over."""
+        return [(mapping, owner, self.held.get(key)) for key, (mapping, owner) in self.claims.items()]
+
+    def adopt(self, mapping, owner, sock):
+        """A claim a previous daemon had, with its held socket if any: a container's or a
+        bypass's is kept; one of the previous daemon's -p is kept if this daemon's -p has it."""
+        key = self.key(mapping)
+        if owner is None and key not in self.claims:
+            if sock is not None:
+                sock.close()  # no longer published: let it go
+            return
+        if owner is not None:
+            self.claims[key] = (mapping, owner)
+            if self.enabled:
+                self.wanted.append(mapping)
+        if sock is not None and self.enabled and key not in self.held:
+            self.held[key] = sock
+        elif sock is not None:
+            sock.close()
+
     def release(self, owner):
         """Container `owner` is gone: its host ports are free for anyone."""
         for key, (mapping, claimant) in list(self.claims.items()):
@@ -923,8 +946,10 @@ class Reservations:
                     sock.close()
 
     def reserve_all(self):
-        """Take every port at start; a port that cannot be taken is an Error."""
+        """Take every port at start (but those held already); one that cannot be is an Error."""
         for mapping in self.wanted:
+            if self.key(mapping) in self.held:
+                continue
             try:
                 self.held[self.key(mapping)] = self.bind(mapping)
             except OSError as e:
@@ -2466,6 +2491,8 @@ class Server:
         switcher = self.switcher
         for pending in list(switcher.pending):
             switcher.forget_pending(pending).close()
+            # As a signal would: the connection goes on (POSIX), no thread waits for this process.
+            pending.call.fail(errno.EINTR)
         for fd in list(self.filters):
             self.events.unwatch(fd)
             os.close(fd)
@@ -2629,6 +2656,8 @@ def run_loop(events, running, housekeeping, due):
 
 
 STATUS_REQUEST = b'{"bypass4netns": "status"}'  # what `bypass4netns.py status` sends to the socket
+TAKE_OVER_REQUEST = b'{"bypass4netns": "take-over"}'  # what `--take-over` sends
+FDS_PER_MESSAGE = 200       # SCM_RIGHTS fds in one message of a hand-over (the kernel takes 253)
 LISTEN_BACKLOG = 4096       # runtimes' connections waiting to be accepted (the kernel may cap it)
 ACCEPT_PAUSE = 0.1          # seconds without accept() after it failed with nothing to free
 EVICTED = 16                # unfinished runtime connections dropped at once when out of fds
@@ -2716,6 +2745,7 @@ class Daemon:
         self.listener = None
         self.signal_pipe = None
         self.api_listener = None
+        self.handed_over = False
         self.bypasses = {}          # BypassSpec id -> Bypass (the API's)
         self.limit = LogLimit()
         self.messages = {}          # connection fd -> RuntimeMessage, oldest first
@@ -2816,15 +2846,143 @@ class Daemon:
                 self.out_of_fds += 1
             self.end_message(message, str(e))
             return
-        if not message.fds and message.data.strip() == STATUS_REQUEST:
-            self.answer_status(message.conn)
-        self.end_message(message, None)
-        if message.data.strip() == STATUS_REQUEST:
+        request = message.data.strip()
+        if not message.fds and request == TAKE_OVER_REQUEST:
+            self.hand_over(message)
             return
+        if not message.fds and request == STATUS_REQUEST:
+            self.answer_status(message.conn)
+            self.end_message(message, None)
+            return
+        self.end_message(message, None)
         if message.data or message.fds:
             self.on_container_process(bytes(message.data), message.fds, message.listener.bypass)
         else:
             log.debug("a client of %s closed without a message", self.socket_path)
+
+    # -- hand-over (--take-over) ----------------------------------------------
+
+    def listeners(self):
+        return [listener for listener in [self.listener, self.api_listener] + [
+            bypass.listener for bypass in self.bypasses.values()] if listener is not None]
+
+    def hand_over(self, message):
+        """A new daemon asks for everything: stop serving, send it every socket, notify fd, held
+        port and container, then exit leaving all of them to it.  A blocking connect under way
+        is answered EINTR (the connection goes on); other calls wait in the kernel meanwhile."""
+        message.timer.cancel()
+        del self.messages[message.conn.fileno()]
+        self.events.unwatch(message.conn.fileno())
+        conn = message.conn
+        log.warning("handing over to a new daemon")
+        listeners = self.listeners()
+        for listener in listeners:
+            self.events.unwatch(listener.sock.fileno())
+        self.stop_serving()
+        fds = []
+
+        def ref(fd):
+            fds.append(fd)
+            return len(fds) - 1
+        state = {
+            "listeners": [{"fd": ref(listener.sock.fileno()), "path": listener.path,
+                           "api": listener is self.api_listener,
+                           "bypass": None if listener.bypass is None else {
+                               "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
+                          for listener in listeners],
+            "filters": [{"fd": ref(notify_fd), "cid": handed.cid, "pid": handed.pid, "metadata": handed.metadata}
+                        for notify_fd, handed in self.filters.items()],
+            "containers": {cid: {"settings": hosted.settings, "counters": self.table.totals(hosted.slot)}
+                           for cid, hosted in self.containers.items()},
+            "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
+                        "fd": None if sock is None else ref(sock.fileno())}
+                       for mapping, owner, sock in self.reservations.export()],
+        }
+        state["fd_count"] = len(fds)
+        try:
+            conn.settimeout(30)
+            payload = json.dumps(state).encode()
+            conn.sendall(_U32.pack(len(payload)) + payload)
+            for start in range(0, len(fds), FDS_PER_MESSAGE):
+                batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
+                conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+            if conn.recv(2) != b"ok":
+                raise OSError(errno.EPIPE, "the new daemon did not confirm")
+        except OSError as e:
+            log.error("hand-over failed (%s): serving on", e.strerror or e)
+            conn.close()
+            self.resume_serving(listeners)
+            return
+        conn.close()
+        log.warning("handed over: %d containers, %d sockets and ports; exiting", len(self.containers), len(fds))
+        self.handed_over = True
+        self.stop()
+
+    def stop_serving(self):
+        if self.server is not None:
+            self.server.close()
+        else:
+            self.stop_workers()
+
+    def resume_serving(self, listeners):
+        """After a failed hand-over: serve again, as if the workers had died."""
+        self.start_workers()
+        for worker in self.workers:
+            worker.containers.clear()
+        for hosted in self.containers.values():
+            hosted.home, hosted.shared = min(self.workers, key=lambda w: len(w.containers)), False
+            hosted.home.containers.add(hosted.cid)
+            for notify_fd in hosted.filters:
+                hosted.home.hand(self.filters[notify_fd], hosted)
+        for listener in listeners:
+            self.watch_listener(listener)
+
+    def adopt_sockets(self, state, fds, api_path):
+        """--take-over, before the workers start: the previous daemon's sockets and ports."""
+        for entry in state["listeners"]:
+            sock = socket.socket(fileno=fds[entry["fd"]])
+            sock.setblocking(False)
+            bypass = entry["bypass"]
+            if bypass is not None:
+                self.bypasses[bypass["spec"]["id"]] = adopted = Bypass(bypass["spec"], bypass["settings"])
+                adopted.listener = Listener(sock, entry["path"], self.on_runtime_data, adopted)
+                self.watch_listener(adopted.listener)
+            elif entry["api"] and entry["path"] != api_path:
+                sock.close()  # this daemon serves no API there
+                try:
+                    os.unlink(entry["path"])
+                except FileNotFoundError:
+                    pass
+            else:
+                listener = Listener(sock, entry["path"], self.on_api_data if entry["api"] else self.on_runtime_data,
+                                    None)
+                setattr(self, "api_listener" if entry["api"] else "listener", listener)
+                self.watch_listener(listener)
+        reservations = self.reservations
+        adopted = set()
+        for entry in state["claims"]:
+            sock = None if entry["fd"] is None else socket.socket(fileno=fds[entry["fd"]])
+            mapping = mapping_from_json(entry["mapping"])
+            reservations.adopt(mapping, entry["owner"], sock)
+            adopted.add(reservations.key(mapping))
+        for mapping in reservations.wanted:
+            key = reservations.key(mapping)
+            reservations.take(mapping)  # an adopted port a container has bound is not free: fine
+            if key not in reservations.held and key not in adopted:
+                log.warning("cannot reserve published port %r yet: retried every second", mapping)
+        if self.listener is None:
+            self.listener = self.add_listener(self.socket_path, self.on_runtime_data)
+        if api_path is not None and self.api_listener is None:
+            self.api_listener = self.add_listener(api_path, self.on_api_data)
+
+    def adopt_containers(self, state, fds):
+        """--take-over, once the workers run: the previous daemon's containers and their counters."""
+        containers = state["containers"]
+        for entry in state["filters"]:
+            container = containers[entry["cid"]]
+            self.host_filter(fds[entry["fd"]], entry["cid"], entry["pid"], entry["metadata"],
+                             lambda c=container: c["settings"], container["counters"])
+        log.warning("took over %d containers from the previous daemon", len(containers))
 
     def answer_status(self, conn):
         """`bypass4netns.py status`: the answer is written without waiting, or cut."""
@@ -3007,6 +3165,12 @@ class Daemon:
         for fd in fds:
             if fd != notify_fd:
                 os.close(fd)
+        self.host_filter(notify_fd, cid, message.get("pid"), message.get("metadata"),
+                         lambda: bypass.settings if bypass is not None else self.container_settings(cid, state))
+
+    def host_filter(self, notify_fd, cid, pid, metadata, settings, counters=None):
+        """Serve notify fd `notify_fd` of container `cid`: its settings() are asked for if the
+        container is new, and its counters start at `counters` (a hand-over's) if given."""
         hosted = self.containers.get(cid)
         if hosted is None:
             try:
@@ -3015,13 +3179,13 @@ class Daemon:
                 log.error("container %s: not served: %s", cid[:12], e)
                 os.close(notify_fd)
                 return
+            if counters:
+                self.table.row(0, slot)[:] = array.array("q", counters)
             home = min(self.workers, key=lambda w: len(w.containers))
-            settings = bypass.settings if bypass is not None else self.container_settings(cid, state)
-            hosted = self.containers[cid] = Hosted(cid, slot, home, settings)
+            hosted = self.containers[cid] = Hosted(cid, slot, home, settings())
             home.containers.add(cid)
         self.serial += 1
-        handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, message.get("pid"),
-                                                  message.get("metadata"))
+        handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, pid, metadata)
         hosted.filters.add(notify_fd)
         # Watched for the end of the filter only: no EPOLLIN, so that its
         # notifications wake its servers alone.
@@ -3208,6 +3372,8 @@ class Daemon:
             if not select.select([worker.pidfd], [], [], 5)[0]:
                 os.kill(worker.pid, signal.SIGKILL)
             os.waitpid(worker.pid, 0)
+            self.events.unwatch(worker.pidfd)
+            self.events.unwatch(worker.requests.fileno())
             worker.close()
         self.workers = []
 
@@ -3261,12 +3427,48 @@ class Daemon:
         self.filters.clear()
         self.reservations.close()
         close_signal_pipe(self.signal_pipe)
-        for sid in list(self.bypasses):
-            self.stop_bypass(sid)
-        for listener in (self.listener, self.api_listener):
-            if listener is not None:
-                self.close_listener(listener)
+        if self.handed_over:  # every socket, path and pid file is the new daemon's now
+            for listener in self.listeners():
+                listener.sock.close()
+        else:
+            for sid in list(self.bypasses):
+                self.stop_bypass(sid)
+            for listener in (self.listener, self.api_listener):
+                if listener is not None:
+                    self.close_listener(listener)
         self.events.close()
+
+
+def receive_hand_over(path):
+    """--take-over: everything the daemon serving `path` hands over, (state, fds); OSError if
+    no daemon answers there, Error if it does not hand over."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(60)
+        conn.connect(path)
+        conn.sendall(TAKE_OVER_REQUEST)
+
+        def exactly(count):
+            data = b""
+            while len(data) < count:
+                chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
+                if not chunk:
+                    raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
+                data += chunk
+            return data
+        length, = _U32.unpack(exactly(_U32.size))
+        state = json.loads(exactly(length))
+        fds = []
+        while len(fds) < state["fd_count"]:
+            data, ancillary, flags, _addr = conn.recvmsg(1, socket.CMSG_SPACE(FDS_PER_MESSAGE * 4))
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[:len(payload) // 4 * 4]))
+            if not data or flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise Error("the hand-over from %s broke off after %d fds" % (path, len(fds)))
+        conn.sendall(b"ok")
+    return state, fds
 
 
 def watch_signals(events, on_signal, more=()):
@@ -3331,6 +3533,10 @@ def build_parser():
                         help="serve the bypass4netnsd API that nerdctl speaks (HTTP on "
                              "$XDG_RUNTIME_DIR/bypass4netnsd.sock, or --api-socket)")
     parser.add_argument("--api-socket", metavar="PATH", help="the API's socket (implies --api)")
+    parser.add_argument("--take-over", action="store_true",
+                        help="take every container, socket and port over from the daemon serving "
+                             "--socket, which then exits (an upgrade or a new configuration with no "
+                             "container restarted)")
     parser.add_argument("--no-reserve-ports", dest="reserve_ports", action="store_false",
                         help="do not hold the published host ports while no container binds them")
     parser.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
@@ -3465,10 +3671,18 @@ def main(argv=None):
 
     daemon = Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
                     workers=args.workers)
+    handed = None
     try:
         daemon.check_kernel()
-        daemon.reservations.reserve_all()
-        daemon.listen(api_path)
+        if args.take_over:
+            try:
+                handed = receive_hand_over(path)
+            except OSError as e:
+                raise Error("no daemon to take over from on %s: %s" % (path, e.strerror or e)) from None
+            daemon.adopt_sockets(*handed, api_path)
+        else:
+            daemon.reservations.reserve_all()
+            daemon.listen(api_path)
     except (Error, OSError) as e:
         print("bypass4netns.py: error: %s" % e, file=sys.stderr)
         return 1
@@ -3478,6 +3692,8 @@ def main(argv=None):
 
     try:
         daemon.start_workers()
+        if handed is not None:
+            daemon.adopt_containers(*handed)
         daemon.watch_signals()  # before --ready-fd: from then on a signal is an event
         if args.exit_fd is not None:
             daemon.watch_exit_fd(args.exit_fd)
@@ -3490,7 +3706,10 @@ def main(argv=None):
         daemon.close()
         if args.pid_file:
             try:
-                os.unlink(args.pid_file)
+                with open(args.pid_file) as f:
+                    ours = f.read().strip() == str(os.getpid())  # not the next daemon's (--take-over)
+                if ours:
+                    os.unlink(args.pid_file)
             except FileNotFoundError:
                 pass
     return 0

@@ -46,7 +46,7 @@ def generate_profile(socket_path, base="podman", extra=()):
 class Daemon:
     """bypass4netns.py started as the test user; stop() ends it by pid."""
 
-    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=()):
+    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=(), take_over=None):
         serial = next(_serial)
         if serial == 0:
             prune_leftovers()
@@ -55,12 +55,16 @@ class Daemon:
         self.script = os.path.join(tb.WORKDIR, name + ".py")
         shutil.copy(str(ROOT / "bypass4netns.py"), self.script)
         os.chmod(self.script, 0o644)
-        self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
         self.log_path = os.path.join(tb.WORKDIR, name + ".log")
-        # udp: a profile made with --udp (UDP switching, every send with a
-        # destination trapped), which the tests written before the default
-        # profile became TCP-only assume; udp=False for the default profile.
-        self.profile = generate_profile(self.socket, base, ["--udp"] if udp else [])
+        if take_over is not None:  # the Daemon it takes over from: its socket and profile
+            self.socket, self.profile = take_over.socket, take_over.profile
+            args = ["--take-over", *args]
+        else:
+            self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
+            # udp: a profile made with --udp (UDP switching, every send with a
+            # destination trapped), which the tests written before the default
+            # profile became TCP-only assume; udp=False for the default profile.
+            self.profile = generate_profile(self.socket, base, ["--udp"] if udp else [])
         # prefix: a command that execs the rest (prlimit ...), so the pid stays the daemon's.
         argv = [*prefix, "python3", self.script, "--socket", self.socket, "--log-file", self.log_path, *args]
         if debug:

@@ -149,3 +149,22 @@ def test_bad_api_input_gets_its_status_and_the_daemon_serves_on(testbed, api_dae
     finally:
         silent.close()
     assert d.proc.poll() is None
+
+
+def test_a_bypass_survives_a_take_over(testbed, api_daemon):
+    """--take-over hands the API's socket and every bypass over: the new daemon lists it, and
+    its DELETE frees the socket and the pid file."""
+    d = api_daemon
+    spec = nerdctl_spec(d, uuid.uuid4().hex, testbed.free_port())
+    assert api(d, "POST", "/v1/bypass", spec)[0] == 201
+    new = Daemon(["--ignore", "10.0.0.0/8", "--api-socket", d.api_socket], take_over=d)
+    new.api_socket = d.api_socket
+    try:
+        assert d.proc.wait(30) == 0
+        assert os.path.exists(spec["socketPath"]) and os.path.exists(d.api_socket)
+        status, answer = api(new, "GET", "/v1/bypass")
+        assert status == 200 and [b["spec"] for b in answer] == [spec]
+        assert api(new, "DELETE", "/v1/bypass/" + spec["id"]) == (200, b"")
+        assert not os.path.exists(spec["socketPath"]) and not os.path.exists(spec["pidFilePath"])
+    finally:
+        assert new.stop() == 0

@@ -37,8 +37,8 @@ def daemon(testbed):
     """A daemon of this test alone (fd and memory figures must be its own); ended by pid."""
     daemons = []
 
-    def start(args=(), debug=True, prefix=()):
-        d = Daemon(args, debug=debug, prefix=prefix)
+    def start(args=(), debug=True, prefix=(), take_over=None):
+        d = Daemon(args, debug=debug, prefix=prefix, take_over=take_over)
         daemons.append(d)
         if debug:
             # Logged once --ready-fd is closed: from then on its fd count is its own.
@@ -1084,6 +1084,80 @@ def test_what_a_container_sees_when_the_daemon_is_gone(testbed, daemon, http):
         client.proc.wait(60)
     result = run(testbed.run_container(["true"], seccomp=d.profile))
     assert result.returncode != 0 and "seccomp agent" in result.stderr, result.stderr[-500:]
+
+
+CONNECT_LOOP = """
+    import collections, json, socket, sys, time
+    host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    outcomes = collections.Counter()
+    longest = 0.0
+    print("ready", flush=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        try:
+            s = socket.create_connection((host, port), timeout=10)
+            outcomes[s.getsockname()[0]] += 1
+            s.close()
+        except OSError as e:
+            outcomes["errno %s" % e.errno] += 1
+        longest = max(longest, time.monotonic() - start)
+    print(json.dumps([outcomes, longest]), flush=True)
+"""
+
+PUBLISHED_SERVER = """
+    import socket
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 80))
+    s.listen(64)
+    print("listening", flush=True)
+    while True:
+        conn, peer = s.accept()
+        conn.sendall(("%s\\n" % peer[0]).encode())
+        conn.close()
+"""
+
+
+def published_says(testbed, port):
+    code = "import socket, sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2]))).makefile().readline())"
+    return run(testbed.in_netns(["python3", "-c", code, testbed.HOST_IP4, str(port)]), check=True).stdout.strip()
+
+
+def test_take_over_five_times_under_a_connect_loop(testbed, daemon, acceptor):
+    """--take-over, five times in a row, while a container connects in a loop and another
+    serves a published port: no connect fails or goes through slirp4netns, the published port
+    answers throughout, each old daemon exits 0, and the counters carry over."""
+    published = testbed.free_port()
+    first = daemon(["-p", "%d:80" % published])
+    server_name = name_of("published")
+    server = attach_python(testbed, first, PUBLISHED_SERVER, (), name=server_name)
+    client = attach_python(testbed, first, CONNECT_LOOP, (testbed.HOST_IP4, acceptor, 10), name=name_of("loop"))
+    try:
+        assert server.expect() == "listening" and client.expect() == "ready"
+        assert published_says(testbed, published) == testbed.HOST_IP4
+        current = first
+        for _ in range(5):
+            time.sleep(1)
+            new = daemon(["-p", "%d:80" % published], take_over=current)
+            assert current.proc.wait(30) == 0, current.log()[-2000:]
+            assert "handed over: 2 containers" in current.log() and os.path.exists(current.socket)
+            assert published_says(testbed, published) == testbed.HOST_IP4
+            current = new
+        outcomes, longest = json.loads(client.expect(timeout=120))
+        print("5 take-overs: %s connects, the longest %.1f ms" % (outcomes, longest * 1000))
+        assert list(outcomes) == [testbed.HOST_IP4] and outcomes[testbed.HOST_IP4] > 500, outcomes
+        os.kill(current.pid, signal.SIGUSR1)
+        line = wait_for(lambda: re.findall(r"container \S+: (bypassed=\d+) .*published=1", current.log()),
+                        "the counters of the published container")
+        assert line
+        counts = [int(n) for n in re.findall(r"bypassed=(\d+)", current.log().split("took over")[-1])]
+        assert max(counts) >= outcomes[testbed.HOST_IP4], "the loop's counters did not carry over"
+    finally:
+        for attached in (client, server):
+            attached.proc.stdin.close()
+        remove_container(testbed, server_name)
+    assert log_problems(current) == []
 
 
 def test_a_killed_worker_is_replaced_and_the_container_served_on(testbed, daemon, http):

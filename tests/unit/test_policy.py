@@ -543,3 +543,13 @@ def test_bad_specs_are_400_naming_the_field(change, needle):
     for body in (b"{", b"[]", b'"x"'):
         with pytest.raises(b4ns.ApiError):
             b4ns.parse_bypass_spec(body)
+
+
+def test_take_over_with_no_daemon_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bypass4netns.py"), "--take-over", "--socket",
+                             str(tmp_path / "nobody.sock")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "bypass4netns.py: error: no daemon to take over from on %s: No such file or directory"
+        % (tmp_path / "nobody.sock")]
