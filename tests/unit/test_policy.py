@@ -331,7 +331,10 @@ def test_no_loopback_filter_drops_what_comes_from_loopback():
     with socket.socket() as listener, socket.socket() as client:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        bpf.attach(client)
+        try:
+            bpf.attach(client)
+        except PermissionError:  # seen for TCP sockets of an unprivileged user, UDP ones allowed
+            pytest.skip("this kernel refuses socket filters on TCP sockets to unprivileged users")
         client.settimeout(0.5)
         with pytest.raises(OSError):  # the SYN-ACK never gets in
             client.connect(listener.getsockname())
