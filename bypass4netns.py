@@ -717,6 +717,13 @@ class Settings:
         self.networks, self.auto, self.publish, self.in_use = networks, auto, publish, in_use
         self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
 
+    def with_container(self, added):
+        """These settings plus what Daemon.container_settings() found (JSON, or None for nothing)."""
+        if added is None:
+            return self
+        return self.for_container(added["ignore"], map(mapping_from_json, added["publish"]),
+                                  map(tuple, added["in_use"]), added["ignore_bind"])
+
     def for_container(self, ignore, mappings, in_use, ignore_bind):
         """These settings plus a container's: ignore values, own PortMappings, in_use keys, and
         ignore_bind (nerdctl's: no published port at all, the daemon's included)."""
@@ -872,8 +879,12 @@ class Reservations:
         self.enabled = enabled
         self.held = {}                              # PortMapping key -> socket
         self.lent = set()                           # PortMapping keys a bind under way may take
-        self.wanted = list(mappings) if enabled else []
         self.claims = {self.key(m): (m, None) for m in mappings}  # key -> (mapping, container or None)
+
+    @property
+    def wanted(self):
+        """The mappings whose host ports are held while free: every claim's, if reservation is on."""
+        return [mapping for mapping, _owner in self.claims.values()] if self.enabled else []
 
     @staticmethod
     def key(mapping):
@@ -903,7 +914,6 @@ class Reservations:
                 in_use.append((mapping, holder))
                 continue
             if self.enabled:
-                self.wanted.append(mapping)
                 try:
                     self.held[self.key(mapping)] = self.bind(mapping)
                 except OSError as e:
@@ -926,8 +936,6 @@ class Reservations:
             return
         if owner is not None:
             self.claims[key] = (mapping, owner)
-            if self.enabled:
-                self.wanted.append(mapping)
         if sock is not None and self.enabled and key not in self.held:
             self.held[key] = sock
         elif sock is not None:
@@ -938,8 +946,6 @@ class Reservations:
         for key, (mapping, claimant) in list(self.claims.items()):
             if claimant == owner and owner is not None:
                 del self.claims[key]
-                if mapping in self.wanted:
-                    self.wanted.remove(mapping)
                 self.lent.discard(key)
                 sock = self.held.pop(key, None)
                 if sock is not None:
@@ -1175,9 +1181,9 @@ class Switcher:
     THREADS_KEPT = 1024     # ThreadHandles at most, each 1 + up to FDINFO_FILES fds...
     FD_SHARE = 16           # ...and at most 1/16 of the fd limit's worth of them
 
-    def __init__(self, events, ignore, auto, publish, ports, debug=False):
+    def __init__(self, events, base, ports, debug=False):
         self.events = events
-        self.base = Settings(compile_networks(ignore), auto, publish)  # a container's add to it
+        self.base = base            # Settings: the daemon's flags, to which a container's add
         self.ports = ports          # Reservations, or a worker's ParentChannel: lend(), end_loan()
         self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
         self.debug = debug
@@ -2003,10 +2009,6 @@ class CounterTable:
     def totals(self, slot):
         return [sum(column) for column in zip(*(self.row(server, slot) for server in range(self.servers)))]
 
-    def close(self):
-        self.cells.release()
-        self.memory.close()
-
 
 class InflightTable:
     """The notifications each worker is answering, in memory shared with the daemon, so that
@@ -2383,11 +2385,8 @@ class Server:
         """
         container = self.containers.get(cid)
         if container is None:
-            base = self.switcher.base
-            if settings is not None:
-                base = base.for_container(settings["ignore"], map(mapping_from_json, settings["publish"]),
-                                          map(tuple, settings["in_use"]), settings["ignore_bind"])
-            container = self.containers[cid] = Container(cid, self.table, slot, self.index, base)
+            container = self.containers[cid] = Container(cid, self.table, slot, self.index,
+                                                         self.switcher.base.with_container(settings))
         container.notify_fds.add(notify_fd)
         seccomp_filter = self.filters[notify_fd] = Filter(key, notify_fd, container, metadata, shared)
         self.keys[key] = notify_fd
@@ -2514,10 +2513,10 @@ class ParentChannel:
         self.channel = channel
 
     def lend(self, mapping):
-        self.ask(["lend"] + mapping_key(mapping))
+        self.ask(["lend", mapping_to_json(mapping)])
 
     def end_loan(self, mapping, bound):
-        self.ask(["bound" if bound else "unbound"] + mapping_key(mapping))
+        self.ask(["bound" if bound else "unbound", mapping_to_json(mapping)])
 
     def share(self, container):
         self.ask(["share", container.id])
@@ -2526,11 +2525,6 @@ class ParentChannel:
         self.channel.sendall(json.dumps(request).encode())
         if self.channel.recv(16) != b"ok":
             raise OSError(errno.EPIPE, "the parent process is gone")
-
-
-def mapping_key(mapping):
-    """A PortMapping's host side as JSON-able values: [proto, host port, host IP or None]."""
-    return [mapping.proto, mapping.host_port, None if mapping.host_ip is None else str(mapping.host_ip)]
 
 
 class Handed:
@@ -2603,12 +2597,11 @@ HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld 
 class WorkerProcess:
     """A worker's own side: a Server for the filters its parent hands over, and its loop."""
 
-    def __init__(self, settings, table, inflight, index, handoff, requests):
-        ignore, auto, publish, debug = settings
+    def __init__(self, base, debug, table, inflight, index, handoff, requests):
         self.handoff = handoff
         self.events = Events()
         parent = ParentChannel(requests)
-        self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, parent, debug),
+        self.server = Server(self.events, Switcher(self.events, base, parent, debug),
                              table, index, parent.share, Inflight(inflight.row(index)))
         self.running = True
 
@@ -2726,9 +2719,10 @@ class Daemon:
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1):
         self.socket_path = socket_path
-        self.settings = (ignore, auto, publish, debug)
+        self.debug = debug
         self.events = Events()
         self.reservations = Reservations(publish.values(), reserve_ports)
+        self.base = Settings(compile_networks(ignore), auto, publish)  # the flags' part of every container's
         self.table = CounterTable(workers)
         self.inflight = InflightTable(workers)
         self.worker_count = workers
@@ -2738,7 +2732,7 @@ class Daemon:
         self.serial = 0             # the last Handed.key
         self.server = None
         if workers == 1:
-            self.server = Server(self.events, Switcher(self.events, ignore, auto, publish, self.reservations, debug),
+            self.server = Server(self.events, Switcher(self.events, self.base, self.reservations, debug),
                                  self.table)
             self.workers = [LocalWorker(self.server)]
         self.running = True
@@ -3114,8 +3108,7 @@ class Daemon:
         containers = []
         for hosted in self.containers.values():
             settings = hosted.settings or {}
-            own = [mapping_from_json(values) for values in settings.get("publish", ())]
-            published = own if settings.get("ignore_bind") else list(self.settings[2].values()) + own
+            published = self.base.with_container(hosted.settings).publish.values()
             containers.append({
                 "id": hosted.cid,
                 "processes": [self.filters[fd].pid for fd in hosted.filters],
@@ -3301,7 +3294,7 @@ class Daemon:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
-        WorkerProcess(self.settings, self.table, self.inflight, index, handoff, requests).run()
+        WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
 
     def on_worker_exit(self, worker):
         """A worker died: reap it and, unless stopping, hand its filters to a new one."""
@@ -3348,16 +3341,17 @@ class Daemon:
             return
         if not data:
             return  # the worker is gone: its pidfd says so
-        what, *request = json.loads(data)
+        what, argument = json.loads(data)
         if what == "share":
-            self.share(*request)
+            self.share(argument)
         else:
             reservations = self.reservations
-            act = {"lend": reservations.lend, "bound": lambda m: reservations.end_loan(m, True),
-                   "unbound": lambda m: reservations.end_loan(m, False)}[what]
-            for mapping in self.reservations.wanted:
-                if mapping_key(mapping) == request:
-                    act(mapping)
+            mapping = mapping_from_json(argument)
+            if reservations.key(mapping) in reservations.claims:  # a worker lends only what is published
+                if what == "lend":
+                    reservations.lend(mapping)
+                else:
+                    reservations.end_loan(mapping, what == "bound")
         worker.requests.send(b"ok")
 
     def stop_workers(self):
