@@ -30,6 +30,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -94,6 +95,7 @@ O_CLOEXEC = 0o2000000
 SO_ATTACH_FILTER = 26
 SO_LOCK_FILTER = 44                         # a socket filter nobody can change or remove
 PR_SET_PDEATHSIG = 1                        # prctl: a signal to this process when its parent dies
+PR_SET_CHILD_SUBREAPER = 36                 # prctl: orphaned descendants become this process's children
 
 
 class SeccompData(ctypes.Structure):
@@ -1041,6 +1043,23 @@ def own_netns_id():
             return ("inode", os.stat("/proc/self/ns/net").st_ino)
 
 
+def in_netns(sock, netns):
+    """Whether `sock` lives in the network namespace own_netns_id() gave `netns`."""
+    if netns[0] == "cookie":
+        return ("cookie", sock.getsockopt(_SOL, SO_NETNS_COOKIE, 8)) == netns
+    try:
+        nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    except PermissionError:
+        # SIOCGSKNS needs CAP_NET_ADMIN over the socket's namespace: the
+        # daemon has it over its containers' (it owns their user
+        # namespaces), so a namespace it cannot open is the host's.
+        return True
+    try:
+        return ("inode", os.fstat(nsfd).st_ino) == netns
+    finally:
+        os.close(nsfd)
+
+
 def parse_fdinfo_flags(info):
     """The `flags:` line of a /proc fdinfo text: the file's flags plus O_CLOEXEC of the fd."""
     start = info.find(b"flags:")
@@ -1298,19 +1317,7 @@ class Switcher:
 
     def is_host_socket(self, sock):
         """Whether `sock` lives in the daemon's (the host's) network namespace: switched already."""
-        if self.own_netns[0] == "cookie":
-            return ("cookie", sock.getsockopt(_SOL, SO_NETNS_COOKIE, 8)) == self.own_netns
-        try:
-            nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-        except PermissionError:
-            # SIOCGSKNS needs CAP_NET_ADMIN over the socket's namespace: the
-            # daemon has it over its containers' (it owns their user
-            # namespaces), so a namespace it cannot open is the host's.
-            return True
-        try:
-            return ("inode", os.fstat(nsfd).st_ino) == self.own_netns
-        finally:
-            os.close(nsfd)
+        return in_netns(sock, self.own_netns)
 
     def target_socket(self, call):
         """A socket object on the daemon's duplicate of the target's fd if that is an IP socket.
@@ -1576,7 +1583,7 @@ class Switcher:
         """ADDFD: `host` at the target's fd, close-on-exec as that fd was.  False when the target
         is gone (the call is abandoned); NotSwitched when the kernel refuses (the fd is past the
         target's RLIMIT_NOFILE, say): the socket then stays in the container."""
-        self.inflight.host_socket()
+        self.inflight.host_socket(call.tid, call.fd)
         try:
             if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
                 call.abandon()
@@ -2017,11 +2024,13 @@ class InflightTable:
 
     Per worker, slot 0 is the notification being handled and the others the
     blocking connects waiting in its loop; a slot is (filter key, 0 when free;
-    notification id; 1 once a host socket may be in the target's fd).
+    notification id; 1 once a host socket may be in the target's fd, or a
+    connect has started there; the target's thread and fd while it only may
+    be: ADDFD may not have run).
     """
 
     PENDING = 1024      # blocking connects per worker the daemon can answer for
-    FIELDS = 3
+    FIELDS = 5
 
     def __init__(self, servers):
         self.per_server = (1 + self.PENDING) * self.FIELDS
@@ -2032,7 +2041,7 @@ class InflightTable:
         return self.cells[server * self.per_server:(server + 1) * self.per_server]
 
     def orphans(self, server):
-        """[(filter key, notification id, host socket)] a dead worker left; its row is freed."""
+        """[(filter key, notification id, host socket, tid, fd)] a dead worker left; its row is freed."""
         row = self.row(server)
         left = [tuple(row[i:i + self.FIELDS]) for i in range(0, len(row), self.FIELDS) if row[i]]
         row.cast("B")[:] = bytes(len(row) * 8)
@@ -2053,8 +2062,11 @@ class Inflight:
         cells[1], cells[2] = notif_id, 0
         cells[0] = key
 
-    def host_socket(self):
-        self.cells[2] = 1
+    def host_socket(self, tid, fd):
+        """ADDFD comes: the target's `fd` may be a host socket from now on."""
+        cells = self.cells
+        cells[3], cells[4] = tid, fd
+        cells[2] = 1
 
     def end(self):
         self.cells[0] = 0
@@ -2066,7 +2078,7 @@ class Inflight:
         slot = self.free.pop()
         base = slot * InflightTable.FIELDS
         cells = self.cells
-        cells[base + 1], cells[base + 2] = notif_id, 1
+        cells[base + 1], cells[base + 2], cells[base + 3] = notif_id, 1, 0  # a connect is under way there
         cells[base] = key
         return slot
 
@@ -2592,6 +2604,8 @@ class LocalWorker:
 
 
 HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
+WORKER_READY = b"ready"     # a worker's first message: it holds nothing of its parent's any more
+WORKER_START_TIMEOUT = 10.0  # seconds the daemon waits for that at start
 
 
 class WorkerProcess:
@@ -2656,6 +2670,8 @@ ACCEPT_PAUSE = 0.1          # seconds without accept() after it failed with noth
 EVICTED = 16                # unfinished runtime connections dropped at once when out of fds
 MESSAGE_TIMEOUT = 10        # seconds a runtime has to send its whole message
 MAX_MESSAGE = 1 << 20       # bytes: a container's state is a few KiB
+EXIT_RELOAD = 75            # the daemon's exit status once it left everything to its keeper (SIGUSR2)
+RESUME_ENV = "BYPASS4NETNS_RESUME"  # a reloaded keeper's memfd of what its old code handed it
 
 
 def bind_unix_listener(path):
@@ -2717,14 +2733,18 @@ class Daemon:
     worker that dies is replaced and the new one is handed the same filters.
     """
 
-    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1):
+    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
+                 table=None, inflight=None, keeper=None):
         self.socket_path = socket_path
         self.debug = debug
         self.events = Events()
         self.reservations = Reservations(publish.values(), reserve_ports)
         self.base = Settings(compile_networks(ignore), auto, publish)  # the flags' part of every container's
-        self.table = CounterTable(workers)
-        self.inflight = InflightTable(workers)
+        # A keeper's tables, when it has one: it reads them after this process dies.
+        self.table = CounterTable(workers) if table is None else table
+        self.inflight = InflightTable(workers) if inflight is None else inflight
+        self.keeper = keeper        # KeeperLink, or None with --no-keeper
+        self.exit_status = 0
         self.worker_count = workers
         self.workers = []           # Worker, or one LocalWorker
         self.filters = {}           # notify fd -> Handed
@@ -2733,7 +2753,7 @@ class Daemon:
         self.server = None
         if workers == 1:
             self.server = Server(self.events, Switcher(self.events, self.base, self.reservations, debug),
-                                 self.table)
+                                 self.table, inflight=Inflight(self.inflight.row(0)))
             self.workers = [LocalWorker(self.server)]
         self.running = True
         self.listener = None
@@ -2869,37 +2889,15 @@ class Daemon:
         self.events.unwatch(message.conn.fileno())
         conn = message.conn
         log.warning("handing over to a new daemon")
-        listeners = self.listeners()
-        for listener in listeners:
-            self.events.unwatch(listener.sock.fileno())
-        self.stop_serving()
+        listeners = self.stop_everything()
         fds = []
 
-        def ref(fd):
+        def ref(fd, _ident):
             fds.append(fd)
             return len(fds) - 1
-        state = {
-            "listeners": [{"fd": ref(listener.sock.fileno()), "path": listener.path,
-                           "api": listener is self.api_listener,
-                           "bypass": None if listener.bypass is None else {
-                               "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
-                          for listener in listeners],
-            "filters": [{"fd": ref(notify_fd), "cid": handed.cid, "pid": handed.pid, "metadata": handed.metadata}
-                        for notify_fd, handed in self.filters.items()],
-            "containers": {cid: {"settings": hosted.settings, "counters": self.table.totals(hosted.slot)}
-                           for cid, hosted in self.containers.items()},
-            "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
-                        "fd": None if sock is None else ref(sock.fileno())}
-                       for mapping, owner, sock in self.reservations.export()],
-        }
-        state["fd_count"] = len(fds)
         try:
             conn.settimeout(30)
-            payload = json.dumps(state).encode()
-            conn.sendall(_U32.pack(len(payload)) + payload)
-            for start in range(0, len(fds), FDS_PER_MESSAGE):
-                batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
-                conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+            send_state(conn, self.snapshot(ref), fds)
             if conn.recv(2) != b"ok":
                 raise OSError(errno.EPIPE, "the new daemon did not confirm")
         except OSError as e:
@@ -2910,6 +2908,87 @@ class Daemon:
         conn.close()
         log.warning("handed over: %d containers, %d sockets and ports; exiting", len(self.containers), len(fds))
         self.handed_over = True
+        self.stop()
+
+    def stop_everything(self):
+        """Before a hand-over: accept nothing more and answer nothing more; returns the listeners."""
+        listeners = self.listeners()
+        for listener in listeners:
+            self.events.unwatch(listener.sock.fileno())
+        self.stop_serving()
+        return listeners
+
+    def snapshot(self, ref, ports=True):
+        """What a next daemon needs to serve on, as JSON-able values; each fd in it is
+        ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  Without
+        `ports`, the published ports held are named, not their sockets: a duplicate of one
+        would keep it bound when a container is lent it."""
+        return {
+            "listeners": [{"fd": ref(listener.sock.fileno(), "s%d" % os.fstat(listener.sock.fileno()).st_ino),
+                           "path": listener.path, "api": listener is self.api_listener,
+                           "bypass": None if listener.bypass is None else {
+                               "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
+                          for listener in self.listeners()],
+            "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "cid": handed.cid, "pid": handed.pid,
+                         "metadata": handed.metadata}
+                        for notify_fd, handed in self.filters.items()],
+            "containers": {cid: {"settings": hosted.settings, "slot": hosted.slot,
+                                 "counters": self.table.totals(hosted.slot)}
+                           for cid, hosted in self.containers.items()},
+            "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
+                        "fd": None if sock is None or not ports else ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)}
+                       for mapping, owner, sock in self.reservations.export()],
+        }
+
+    # -- the keeper ----------------------------------------------------------
+
+    def changed(self):
+        """What snapshot() gives has changed: the keeper learns it once this turn of the loop ends."""
+        if self.keeper is not None and self.keeper.timer is None:
+            self.keeper.timer = self.events.call_at(0, self.sync_keeper)
+
+    def sync_keeper(self):
+        """Send the keeper a snapshot(), with the fds it does not hold yet."""
+        link = self.keeper
+        if link is None:
+            return
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        fds, new, held = [], [], set()
+
+        def ref(fd, ident):
+            held.add(ident)
+            if ident not in link.held:
+                fds.append(fd)
+                new.append(ident)
+            return ident
+        state = self.snapshot(ref, ports=False)
+        state["new"] = new
+        try:
+            send_state(link.sock, state, fds)
+        except OSError as e:
+            log.error("the keeper takes no more of the daemon's state (%s): if this process dies now, "
+                      "its containers are not served on", e.strerror or e)
+            link.sock.close()
+            self.keeper = None
+            return
+        link.held = held
+
+    def hand_back(self):
+        """SIGUSR2: stop serving and leave everything to the keeper, which runs the script anew."""
+        if self.keeper is None:
+            log.error("SIGUSR2: nothing to reload to: this daemon runs without a keeper (--no-keeper); "
+                      "start the new version with --take-over")
+            return
+        log.warning("reloading: handing everything to the keeper")
+        listeners = self.stop_everything()
+        self.sync_keeper()
+        if self.keeper is None:
+            self.resume_serving(listeners)
+            return
+        self.handed_over = True
+        self.exit_status = EXIT_RELOAD
         self.stop()
 
     def stop_serving(self):
@@ -3053,8 +3132,13 @@ class Daemon:
             return 200, None
         raise ApiError(404, "no such path: %s" % path)
 
+    @property
+    def main_pid(self):
+        """The process to signal, whose pid the pid files hold: the keeper's if there is one."""
+        return os.getpid() if self.keeper is None else os.getppid()
+
     def bypass_status(self, bypass):
-        return {"id": bypass.spec["id"], "pid": os.getpid(), "spec": bypass.spec}
+        return {"id": bypass.spec["id"], "pid": self.main_pid, "spec": bypass.spec}
 
     def start_bypass(self, spec, ignore, publish, ignore_bind):
         """A BypassSpec's socket, listening before this returns (the runtime connects at once):
@@ -3079,13 +3163,14 @@ class Daemon:
             bypass.listener = self.add_listener(spec["socketPath"], self.on_runtime_data, bypass)
             if spec.get("pidFilePath"):
                 with open(spec["pidFilePath"], "w") as f:
-                    f.write("%d\n" % os.getpid())
+                    f.write("%d\n" % self.main_pid)
         except (OSError, Error) as e:
             if bypass.listener is not None:
                 self.close_listener(bypass.listener)
             self.reservations.release(owner)
             raise ApiError(400, "socketPath %s: %s" % (spec["socketPath"], getattr(e, "strerror", None) or e)) from None
         self.bypasses[sid] = bypass
+        self.changed()
         log.info("bypass %s: listening on %s%s", sid, spec["socketPath"],
                  "; publishing " + ", ".join(map(repr, own)) if own else "")
         return bypass
@@ -3101,6 +3186,7 @@ class Daemon:
             except FileNotFoundError:
                 pass
         self.reservations.release("bypass " + sid)
+        self.changed()
         log.info("bypass %s: stopped", sid)
 
     def status(self):
@@ -3119,7 +3205,8 @@ class Daemon:
                 "ignore": settings.get("ignore", []),
                 "counters": dict(zip(COUNTERS, self.table.totals(hosted.slot))),
             })
-        return {"pid": os.getpid(), "version": __version__, "socket": self.socket_path,
+        return {"pid": self.main_pid, "daemon": os.getpid(),
+                "version": __version__, "socket": self.socket_path,
                 "workers": [worker.pid for worker in self.workers if isinstance(worker, Worker)],
                 "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.out_of_fds,
                 "containers": containers}
@@ -3185,6 +3272,7 @@ class Daemon:
         self.events.watch(notify_fd, 0, lambda _events: self.on_filter_gone(notify_fd))
         for worker in self.servers_of(hosted):
             worker.hand(handed, hosted)
+        self.changed()
 
     def container_settings(self, cid, state):
         """What container `cid`'s annotations add to the daemon's flags, as its servers are
@@ -3231,6 +3319,7 @@ class Daemon:
             log.info("container %s: gone (%s)", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
             self.table.release(hosted.slot)
             self.reservations.release(hosted.cid)
+        self.changed()
 
     def share(self, cid):
         """A worker found container `cid` busy, and receives on its filters as one of several now."""
@@ -3255,23 +3344,17 @@ class Daemon:
     # -- workers -------------------------------------------------------------
 
     def start_workers(self):
+        """Fork the workers and wait till each has dropped what is the parent's."""
         if self.server is None:
             self.workers = [self.spawn_worker(index) for index in range(self.worker_count)]
+            for worker in self.workers:
+                if select.select([worker.requests], [], [], WORKER_START_TIMEOUT)[0]:
+                    worker.requests.recv(64)  # WORKER_READY, or nothing: a dead one is replaced
 
     def spawn_worker(self, index):
         handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         requests, requests_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns from here
-            status = 1
-            try:
-                self.become_worker(index, parent, handoff_end, requests_end)
-                status = 0
-            except BaseException:
-                log.exception("worker %d failed", index)
-            finally:
-                os._exit(status)
+        pid = fork_child(lambda: self.become_worker(index, handoff_end, requests_end), "worker %d" % index)
         handoff_end.close()
         requests_end.close()
         worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
@@ -3280,11 +3363,8 @@ class Daemon:
         log.info("worker %d: pid %d", index, pid)
         return worker
 
-    def become_worker(self, index, parent, handoff, requests):
+    def become_worker(self, index, handoff, requests):
         """In a forked worker: drop what is the parent's, then serve what the parent hands over."""
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            return  # the parent died before the prctl: nothing to serve
         signal.set_wakeup_fd(-1)
         keep = {0, 1, 2, handoff.fileno(), requests.fileno()}
         keep.update(h.stream.fileno() for h in log.handlers if getattr(h, "stream", None) is not None)
@@ -3294,6 +3374,7 @@ class Daemon:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
+        requests.send(WORKER_READY)
         WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
 
     def on_worker_exit(self, worker):
@@ -3316,20 +3397,8 @@ class Daemon:
                     new.hand(self.filters[notify_fd], hosted)
 
     def answer_orphans(self, worker):
-        """Answer the calls a dead worker had received and not answered.  One with no host socket
-        in place runs in the container as it was made (CONTINUE: what an ignored destination
-        gets); one with a host socket, or a blocking connect under way, gets EINTR, as a
-        signal would have: POSIX says the connection then goes on asynchronously."""
-        keys = {handed.key: handed.notify_fd for handed in self.filters.values()}
-        answered = 0
-        for key, notif_id, host_socket in self.inflight.orphans(worker.index):
-            notify_fd = keys.get(key)
-            if notify_fd is not None:
-                answer = (0, -errno.EINTR, 0) if host_socket else (0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
-                try:
-                    answered += notif_send(notify_fd, notif_id, *answer)
-                except OSError as e:
-                    log.error("worker %d: cannot answer a call it left: %s", worker.index, e.strerror)
+        answered = answer_orphans(self.inflight, worker.index,
+                                  {handed.key: handed.notify_fd for handed in self.filters.values()})
         if answered:
             log.warning("worker %d: %d call(s) it left unanswered answered", worker.index, answered)
 
@@ -3341,6 +3410,8 @@ class Daemon:
             return
         if not data:
             return  # the worker is gone: its pidfd says so
+        if data == WORKER_READY:
+            return  # a replacement's: nobody waits for it
         what, argument = json.loads(data)
         if what == "share":
             self.share(argument)
@@ -3379,6 +3450,8 @@ class Daemon:
     def on_signal(self, signum):
         if signum == signal.SIGUSR1:
             self.log_counters()
+        elif signum == signal.SIGUSR2:
+            self.hand_back()
         elif signum != signal.SIGHUP:
             self.stop()
         elif self.server is not None:
@@ -3401,7 +3474,7 @@ class Daemon:
         self.events.watch(exit_fd, select.EPOLLIN | select.EPOLLHUP, on_exit_fd)
 
     def watch_signals(self):
-        self.signal_pipe = watch_signals(self.events, self.on_signal)
+        self.signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGUSR2,))
 
     def run(self):
         def housekeeping():
@@ -3430,7 +3503,393 @@ class Daemon:
             for listener in (self.listener, self.api_listener):
                 if listener is not None:
                     self.close_listener(listener)
+        if self.keeper is not None:
+            self.keeper.sock.close()
         self.events.close()
+
+
+class KeeperLink:
+    """The daemon's side of its keeper: a stream socket, and the fds the keeper holds."""
+
+    __slots__ = ("sock", "held", "timer")
+
+    TIMEOUT = 5.0       # seconds a snapshot may take to send: the keeper only reads
+
+    def __init__(self, sock):
+        self.sock = sock
+        sock.settimeout(self.TIMEOUT)
+        self.held = set()           # idents (Daemon.snapshot) of the fds the keeper has a duplicate of
+        self.timer = None           # the Timer of the next sync_keeper, once something changed
+
+
+class Keeper:
+    """The first process, unless --no-keeper: it forks the daemon and keeps a duplicate of
+    every notify fd and listening socket the daemon serves, with the daemon's last snapshot().
+    When the daemon dies (SIGKILL, the OOM killer, a bug) it answers what the dead daemon left
+    and starts another with all of them: running containers wait a moment, then are served on.
+    On SIGUSR2 it runs the script file anew in its own place (same pid), the new code taking
+    everything over the same way.  Other signals go to the daemon; SIGKILL of the keeper ends
+    the daemon too (PR_SET_PDEATHSIG), as a way to stop everything at once."""
+
+    RESTARTS = 5            # restarts within RESTART_WINDOW seconds before giving up on a daemon
+    RESTART_WINDOW = 60.0   # that dies as soon as it starts
+    REAP_TIMEOUT = 5.0      # seconds a dead daemon's workers have to follow it (PR_SET_PDEATHSIG)
+
+    def __init__(self, argv, workers, new_daemon, serve, pid_file=None):
+        self.argv = argv            # to run the script anew with
+        self.pid_file = pid_file    # written once the first daemon serves...
+        self.ready_fd = None        # ...and then --ready-fd told
+        self.new_daemon = new_daemon  # callable(table, inflight, KeeperLink) -> Daemon
+        self.serve = serve          # callable(daemon, handed) -> exit status
+        self.table, self.inflight = CounterTable(workers), InflightTable(workers)
+        self.workers = workers
+        self.events = Events()
+        self.signal_pipe = None
+        self.held = {}              # ident -> the keeper's duplicate of the daemon's fd
+        self.state = None           # the daemon's last snapshot, fds as idents; None until it serves
+        self.counted = False        # whether state's counters are all there is (a reload's): no table's
+        self.announced = False      # READY=1 sent to systemd
+        self.child = self.last_child = None  # the daemon's pid while it lives; the last one's
+        self.child_status = None
+        self.link = None
+        self.reloading = False
+        self.stopping = False
+        self.restarts = collections.deque()
+        script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-", "-c") else None
+        self.script = script if script is not None and os.path.isfile(script) else None
+
+    def run(self, handed=None, ready_fd=None):
+        """Keep daemons running until one exits 0 (stopped, or handed over to --take-over);
+        the exit status.  `handed`: a reloaded keeper's (state, fds)."""
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the dead daemon's workers are ours to reap
+        self.signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGUSR2, signal.SIGCHLD))
+        self.ready_fd = ready_fd
+        if handed is not None:
+            self.state, self.held = handed
+            self.counted = True
+        while True:
+            self.start()
+            self.supervise()
+            status = self.child_status
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                return 0
+            if self.state is None or self.stopping:
+                return 1  # it never served, or died while stopping: its error is in the log
+            if self.reloading and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RELOAD:
+                self.run_anew()  # returns only if the exec failed: the old code serves on
+            elif self.may_restart(status):
+                log.error("the daemon (pid %d) %s: starting another with its %d containers",
+                          self.last_child, describe_exit(status), len(self.state["containers"]))
+            else:
+                return 1
+            self.reloading = False
+            self.answer_orphans()
+
+    def start(self):
+        link, link_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = fork_child(lambda: self.become_daemon(link, link_end), "the daemon")
+        link_end.close()
+        self.child = self.last_child = pid
+        self.link = link
+        link.settimeout(KeeperLink.TIMEOUT)
+        self.events.watch(link.fileno(), select.EPOLLIN, lambda _events: self.on_link())
+        log.info("daemon: pid %d", pid)
+
+    def become_daemon(self, link, link_end):
+        """In the forked daemon: drop what is the keeper's, then serve; the exit status."""
+        close_signal_pipe(self.signal_pipe)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        self.events.close()
+        link.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+        handed = None if self.state is None else (self.with_counters(), self.held)
+        return self.serve(self.new_daemon(self.table, self.inflight, KeeperLink(link_end)), handed)
+
+    def supervise(self):
+        """Take the daemon's snapshots until it exits, then the last ones it sent."""
+        while self.child is not None:
+            self.events.run_once(-1)
+        while self.link is not None:
+            self.on_link()
+        self.reap_the_rest()
+
+    def on_link(self):
+        try:
+            received = receive_state(self.link, "the daemon")
+        except (OSError, Error, ValueError) as e:
+            log.error("the daemon's state: %s: if it dies now, its containers are not served on", e)
+            received = None
+        if received is None:
+            self.events.unwatch(self.link.fileno())
+            self.link.close()
+            self.link = None
+            return
+        state, fds = received
+        for ident, fd in zip(state.pop("new"), fds):
+            old = self.held.get(ident)
+            if old is not None:
+                os.close(old)  # an ident of a daemon before this one
+            self.held[ident] = fd
+        named = {entry["fd"] for kind in ("listeners", "filters") for entry in state[kind]}
+        for ident in [ident for ident in self.held if ident not in named]:
+            os.close(self.held.pop(ident))
+        self.state, self.counted = state, False
+        if not (self.announced or self.reloading):  # a reload is ready once the new code serves
+            self.announced = True
+            if self.pid_file:
+                write_pid_file(self.pid_file)
+            if self.ready_fd is not None:
+                os.write(self.ready_fd, b"1")
+                os.close(self.ready_fd)
+                self.ready_fd = None
+            sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+
+    def on_signal(self, signum):
+        if signum == signal.SIGCHLD:
+            self.reap()
+            return
+        if self.child is None:
+            return
+        if signum == signal.SIGUSR2:
+            if not self.may_reload():
+                return
+            self.reloading, self.announced = True, False
+            sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+            sd_notify("STOPPING=1")
+        os.kill(self.child, signum)
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.child:
+                self.child, self.child_status = None, status
+
+    def reap_the_rest(self):
+        """The dead daemon's workers are ours now (the subreaper): wait for them to die."""
+        deadline = time.monotonic() + self.REAP_TIMEOUT
+        while True:
+            self.reap()
+            try:
+                with open("/proc/self/task/%d/children" % os.getpid()) as f:
+                    left = [int(pid) for pid in f.read().split()]
+            except FileNotFoundError:
+                left = []
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                for pid in left:
+                    os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.01)
+
+    def may_reload(self):
+        if self.state is None:
+            log.error("SIGUSR2: the daemon is not serving yet: nothing reloaded")
+            return False
+        if self.script is None:
+            log.error("SIGUSR2: cannot reload: this daemon was not started from a file; "
+                      "start the new version with --take-over")
+            return False
+        check = subprocess.run([sys.executable, self.script, "--version"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        if check.returncode != 0:
+            log.error("SIGUSR2: %s does not run (%s): serving on with the code running now", self.script,
+                      (check.stderr.strip().splitlines() or ["exit status %d" % check.returncode])[-1])
+            return False
+        log.warning("reloading %s (%s)", self.script, check.stdout.strip())
+        return True
+
+    def may_restart(self, status):
+        now = time.monotonic()
+        self.restarts.append(now)
+        while self.restarts[0] < now - self.RESTART_WINDOW:
+            self.restarts.popleft()
+        if len(self.restarts) > self.RESTARTS:
+            log.critical("the daemon (pid %d) %s, the %dth time in %d s: giving up; running containers' "
+                         "trapped calls fail with ENOSYS from now on", self.last_child, describe_exit(status),
+                         len(self.restarts), self.RESTART_WINDOW)
+            return False
+        return True
+
+    def answer_orphans(self):
+        notify_fds = {int(entry["fd"][1:]): self.held[entry["fd"]] for entry in self.state["filters"]}
+        answered = sum(answer_orphans(self.inflight, server, notify_fds) for server in range(self.workers))
+        if answered:
+            log.warning("%d call(s) the dead daemon left unanswered answered", answered)
+
+    def with_counters(self):
+        """The last snapshot, with the counters the daemon had counted till it stopped."""
+        if self.counted:
+            return self.state
+        state = dict(self.state)
+        state["containers"] = {cid: dict(entry, counters=self.table.totals(entry["slot"]))
+                               for cid, entry in state["containers"].items()}
+        return state
+
+    def run_anew(self):
+        """Exec the script file in this process, handing it every fd and the state (SIGUSR2)."""
+        self.answer_orphans()
+        memfd = os.memfd_create("bypass4netns-state", 0)  # inherited by the exec
+        with os.fdopen(os.dup(memfd), "w") as f:
+            json.dump({"state": self.with_counters(), "fds": self.held}, f)
+        for fd in self.held.values():
+            os.set_inheritable(fd, True)
+        env = dict(os.environ)
+        env[RESUME_ENV] = str(memfd)
+        try:
+            os.execve(sys.executable, [sys.executable, self.script] + self.argv, env)
+        except OSError as e:
+            log.error("SIGUSR2: cannot run %s: %s: serving on with the code running now", self.script, e.strerror)
+        os.close(memfd)
+        for fd in self.held.values():
+            os.set_inheritable(fd, False)
+
+    def close(self):
+        close_signal_pipe(self.signal_pipe)
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+        for fd in self.held.values():
+            os.close(fd)
+        self.held.clear()
+        self.events.close()
+
+
+def take_resume():
+    """A keeper run anew (SIGUSR2): the (state, fds) its old code left in RESUME_ENV, else None."""
+    value = os.environ.pop(RESUME_ENV, None)
+    if value is None:
+        return None
+    with os.fdopen(int(value), "r") as f:
+        f.seek(0)
+        resumed = json.load(f)
+    for fd in resumed["fds"].values():
+        os.set_inheritable(fd, False)
+    return resumed["state"], resumed["fds"]
+
+
+def sd_notify(message):
+    """Tell systemd (a Type=notify unit) what the service does: READY=1, RELOADING=1,
+    STOPPING=1.  Nothing outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path[0] == "@":
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(message.encode(), path)
+    except OSError as e:
+        log.warning("cannot notify systemd on %s: %s", os.environ["NOTIFY_SOCKET"], e.strerror)
+
+
+def fork_child(child, what):
+    """Fork a process that dies with this one (PR_SET_PDEATHSIG) and exits with child()'s
+    status (None: 0); the pid.  The child never returns from here."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() == parent:  # else the parent died before the prctl: nothing to serve
+                status = child() or 0
+        except BaseException:
+            log.exception("%s failed", what)
+        finally:
+            os._exit(status)
+    return pid
+
+
+def answer_orphans(inflight, server, notify_fds):
+    """Answer the calls server `server` had received and not answered when it died; returns
+    how many.  `notify_fds` maps filter keys to notify fds.  A call with no host socket in
+    place runs in the container as it was made (CONTINUE: what an ignored destination gets);
+    one with a host socket, or a blocking connect under way, gets EINTR, as a signal would
+    have: POSIX says the connection then goes on asynchronously."""
+    answered = 0
+    for key, notif_id, host_socket, tid, fd in inflight.orphans(server):
+        notify_fd = notify_fds.get(key)
+        if notify_fd is not None:
+            if host_socket and tid and not holds_host_socket(tid, fd):
+                host_socket = 0  # it died between saying a host socket comes and ADDFD
+            answer = (0, -errno.EINTR, 0) if host_socket else (0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            try:
+                answered += notif_send(notify_fd, notif_id, *answer)
+            except OSError as e:
+                log.error("cannot answer a call a dead process left: %s", e.strerror)
+    return answered
+
+
+def holds_host_socket(tid, fd):
+    """Whether fd `fd` of thread `tid`'s process is a socket in this process's network
+    namespace (False too if the thread or the fd is gone)."""
+    try:
+        with open("/proc/%d/status" % tid) as f:
+            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+        pidfd = os.pidfd_open(tgid)
+        try:
+            dup = pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:  # not a socket
+            os.close(dup)
+            return False
+    except (OSError, StopIteration):
+        return False
+    with sock:
+        return in_netns(sock, own_netns_id())
+
+
+def send_state(conn, state, fds):
+    """A daemon's snapshot() and the fds it names, on stream socket `conn` (blocking)."""
+    state = dict(state, fd_count=len(fds))
+    payload = json.dumps(state).encode()
+    conn.sendall(_U32.pack(len(payload)) + payload)
+    for start in range(0, len(fds), FDS_PER_MESSAGE):
+        batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
+        conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+
+
+def receive_state(conn, sender):
+    """What send_state() sent on `conn`: (state, [fd]); Error if `sender` breaks off, None at
+    end of file before anything."""
+    def exactly(count):
+        data = b""
+        while len(data) < count:
+            chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
+            if not chunk:
+                if not data and count == _U32.size:
+                    return None
+                raise Error("%s broke off what it was sending" % sender)
+            data += chunk
+        return data
+    header = exactly(_U32.size)
+    if header is None:
+        return None
+    length, = _U32.unpack(header)
+    state = json.loads(exactly(length))
+    fds = []
+    while len(fds) < state["fd_count"]:
+        data, ancillary, flags, _addr = conn.recvmsg(1, socket.CMSG_SPACE(FDS_PER_MESSAGE * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[:len(payload) // 4 * 4]))
+        if not data or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise Error("%s broke off after %d fds" % (sender, len(fds)))
+    return state, fds
 
 
 def receive_hand_over(path):
@@ -3440,29 +3899,11 @@ def receive_hand_over(path):
         conn.settimeout(60)
         conn.connect(path)
         conn.sendall(TAKE_OVER_REQUEST)
-
-        def exactly(count):
-            data = b""
-            while len(data) < count:
-                chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
-                if not chunk:
-                    raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
-                data += chunk
-            return data
-        length, = _U32.unpack(exactly(_U32.size))
-        state = json.loads(exactly(length))
-        fds = []
-        while len(fds) < state["fd_count"]:
-            data, ancillary, flags, _addr = conn.recvmsg(1, socket.CMSG_SPACE(FDS_PER_MESSAGE * 4))
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[:len(payload) // 4 * 4]))
-            if not data or flags & socket.MSG_CTRUNC:
-                for fd in fds:
-                    os.close(fd)
-                raise Error("the hand-over from %s broke off after %d fds" % (path, len(fds)))
+        handed = receive_state(conn, "the daemon on %s" % path)
+        if handed is None:
+            raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
         conn.sendall(b"ok")
-    return state, fds
+    return handed
 
 
 def watch_signals(events, on_signal, more=()):
@@ -3510,8 +3951,11 @@ def build_parser():
                     "namespace.",
         epilog="`bypass4netns.py status [--socket PATH] [--json]` shows what a running daemon "
                "serves.  Signals: SIGUSR1 logs each container's counters (at warning level, so "
-               "without --debug too); SIGHUP re-reads the 'auto' subnets; SIGTERM and SIGINT "
-               "remove the socket and the pid file and exit 0.")
+               "without --debug too); SIGHUP re-reads the 'auto' subnets; SIGUSR2 reloads: the "
+               "script file runs anew in the same process and takes everything over (systemd: "
+               "ExecReload=kill -USR2 $MAINPID); SIGTERM and SIGINT remove the socket and the pid "
+               "file and exit 0.  A keeper process (the pid in --pid-file) starts the daemon again "
+               "if it dies.")
     parser.add_argument("--socket", metavar="PATH",
                         help="listener socket (default: $XDG_RUNTIME_DIR/bypass4netns.sock)")
     parser.add_argument("--ignore", action="append", default=[], metavar="CIDR[,CIDR...]",
@@ -3531,6 +3975,9 @@ def build_parser():
                         help="take every container, socket and port over from the daemon serving "
                              "--socket, which then exits (an upgrade or a new configuration with no "
                              "container restarted)")
+    parser.add_argument("--no-keeper", dest="keeper", action="store_false",
+                        help="no keeper process: if the daemon dies, its running containers' trapped calls "
+                             "fail with ENOSYS, and SIGUSR2 does not reload")
     parser.add_argument("--no-reserve-ports", dest="reserve_ports", action="store_false",
                         help="do not hold the published host ports while no container binds them")
     parser.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
@@ -3577,8 +4024,10 @@ def socket_path(parser, args):
 def format_status(status):
     """`bypass4netns.py status` as a person reads it."""
     workers = status["workers"]
-    lines = ["bypass4netns.py %s, pid %d, on %s: %s; fd limit %d%s" % (
-        status["version"], status["pid"], status["socket"],
+    daemon = status.get("daemon", status["pid"])
+    lines = ["bypass4netns.py %s, pid %d%s, on %s: %s; fd limit %d%s" % (
+        status["version"], status["pid"], "" if daemon == status["pid"] else " (daemon %d)" % daemon,
+        status["socket"],
         "workers %s" % " ".join(map(str, workers)) if workers else "one process", status["fd_limit"],
         ", out of fds %d times" % status["out_of_fds"] if status["out_of_fds"] else "")]
     if not status["containers"]:
@@ -3637,6 +4086,9 @@ def main(argv=None):
         return status_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    resumed = take_resume()
+    if resumed is not None:  # run anew by its keeper (SIGUSR2): what was handed over, not --take-over
+        args.take_over, args.ready_fd = False, None
     try:
         ignore, auto = parse_ignore(args.ignore or ["127.0.0.0/8"])
         publish = build_publish_table(args.publish)
@@ -3663,16 +4115,35 @@ def main(argv=None):
     old_limit, fd_limit = raise_fd_limit()
     log.info("file descriptor limit %d (was %d)", fd_limit, old_limit)
 
-    daemon = Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
-                    workers=args.workers)
-    handed = None
+    def new_daemon(table=None, inflight=None, keeper=None):
+        return Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
+                      workers=args.workers, table=table, inflight=inflight, keeper=keeper)
+
+    def serve(daemon, handed):
+        return serve_daemon(daemon, args, api_path, handed, None)  # the keeper tells --ready-fd
+
+    if not args.keeper:
+        return serve_daemon(new_daemon(), args, api_path, None, args.ready_fd)
+    keeper = Keeper(argv, args.workers, new_daemon, serve, args.pid_file)
+    try:
+        return keeper.run(resumed, args.ready_fd)
+    finally:
+        keeper.close()
+        if args.pid_file:
+            remove_pid_file(args.pid_file)
+
+
+def serve_daemon(daemon, args, api_path, handed, ready_fd):
+    """Run `daemon` till it stops: from `handed` (a keeper's), from the daemon serving its socket
+    (--take-over), or anew; the exit status."""
     try:
         daemon.check_kernel()
-        if args.take_over:
+        if handed is None and args.take_over:
             try:
-                handed = receive_hand_over(path)
+                handed = receive_hand_over(daemon.socket_path)
             except OSError as e:
-                raise Error("no daemon to take over from on %s: %s" % (path, e.strerror or e)) from None
+                raise Error("no daemon to take over from on %s: %s" % (daemon.socket_path, e.strerror or e)) from None
+        if handed is not None:
             daemon.adopt_sockets(*handed, api_path)
         else:
             daemon.reservations.reserve_all()
@@ -3680,10 +4151,9 @@ def main(argv=None):
     except (Error, OSError) as e:
         print("bypass4netns.py: error: %s" % e, file=sys.stderr)
         return 1
-    if args.pid_file:
-        with open(args.pid_file, "w") as f:
-            f.write("%d\n" % os.getpid())
-
+    own_pid_file = args.pid_file if daemon.keeper is None else None  # else the keeper's pid is in it
+    if own_pid_file:
+        write_pid_file(own_pid_file)
     try:
         daemon.start_workers()
         if handed is not None:
@@ -3691,22 +4161,35 @@ def main(argv=None):
         daemon.watch_signals()  # before --ready-fd: from then on a signal is an event
         if args.exit_fd is not None:
             daemon.watch_exit_fd(args.exit_fd)
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, b"1")
-            os.close(args.ready_fd)
-        log.info("listening on %s", path)
+        daemon.sync_keeper()  # the keeper holds every fd before anyone is told it is ready
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        if daemon.keeper is None:
+            sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+        log.info("listening on %s", daemon.socket_path)
         daemon.run()
     finally:
         daemon.close()
-        if args.pid_file:
-            try:
-                with open(args.pid_file) as f:
-                    ours = f.read().strip() == str(os.getpid())  # not the next daemon's (--take-over)
-                if ours:
-                    os.unlink(args.pid_file)
-            except FileNotFoundError:
-                pass
-    return 0
+        if own_pid_file:
+            remove_pid_file(own_pid_file)
+    return daemon.exit_status
+
+
+def write_pid_file(path):
+    with open(path, "w") as f:
+        f.write("%d\n" % os.getpid())
+
+
+def remove_pid_file(path):
+    """Remove the pid file if it still names this process (not the next daemon's, --take-over)."""
+    try:
+        with open(path) as f:
+            ours = f.read().strip() == str(os.getpid())
+        if ours:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 if __name__ == "__main__":

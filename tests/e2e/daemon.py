@@ -46,7 +46,7 @@ def generate_profile(socket_path, base="podman", extra=()):
 class Daemon:
     """bypass4netns.py started as the test user; stop() ends it by pid."""
 
-    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=(), take_over=None):
+    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=(), take_over=None, env=None):
         serial = next(_serial)
         if serial == 0:
             prune_leftovers()
@@ -66,17 +66,19 @@ class Daemon:
             # profile became TCP-only assume; udp=False for the default profile.
             self.profile = generate_profile(self.socket, base, ["--udp"] if udp else [])
         # prefix: a command that execs the rest (prlimit ...), so the pid stays the daemon's.
+        self.args = list(args)
         argv = [*prefix, "python3", self.script, "--socket", self.socket, "--log-file", self.log_path, *args]
         if debug:
             argv.append("--debug")
         ready_r, ready_w = os.pipe()
         try:
-            self.proc = tb.start_server(argv + ["--ready-fd", str(ready_w)], user=True, pass_fds=[ready_w])
+            self.proc = tb.start_server(argv + ["--ready-fd", str(ready_w)], user=True, pass_fds=[ready_w], env=env)
             os.close(ready_w)
             ready_w = None
             if os.read(ready_r, 1) != b"1":
                 self.proc.wait(10)
                 raise RuntimeError("bypass4netns.py did not start: %s" % self.log())
+            os.read(ready_r, 1)  # end of file: no process holds the pipe any more
         finally:
             os.close(ready_r)
             if ready_w is not None:
@@ -98,12 +100,33 @@ class Daemon:
         return re.findall(r" %s (\S+): (.*)$" % what, self.log(), re.M)
 
     def pids(self):
-        """The daemon and its worker processes (--workers)."""
-        try:
-            with open("/proc/%d/task/%d/children" % (self.pid, self.pid)) as f:
-                return [self.pid] + [int(pid) for pid in f.read().split()]
-        except FileNotFoundError:
-            return [self.pid]
+        """The process started (the keeper, unless --no-keeper) and every process under it."""
+        def tree(pid):
+            try:
+                with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                    children = [int(child) for child in f.read().split()]
+            except FileNotFoundError:
+                children = []
+            return [pid] + [each for child in children for each in tree(child)]
+        return tree(self.pid)
+
+    def daemon_pid(self):
+        """The process that accepts the runtimes' messages: the keeper's child, if it has one
+        (the last one the keeper started, from the log: after a crash the dead daemon's workers
+        are the keeper's children for a moment too)."""
+        if "--no-keeper" in self.args:
+            return self.pid
+        started = re.findall(r" INFO daemon: pid (\d+)$", self.log(), re.M)
+        if started:
+            return int(started[-1])
+        with open("/proc/%d/task/%d/children" % (self.pid, self.pid)) as f:
+            children = f.read().split()
+        return int(children[0]) if children else None
+
+    def worker_pids(self):
+        """The daemon's worker processes (none with --workers 1)."""
+        daemon = self.daemon_pid()
+        return [pid for pid in self.pids() if pid not in (self.pid, daemon)]
 
     def fd_count(self):
         return sum(len(os.listdir("/proc/%d/fd" % pid)) for pid in self.pids())
