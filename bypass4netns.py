@@ -2612,7 +2612,7 @@ class WorkerProcess:
     """A worker's own side: a Server for the filters its parent hands over, and its loop."""
 
     def __init__(self, base, debug, table, inflight, index, handoff, requests):
-        self.handoff = handoff
+        self.handoff, self.requests = handoff, requests
         self.events = Events()
         parent = ParentChannel(requests)
         self.server = Server(self.events, Switcher(self.events, base, parent, debug),
@@ -2642,6 +2642,7 @@ class WorkerProcess:
         self.events.watch(self.handoff.fileno(), select.EPOLLIN, self.on_handoff)
         signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGALRM,))
         switcher = self.server.switcher
+        self.requests.send(WORKER_READY)  # every fd it holds at rest is open now
         try:
             run_loop(self.events, lambda: self.running, switcher.sweep_pending, lambda: bool(switcher.pending))
         finally:
@@ -3374,7 +3375,6 @@ class Daemon:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
-        requests.send(WORKER_READY)
         WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
 
     def on_worker_exit(self, worker):
