@@ -1200,7 +1200,7 @@ class Switcher:
     THREADS_KEPT = 1024     # ThreadHandles at most, each 1 + up to FDINFO_FILES fds...
     FD_SHARE = 16           # ...and at most 1/16 of the fd limit's worth of them
 
-    def __init__(self, events, base, ports, debug=False):
+    def __init__(self, events, base, ports, inflight, debug=False):
         self.events = events
         self.base = base            # Settings: the daemon's flags, to which a container's add
         self.ports = ports          # Reservations, or a worker's ParentChannel: lend(), end_loan()
@@ -1215,7 +1215,7 @@ class Switcher:
         self.own_netns = own_netns_id()
         self.memory = MemoryReader()
         self.limit = LogLimit()
-        self.inflight = Inflight(InflightTable(1).row(0))  # the Server running it gives its shared one
+        self.inflight = inflight    # Inflight: what the daemon answers for if this process dies
         self.dispatch = {}          # (arch, nr) -> (handler, pointer size)
         for arch, (numbers, ptr) in SYSCALL_NUMBERS.items():
             for name, nr in numbers.items():
@@ -2377,11 +2377,9 @@ class Server:
     counting in its own row of the container's counters.
     """
 
-    def __init__(self, events, switcher, table, index=0, on_busy=None, inflight=None):
+    def __init__(self, events, switcher, table, index=0, on_busy=None):
         self.events, self.switcher = events, switcher
         self.table, self.index = table, index
-        if inflight is not None:  # Inflight: what the daemon answers for if this process dies
-            switcher.inflight = inflight
         self.inflight = switcher.inflight
         self.on_busy = on_busy      # callable(Container) once a filter is found busy; None: never shared
         self.containers = {}        # OCI id -> Container
@@ -2615,8 +2613,8 @@ class WorkerProcess:
         self.handoff, self.requests = handoff, requests
         self.events = Events()
         parent = ParentChannel(requests)
-        self.server = Server(self.events, Switcher(self.events, base, parent, debug),
-                             table, index, parent.share, Inflight(inflight.row(index)))
+        self.server = Server(self.events, Switcher(self.events, base, parent, Inflight(inflight.row(index)), debug),
+                             table, index, parent.share)
         self.running = True
 
     def on_handoff(self, _events):
@@ -2753,8 +2751,8 @@ class Daemon:
         self.serial = 0             # the last Handed.key
         self.server = None
         if workers == 1:
-            self.server = Server(self.events, Switcher(self.events, self.base, self.reservations, debug),
-                                 self.table, inflight=Inflight(self.inflight.row(0)))
+            switcher = Switcher(self.events, self.base, self.reservations, Inflight(self.inflight.row(0)), debug)
+            self.server = Server(self.events, switcher, self.table)
             self.workers = [LocalWorker(self.server)]
         self.running = True
         self.listener = None
