@@ -11,12 +11,14 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import uuid
 
 import pytest
 
 from e2e.daemon import Daemon, generate_profile, run
+from e2e.test_daemon_life import wait_for
 from e2e.test_publish import SERVE, connect_errno, fetch
 
 
@@ -168,3 +170,31 @@ def test_a_bypass_survives_a_take_over(testbed, api_daemon):
         assert not os.path.exists(spec["socketPath"]) and not os.path.exists(spec["pidFilePath"])
     finally:
         assert new.stop() == 0
+
+
+def test_a_bypass_and_its_container_survive_a_killed_daemon(testbed, api_daemon):
+    """The keeper holds the API's socket and each bypass's with the daemon's other fds: a daemon
+    killed (SIGKILL) is followed by one that lists the bypass, serves its container's published
+    port, and answers the API."""
+    d = api_daemon
+    port = testbed.free_port()
+    spec = nerdctl_spec(d, uuid.uuid4().hex * 2, port)
+    assert api(d, "POST", "/v1/bypass", spec)[0] == 201
+    name = "b4ns-api-" + uuid.uuid4().hex[:8]
+    run(testbed.run_container(["python3", "-c", SERVE, "0.0.0.0", "80"], seccomp=generate_profile(spec["socketPath"]),
+                              name=name, extra=["-d"]), check=True)
+    try:
+        assert fetch(testbed, testbed.HOST_IP4, port, source=testbed.HOST_IP4_B).stdout.split()[0] == "80"
+        victim = d.daemon_pid()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: "the daemon (pid %d) was killed by signal 9: starting another with its 1 containers"
+                 % victim in d.log(), "the keeper to start another daemon")
+        wait_for(lambda: " listening on " in d.log().split("killed by signal 9")[-1], "the new daemon")
+        status, answer = api(d, "GET", "/v1/bypass")
+        assert status == 200 and [b["spec"] for b in answer] == [spec] and answer[0]["pid"] == d.pid, answer
+        result = fetch(testbed, testbed.HOST_IP4, port, source=testbed.HOST_IP4_B)
+        assert result.stdout.split() == ["80", testbed.HOST_IP4_B], result.stderr
+    finally:
+        run(testbed.podman(["rm", "-f", "-t", "0", name]), timeout=120)
+    assert api(d, "DELETE", "/v1/bypass/" + spec["id"]) == (200, b"")
+    assert not os.path.exists(spec["socketPath"]) and not os.path.exists(spec["pidFilePath"])

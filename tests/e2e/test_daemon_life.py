@@ -1205,13 +1205,14 @@ def test_a_killed_worker_is_replaced_and_the_container_served_on(testbed, daemon
 
 # -- 8. the keeper: a dead daemon started again, the script reloaded in place -----------------
 
-def test_a_killed_daemon_is_started_again_and_its_containers_served_on(testbed, daemon, acceptor):
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["default-workers", "one-process"])
+def test_a_killed_daemon_is_started_again_and_its_containers_served_on(testbed, daemon, acceptor, workers):
     """SIGKILL of the daemon (not of its keeper, the pid started) three times while a container
     connects in a loop and another serves a published port: the keeper starts another daemon with
     every notify fd each time; the loop never fails and goes on bypassed, the port stays served,
     the counters carry over.  The longest pause and what the killed daemon's calls got are printed."""
     published = testbed.free_port()
-    d = daemon(["-p", "%d:80" % published])
+    d = daemon(["-p", "%d:80" % published, *workers])
     server, server_name, client = published_server_and_loop(testbed, d, acceptor, 8)
     try:
         killed = []
