@@ -889,7 +889,8 @@ class Bench:
                          for name in sorted(calls, key=lambda name: -calls[name])[:5]]}
 
     def start_py_spy(self, pid, key, millis):
-        """py-spy (from the bench venv) recording pid, non-blocking, for the connecting window.
+        """py-spy (from the bench venv) recording pid and its child processes (keeper, daemon, workers),
+        non-blocking, for the connecting window.
 
         key names the files: DIR/py-spy-KEY-N.txt (raw stacks) and DIR/py-spy-KEY-N-top.txt (hot spots).
         """
@@ -900,7 +901,7 @@ class Bench:
         self.spy_runs[key] = self.spy_runs.get(key, 0) + 1
         raw = os.path.join(self.args.py_spy, "py-spy-%s-%d.txt" % (key, self.spy_runs[key]))
         os.makedirs(self.args.py_spy, exist_ok=True)
-        argv = [os.path.join(VENV, "bin", "py-spy"), "record", "--pid", str(pid), "--rate", "1000",
+        argv = [os.path.join(VENV, "bin", "py-spy"), "record", "--pid", str(pid), "--subprocesses", "--rate", "1000",
                 "--nonblocking", "--format", "raw", "--duration", str(max(1, millis // 1000)), "--output", raw]
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL), raw
