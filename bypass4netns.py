@@ -2730,6 +2730,7 @@ class Daemon:
     containers' counters, hands each container to one worker (its home) or,
     once it is busy, to all, and holds the published ports for them all; a
     worker that dies is replaced and the new one is handed the same filters.
+    Under a Keeper, it tells the keeper what it serves each time that changes.
     """
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
@@ -2922,10 +2923,11 @@ class Daemon:
         ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  Without
         `ports`, the published ports held are named, not their sockets: a duplicate of one
         would keep it bound when a container is lent it."""
+        def ref_socket(sock):
+            return ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)  # an inode per socket
         return {
-            "listeners": [{"fd": ref(listener.sock.fileno(), "s%d" % os.fstat(listener.sock.fileno()).st_ino),
-                           "path": listener.path, "api": listener is self.api_listener,
-                           "bypass": None if listener.bypass is None else {
+            "listeners": [{"fd": ref_socket(listener.sock), "path": listener.path,
+                           "api": listener is self.api_listener, "bypass": None if listener.bypass is None else {
                                "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
                           for listener in self.listeners()],
             "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "cid": handed.cid, "pid": handed.pid,
@@ -2935,7 +2937,7 @@ class Daemon:
                                  "counters": self.table.totals(hosted.slot)}
                            for cid, hosted in self.containers.items()},
             "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
-                        "fd": None if sock is None or not ports else ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)}
+                        "fd": ref_socket(sock) if sock is not None and ports else None}
                        for mapping, owner, sock in self.reservations.export()],
         }
 
