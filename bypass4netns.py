@@ -3982,8 +3982,9 @@ def build_parser():
                         help="do not hold the published host ports while no container binds them")
     parser.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
                         help="processes that answer notifications, each serving its share of the "
-                             "containers and all of them a busy one (default: the CPUs this process may run on, at most %d: %%(default)s "
-                             "here; 1: one process does everything)" % MAX_DEFAULT_WORKERS)
+                             "containers and all of them a busy one (default: one more than the CPUs this process "
+                             "may run on, at most %d: %%(default)s here; 1: one process does everything)"
+                             % MAX_DEFAULT_WORKERS)
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
     parser.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
     parser.add_argument("--debug", action="store_true", help="log every decision")
@@ -3998,7 +3999,10 @@ MAX_DEFAULT_WORKERS = 8
 
 
 def default_workers():
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS))
+    """One worker more than the CPUs: ADDFD sleeps until the container's thread has installed the
+    fd, and another worker serves meanwhile (2 CPUs, 3 workers against 2: 20 processes of one
+    container 18% faster, in each of 5 interleaved rounds; the other connect workloads level)."""
+    return min(len(os.sched_getaffinity(0)) + 1, MAX_DEFAULT_WORKERS)
 
 
 def positive_int(text):
