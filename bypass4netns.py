@@ -1060,6 +1060,15 @@ def in_netns(sock, netns):
         os.close(nsfd)
 
 
+def thread_group_id(tid):
+    """The process (thread group) that thread `tid` belongs to; OSError if it is gone."""
+    with open("/proc/%d/status" % tid) as f:
+        for line in f:
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    raise ProcessLookupError(errno.ESRCH, "no thread %d" % tid)
+
+
 def parse_fdinfo_flags(info):
     """The `flags:` line of a /proc fdinfo text: the file's flags plus O_CLOEXEC of the fd."""
     start = info.find(b"flags:")
@@ -1409,9 +1418,7 @@ class Switcher:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-        with open("/proc/%d/status" % tid) as f:
-            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
-        return ThreadHandle(tid, os.pidfd_open(tgid))
+        return ThreadHandle(tid, os.pidfd_open(thread_group_id(tid)))
 
     def forget_thread(self, tid):
         thread = self.threads.pop(tid, None)
@@ -2918,11 +2925,12 @@ class Daemon:
         self.stop_serving()
         return listeners
 
-    def snapshot(self, ref, ports=True):
+    def snapshot(self, ref, for_keeper=False):
         """What a next daemon needs to serve on, as JSON-able values; each fd in it is
-        ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  Without
-        `ports`, the published ports held are named, not their sockets: a duplicate of one
-        would keep it bound when a container is lent it."""
+        ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  For the
+        keeper, the published ports held are named, not their sockets (a duplicate of one
+        would keep it bound when a container is lent it), and the counters are left to the
+        table it shares."""
         def ref_socket(sock):
             return ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)  # an inode per socket
         return {
@@ -2930,14 +2938,14 @@ class Daemon:
                            "api": listener is self.api_listener, "bypass": None if listener.bypass is None else {
                                "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
                           for listener in self.listeners()],
-            "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "cid": handed.cid, "pid": handed.pid,
-                         "metadata": handed.metadata}
+            "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "key": handed.key, "cid": handed.cid,
+                         "pid": handed.pid, "metadata": handed.metadata}
                         for notify_fd, handed in self.filters.items()],
             "containers": {cid: {"settings": hosted.settings, "slot": hosted.slot,
-                                 "counters": self.table.totals(hosted.slot)}
+                                 "counters": None if for_keeper else self.table.totals(hosted.slot)}
                            for cid, hosted in self.containers.items()},
             "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
-                        "fd": ref_socket(sock) if sock is not None and ports else None}
+                        "fd": ref_socket(sock) if sock is not None and not for_keeper else None}
                        for mapping, owner, sock in self.reservations.export()],
         }
 
@@ -2964,7 +2972,7 @@ class Daemon:
                 fds.append(fd)
                 new.append(ident)
             return ident
-        state = self.snapshot(ref, ports=False)
+        state = self.snapshot(ref, for_keeper=True)
         state["new"] = new
         try:
             send_state(link.sock, state, fds)
@@ -3721,7 +3729,7 @@ class Keeper:
         return True
 
     def answer_orphans(self):
-        notify_fds = {int(entry["fd"][1:]): self.held[entry["fd"]] for entry in self.state["filters"]}
+        notify_fds = {entry["key"]: self.held[entry["fd"]] for entry in self.state["filters"]}
         answered = sum(answer_orphans(self.inflight, server, notify_fds) for server in range(self.workers))
         if answered:
             log.warning("%d call(s) the dead daemon left unanswered answered", answered)
@@ -3833,9 +3841,7 @@ def holds_host_socket(tid, fd):
     """Whether fd `fd` of thread `tid`'s process is a socket in this process's network
     namespace (False too if the thread or the fd is gone)."""
     try:
-        with open("/proc/%d/status" % tid) as f:
-            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
-        pidfd = os.pidfd_open(tgid)
+        pidfd = os.pidfd_open(thread_group_id(tid))
         try:
             dup = pidfd_getfd(pidfd, fd)
         finally:
@@ -3845,7 +3851,7 @@ def holds_host_socket(tid, fd):
         except OSError:  # not a socket
             os.close(dup)
             return False
-    except (OSError, StopIteration):
+    except OSError:
         return False
     with sock:
         return in_netns(sock, own_netns_id())
