@@ -96,6 +96,10 @@ SO_ATTACH_FILTER = 26
 SO_LOCK_FILTER = 44                         # a socket filter nobody can change or remove
 PR_SET_PDEATHSIG = 1                        # prctl: a signal to this process when its parent dies
 PR_SET_CHILD_SUBREAPER = 36                 # prctl: orphaned descendants become this process's children
+PR_SET_DUMPABLE = 4                         # prctl: 0 keeps ptrace and /proc/PID/mem out
+CLONE_NEWNS = 0x00020000                    # setns(2): a mount namespace,
+CLONE_NEWUSER = 0x10000000                  # a user namespace,
+CLONE_NEWNET = 0x40000000                   # a network namespace
 
 
 class SeccompData(ctypes.Structure):
@@ -210,6 +214,7 @@ SOCKETCALLS = {row[6]: (row[0], row[7]) for row in TRAPS}   # call number -> (na
 _SOCKETCALL_RULE = ((SOCKETCALL, ()),)  # i386 only: its calls carry their arguments in memory
 SECCOMP_NOTIFY_RULES = tuple((row[0], row[8]) for row in TRAPS) + _SOCKETCALL_RULE
 SECCOMP_NOTIFY_RULES_UDP = tuple((row[0], row[9]) for row in TRAPS) + _SOCKETCALL_RULE
+SEND_FLAGS_ARG = {row[0]: row[8][0]["index"] for row in TRAPS if row[8]}   # send name -> its flags' index
 # In a profile's listenerMetadata (which the runtime passes on with each
 # container): the profile traps every send with a destination, so the daemon
 # may switch UDP sockets.  Without it, UDP sockets stay in the container.
@@ -264,6 +269,11 @@ def _retry(call, *args):
         err = ctypes.get_errno()
         if err != errno.EINTR:
             raise OSError(err, os.strerror(err))
+
+
+def setns(fd, nstype):
+    """Join the namespace `fd` names (os.setns is Python 3.12's)."""
+    _retry(_libc.setns, fd, nstype)
 
 
 def _ioctl(fd, request, arg):
@@ -713,10 +723,11 @@ class Settings:
     published first: binding them fails with EADDRINUSE, as with docker.
     """
 
-    __slots__ = ("networks", "auto", "publish", "in_use", "published_udp_ports")
+    __slots__ = ("networks", "auto", "publish", "in_use", "published_udp_ports", "strict")
 
-    def __init__(self, networks, auto, publish, in_use=frozenset()):
+    def __init__(self, networks, auto, publish, in_use=frozenset(), strict=False):
         self.networks, self.auto, self.publish, self.in_use = networks, auto, publish, in_use
+        self.strict = strict        # --strict: never CONTINUE a call on a socket (see NamespaceHelper)
         self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
 
     def with_container(self, added):
@@ -733,7 +744,7 @@ class Settings:
         publish = {} if ignore_bind else dict(self.publish)
         publish.update(((m.proto, m.container_port), m) for m in mappings)
         return Settings(self.networks + compile_networks(networks), self.auto or auto, publish,
-                        frozenset(in_use))
+                        frozenset(in_use), self.strict)
 
 
 def mapping_to_json(mapping):
@@ -1222,6 +1233,7 @@ class Switcher:
         self.templates = {}         # (family, type, proto) -> Template
         self.pidfd_flags = PIDFD_THREAD
         self.own_netns = own_netns_id()
+        self.own_namespaces = namespace_inodes("self")
         self.memory = MemoryReader()
         self.limit = LogLimit()
         self.inflight = inflight    # Inflight: what the daemon answers for if this process dies
@@ -1261,9 +1273,10 @@ class Switcher:
 
         With a host socket in place, or after the address was read, the
         kernel must not run the call: it would act on memory read anew.
+        Under --strict nothing continues.
         """
         try:
-            if call.installed or call.read_memory:
+            if call.installed or call.read_memory or call.container.settings.strict:
                 call.fail(errno.EIO)
             else:
                 call.let_run()
@@ -1328,32 +1341,58 @@ class Switcher:
         """Whether `sock` lives in the daemon's (the host's) network namespace: switched already."""
         return in_netns(sock, self.own_netns)
 
-    def target_socket(self, call):
+    def target_socket(self, call, op):
         """A socket object on the daemon's duplicate of the target's fd if that is an IP socket.
 
-        Anything else (a unix socket, not a socket, a thread gone) is let run
-        here, and None returned.  The family comes from the getsockname()
-        Python makes anyway to check the fd; the object's type and proto are
-        placeholders, so that Python asks the kernel for nothing more.
+        Anything else is answered here, and None returned: an fd that is not
+        open gets EBADF and one that is not a socket ENOTSOCK, as from the
+        kernel; a socket of another family goes to other_family().  The
+        family comes from the getsockname() Python makes anyway to check the
+        fd; the object's type and proto are placeholders, so that Python asks
+        the kernel for nothing more.
         """
         try:
             dup = self.target_fd(call.tid, call.fd)
-        except OSError as e:  # the thread is gone, the fd is not open, or we are out of fds
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                call.fail(errno.EBADF)
+                return None
             if out_of_fds(e):
                 self.note_out_of_fds(call, e)
-            self.let_run(call)
+            if call.container.settings.strict:  # the thread is gone, or the daemon is out of fds
+                call.fail(errno.ENOBUFS if out_of_fds(e) else e.errno or errno.EIO)
+            else:
+                self.let_run(call)
             return None
         try:
             sock = socket.socket(-1, socket.SOCK_STREAM, 0, dup)
-        except OSError:  # ENOTSOCK: Python leaves the fd to us
+        except OSError as e:  # ENOTSOCK: Python leaves the fd to us
             os.close(dup)
-            self.let_run(call)
+            call.fail(e.errno or errno.ENOTSOCK)
             return None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             return sock
-        sock.close()
-        self.let_run(call)
+        self.other_family(call, sock, op)
         return None
+
+    def other_family(self, call, sock, op):
+        """A call on a socket neither IPv4 nor IPv6 (unix, netlink...), which stays the container's.
+
+        Without --strict the kernel runs it (CONTINUE), looking the fd number
+        up again: another thread may have put a host socket there since, and
+        the call then runs on the host (README: "swapping the fd").  Under
+        --strict nothing here continues: a NamespaceHelper makes connect, bind
+        and listen on our duplicate as the calling thread would, and a TCP
+        Fast Open send is refused (let_send_run).
+        """
+        if not call.container.settings.strict:
+            sock.close()
+            self.let_run(call)
+        elif op in SEND_FLAGS_ARG:
+            sock.close()
+            self.let_send_run(call, op, switched=False)
+        else:
+            self.delegate(call, sock, op)
 
     def note_out_of_fds(self, call, error):
         """The daemon could not take an fd: the call stays the container's, said once in a while."""
@@ -1461,7 +1500,7 @@ class Switcher:
         The sockaddr is read once, checked, and used by the daemon's own
         connect: never CONTINUE after reading it.
         """
-        sock = self.target_socket(call)
+        sock = self.target_socket(call, CONNECT)
         if sock is None:
             return
         try:
@@ -1695,7 +1734,7 @@ class Switcher:
 
     def on_bind(self, call):
         """Bind a published port on the host, anything else where the socket is."""
-        sock = self.target_socket(call)
+        sock = self.target_socket(call, BIND)
         if sock is None:
             return
         with sock:
@@ -1786,19 +1825,15 @@ class Switcher:
 
         A host socket whose connect failed is not connected: listen() would
         open a listener in the host's namespace, on every host address, at a
-        port the kernel picks.  That is refused (EOPNOTSUPP).  A published
+        port the kernel picks.  That is refused (EOPNOTSUPP).  Any other
         socket listens, the daemon doing it on the very socket it checked.
-        A socket in the container listens there, untouched.
         """
-        sock = self.target_socket(call)
+        sock = self.target_socket(call, LISTEN)
         if sock is None:
             return
         with sock:
-            if not self.is_host_socket(sock):
-                self.let_run(call)
-                return
-            bound = sock.getsockname()
-            if self.published_at(call.container.settings, bound[0], bound[1]):
+            settings = call.container.settings
+            if not self.is_host_socket(sock) or self.published_at(settings, *sock.getsockname()[:2]):
                 call.result(sock_call(_libc.listen, sock.fileno(), ctypes.c_int(call.args[1] & 0xFFFFFFFF)))
                 return
             call.container.counters[COUNT_REFUSED] += 1
@@ -1814,30 +1849,110 @@ class Switcher:
         return any(mapping.proto == _TCP and mapping.host_port == host_port
                    and mapping.host_ip in (None, address) for mapping in settings.publish.values())
 
+    # -- under --strict, calls on sockets that are not IP ---------------------
+
+    def delegate(self, call, sock, op):
+        """Have a NamespaceHelper make `op` on `sock` (taken over) as the calling thread would.
+
+        The answer comes when the helper replies; until then the call has
+        a pending slot in the Inflight row, so that a dead daemon's calls
+        get EINTR, never CONTINUE.
+        """
+        with sock:
+            raw = b""
+            if op != LISTEN:
+                raw = self.read_sockaddr(call, 1, 2)
+                if raw is None or not call.still_valid():
+                    return
+            try:
+                helper = self.helper_for(call)
+                helper.send(op, call, raw, sock.fileno())
+            except OSError as e:
+                call.fail(e.errno or errno.EIO)
+                return
+        call.deferred = True
+        helper.waiting.append((call, self.inflight.add_pending(call.filter.key, call.id)))
+
+    def helper_for(self, call):
+        """The container's NamespaceHelper for the namespaces of the calling thread, started if need be."""
+        key = namespace_inodes(call.tid)
+        container = call.container
+        helper = container.helpers.get(key)
+        if helper is None:
+            joins = [(name, nstype) for (name, nstype), inode, own in zip(NAMESPACES, key, self.own_namespaces)
+                     if inode != own]
+            helper = container.helpers[key] = NamespaceHelper.start(call.tid, joins)
+            self.events.watch(helper.channel.fileno(), select.EPOLLIN,
+                              lambda _events: self.on_helper_reply(container, key, helper))
+            log.info("container %s: namespace helper pid %d (--strict)", container.short_id, helper.pid)
+        return helper
+
+    def on_helper_reply(self, container, key, helper):
+        """The answer to the oldest call sent to `helper`, or its end."""
+        try:
+            reply = helper.channel.recv(NamespaceHelper.REPLY.size)
+        except BlockingIOError:
+            return
+        except OSError:
+            reply = b""
+        if len(reply) != NamespaceHelper.REPLY.size or not helper.waiting:
+            log.error("container %s: namespace helper pid %d is gone", container.short_id, helper.pid)
+            self.end_helper(container, key, errno.EIO)
+            return
+        call, slot = helper.waiting.popleft()
+        self.inflight.end_pending(slot)
+        call.result(NamespaceHelper.REPLY.unpack(reply)[0])
+
+    def end_helper(self, container, key, error):
+        """Stop a helper (ours: by its pid), failing the calls it had with errno `error`."""
+        helper = container.helpers.pop(key)
+        self.events.unwatch(helper.channel.fileno())
+        for call, slot in helper.waiting:
+            self.inflight.end_pending(slot)
+            call.fail(error)
+        helper.stop()
+
+    def end_helpers(self, container, error=errno.EIO):
+        for key in list(container.helpers):
+            self.end_helper(container, key, error)
+
     # -- sends with a destination -------------------------------------------
 
-    def host_datagram_socket(self, call, flags_arg):
+    def host_datagram_socket(self, call, op):
         """The target's socket if it is a switched UDP socket (its sends need us), else None.
 
-        Every other case is answered here.  A socket still in the container
-        runs the syscall untouched: it can reach only the container's network.
-        So does a switched stream socket, whose destination argument the
-        kernel ignores, except for a TCP Fast Open send, which would connect
-        it anew and is refused.
+        Every other case is answered here, by let_send_run().
         """
-        sock = self.target_socket(call)
+        sock = self.target_socket(call, op)
         if sock is None:
             return None
-        if self.is_host_socket(sock):
-            if sock.getsockopt(_SOL, socket.SO_TYPE) == socket.SOCK_DGRAM:
-                return sock
-            if call.args[flags_arg] & MSG_FASTOPEN:
-                sock.close()
-                call.fail(errno.EOPNOTSUPP)
-                return None
+        switched = self.is_host_socket(sock)
+        if switched and sock.getsockopt(_SOL, socket.SO_TYPE) == socket.SOCK_DGRAM:
+            return sock
         sock.close()
-        self.let_run(call)
+        self.let_send_run(call, op, switched)
         return None
+
+    def let_send_run(self, call, op, switched):
+        """A send on a socket that is not a switched UDP one: the kernel runs it, mostly.
+
+        A socket still in the container can reach only the container's
+        network; a switched stream socket ignores the destination.  A TCP
+        Fast Open send would connect the socket anew: it is refused on a
+        switched socket, and under --strict on any (the fd number could hold
+        a host socket when the kernel runs it).  The plain sends a --udp
+        profile traps continue even under --strict (said once per container).
+        """
+        strict = call.container.settings.strict
+        if call.args[SEND_FLAGS_ARG[op]] & MSG_FASTOPEN and (switched or strict):
+            call.fail(errno.EOPNOTSUPP)
+            return
+        container = call.container
+        if strict and not container.warned_strict_send:
+            container.warned_strict_send = True
+            log.warning("container %s: its --udp profile traps sends on sockets the daemon did not switch, "
+                        "which --strict lets run: the fd-swap hole stays open for them", container.short_id)
+        self.let_run(call)
 
     def refuse_send(self, call, sock, raw):
         """Why a switched datagram socket may not send to `raw`, or None if it may."""
@@ -1856,7 +1971,7 @@ class Switcher:
         return reason
 
     def on_sendto(self, call):
-        sock = self.host_datagram_socket(call, 3)
+        sock = self.host_datagram_socket(call, SENDTO)
         if sock is None:
             return
         with sock:
@@ -1884,7 +1999,7 @@ class Switcher:
             call.result(result)
 
     def on_sendmsg(self, call):
-        self.send_message(call, call.args[1], 2, None)
+        self.send_message(call, call.args[1], SENDMSG, None)
 
     def on_sendmmsg(self, call):
         # Send the first message only: sendmmsg may send fewer than asked, and
@@ -1893,14 +2008,14 @@ class Switcher:
             self.let_run(call)
             return
         mmsg = call.args[1]
-        self.send_message(call, mmsg, 3, mmsg + MSGHDR_LAYOUT[call.ptr].size)
+        self.send_message(call, mmsg, SENDMMSG, mmsg + MSGHDR_LAYOUT[call.ptr].size)
 
-    def send_message(self, call, msg_addr, flags_arg, msg_len_addr):
+    def send_message(self, call, msg_addr, op, msg_len_addr):
         """sendmsg, or sendmmsg's first message, on a switched UDP socket: done here."""
-        sock = self.host_datagram_socket(call, flags_arg)
+        sock = self.host_datagram_socket(call, op)
         if sock is None:
             return
-        flags = call.args[flags_arg] & 0xFFFFFFFF
+        flags = call.args[SEND_FLAGS_ARG[op]] & 0xFFFFFFFF
         with sock:
             try:
                 raw, payload, ancillary = self.read_msghdr(call, msg_addr)
@@ -1962,6 +2077,204 @@ class Switcher:
                 raise OSError(errno.ENOBUFS, "msg_controllen")
             ancillary = parse_cmsgs(self.read(call, control, controllen), call.ptr)
         return raw, b"".join(chunks), ancillary
+
+
+NAMESPACES = (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS), ("net", CLONE_NEWNET))  # joined in this order
+
+
+def namespace_inodes(tid):
+    """The inodes of a thread's NAMESPACES ("self": ours), which tell namespaces apart."""
+    return tuple(os.stat("/proc/%s/ns/%s" % (tid, name)).st_ino for name, _nstype in NAMESPACES)
+
+
+def parse_status_ids(text):
+    """/proc/TID/status -> (effective uid, effective gid, groups, umask), ids as the reader's user
+    namespace sees them."""
+    fields = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.split()
+    return (int(fields["Uid"][1]), int(fields["Gid"][1]), tuple(int(g) for g in fields.get("Groups", ())),
+            int(fields["Umask"][0], 8))
+
+
+def parse_id_map(text):
+    """/proc/PID/uid_map or gid_map -> ((first id inside, first id outside, count), ...)."""
+    return tuple(tuple(int(v) for v in line.split()) for line in text.splitlines() if line.strip())
+
+
+def map_into(id_map, outside):
+    """The id inside a user namespace of an id of the reader's, by the namespace's map; None if unmapped."""
+    for inside, first, count in id_map:
+        if first <= outside < first + count:
+            return inside + outside - first
+    return None
+
+
+def close_other_fds(keep):
+    """In a forked child: close every fd but those in `keep` (and the log's)."""
+    keep = set(keep)
+    keep.update(h.stream.fileno() for h in log.handlers if getattr(h, "stream", None) is not None)
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass  # the listing's own fd
+
+
+class NamespaceHelper:
+    """A process in a container's user, mount and network namespaces that makes, under --strict,
+    the calls on its sockets that are not IP: connect, bind and listen on unix sockets above all.
+
+    What such a call does depends on who makes it (the credentials a peer
+    reads with SO_PEERCRED, the permissions on a socket file, the owner and
+    mode of a new one) and where (the caller's root, working directory and
+    mount namespace).  The daemon has none of that, and a CONTINUE lets the
+    kernel look the fd number up again, where another thread may have put a
+    host socket.  So the helper joins the namespaces once, and for each call
+    takes on the caller's ids, groups, umask, root and working directory,
+    makes the call on the daemon's duplicate of the socket, and takes them
+    off again.  It is forked before it joins and is not dumpable: its memory
+    belongs to the host's user namespace, so the container's root can
+    neither ptrace it nor read it.  Peers see its pid (0 in the container's
+    pid namespace) instead of the caller's.
+    """
+
+    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}
+    REQUEST = struct.Struct("=BIIIiH")  # op, euid, egid, umask, backlog, group count; then groups, the sockaddr
+    REPLY = struct.Struct("=i")         # 0 or -errno
+    MAX_GROUPS = 4096
+
+    __slots__ = ("pid", "channel", "uid_map", "gid_map", "waiting")
+
+    def __init__(self, pid, channel, uid_map, gid_map):
+        self.pid, self.channel = pid, channel
+        self.uid_map, self.gid_map = uid_map, gid_map   # the container's, to name the caller's ids there
+        self.waiting = collections.deque()              # (Call, Inflight slot), in the order sent
+
+    @classmethod
+    def start(cls, tid, joins):
+        """A helper in thread `tid`'s namespaces `joins` ((name, CLONE_NEW*), ...)."""
+        ns_fds = []
+        ours = theirs = None
+        try:
+            for name, nstype in joins:
+                ns_fds.append((os.open("/proc/%d/ns/%s" % (tid, name), os.O_RDONLY | os.O_CLOEXEC), nstype))
+            maps = []
+            for name in ("uid_map", "gid_map"):
+                with open("/proc/%d/%s" % (tid, name)) as f:
+                    maps.append(parse_id_map(f.read()))
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = fork_child(lambda: serve_in_namespaces(theirs, ns_fds), "a namespace helper")
+        except BaseException:
+            if ours is not None:
+                ours.close()
+            raise
+        finally:
+            for fd, _nstype in ns_fds:
+                os.close(fd)
+            if theirs is not None:
+                theirs.close()
+        ours.setblocking(False)  # a helper stuck in a call must not stop the daemon's loop
+        return cls(pid, ours, *maps)
+
+    def send(self, op, call, raw, sock_fd):
+        """Ask for `op` on `sock_fd` with sockaddr `raw`, as thread call.tid would make it."""
+        with open("/proc/%d/status" % call.tid) as f:
+            euid, egid, groups, umask = parse_status_ids(f.read())
+        if len(groups) > self.MAX_GROUPS:
+            raise OSError(errno.EINVAL, "too many groups")
+        inside = [map_into(self.uid_map, euid), map_into(self.gid_map, egid)]
+        inside += [map_into(self.gid_map, g) for g in groups]
+        if None in inside:
+            raise OSError(errno.EPERM, "the caller's ids are not the container's")
+        request = (self.REQUEST.pack(self.OPS[op], inside[0], inside[1], umask, ctypes.c_int(call.args[1]).value,
+                                     len(groups)) + struct.pack("=%dI" % len(groups), *inside[2:]) + raw)
+        fds = [os.open("/proc/%d/%s" % (call.tid, name), os.O_PATH | os.O_CLOEXEC) for name in ("root", "cwd")]
+        try:
+            self.channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", [sock_fd] + fds))])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def stop(self):
+        self.channel.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+    @classmethod
+    def make_call(cls, data, fds, top, identity):
+        """In the helper: one call as its caller, then back to the helper's own ids and root; 0 or -errno.
+
+        OSError when the helper cannot take its own ids back: it must not go on.
+        """
+        op, euid, egid, umask, backlog, count = cls.REQUEST.unpack_from(data)
+        groups = struct.unpack_from("=%dI" % count, data, cls.REQUEST.size)
+        raw = data[cls.REQUEST.size + 4 * count:]
+        sock, root, cwd = fds
+        own_euid, own_egid, own_groups = identity
+        old_umask = os.umask(umask)
+        chrooted = switched = False
+        try:
+            try:
+                if not os.path.samestat(os.fstat(root), os.stat("/")):
+                    os.fchdir(root)
+                    os.chroot(".")
+                    chrooted = True
+                os.fchdir(cwd)
+                if (euid, egid, sorted(groups)) != (own_euid, own_egid, sorted(own_groups)):
+                    switched = True
+                    os.setgroups(groups)
+                    os.setresgid(-1, egid, -1)
+                    os.setresuid(-1, euid, -1)
+            except OSError as e:
+                return -(e.errno or errno.EPERM)
+            if op == cls.OPS[CONNECT]:
+                return sock_call(_libc.connect, sock, raw, len(raw))
+            if op == cls.OPS[BIND]:
+                return sock_call(_libc.bind, sock, raw, len(raw))
+            return sock_call(_libc.listen, sock, ctypes.c_int(backlog))
+        finally:
+            if switched:
+                os.setresuid(-1, own_euid, -1)
+                os.setresgid(-1, own_egid, -1)
+                os.setgroups(own_groups)
+            os.umask(old_umask)
+            os.fchdir(top)
+            if chrooted:
+                os.chroot(".")
+
+
+def serve_in_namespaces(channel, ns_fds):
+    """A NamespaceHelper's life: join the namespaces, then make the daemon's calls till it hangs up."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+    close_other_fds({0, 1, 2, channel.fileno()} | {fd for fd, _nstype in ns_fds})
+    # Before joining: ptrace and /proc/PID/mem then need CAP_SYS_PTRACE in the
+    # host's user namespace, where this process's memory was made.
+    _retry(_libc.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0)
+    for fd, nstype in ns_fds:
+        setns(fd, nstype)
+        os.close(fd)
+    channel.setblocking(True)
+    top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    identity = (os.geteuid(), os.getegid(), os.getgroups())
+    while True:
+        data, fds = recv_with_fds(channel, 3)
+        if not data:
+            return 0
+        try:
+            result = NamespaceHelper.make_call(data, fds, top, identity) if len(fds) == 3 else -errno.EINVAL
+        finally:
+            for fd in fds:
+                os.close(fd)
+        channel.sendall(NamespaceHelper.REPLY.pack(result))
 
 
 # ---------------------------------------------------------------------------
@@ -2112,6 +2425,8 @@ class Container:
         self.auto_read = -1e9
         self.warned_socketcall = False
         self.warned_udp_publish = False
+        self.warned_strict_send = False
+        self.helpers = {}           # (user, mount, network namespace inodes) -> NamespaceHelper: --strict's
 
     def holds_switched_sockets(self):
         """Whether any server has put a host socket in this container."""
@@ -2448,6 +2763,7 @@ class Server:
         os.close(notify_fd)
         container.notify_fds.discard(notify_fd)
         if not container.notify_fds:
+            self.switcher.end_helpers(container)
             del self.containers[container.id]
 
     def on_notify(self, notify_fd, events):
@@ -2509,6 +2825,8 @@ class Server:
             switcher.forget_pending(pending).close()
             # As a signal would: the connection goes on (POSIX), no thread waits for this process.
             pending.call.fail(errno.EINTR)
+        for container in self.containers.values():
+            switcher.end_helpers(container, errno.EINTR)
         for fd in list(self.filters):
             self.events.unwatch(fd)
             os.close(fd)
@@ -2741,12 +3059,12 @@ class Daemon:
     """
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
-                 table=None, inflight=None, keeper=None):
+                 table=None, inflight=None, keeper=None, strict=False):
         self.socket_path = socket_path
         self.debug = debug
         self.events = Events()
         self.reservations = Reservations(publish.values(), reserve_ports)
-        self.base = Settings(compile_networks(ignore), auto, publish)  # the flags' part of every container's
+        self.base = Settings(compile_networks(ignore), auto, publish, strict=strict)  # every container's part
         # A keeper's tables, when it has one: it reads them after this process dies.
         self.table = CounterTable(workers) if table is None else table
         self.inflight = InflightTable(workers) if inflight is None else inflight
@@ -3375,14 +3693,7 @@ class Daemon:
     def become_worker(self, index, handoff, requests):
         """In a forked worker: drop what is the parent's, then serve what the parent hands over."""
         signal.set_wakeup_fd(-1)
-        keep = {0, 1, 2, handoff.fileno(), requests.fileno()}
-        keep.update(h.stream.fileno() for h in log.handlers if getattr(h, "stream", None) is not None)
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) not in keep:
-                try:
-                    os.close(int(name))
-                except OSError:
-                    pass  # the listing's own fd
+        close_other_fds({0, 1, 2, handoff.fileno(), requests.fileno()})
         WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
 
     def on_worker_exit(self, worker):
@@ -3406,7 +3717,7 @@ class Daemon:
 
     def answer_orphans(self, worker):
         answered = answer_orphans(self.inflight, worker.index,
-                                  {handed.key: handed.notify_fd for handed in self.filters.values()})
+                                  {handed.key: handed.notify_fd for handed in self.filters.values()}, self.base.strict)
         if answered:
             log.warning("worker %d: %d call(s) it left unanswered answered", worker.index, answered)
 
@@ -3543,8 +3854,9 @@ class Keeper:
     RESTART_WINDOW = 60.0   # that dies as soon as it starts
     REAP_TIMEOUT = 5.0      # seconds a dead daemon's workers have to follow it (PR_SET_PDEATHSIG)
 
-    def __init__(self, argv, workers, new_daemon, serve, pid_file=None):
+    def __init__(self, argv, workers, new_daemon, serve, pid_file=None, strict=False):
         self.argv = argv            # to run the script anew with
+        self.strict = strict        # --strict: a dead daemon's calls get EINTR, never CONTINUE
         self.pid_file = pid_file    # written once the first daemon serves...
         self.ready_fd = None        # ...and then --ready-fd told
         self.new_daemon = new_daemon  # callable(table, inflight, KeeperLink) -> Daemon
@@ -3730,7 +4042,8 @@ class Keeper:
 
     def answer_orphans(self):
         notify_fds = {entry["key"]: self.held[entry["fd"]] for entry in self.state["filters"]}
-        answered = sum(answer_orphans(self.inflight, server, notify_fds) for server in range(self.workers))
+        answered = sum(answer_orphans(self.inflight, server, notify_fds, self.strict)
+                       for server in range(self.workers))
         if answered:
             log.warning("%d call(s) the dead daemon left unanswered answered", answered)
 
@@ -3817,19 +4130,20 @@ def fork_child(child, what):
     return pid
 
 
-def answer_orphans(inflight, server, notify_fds):
+def answer_orphans(inflight, server, notify_fds, strict):
     """Answer the calls server `server` had received and not answered when it died; returns
     how many.  `notify_fds` maps filter keys to notify fds.  A call with no host socket in
-    place runs in the container as it was made (CONTINUE: what an ignored destination gets);
-    one with a host socket, or a blocking connect under way, gets EINTR, as a signal would
-    have: POSIX says the connection then goes on asynchronously."""
+    place runs in the container as it was made (CONTINUE: what an ignored destination gets),
+    unless `strict` (--strict); one with a host socket, or a blocking connect under way,
+    gets EINTR, as a signal would have: POSIX says the connection then goes on
+    asynchronously."""
     answered = 0
     for key, notif_id, host_socket, tid, fd in inflight.orphans(server):
         notify_fd = notify_fds.get(key)
         if notify_fd is not None:
             if host_socket and tid and not holds_host_socket(tid, fd):
                 host_socket = 0  # it died between saying a host socket comes and ADDFD
-            answer = (0, -errno.EINTR, 0) if host_socket else (0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            answer = (0, -errno.EINTR, 0) if host_socket or strict else (0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             try:
                 answered += notif_send(notify_fd, notif_id, *answer)
             except OSError as e:
@@ -3993,6 +4307,9 @@ def build_parser():
                              % MAX_DEFAULT_WORKERS)
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
     parser.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
+    parser.add_argument("--strict", action="store_true",
+                        help="never let the kernel run a trapped call as made (CONTINUE): calls on unix sockets "
+                             "are made by a helper in the container's namespaces (README: swapping the fd)")
     parser.add_argument("--debug", action="store_true", help="log every decision")
     parser.add_argument("--ready-fd", type=int, metavar="FD",
                         help="write one byte to FD once the socket accepts, then close it")
@@ -4127,14 +4444,14 @@ def main(argv=None):
 
     def new_daemon(table=None, inflight=None, keeper=None):
         return Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
-                      workers=args.workers, table=table, inflight=inflight, keeper=keeper)
+                      workers=args.workers, table=table, inflight=inflight, keeper=keeper, strict=args.strict)
 
     def serve(daemon, handed):
         return serve_daemon(daemon, args, api_path, handed, None)  # the keeper tells --ready-fd
 
     if not args.keeper:
         return serve_daemon(new_daemon(), args, api_path, None, args.ready_fd)
-    keeper = Keeper(argv, args.workers, new_daemon, serve, args.pid_file)
+    keeper = Keeper(argv, args.workers, new_daemon, serve, args.pid_file, args.strict)
     try:
         return keeper.run(resumed, args.ready_fd)
     finally:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""A hole not yet closed, shown: `sudo python3 tests/fd_swap.py`.
+"""The fd-swapping race, shown: `sudo python3 tests/fd_swap.py [DAEMON FLAGS]`.
 
-The daemon answers "continue" (the kernel runs the call as made) to a trapped
-call it does not handle, such as a connect on a unix socket.  The kernel then
+Without --strict, the daemon answers "continue" (the kernel runs the call as
+made) to a trapped call it does not handle, such as a connect on a unix
+socket.  The kernel then
 looks the fd number up again, and another thread of the container may have
 put a different socket there in the meantime, with dup2().  If that socket
 is a host socket that is not connected, the connect runs in the host's
@@ -14,6 +15,8 @@ socket at one fd number in one thread, and connects that fd to 127.0.0.1 in
 another.  A server listening on 127.0.0.1 of the test bed's namespace (the
 daemon's "host": nothing leaves it) prints the connections it accepts.  The
 script prints how many attempts the container made and whether it got in.
+With `--strict` the daemon never answers "continue", and it never gets in
+(tests/e2e/test_strict.py runs it so).
 """
 
 import os
@@ -71,7 +74,7 @@ SWAPPER = textwrap.dedent("""
 """)
 
 
-def main(seconds=20):
+def main(daemon_args=(), seconds=20):
     tb.up()
     secret = tb.free_port(host="127.0.0.1")
     server = tb.start_server(["python3", "-c", LOOPBACK_SERVER, str(secret)], stdout=subprocess.PIPE,
@@ -80,7 +83,7 @@ def main(seconds=20):
     try:
         if server.stdout.readline().strip() != "listening":
             raise RuntimeError("the loopback server did not start")
-        daemon = Daemon(["-p", "%d:80" % tb.free_port()], debug=False)
+        daemon = Daemon(["-p", "%d:80" % tb.free_port(), *daemon_args], debug=False)
         result = run(tb.run_container(["python3", "-c", SWAPPER, str(secret), str(seconds)], seccomp=daemon.profile),
                      timeout=seconds + 120)
         print("container: %s%s" % (result.stdout.strip(), result.stderr.strip()[-300:]))
@@ -92,4 +95,4 @@ def main(seconds=20):
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -556,3 +556,34 @@ def test_take_over_with_no_daemon_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "bypass4netns.py: error: no daemon to take over from on %s: No such file or directory"
         % (tmp_path / "nobody.sock")]
+
+
+# -- the --strict helper's pure parts -----------------------------------------
+
+STATUS = """Name:\tpython3
+Umask:\t0027
+State:\tS (sleeping)
+Uid:\t101000\t101001\t101002\t101001
+Gid:\t101000\t101003\t101000\t101003
+Groups:\t101003 100000 \n"""
+
+
+def test_parse_status_ids_takes_the_effective_ids_and_the_umask():
+    assert b4ns.parse_status_ids(STATUS) == (101001, 101003, (101003, 100000), 0o027)
+
+
+def test_parse_status_ids_with_no_groups():
+    assert b4ns.parse_status_ids(STATUS.replace("101003 100000 ", ""))[2] == ()
+
+
+ROOTLESS_MAP = b4ns.parse_id_map("         0       1001          1\n         1     100000      65536\n")
+
+
+@pytest.mark.parametrize("outside,inside", [(1001, 0), (100000, 1), (101000, 1001), (165535, 65536),
+                                            (165536, None), (0, None), (1000, None)])
+def test_map_into_a_rootless_containers_user_namespace(outside, inside):
+    assert b4ns.map_into(ROOTLESS_MAP, outside) == inside
+
+
+def test_request_ops_are_the_trapped_calls_it_makes():
+    assert set(b4ns.NamespaceHelper.OPS) == {b4ns.CONNECT, b4ns.BIND, b4ns.LISTEN}

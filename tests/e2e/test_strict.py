@@ -1,0 +1,182 @@
+"""--strict, end to end: no trapped call is ever left to the kernel to run as made (CONTINUE).
+
+Calls on unix sockets are then made by a helper in the container's
+namespaces, as the calling thread: the tests check what a program sees
+(ownership and mode of a bound socket file, the credentials a server reads,
+permission checks, relative and abstract names), that the helper ends with
+its container, and that the fd-swapping race of tests/fd_swap.py, which
+reaches the host's loopback without --strict, never does with it.
+"""
+
+import json
+import subprocess
+import textwrap
+
+import pytest
+
+import fd_swap
+from e2e.daemon import Daemon, run
+
+
+@pytest.fixture(scope="module")
+def daemon(testbed):
+    d = Daemon(["--strict", "-p", "%d:80" % testbed.free_port()], udp=False)
+    yield d
+    assert d.stop() == 0
+    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
+
+
+def in_container(testbed, daemon, code, runtime="runc", args=(), timeout=180):
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], runtime=runtime,
+                                 seccomp=daemon.profile)
+    return run(argv, timeout=timeout, check=True).stdout
+
+
+UNIX_SOCKETS = """
+    import errno, json, os, socket, struct
+    out = {}
+    os.makedirs("/tmp/s", exist_ok=True)
+    os.chmod("/tmp/s", 0o777)
+    os.chdir("/tmp/s")
+
+    def as_user(uid, work):
+        # work() in a child that runs as uid (its own group): its errno name, or what it returned
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([]); os.setgid(uid); os.setuid(uid)
+                os.write(w, json.dumps(work()).encode())
+            except OSError as e:
+                os.write(w, json.dumps(errno.errorcode[e.errno]).encode())
+            os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            return json.load(f)
+
+    old = os.umask(0o027)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind("root.sock")            # relative: the caller's working directory
+    os.umask(old)
+    st = os.stat("/tmp/s/root.sock")
+    out["root_bind"] = [oct(st.st_mode & 0o777), st.st_uid, st.st_gid]
+    out["sockname"] = server.getsockname()
+    server.listen(8)
+
+    def bind_as_user():
+        s = socket.socket(socket.AF_UNIX)
+        s.bind("/tmp/s/user.sock")
+        st = os.stat("/tmp/s/user.sock")
+        return [oct(st.st_mode & 0o777), st.st_uid, st.st_gid]
+    out["user_bind"] = as_user(1000, bind_as_user)
+
+    def connect():
+        socket.socket(socket.AF_UNIX).connect("/tmp/s/root.sock")
+        return "connected"
+
+    def peer():
+        conn, _ = server.accept()
+        _pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        conn.close()
+        return [uid, gid]
+
+    os.chmod("/tmp/s/root.sock", 0o777)
+    out["user_connect"] = [as_user(1000, connect), peer()]
+    os.chmod("/tmp/s/root.sock", 0o700)
+    out["user_denied"] = as_user(1000, connect)
+    out["root_connect"] = [connect(), peer()]
+
+    a = socket.socket(socket.AF_UNIX)
+    a.bind("\\0b4ns-strict")
+    a.listen(1)
+    b = socket.socket(socket.AF_UNIX)
+    b.connect("\\0b4ns-strict")
+    out["abstract"] = b.getpeername().decode()[1:]
+
+    d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        d.sendto(b"x", 0x20000000, "/tmp/s/root.sock")   # MSG_FASTOPEN
+    except OSError as e:
+        out["fastopen"] = "EOPNOTSUPP" if e.errno == errno.EOPNOTSUPP else errno.errorcode[e.errno]
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_unix_socket_calls_are_made_as_the_calling_thread(testbed, daemon, runtime):
+    out = json.loads(in_container(testbed, daemon, UNIX_SOCKETS, runtime=runtime))
+    assert out["root_bind"] == ["0o750", 0, 0]          # the caller's umask and ids
+    assert out["sockname"] == "root.sock"               # the name as the program gave it
+    assert out["user_bind"] == ["0o755", 1000, 1000]    # a non-root caller owns its socket
+    assert out["user_connect"] == ["connected", [1000, 1000]]  # the server reads the caller's ids
+    assert out["user_denied"] == "EACCES"               # and the file's permissions hold for it
+    assert out["root_connect"] == ["connected", [0, 0]]
+    assert out["abstract"] == "b4ns-strict"             # in the container's network namespace
+    assert out["fastopen"] == "EOPNOTSUPP"
+    assert "namespace helper pid" in daemon.log()
+
+
+def test_a_helper_ends_with_its_container(testbed, daemon):
+    in_container(testbed, daemon, """
+        import socket
+        socket.socket(socket.AF_UNIX).bind("/tmp/x.sock")
+    """)
+    pids = set(daemon.pids())
+    expected = {daemon.pid, daemon.daemon_pid(), *daemon.worker_pids()}
+    assert len(pids) == len(expected), "%d processes, %d expected" % (len(pids), len(expected))
+    run(testbed.run_container(["true"], seccomp=daemon.profile), check=True)
+    helper_lines = daemon.log().count("namespace helper pid")
+    assert helper_lines >= 1
+    for line in daemon.log().splitlines():
+        if "namespace helper pid" in line:
+            pid = int(line.split("namespace helper pid ")[1].split()[0])
+            assert pid not in daemon.pids()
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "--strict"])
+def test_calls_on_what_is_not_a_socket_get_the_kernels_answer(testbed, strict):
+    d = Daemon(["--strict"] if strict else [], udp=False)
+    try:
+        out = json.loads(in_container(testbed, d, """
+            import ctypes, errno, json, os, socket, struct
+            libc = ctypes.CDLL(None, use_errno=True)
+
+            def call(function, *args):
+                return errno.errorcode[ctypes.get_errno()] if function(*args) < 0 else "0"
+            to = struct.pack("=H", socket.AF_INET) + struct.pack("!H4s8x", 80, socket.inet_aton("198.18.0.1"))
+            out = {}
+            fd = os.open("/", os.O_RDONLY)
+            out["connect"] = call(libc.connect, fd, to, len(to))
+            out["bind"] = call(libc.bind, fd, to, len(to))
+            out["listen"] = call(libc.listen, fd, 1)
+            os.close(fd)
+            out["closed"] = call(libc.connect, fd, to, len(to))
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4)
+            out["listening"] = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            print(json.dumps(out))
+        """))
+    finally:
+        assert d.stop() == 0
+    assert out == {"connect": "ENOTSOCK", "bind": "ENOTSOCK", "listen": "ENOTSOCK", "closed": "EBADF",
+                   "listening": 1}
+
+
+def test_the_fd_swap_race_never_reaches_the_hosts_loopback(testbed, daemon):
+    """tests/fd_swap.py's race, 8 s long: a thread keeps putting a bound host socket (a published
+    port) and a unix socket in turn at one fd number while another connects that fd to a
+    server that listens on 127.0.0.1 of the test bed's namespace (the daemon's host)."""
+    secret = testbed.free_port(host="127.0.0.1")
+    server = testbed.start_server(["python3", "-c", fd_swap.LOOPBACK_SERVER, str(secret)],
+                                  stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        out = in_container(testbed, daemon, fd_swap.SWAPPER, args=(secret, 8))
+    finally:
+        testbed.stop_server(server)
+    accepted = server.stdout.read()
+    attempts = int(out.split()[0])
+    assert "never connected" in out and not accepted, (out, accepted)
+    assert attempts > 1000, out     # the race was run, many times
