@@ -408,13 +408,13 @@ def get_notif_sizes():
     return sizes
 
 
-def recv_with_fds(sock, maxfds=16):
+def recv_with_fds(sock, maxfds=16, size=1 << 16):
     """One recvmsg: (data, [fds]).  Every received fd is ours to close.
 
     OSError(EMFILE) when the kernel dropped fds it could not install here
     (MSG_CTRUNC): this process is out of fds.
     """
-    data, ancdata, flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(maxfds * 4))
+    data, ancdata, flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(maxfds * 4))
     fds = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -1097,11 +1097,24 @@ class ThreadHandle:
     five times as long.
     """
 
-    __slots__ = ("tid", "pidfd", "fdinfo")
+    __slots__ = ("tid", "pidfd", "fdinfo", "status", "namespaces")
     FDINFO_FILES = 8        # per thread, the most recently used fd numbers
 
     def __init__(self, tid, pidfd):
         self.tid, self.pidfd, self.fdinfo = tid, pidfd, {}
+        self.status = None      # --strict's: /proc/TID/status, open (a live view too)
+        self.namespaces = None  # and namespace_inodes(tid), as first seen
+
+    def ids(self):
+        """parse_status_ids() of the thread's status now."""
+        if self.status is None:
+            self.status = os.open("/proc/%d/status" % self.tid, os.O_RDONLY | os.O_CLOEXEC)
+        return parse_status_ids(os.pread(self.status, 4096, 0).decode())
+
+    def namespace_inodes(self):
+        if self.namespaces is None:
+            self.namespaces = namespace_inodes(self.tid)
+        return self.namespaces
 
     def fd_flags(self, fd):
         info_fd = self.fdinfo.get(fd)
@@ -1117,6 +1130,9 @@ class ThreadHandle:
         for info_fd in self.fdinfo.values():
             os.close(info_fd)
         self.fdinfo.clear()
+        if self.status is not None:
+            os.close(self.status)
+            self.status = None
 
 
 class AnswerError(RuntimeError):
@@ -1866,7 +1882,8 @@ class Switcher:
                     return
             try:
                 helper = self.helper_for(call)
-                helper.send(op, call, raw, sock.fileno())
+                thread = self.threads.get(call.tid)
+                helper.send(op, call, raw, sock.fileno(), thread)
             except OSError as e:
                 call.fail(e.errno or errno.EIO)
                 return
@@ -1875,7 +1892,8 @@ class Switcher:
 
     def helper_for(self, call):
         """The container's NamespaceHelper for the namespaces of the calling thread, started if need be."""
-        key = namespace_inodes(call.tid)
+        thread = self.threads.get(call.tid)
+        key = namespace_inodes(call.tid) if thread is None else thread.namespace_inodes()
         container = call.container
         helper = container.helpers.get(key)
         if helper is None:
@@ -2090,12 +2108,11 @@ def namespace_inodes(tid):
 def parse_status_ids(text):
     """/proc/TID/status -> (effective uid, effective gid, groups, umask), ids as the reader's user
     namespace sees them."""
-    fields = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        fields[name] = value.split()
-    return (int(fields["Uid"][1]), int(fields["Gid"][1]), tuple(int(g) for g in fields.get("Groups", ())),
-            int(fields["Umask"][0], 8))
+    def field(name):
+        start = text.find("\n%s:" % name) + len(name) + 2
+        return text[start:text.find("\n", start)].split()
+    return (int(field("Uid")[1]), int(field("Gid")[1]), tuple(int(g) for g in field("Groups")),
+            int(field("Umask")[0], 8))
 
 
 def parse_id_map(text):
@@ -2145,6 +2162,7 @@ class NamespaceHelper:
     REQUEST = struct.Struct("=BIIIiH")  # op, euid, egid, umask, backlog, group count; then groups, the sockaddr
     REPLY = struct.Struct("=i")         # 0 or -errno
     MAX_GROUPS = 4096
+    REQUEST_MAX = REQUEST.size + 4 * MAX_GROUPS + MAX_SOCKADDR
 
     __slots__ = ("pid", "channel", "uid_map", "gid_map", "waiting")
 
@@ -2179,10 +2197,14 @@ class NamespaceHelper:
         ours.setblocking(False)  # a helper stuck in a call must not stop the daemon's loop
         return cls(pid, ours, *maps)
 
-    def send(self, op, call, raw, sock_fd):
-        """Ask for `op` on `sock_fd` with sockaddr `raw`, as thread call.tid would make it."""
-        with open("/proc/%d/status" % call.tid) as f:
-            euid, egid, groups, umask = parse_status_ids(f.read())
+    def send(self, op, call, raw, sock_fd, thread=None):
+        """Ask for `op` on `sock_fd` with sockaddr `raw`, as thread call.tid (its ThreadHandle
+        if the daemon keeps one) would make it."""
+        if thread is None:
+            with open("/proc/%d/status" % call.tid) as f:
+                euid, egid, groups, umask = parse_status_ids(f.read())
+        else:
+            euid, egid, groups, umask = thread.ids()
         if len(groups) > self.MAX_GROUPS:
             raise OSError(errno.EINVAL, "too many groups")
         inside = [map_into(self.uid_map, euid), map_into(self.gid_map, egid)]
@@ -2217,17 +2239,17 @@ class NamespaceHelper:
         groups = struct.unpack_from("=%dI" % count, data, cls.REQUEST.size)
         raw = data[cls.REQUEST.size + 4 * count:]
         sock, root, cwd = fds
-        own_euid, own_egid, own_groups = identity
+        own_euid, own_egid, own_groups, top_stat = identity
         old_umask = os.umask(umask)
         chrooted = switched = False
         try:
             try:
-                if not os.path.samestat(os.fstat(root), os.stat("/")):
+                if not os.path.samestat(os.fstat(root), top_stat):
                     os.fchdir(root)
                     os.chroot(".")
                     chrooted = True
                 os.fchdir(cwd)
-                if (euid, egid, sorted(groups)) != (own_euid, own_egid, sorted(own_groups)):
+                if (euid, egid, sorted(groups)) != (own_euid, own_egid, own_groups):
                     switched = True
                     os.setgroups(groups)
                     os.setresgid(-1, egid, -1)
@@ -2264,9 +2286,9 @@ def serve_in_namespaces(channel, ns_fds):
         os.close(fd)
     channel.setblocking(True)
     top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    identity = (os.geteuid(), os.getegid(), os.getgroups())
+    identity = (os.geteuid(), os.getegid(), sorted(os.getgroups()), os.fstat(top))
     while True:
-        data, fds = recv_with_fds(channel, 3)
+        data, fds = recv_with_fds(channel, 3, NamespaceHelper.REQUEST_MAX)
         if not data:
             return 0
         try:
