@@ -1103,7 +1103,9 @@ class ThreadHandle:
     def __init__(self, tid, pidfd):
         self.tid, self.pidfd, self.fdinfo = tid, pidfd, {}
         self.status = None      # --strict's: /proc/TID/status, open (a live view too)
-        self.namespaces = None  # and namespace_inodes(tid), as first seen
+        # and namespace_inodes(tid), as first seen: a thread that joins other
+        # namespaces after its first call on a unix socket keeps its helper.
+        self.namespaces = None
 
     def ids(self):
         """parse_status_ids() of the thread's status now."""
