@@ -134,6 +134,17 @@ def test_a_helper_ends_with_its_container(testbed, daemon):
             assert pid not in daemon.pids()
 
 
+def test_tcp_connects_are_bypassed_as_without_strict(testbed, daemon, acceptor):
+    in_container(testbed, daemon, """
+        import socket, sys
+        for _ in range(50):
+            socket.create_connection((sys.argv[1], int(sys.argv[2]))).close()
+    """, args=(testbed.HOST_IP4, acceptor))
+    to_acceptor = "%s:%d" % (testbed.HOST_IP4, acceptor)
+    outcomes = [outcome for dest, outcome in daemon.decisions() if dest == to_acceptor]
+    assert outcomes == ["bypassed"] * 50
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["default", "--strict"])
 def test_calls_on_what_is_not_a_socket_get_the_kernels_answer(testbed, strict):
     d = Daemon(["--strict"] if strict else [], udp=False)
