@@ -3560,7 +3560,7 @@ class Daemon:
                 "version": __version__, "socket": self.socket_path,
                 "workers": [worker.pid for worker in self.workers if isinstance(worker, Worker)],
                 "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.out_of_fds,
-                "containers": containers}
+                "strict": self.base.strict, "containers": containers}
 
     def end_message(self, message, error):
         """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
@@ -4376,10 +4376,11 @@ def format_status(status):
     """`bypass4netns.py status` as a person reads it."""
     workers = status["workers"]
     daemon = status.get("daemon", status["pid"])
-    lines = ["bypass4netns.py %s, pid %d%s, on %s: %s; fd limit %d%s" % (
+    lines = ["bypass4netns.py %s, pid %d%s, on %s: %s%s; fd limit %d%s" % (
         status["version"], status["pid"], "" if daemon == status["pid"] else " (daemon %d)" % daemon,
         status["socket"],
-        "workers %s" % " ".join(map(str, workers)) if workers else "one process", status["fd_limit"],
+        "workers %s" % " ".join(map(str, workers)) if workers else "one process",
+        ", --strict" if status.get("strict") else "", status["fd_limit"],
         ", out of fds %d times" % status["out_of_fds"] if status["out_of_fds"] else "")]
     if not status["containers"]:
         return "\n".join(lines + ["no containers"])

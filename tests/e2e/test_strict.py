@@ -191,3 +191,9 @@ def test_the_fd_swap_race_never_reaches_the_hosts_loopback(testbed, daemon):
     attempts = int(out.split()[0])
     assert "never connected" in out and not accepted, (out, accepted)
     assert attempts > 1000, out     # the race was run, many times
+
+
+def test_status_says_strict(testbed, daemon):
+    status = ["python3", daemon.script, "status", "--socket", daemon.socket]
+    assert json.loads(run(testbed.as_user(status + ["--json"]), check=True).stdout)["strict"] is True
+    assert ", --strict;" in run(testbed.as_user(status), check=True).stdout.splitlines()[0]
