@@ -772,18 +772,40 @@ def parse_proc_route(text):
     return nets
 
 
-def parse_proc_if_inet6(text):
-    """/proc/PID/net/if_inet6 -> the IPv6 networks of the interfaces' global addresses."""
-    nets = []
+def if_inet6_entries(text):
+    """/proc/PID/net/if_inet6 -> (address, prefix length) of the interfaces' global addresses."""
     for line in text.splitlines():
         fields = line.split()
         if len(fields) < 6 or fields[5] == "lo":
             continue
         addr = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
-        if addr.is_link_local or addr.is_loopback:
-            continue
-        nets.append(ipaddress.IPv6Network("%s/%d" % (addr, int(fields[2], 16)), strict=False))
-    return nets
+        if not (addr.is_link_local or addr.is_loopback):
+            yield addr, int(fields[2], 16)
+
+
+def parse_proc_if_inet6(text):
+    """/proc/PID/net/if_inet6 -> the IPv6 networks of the interfaces' global addresses."""
+    return [ipaddress.IPv6Network("%s/%d" % entry, strict=False) for entry in if_inet6_entries(text)]
+
+
+def parse_fib_trie_addresses(text):
+    """/proc/PID/net/fib_trie -> the namespace's own IPv4 addresses (its /32 LOCAL entries),
+    loopback left out."""
+    addresses, last = set(), None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("|-- "):
+            last = line[4:]
+        elif line.startswith("/32 host LOCAL") and last is not None:
+            address = ipaddress.IPv4Address(last)
+            if not address.is_loopback:
+                addresses.add(address)
+    return sorted(addresses)
+
+
+def parse_if_inet6_addresses(text):
+    """/proc/PID/net/if_inet6 -> the namespace's own global IPv6 addresses."""
+    return sorted({addr for addr, _prefix in if_inet6_entries(text)})
 
 
 # ---------------------------------------------------------------------------
@@ -1209,6 +1231,11 @@ class Call:
         self.answered = True
 
 
+# Another served container's published port (--handle-c2c-connections): its host side
+# (host_ip None: the host's loopback), and whose it is (a process of it: pid).
+PeerRoute = collections.namedtuple("PeerRoute", "host_ip host_port cid pid")
+
+
 class PendingConnect:
     """A blocking connect under way, answered when its handshake ends or SO_SNDTIMEO runs out.
 
@@ -1252,6 +1279,9 @@ class Switcher:
         self.pidfd_flags = PIDFD_THREAD
         self.own_netns = own_netns_id()
         self.own_namespaces = namespace_inodes("self")
+        self.peers = {}             # (version, address, port) -> PeerRoute: --handle-c2c-connections'
+        self.peer_helpers = {}      # peer container id -> its NamespaceHelper, for stand-ins
+        self.probe_peers = True     # a peer is reached only where the caller's own network reaches it
         self.memory = MemoryReader()
         self.limit = LogLimit()
         self.inflight = inflight    # Inflight: what the daemon answers for if this process dies
@@ -1526,6 +1556,12 @@ class Switcher:
             if raw is None or not call.still_valid():
                 return
             dest = parse_sockaddr(raw)
+            if self.peers:
+                peer = self.peers.get(dest)
+                if peer is not None and peer.cid != call.container.id:
+                    self.connect_to_peer(call, sock, raw, dest, peer)
+                    sock = None
+                    return
             reason, network = self.judge(call, dest)
             kind = sock.getsockopt(_SOL, socket.SO_TYPE)
             own_service = False
@@ -1748,6 +1784,110 @@ class Switcher:
         for pending in [p for p in self.pending if p.call.notify_fd == notify_fd]:
             self.forget_pending(pending).close()
 
+    # -- another container's published port (--handle-c2c-connections) -----
+
+    def set_peers(self, rows, probe):
+        """The daemon's peer_routes() rows, and whether a peer is probed for first."""
+        self.peers = {(version, address, port): PeerRoute(None if host_ip is None else ipaddress.ip_address(host_ip),
+                                                          host_port, cid, pid)
+                      for version, address, port, host_ip, host_port, cid, pid in rows}
+        self.probe_peers = probe
+        for cid in set(self.peer_helpers) - {peer.cid for peer in self.peers.values()}:
+            self.end_peer_helper(cid)
+
+    def connect_to_peer(self, call, sock, raw, dest, peer):
+        """A connect to a served container's address and published port goes to the port's host
+        side, where the caller's own network reaches that container too (asked once in a while:
+        Container.probed)."""
+        if not self.probe_peers:
+            self.reach_peer(call, sock, raw, dest, peer, True)
+            return
+        container = call.container
+        reachable = container.probed(dest)
+        if reachable is not None:
+            self.reach_peer(call, sock, raw, dest, peer, reachable)
+            return
+
+        slot = self.inflight.add_pending(call.filter.key, call.id)
+        call.deferred = True
+
+        def give_up(why):
+            log.error("container %s: cannot probe %s: %s", container.short_id, format_destination(dest), why)
+            self.inflight.end_pending(slot)
+            self.reach_peer(call, sock, raw, dest, peer, False)
+
+        def stood_in(result):
+            # A stand-in listens at the peer's address and port in its own network (or the
+            # peer listens there itself: EADDRINUSE); now a connect from the caller's.
+            if result not in (0, -errno.EADDRINUSE):
+                give_up("no stand-in: %s" % os.strerror(-result))
+                return
+            try:
+                helper = self.helper_for(call)
+                helper.probe(raw)
+            except OSError as e:
+                give_up(e)
+                return
+            helper.waiting.append((call, 0, probed))
+
+        def probed(result):
+            container.remember_probe(dest, result == 0)
+            self.inflight.end_pending(slot)
+            try:
+                stand_in_helper.end_stand_in(raw)
+                stand_in_helper.waiting.append((call, 0, lambda _result: None))
+            except OSError:
+                pass
+            if call.still_valid():
+                self.reach_peer(call, sock, raw, dest, peer, result == 0)
+            else:
+                sock.close()
+        try:
+            stand_in_helper = self.peer_helper(peer)
+            stand_in_helper.stand_in(raw)
+        except OSError as e:
+            give_up(e)
+            return
+        stand_in_helper.waiting.append((call, 0, stood_in))
+
+    def peer_helper(self, peer):
+        """A NamespaceHelper in the namespaces of `peer`'s container."""
+        helper = self.peer_helpers.get(peer.cid)
+        if helper is None:
+            helper = self.peer_helpers[peer.cid] = self.start_helper(peer.pid, peer.cid[:12],
+                                                                     lambda: self.end_peer_helper(peer.cid))
+        return helper
+
+    def end_peer_helper(self, cid):
+        helper = self.peer_helpers.pop(cid)
+        self.events.unwatch(helper.channel.fileno())
+        for _call, _slot, on_result in helper.waiting:
+            on_result(-errno.EIO)
+        helper.stop()
+
+    def reach_peer(self, call, sock, raw, dest, peer, reachable):
+        """Connect to the peer's host side if `reachable` (sock taken over), else where the
+        caller is: its own network answers as it would without the daemon."""
+        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
+        if not reachable:
+            outcome = "container (a peer its network does not reach)"
+        elif kind != socket.SOCK_STREAM:
+            outcome = "container (a peer's port, not TCP)"
+        else:
+            host_raw = encode_sockaddr(sock.family, peer.host_ip or (_LOOPBACK_IP4 if dest[0] == 4 else _LOOPBACK_IP6),
+                                       peer.host_port)
+            if self.debug:
+                self.debug_decision(call, "connect", dest, "a peer's published port, at %s"
+                                    % format_destination(parse_sockaddr(host_raw)))
+            outcome = self.bypass_connect(call, sock, kind, host_raw, parse_sockaddr(host_raw), True)
+            if outcome is None:
+                sock.close()
+                return
+        call.container.counters[COUNT_CONTAINER] += 1
+        if self.debug:
+            self.debug_decision(call, "connect", dest, outcome)
+        self.connect_in_place(call, sock, raw)
+
     # -- bind --------------------------------------------------------------
 
     def on_bind(self, call):
@@ -1890,7 +2030,7 @@ class Switcher:
                 call.fail(e.errno or errno.EIO)
                 return
         call.deferred = True
-        helper.waiting.append((call, self.inflight.add_pending(call.filter.key, call.id)))
+        helper.waiting.append((call, self.inflight.add_pending(call.filter.key, call.id), call.result))
 
     def helper_for(self, call):
         """The container's NamespaceHelper for the namespaces of the calling thread, started if need be."""
@@ -1899,16 +2039,24 @@ class Switcher:
         container = call.container
         helper = container.helpers.get(key)
         if helper is None:
-            joins = [(name, nstype) for (name, nstype), inode, own in zip(NAMESPACES, key, self.own_namespaces)
-                     if inode != own]
-            helper = container.helpers[key] = NamespaceHelper.start(call.tid, joins)
-            self.events.watch(helper.channel.fileno(), select.EPOLLIN,
-                              lambda _events: self.on_helper_reply(container, key, helper))
-            log.info("container %s: namespace helper pid %d (--strict)", container.short_id, helper.pid)
+            helper = container.helpers[key] = self.start_helper(
+                call.tid, container.short_id, lambda: self.end_helper(container, key, errno.EIO), key)
         return helper
 
-    def on_helper_reply(self, container, key, helper):
-        """The answer to the oldest call sent to `helper`, or its end."""
+    def start_helper(self, tid, short_id, on_end, key=None):
+        """A NamespaceHelper in thread `tid`'s namespaces (their inodes: `key`, if known);
+        on_end() when it is found gone."""
+        key = key or namespace_inodes(tid)
+        joins = [(name, nstype) for (name, nstype), inode, own in zip(NAMESPACES, key, self.own_namespaces)
+                 if inode != own]
+        helper = NamespaceHelper.start(tid, joins)
+        self.events.watch(helper.channel.fileno(), select.EPOLLIN,
+                          lambda _events: self.on_helper_reply(helper, short_id, on_end))
+        log.info("container %s: namespace helper pid %d", short_id, helper.pid)
+        return helper
+
+    def on_helper_reply(self, helper, short_id, on_end):
+        """The answer to the oldest request sent to `helper`, or its end."""
         try:
             reply = helper.channel.recv(NamespaceHelper.REPLY.size)
         except BlockingIOError:
@@ -1916,20 +2064,20 @@ class Switcher:
         except OSError:
             reply = b""
         if len(reply) != NamespaceHelper.REPLY.size or not helper.waiting:
-            log.error("container %s: namespace helper pid %d is gone", container.short_id, helper.pid)
-            self.end_helper(container, key, errno.EIO)
+            log.error("container %s: namespace helper pid %d is gone", short_id, helper.pid)
+            on_end()
             return
-        call, slot = helper.waiting.popleft()
+        _call, slot, on_result = helper.waiting.popleft()
         self.inflight.end_pending(slot)
-        call.result(NamespaceHelper.REPLY.unpack(reply)[0])
+        on_result(NamespaceHelper.REPLY.unpack(reply)[0])
 
     def end_helper(self, container, key, error):
         """Stop a helper (ours: by its pid), failing the calls it had with errno `error`."""
         helper = container.helpers.pop(key)
         self.events.unwatch(helper.channel.fileno())
-        for call, slot in helper.waiting:
+        for _call, slot, on_result in helper.waiting:
             self.inflight.end_pending(slot)
-            call.fail(error)
+            on_result(-error)
         helper.stop()
 
     def end_helpers(self, container, error=errno.EIO):
@@ -2107,6 +2255,19 @@ def namespace_inodes(tid):
     return tuple(os.stat("/proc/%s/ns/%s" % (tid, name)).st_ino for name, _nstype in NAMESPACES)
 
 
+def container_addresses(pid):
+    """A container's own IP addresses, read from its network namespace through process `pid`'s
+    /proc (no address if the process is gone)."""
+    addresses = []
+    for name, parse in (("fib_trie", parse_fib_trie_addresses), ("if_inet6", parse_if_inet6_addresses)):
+        try:
+            with open("/proc/%d/net/%s" % (int(pid), name)) as f:
+                addresses.extend(parse(f.read()))
+        except (OSError, TypeError, ValueError):
+            pass
+    return addresses
+
+
 def parse_status_ids(text):
     """/proc/TID/status -> (effective uid, effective gid, groups, umask), ids as the reader's user
     namespace sees them."""
@@ -2157,10 +2318,15 @@ class NamespaceHelper:
     off again.  It is forked before it joins and is not dumpable: its memory
     belongs to the host's user namespace, so the container's root can
     neither ptrace it nor read it.  Peers see its pid (0 in the container's
-    pid namespace) instead of the caller's.
+    pid namespace) instead of the caller's.  For --handle-c2c-connections it
+    also probes, from the container's network, whether a peer is reachable.
     """
 
     OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}
+    PROBE = 4               # a TCP connect from the container's network, to see that it gets through
+    STAND_IN = 5            # a listener at an address and port of the container's, for a probe
+    END_STAND_IN = 6
+    PROBE_TIMEOUT = 0.2     # seconds
     REQUEST = struct.Struct("=BIIIiH")  # op, euid, egid, umask, backlog, group count; then groups, the sockaddr
     REPLY = struct.Struct("=i")         # 0 or -errno
     MAX_GROUPS = 4096
@@ -2222,6 +2388,49 @@ class NamespaceHelper:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def probe(self, raw):
+        """Ask whether a TCP connect to `raw` from the container's network gets through."""
+        self.channel.send(self.REQUEST.pack(self.PROBE, 0, 0, 0, 0, 0) + raw)
+
+    def stand_in(self, raw):
+        """Ask for a listener at `raw` in the container's network, till end_stand_in(raw)."""
+        self.channel.send(self.REQUEST.pack(self.STAND_IN, 0, 0, 0, 0, 0) + raw)
+
+    def end_stand_in(self, raw):
+        self.channel.send(self.REQUEST.pack(self.END_STAND_IN, 0, 0, 0, 0, 0) + raw)
+
+    @classmethod
+    def make_stand_in(cls, request, stand_ins):
+        """In the helper: listen at the request's sockaddr (kept in `stand_ins`); 0 or -errno."""
+        raw = request[cls.REQUEST.size:]
+        listener = socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM)
+        result = sock_call(_libc.bind, listener.fileno(), raw, len(raw))
+        if result == 0:
+            listener.listen(8)
+            old = stand_ins.pop(raw, None)
+            if old is not None:
+                old.close()
+            stand_ins[raw] = listener
+        else:
+            listener.close()
+        return result
+
+    @classmethod
+    def make_probe(cls, request):
+        """In the helper: 0 if a TCP connect to the request's sockaddr succeeds within
+        PROBE_TIMEOUT, else -errno."""
+        raw = request[cls.REQUEST.size:]
+        try:
+            with socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+                result = sock_call(_libc.connect, probe.fileno(), raw, len(raw))
+                if result == -errno.EINPROGRESS:
+                    if not select.select([], [probe], [], cls.PROBE_TIMEOUT)[1]:
+                        return -errno.ETIMEDOUT
+                    result = -probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return result
+        except OSError as e:
+            return -(e.errno or errno.EIO)
 
     def stop(self):
         self.channel.close()
@@ -2289,12 +2498,23 @@ def serve_in_namespaces(channel, ns_fds):
     channel.setblocking(True)
     top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     identity = (os.geteuid(), os.getegid(), sorted(os.getgroups()), os.fstat(top))
+    stand_ins = {}          # sockaddr -> listener (--handle-c2c-connections' probes)
     while True:
         data, fds = recv_with_fds(channel, 3, NamespaceHelper.REQUEST_MAX)
         if not data:
             return 0
         try:
-            result = NamespaceHelper.make_call(data, fds, top, identity) if len(fds) == 3 else -errno.EINVAL
+            if data[0] == NamespaceHelper.PROBE:
+                result = NamespaceHelper.make_probe(data)
+            elif data[0] == NamespaceHelper.STAND_IN:
+                result = NamespaceHelper.make_stand_in(data, stand_ins)
+            elif data[0] == NamespaceHelper.END_STAND_IN:
+                stand_in = stand_ins.pop(data[NamespaceHelper.REQUEST.size:], None)
+                result = 0 if stand_in is None else stand_in.close() or 0
+            elif len(fds) == 3:
+                result = NamespaceHelper.make_call(data, fds, top, identity)
+            else:
+                result = -errno.EINVAL
         finally:
             for fd in fds:
                 os.close(fd)
@@ -2450,7 +2670,22 @@ class Container:
         self.warned_socketcall = False
         self.warned_udp_publish = False
         self.warned_strict_send = False
-        self.helpers = {}           # (user, mount, network namespace inodes) -> NamespaceHelper: --strict's
+        self.helpers = {}           # (user, mount, network namespace inodes) -> NamespaceHelper
+        self.probes = {}            # peer destination -> (reachable, monotonic time it is trusted till)
+
+    PROBE_TRUSTED = 10.0        # seconds a peer found reachable from the container stays so
+    PROBE_DOUBTED = 1.0         # and one found unreachable
+    PROBES_KEPT = 1024
+
+    def probed(self, dest):
+        """Whether the container's own network reached peer `dest` lately; None if not asked lately."""
+        known = self.probes.get(dest)
+        return known[0] if known is not None and known[1] > time.monotonic() else None
+
+    def remember_probe(self, dest, reachable):
+        if len(self.probes) >= self.PROBES_KEPT:
+            self.probes.clear()
+        self.probes[dest] = (reachable, time.monotonic() + (self.PROBE_TRUSTED if reachable else self.PROBE_DOUBTED))
 
     def holds_switched_sockets(self):
         """Whether any server has put a host socket in this container."""
@@ -2845,12 +3080,14 @@ class Server:
 
     def close(self):
         switcher = self.switcher
+        for container in self.containers.values():
+            switcher.end_helpers(container, errno.EINTR)  # first: a probe's call may connect, and wait
+        for cid in list(switcher.peer_helpers):
+            switcher.end_peer_helper(cid)
         for pending in list(switcher.pending):
             switcher.forget_pending(pending).close()
             # As a signal would: the connection goes on (POSIX), no thread waits for this process.
             pending.call.fail(errno.EINTR)
-        for container in self.containers.values():
-            switcher.end_helpers(container, errno.EINTR)
         for fd in list(self.filters):
             self.events.unwatch(fd)
             os.close(fd)
@@ -2898,11 +3135,12 @@ class Handed:
 class Hosted:
     """A container as the daemon sees it: its counters' slot, its filters, who serves them."""
 
-    __slots__ = ("cid", "slot", "home", "shared", "filters", "settings")
+    __slots__ = ("cid", "slot", "home", "shared", "filters", "settings", "addresses")
 
-    def __init__(self, cid, slot, home, settings):
+    def __init__(self, cid, slot, home, settings, addresses=()):
         self.cid, self.slot, self.home = cid, slot, home
         self.settings = settings    # Daemon.container_settings()
+        self.addresses = addresses  # its own IP addresses (--handle-c2c-connections)
         self.shared = False         # served by every worker, not just its home
         self.filters = set()        # the daemon's notify fds
 
@@ -2927,6 +3165,9 @@ class Worker:
     def drop(self, key):
         self.handoff.send(json.dumps({"drop": key}).encode())
 
+    def set_peers(self, rows, probe):
+        self.handoff.send(json.dumps({"peers": rows, "probe": probe}).encode())
+
     def close(self):
         for channel in (self.handoff, self.requests):
             channel.close()
@@ -2948,6 +3189,9 @@ class LocalWorker:
 
     def drop(self, key):
         self.server.drop(key)
+
+    def set_peers(self, rows, probe):
+        self.server.switcher.set_peers(rows, probe)
 
 
 HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
@@ -2974,6 +3218,9 @@ class WorkerProcess:
         message = json.loads(data)
         if "drop" in message:
             self.server.drop(message["drop"])
+            return
+        if "peers" in message:
+            self.server.switcher.set_peers(message["peers"], message["probe"])
             return
         self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
                                message["metadata"], message["shared"], message["settings"])
@@ -3083,7 +3330,7 @@ class Daemon:
     """
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
-                 table=None, inflight=None, keeper=None, strict=False):
+                 table=None, inflight=None, keeper=None, strict=False, c2c=False, probe_peers=True):
         self.socket_path = socket_path
         self.debug = debug
         self.events = Events()
@@ -3093,6 +3340,8 @@ class Daemon:
         self.table = CounterTable(workers) if table is None else table
         self.inflight = InflightTable(workers) if inflight is None else inflight
         self.keeper = keeper        # KeeperLink, or None with --no-keeper
+        self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
+        self.peers = []             # peer_routes() as the servers have them
         self.exit_status = 0
         self.worker_count = workers
         self.workers = []           # Worker, or one LocalWorker
@@ -3294,9 +3543,30 @@ class Daemon:
     # -- the keeper ----------------------------------------------------------
 
     def changed(self):
-        """What snapshot() gives has changed: the keeper learns it once this turn of the loop ends."""
+        """What snapshot() gives has changed: the keeper learns it once this turn of the loop ends,
+        the servers the containers' published ports at their addresses if they have changed."""
         if self.keeper is not None and self.keeper.timer is None:
             self.keeper.timer = self.events.call_at(0, self.sync_keeper)
+        if self.c2c:
+            peers = self.peer_routes()
+            if peers != self.peers:
+                self.peers = peers
+                for worker in self.workers:
+                    worker.set_peers(peers, self.probe_peers)
+
+    def peer_routes(self):
+        """[version, address, container port, host IP or None, host port, container id, pid] of
+        the TCP ports each container publishes itself (its annotations, the API), at each of
+        its addresses.  The daemon's -p is left out: which container it reaches is not fixed."""
+        rows = []
+        for hosted in self.containers.values():
+            pids = [self.filters[fd].pid for fd in hosted.filters if isinstance(self.filters[fd].pid, int)]
+            for mapping in (hosted.settings or {}).get("publish", ()) if pids else ():
+                proto, host_ip, host_port, container_port = mapping
+                if proto == _TCP:
+                    rows.extend([address.version, int(address), container_port, host_ip, host_port, hosted.cid,
+                                 pids[0]] for address in hosted.addresses)
+        return rows
 
     def sync_keeper(self):
         """Send the keeper a snapshot(), with the fds it does not hold yet."""
@@ -3613,7 +3883,8 @@ class Daemon:
             if counters:
                 self.table.row(0, slot)[:] = array.array("q", counters)
             home = min(self.workers, key=lambda w: len(w.containers))
-            hosted = self.containers[cid] = Hosted(cid, slot, home, settings())
+            hosted = self.containers[cid] = Hosted(cid, slot, home, settings(),
+                                                   container_addresses(pid) if self.c2c else ())
             home.containers.add(cid)
         self.serial += 1
         handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, pid, metadata)
@@ -3732,6 +4003,8 @@ class Daemon:
         self.answer_orphans(worker)
         new = self.workers[worker.index] = self.spawn_worker(worker.index)
         new.containers = worker.containers
+        if self.peers:
+            new.set_peers(self.peers, self.probe_peers)
         for hosted in self.containers.values():
             if hosted.home is worker:
                 hosted.home = new
@@ -4331,6 +4604,14 @@ def build_parser():
                              % MAX_DEFAULT_WORKERS)
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
     parser.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
+    parser.add_argument("--handle-c2c-connections", action="store_true",
+                        help="a connect to another served container's address and port that it publishes itself "
+                             "goes to that port's host side (README: Container to container)")
+    parser.add_argument("--no-policy-check", dest="policy_check", action="store_false",
+                        help="with --handle-c2c-connections: do not first check that the caller's own network "
+                             "reaches the peer")
+    parser.add_argument("--tracer", action="store_true",
+                        help="accepted for the Go tool's sake: the policy check it turns on is on by default")
     parser.add_argument("--strict", action="store_true",
                         help="never let the kernel run a trapped call as made (CONTINUE): calls on unix sockets "
                              "are made by a helper in the container's namespaces (README: swapping the fd)")
@@ -4469,7 +4750,8 @@ def main(argv=None):
 
     def new_daemon(table=None, inflight=None, keeper=None):
         return Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
-                      workers=args.workers, table=table, inflight=inflight, keeper=keeper, strict=args.strict)
+                      workers=args.workers, table=table, inflight=inflight, keeper=keeper, strict=args.strict,
+                      c2c=args.handle_c2c_connections, probe_peers=args.policy_check)
 
     def serve(daemon, handed):
         return serve_daemon(daemon, args, api_path, handed, None)  # the keeper tells --ready-fd

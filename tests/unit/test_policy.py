@@ -587,3 +587,41 @@ def test_map_into_a_rootless_containers_user_namespace(outside, inside):
 
 def test_request_ops_are_the_trapped_calls_it_makes():
     assert set(b4ns.NamespaceHelper.OPS) == {b4ns.CONNECT, b4ns.BIND, b4ns.LISTEN}
+
+
+# -- container addresses (--handle-c2c-connections) ----------------------------
+
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 10.89.71.0/24 2 0 2
+        +-- 10.89.71.0/30 2 0 2
+           |-- 10.89.71.0
+              /24 link UNICAST
+           |-- 10.89.71.3
+              /32 host LOCAL
+     +-- 127.0.0.0/8 2 0 2
+        |-- 127.0.0.1
+           /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 10.89.71.3
+        /32 host LOCAL
+     |-- 10.89.71.255
+        /32 link BROADCAST
+"""
+
+IF_INET6 = """00000000000000000000000000000001 01 80 10 80       lo
+fd00000000000000000000000000000a 02 40 00 00     eth0
+fe80000000000000d4c7e8fffe2a1b3c 02 40 20 80     eth0
+"""
+
+
+def test_parse_fib_trie_addresses_finds_the_local_ones_but_loopback():
+    assert b4ns.parse_fib_trie_addresses(FIB_TRIE) == [ipaddress.IPv4Address("10.89.71.3")]
+
+
+def test_parse_if_inet6_addresses_leaves_out_loopback_and_link_local():
+    assert b4ns.parse_if_inet6_addresses(IF_INET6) == [ipaddress.IPv6Address("fd00::a")]
+    assert b4ns.parse_proc_if_inet6(IF_INET6) == [ipaddress.IPv6Network("fd00::/64")]
