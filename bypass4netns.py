@@ -15,6 +15,7 @@ Single file, standard library only, Linux >= 5.9, Python >= 3.9.
 
 import argparse
 import array
+import base64
 import collections
 import ctypes
 import errno
@@ -33,6 +34,8 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 __version__ = "0.1.0"
 
@@ -808,6 +811,48 @@ def parse_if_inet6_addresses(text):
     return sorted({addr for addr, _prefix in if_inet6_entries(text)})
 
 
+# --multinode: the Go tool's etcd keys, "<prefix><container address>:<container port>",
+# each valued "<host address>:<host port>" (IPv6 addresses in brackets, both ways).
+MULTINODE_PREFIX = "bypass4netns/multinode/"
+
+
+def format_host_port(ip, port):
+    return ("[%s]:%d" if ip.version == 6 else "%s:%d") % (ip, port)
+
+
+def parse_host_port(text):
+    """"198.18.0.1:80" or "[2001:db8::1]:80" -> (address, port), or None."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host), int(port)
+    except ValueError:
+        return None
+
+
+def multinode_routes(entries, own_host):
+    """etcd's (key, value) pairs -> [version, address, port, host IP, host port] of the
+    containers other nodes publish.  A value naming a loopback, unspecified, multicast or
+    link-local address, or this node's own (`own_host`: its containers are its own daemon's),
+    is left out: a registration can only lead to another node's published port."""
+    rows = []
+    for key, value in entries:
+        if not key.startswith(MULTINODE_PREFIX):
+            continue
+        container, host = parse_host_port(key[len(MULTINODE_PREFIX):]), parse_host_port(value)
+        if container is None or host is None:
+            continue
+        host_ip = host[0]
+        if (host_ip == own_host or host_ip.is_loopback or host_ip.is_unspecified or host_ip.is_multicast
+                or host_ip.is_link_local or getattr(host_ip, "ipv4_mapped", None)):
+            continue
+        rows.append([container[0].version, int(container[0]), container[1], str(host_ip), host[1]])
+    return rows
+
+
 # ---------------------------------------------------------------------------
 # Socket switching: one handler per trapped syscall
 # ---------------------------------------------------------------------------
@@ -1281,6 +1326,7 @@ class Switcher:
         self.own_namespaces = namespace_inodes("self")
         self.peers = {}             # (version, address, port) -> PeerRoute: --handle-c2c-connections'
         self.peer_helpers = {}      # peer container id -> its NamespaceHelper, for stand-ins
+        self.nodes = {}             # (version, address, port) -> (host IP, host port): --multinode's
         self.probe_peers = True     # a peer is reached only where the caller's own network reaches it
         self.memory = MemoryReader()
         self.limit = LogLimit()
@@ -1556,7 +1602,12 @@ class Switcher:
             if raw is None or not call.still_valid():
                 return
             dest = parse_sockaddr(raw)
-            if self.peers:
+            if self.peers or self.nodes:
+                node = self.nodes.get(dest)
+                if node is not None:
+                    self.reach_host_side(call, sock, raw, dest, node[0], node[1], "another node's published port")
+                    sock = None
+                    return
                 peer = self.peers.get(dest)
                 if peer is not None and peer.cid != call.container.id:
                     self.connect_to_peer(call, sock, raw, dest, peer)
@@ -1786,8 +1837,11 @@ class Switcher:
 
     # -- another container's published port (--handle-c2c-connections) -----
 
-    def set_peers(self, rows, probe):
-        """The daemon's peer_routes() rows, and whether a peer is probed for first."""
+    def set_peers(self, rows, probe, nodes):
+        """The daemon's peer_routes() rows, whether a peer is probed for first, and the other
+        nodes' multinode_routes() rows."""
+        self.nodes = {(version, address, port): (ipaddress.ip_address(host_ip), host_port)
+                      for version, address, port, host_ip, host_port in nodes}
         self.peers = {(version, address, port): PeerRoute(None if host_ip is None else ipaddress.ip_address(host_ip),
                                                           host_port, cid, pid)
                       for version, address, port, host_ip, host_port, cid, pid in rows}
@@ -1807,6 +1861,7 @@ class Switcher:
         if reachable is not None:
             self.reach_peer(call, sock, raw, dest, peer, reachable)
             return
+
 
         slot = self.inflight.add_pending(call.filter.key, call.id)
         call.deferred = True
@@ -1868,17 +1923,29 @@ class Switcher:
     def reach_peer(self, call, sock, raw, dest, peer, reachable):
         """Connect to the peer's host side if `reachable` (sock taken over), else where the
         caller is: its own network answers as it would without the daemon."""
+        if reachable:
+            self.reach_host_side(call, sock, raw, dest, peer.host_ip or (_LOOPBACK_IP4 if dest[0] == 4
+                                                                          else _LOOPBACK_IP6),
+                                 peer.host_port, "a peer's published port")
+            return
+        call.container.counters[COUNT_CONTAINER] += 1
+        if self.debug:
+            self.debug_decision(call, "connect", dest, "container (a peer its network does not reach)")
+        self.connect_in_place(call, sock, raw)
+
+    def reach_host_side(self, call, sock, raw, dest, host_ip, host_port, what):
+        """Connect a host socket to the host side of a published port (sock taken over) for a
+        connect to `dest`; where that cannot be, connect where the caller is."""
         kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-        if not reachable:
-            outcome = "container (a peer its network does not reach)"
-        elif kind != socket.SOCK_STREAM:
-            outcome = "container (a peer's port, not TCP)"
+        host_raw = encode_sockaddr(sock.family, host_ip, host_port)
+        if kind != socket.SOCK_STREAM:
+            outcome = "container (%s, not TCP)" % what
+        elif host_raw is None:
+            outcome = "container (%s, at an IPv6 address)" % what
         else:
-            host_raw = encode_sockaddr(sock.family, peer.host_ip or (_LOOPBACK_IP4 if dest[0] == 4 else _LOOPBACK_IP6),
-                                       peer.host_port)
             if self.debug:
-                self.debug_decision(call, "connect", dest, "a peer's published port, at %s"
-                                    % format_destination(parse_sockaddr(host_raw)))
+                self.debug_decision(call, "connect", dest, "%s, at %s" % (what, format_destination(
+                    parse_sockaddr(host_raw))))
             outcome = self.bypass_connect(call, sock, kind, host_raw, parse_sockaddr(host_raw), True)
             if outcome is None:
                 sock.close()
@@ -3165,8 +3232,8 @@ class Worker:
     def drop(self, key):
         self.handoff.send(json.dumps({"drop": key}).encode())
 
-    def set_peers(self, rows, probe):
-        self.handoff.send(json.dumps({"peers": rows, "probe": probe}).encode())
+    def set_peers(self, rows, probe, nodes):
+        self.handoff.send(json.dumps({"peers": rows, "probe": probe, "nodes": nodes}).encode())
 
     def close(self):
         for channel in (self.handoff, self.requests):
@@ -3190,8 +3257,8 @@ class LocalWorker:
     def drop(self, key):
         self.server.drop(key)
 
-    def set_peers(self, rows, probe):
-        self.server.switcher.set_peers(rows, probe)
+    def set_peers(self, rows, probe, nodes):
+        self.server.switcher.set_peers(rows, probe, nodes)
 
 
 HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
@@ -3220,7 +3287,7 @@ class WorkerProcess:
             self.server.drop(message["drop"])
             return
         if "peers" in message:
-            self.server.switcher.set_peers(message["peers"], message["probe"])
+            self.server.switcher.set_peers(message["peers"], message["probe"], message["nodes"])
             return
         self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
                                message["metadata"], message["shared"], message["settings"])
@@ -3242,6 +3309,131 @@ class WorkerProcess:
         finally:
             self.server.close()
             close_signal_pipe(signal_pipe)
+
+
+class EtcdClient:
+    """etcd's v3 HTTP/JSON gateway (/v3/kv/*, /v3/lease/*), keys and values base64: urllib only."""
+
+    TIMEOUT = 2.0   # seconds a request may take
+
+    def __init__(self, url):
+        self.url = url.rstrip("/")
+
+    def post(self, path, body):
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:
+            return json.loads(response.read() or b"{}")
+
+    @staticmethod
+    def b64(text):
+        return base64.b64encode(text.encode()).decode()
+
+    def grant(self, ttl):
+        return int(self.post("/v3/lease/grant", {"TTL": ttl})["ID"])
+
+    def keep_alive(self, lease):
+        """Whether the lease still lives."""
+        return int(self.post("/v3/lease/keepalive", {"ID": lease}).get("result", {}).get("TTL", 0)) > 0
+
+    def revoke(self, lease):
+        self.post("/v3/lease/revoke", {"ID": lease})
+
+    def put(self, key, value, lease):
+        self.post("/v3/kv/put", {"key": self.b64(key), "value": self.b64(value), "lease": lease})
+
+    def delete(self, key):
+        self.post("/v3/kv/deleterange", {"key": self.b64(key)})
+
+    def prefix(self, prefix):
+        """[(key, value)] of every key under `prefix`."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        kvs = self.post("/v3/kv/range", {"key": self.b64(prefix), "range_end": self.b64(end)}).get("kvs", ())
+        return [(base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")).decode())
+                for kv in kvs]
+
+
+class MultinodeAgent:
+    """--multinode's process: it alone waits for etcd, so that the daemon never does.
+
+    The daemon sends it the keys its containers should have (JSON {key:
+    value}, whenever they change); it puts them under a lease it keeps alive,
+    deletes those gone, and every REFRESH seconds reads every node's keys and
+    sends back multinode_routes() when they change.  etcd down or slow: the
+    daemon is sent no routes (connects go their normal way), once, with one
+    warning; it is tried again every REFRESH seconds.  When the daemon stops
+    (END) it revokes its lease: the keys go with it.  When the daemon dies it
+    exits (it hangs up, or PR_SET_PDEATHSIG): the keys expire with the lease,
+    unless the keeper's next daemon puts them again first.
+    """
+
+    END = b"end"            # the daemon's last message: it stops
+    LEASE_TTL = 15          # seconds, as the Go tool's
+    KEEPALIVE = 10.0        # seconds between keepalives
+    REFRESH = 2.0           # seconds between reads of the other nodes' keys
+
+    def __init__(self, channel, url, own_host):
+        self.channel, self.etcd, self.own_host = channel, EtcdClient(url), own_host
+        self.wanted, self.put = {}, {}  # key -> value: what the daemon wants, what etcd has of it
+        self.lease = None
+        self.routes = None
+        self.failing = False
+
+    def run(self):
+        next_refresh = next_keepalive = 0.0
+        while True:
+            timeout = max(0.0, min(next_refresh, next_keepalive) - time.monotonic())
+            if select.select([self.channel], [], [], timeout)[0]:
+                data = self.channel.recv(1 << 20)
+                if data == self.END:
+                    self.end()
+                    return
+                if not data:
+                    return  # the daemon died: its keys expire, unless a new daemon puts them again
+                self.wanted = json.loads(data)
+            now = time.monotonic()
+            try:
+                if self.lease is not None and now >= next_keepalive:
+                    next_keepalive = now + self.KEEPALIVE
+                    if not self.etcd.keep_alive(self.lease):
+                        self.lease, self.put = None, {}  # expired (etcd was away): put anew
+                self.register()
+                if now >= next_refresh:
+                    next_refresh = now + self.REFRESH
+                    self.send_routes(multinode_routes(self.etcd.prefix(MULTINODE_PREFIX), self.own_host))
+                    if self.failing:
+                        self.failing = False
+                        log.warning("etcd at %s answers again", self.etcd.url)
+            except (OSError, ValueError, KeyError) as e:
+                next_refresh = now + self.REFRESH
+                if not self.failing:
+                    self.failing = True
+                    log.warning("etcd at %s: %s: connects to other nodes' containers go their normal way",
+                                self.etcd.url, getattr(e, "reason", e))
+                self.send_routes([])
+
+    def register(self):
+        if self.wanted and self.lease is None:
+            self.lease, self.put = self.etcd.grant(self.LEASE_TTL), {}
+        for key in [key for key in self.put if key not in self.wanted]:
+            self.etcd.delete(key)
+            del self.put[key]
+        for key, value in self.wanted.items():
+            if self.put.get(key) != value:
+                self.etcd.put(key, value, self.lease)
+                self.put[key] = value
+
+    def send_routes(self, routes):
+        if routes != self.routes:
+            self.routes = routes
+            self.channel.send(json.dumps(routes).encode())
+
+    def end(self):
+        if self.lease is not None:
+            try:
+                self.etcd.revoke(self.lease)
+            except (OSError, ValueError):
+                pass
 
 
 def run_loop(events, running, housekeeping, due):
@@ -3330,7 +3522,8 @@ class Daemon:
     """
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
-                 table=None, inflight=None, keeper=None, strict=False, c2c=False, probe_peers=True):
+                 table=None, inflight=None, keeper=None, strict=False, c2c=False, probe_peers=True,
+                 multinode=None):
         self.socket_path = socket_path
         self.debug = debug
         self.events = Events()
@@ -3342,6 +3535,10 @@ class Daemon:
         self.keeper = keeper        # KeeperLink, or None with --no-keeper
         self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
         self.peers = []             # peer_routes() as the servers have them
+        self.multinode = multinode  # (etcd URL, this node's host address), or None
+        self.agent = None           # (pid, channel) of the MultinodeAgent
+        self.registered = {}        # etcd key -> value: the containers' here, as the agent was sent them
+        self.nodes = []             # multinode_routes(), from the agent
         self.exit_status = 0
         self.worker_count = workers
         self.workers = []           # Worker, or one LocalWorker
@@ -3551,8 +3748,83 @@ class Daemon:
             peers = self.peer_routes()
             if peers != self.peers:
                 self.peers = peers
-                for worker in self.workers:
-                    worker.set_peers(peers, self.probe_peers)
+                self.send_routes()
+        if self.agent is not None:
+            registered = self.registrations()
+            if registered != self.registered:
+                self.registered = registered
+                self.agent[1].send(json.dumps(registered).encode())
+
+    def send_routes(self):
+        for worker in self.workers:
+            worker.set_peers(self.peers, self.probe_peers, self.nodes)
+
+    def registrations(self):
+        """etcd key -> value of every TCP port a container here publishes itself, at each of its
+        addresses (--multinode)."""
+        host = self.multinode[1]
+        return {MULTINODE_PREFIX + format_host_port(ipaddress.IPv4Address(address) if version == 4
+                                                    else ipaddress.IPv6Address(address), port):
+                format_host_port(host, host_port)
+                for version, address, port, _host_ip, host_port, _cid, _pid in self.peer_routes()}
+
+    def start_multinode(self):
+        """Fork the MultinodeAgent (before any thread or helper: a plain fork)."""
+        if self.multinode is None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        url, host = self.multinode
+
+        def agent():
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(signum, signal.SIG_IGN)  # the daemon's to act on; it hangs up to end us
+            close_other_fds({0, 1, 2, theirs.fileno()})
+            MultinodeAgent(theirs, url, host).run()
+        pid = fork_child(agent, "the multinode agent")
+        theirs.close()
+        self.agent = (pid, ours)
+        self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
+        log.info("multinode agent: pid %d, etcd at %s, this node at %s", pid, url, host)
+
+    def on_agent_message(self):
+        pid, channel = self.agent
+        try:
+            data = channel.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            log.error("the multinode agent (pid %d) is gone: connects to other nodes' containers go their "
+                      "normal way", pid)
+            self.stop_agent()
+            self.nodes = []
+        else:
+            self.nodes = json.loads(data)
+        self.send_routes()
+
+    def stop_agent(self, wait=0.0, end=False):
+        """Stop the agent and reap it, waiting up to `wait` seconds for it to end before SIGKILL.
+        With `end` it revokes its lease first, so this node's keys go; without, they stay till
+        the lease runs out (a daemon that takes over puts them again before)."""
+        if self.agent is None:
+            return
+        pid, channel = self.agent
+        self.agent = None
+        self.events.unwatch(channel.fileno())
+        if end:
+            try:
+                channel.send(MultinodeAgent.END)
+            except OSError:
+                pass
+        channel.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
+            time.sleep(0.05)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
     def peer_routes(self):
         """[version, address, container port, host IP or None, host port, container id, pid] of
@@ -3884,7 +4156,7 @@ class Daemon:
                 self.table.row(0, slot)[:] = array.array("q", counters)
             home = min(self.workers, key=lambda w: len(w.containers))
             hosted = self.containers[cid] = Hosted(cid, slot, home, settings(),
-                                                   container_addresses(pid) if self.c2c else ())
+                                                   container_addresses(pid) if self.c2c or self.multinode else ())
             home.containers.add(cid)
         self.serial += 1
         handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, pid, metadata)
@@ -4003,8 +4275,8 @@ class Daemon:
         self.answer_orphans(worker)
         new = self.workers[worker.index] = self.spawn_worker(worker.index)
         new.containers = worker.containers
-        if self.peers:
-            new.set_peers(self.peers, self.probe_peers)
+        if self.peers or self.nodes:
+            new.set_peers(self.peers, self.probe_peers, self.nodes)
         for hosted in self.containers.values():
             if hosted.home is worker:
                 hosted.home = new
@@ -4102,6 +4374,7 @@ class Daemon:
 
     def close(self):
         self.stop()
+        self.stop_agent(EtcdClient.TIMEOUT + 1, end=not self.handed_over)
         self.stop_workers()
         if self.server is not None:
             self.server.close()
@@ -4604,6 +4877,13 @@ def build_parser():
                              % MAX_DEFAULT_WORKERS)
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
     parser.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
+    parser.add_argument("--multinode", action="store_true",
+                        help="register the ports containers publish themselves in etcd, and connect to other "
+                             "nodes' containers through their hosts (README: Multi-node)")
+    parser.add_argument("--multinode-etcd-address", metavar="URL",
+                        help="etcd's client URL, e.g. http://198.18.0.1:2379 (with --multinode)")
+    parser.add_argument("--multinode-host-address", metavar="IP",
+                        help="this node's address that the other nodes reach (with --multinode)")
     parser.add_argument("--handle-c2c-connections", action="store_true",
                         help="a connect to another served container's address and port that it publishes itself "
                              "goes to that port's host side (README: Container to container)")
@@ -4741,6 +5021,20 @@ def main(argv=None):
             except OSError:
                 parser.error("argument --%s: %d is not an open file descriptor" % (name.replace("_", "-"), fd))
 
+    multinode = None
+    if args.multinode:
+        if not (args.multinode_etcd_address and args.multinode_host_address):
+            parser.error("--multinode needs --multinode-etcd-address and --multinode-host-address")
+        if not args.multinode_etcd_address.startswith(("http://", "https://")):
+            parser.error("argument --multinode-etcd-address: %r is not an http:// or https:// URL"
+                         % args.multinode_etcd_address)
+        try:
+            host = ipaddress.ip_address(args.multinode_host_address)
+        except ValueError:
+            parser.error("argument --multinode-host-address: %r is not an IP address" % args.multinode_host_address)
+        if host.is_loopback or host.is_unspecified or host.is_multicast:
+            parser.error("argument --multinode-host-address: %s is not an address other nodes reach" % host)
+        multinode = (args.multinode_etcd_address, host)
     handler = logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -4751,7 +5045,8 @@ def main(argv=None):
     def new_daemon(table=None, inflight=None, keeper=None):
         return Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
                       workers=args.workers, table=table, inflight=inflight, keeper=keeper, strict=args.strict,
-                      c2c=args.handle_c2c_connections, probe_peers=args.policy_check)
+                      c2c=args.handle_c2c_connections, probe_peers=args.policy_check,
+                      multinode=multinode)
 
     def serve(daemon, handed):
         return serve_daemon(daemon, args, api_path, handed, None)  # the keeper tells --ready-fd
@@ -4790,6 +5085,7 @@ def serve_daemon(daemon, args, api_path, handed, ready_fd):
         write_pid_file(own_pid_file)
     try:
         daemon.start_workers()
+        daemon.start_multinode()
         if handed is not None:
             daemon.adopt_containers(*handed)
         daemon.watch_signals()  # before --ready-fd: from then on a signal is an event

@@ -305,6 +305,13 @@ def ensure_docker():
     ensure_packages(DOCKER_PACKAGES, recommends=False)
 
 
+def ensure_etcd():
+    """Install Debian's etcd-server (for --multinode's tests) if missing."""
+    if os.geteuid() != 0:
+        raise PermissionError("installing etcd needs root")
+    ensure_packages(["etcd-server"], recommends=False)
+
+
 def _subid_ranges(path):
     ranges = []
     with open(path) as f:

@@ -1,0 +1,173 @@
+"""--multinode, end to end: two nodes, a real etcd (Debian's etcd-server) in the test
+namespace, rootless podman.
+
+Each node is a daemon of its own with its own host address (198.18.0.1 and 198.18.1.1,
+both addresses of the test namespace, the nodes' "host"): node A's server container sits
+on a podman bridge network (10.89.71.0/24) and publishes its port itself; node B's
+client container runs on slirp4netns, from where that network is not reachable. The
+client reaches the server by its container address only through etcd and node A's host.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from e2e.daemon import Daemon, run
+from e2e.test_c2c import FETCH, NETWORKS
+
+SERVER_NETWORK = "b4ns-c2c-a"
+
+ETCD_RANGE = """
+import base64, json, sys, urllib.request
+prefix = "bypass4netns/multinode/"
+body = {"key": base64.b64encode(prefix.encode()).decode(),
+        "range_end": base64.b64encode(prefix[:-1].encode() + b"0").decode()}
+request = urllib.request.Request(sys.argv[1] + "/v3/kv/range", json.dumps(body).encode())
+kvs = json.load(urllib.request.urlopen(request, timeout=5)).get("kvs", [])
+print(json.dumps({base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode() for kv in kvs}))
+"""
+
+
+@pytest.fixture
+def etcd(testbed):
+    """etcd's client URL, inside the test namespace."""
+    testbed.ensure_etcd()
+    data = tempfile.mkdtemp(prefix="b4ns-etcd-")
+    client, peer = testbed.free_port(), testbed.free_port("127.0.0.1")
+    url = "http://%s:%d" % (testbed.HOST_IP4, client)
+    proc = testbed.start_server(["etcd", "--name", "b4ns", "--data-dir", data, "--listen-client-urls", url,
+                                 "--advertise-client-urls", url, "--listen-peer-urls", "http://127.0.0.1:%d" % peer,
+                                 "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % peer,
+                                 "--initial-cluster", "b4ns=http://127.0.0.1:%d" % peer],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        testbed.wait_port(testbed.HOST_IP4, client, timeout=30)
+        yield url, proc
+    finally:
+        testbed.stop_server(proc)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def keys(testbed, url):
+    return json.loads(run(testbed.in_netns(["python3", "-c", ETCD_RANGE, url]), check=True).stdout)
+
+
+def node(url, host):
+    return Daemon(["--multinode", "--multinode-etcd-address", url, "--multinode-host-address", host,
+                   "--ignore", "10.0.0.0/8"], udp=False)
+
+
+@pytest.fixture
+def nodes(testbed, etcd):
+    url, _proc = etcd
+    for name, subnet in NETWORKS.items():
+        if run(testbed.podman(["network", "exists", name])).returncode != 0:
+            run(testbed.podman(["network", "create", "--subnet", subnet, name]), check=True)
+    a, b = node(url, testbed.HOST_IP4), node(url, testbed.HOST_IP4_B)
+    yield a, b
+    for d in (a, b):
+        if d.proc.poll() is None:
+            assert d.stop() == 0
+        assert "Traceback" not in d.log(), d.log()[-3000:]
+
+
+def start_server(testbed, d):
+    """(name, container address, host port, body) of an HTTP server container of node `d`."""
+    name = "b4ns-mn-" + uuid.uuid4().hex[:8]
+    body = "b4ns-" + uuid.uuid4().hex
+    host_port = testbed.free_port()
+    run(testbed.run_container(
+        ["sh", "-c", "echo %s > /tmp/index.txt && exec python3 -m http.server 80 --directory /tmp" % body],
+        network=SERVER_NETWORK, name=name, seccomp=d.profile,
+        extra=["-d", "--annotation", "bypass4netns.publish=%d:80" % host_port]), check=True)
+    address = run(testbed.podman(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                                  name]), check=True).stdout.strip()
+    testbed.wait_port("127.0.0.1", host_port)
+    return name, address, host_port, body
+
+
+def fetch(testbed, seccomp, address):
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(FETCH), address, "80"], seccomp=seccomp)
+    return json.loads(run(argv, timeout=120, check=True).stdout)
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_container_reaches_another_nodes_container_by_its_address(testbed, etcd, nodes):
+    url, _proc = etcd
+    a, b = nodes
+    name, address, host_port, body = start_server(testbed, a)
+    key = "bypass4netns/multinode/%s:80" % address
+    try:
+        assert wait_for(lambda: keys(testbed, url).get(key) == "%s:%d" % (testbed.HOST_IP4, host_port))
+        assert "error" in fetch(testbed, None, address)     # without the tool: no way there
+        # Node B reads the keys every 2 s: the first fetch may come before.
+        assert wait_for(lambda: fetch(testbed, b.profile, address) == {"body": body + "\n"}, timeout=30)
+        assert ("%s:80" % address, "another node's published port, at %s:%d" % (testbed.HOST_IP4, host_port)) \
+            in b.decisions()
+        assert ("%s:%d" % (testbed.HOST_IP4, host_port), "bypassed") in b.decisions()
+    finally:
+        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
+    assert wait_for(lambda: key not in keys(testbed, url))  # deleted when the container stops
+
+
+def test_a_clean_stop_deletes_the_keys_and_a_killed_node_lets_them_expire(testbed, etcd, nodes):
+    url, _proc = etcd
+    a, b = nodes
+    name, address, _host_port, _body = start_server(testbed, a)
+    key = "bypass4netns/multinode/%s:80" % address
+    try:
+        assert wait_for(lambda: key in keys(testbed, url))
+        assert a.stop() == 0
+        assert key not in keys(testbed, url)                # the lease was revoked
+    finally:
+        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
+    name, address, _host_port, _body = start_server(testbed, b)
+    key = "bypass4netns/multinode/%s:80" % address
+    try:
+        assert wait_for(lambda: key in keys(testbed, url))
+        os.kill(b.pid, signal.SIGKILL)                      # the keeper: the whole tree goes
+        b.proc.wait(10)
+        assert key in keys(testbed, url)
+        assert wait_for(lambda: key not in keys(testbed, url), timeout=30)  # the 15 s lease ran out
+    finally:
+        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
+
+
+def test_etcd_down_means_the_normal_way_and_one_warning(testbed, etcd, nodes, acceptor):
+    url, proc = etcd
+    a, b = nodes
+    name, address, _host_port, body = start_server(testbed, a)
+    try:
+        assert wait_for(lambda: fetch(testbed, b.profile, address) == {"body": body + "\n"}, timeout=30)
+        testbed.stop_server(proc)
+        warning = "WARNING etcd at %s" % url
+        assert wait_for(lambda: warning in b.log())
+        time.sleep(3)                                       # a few more failed reads
+        assert b.log().count(warning) == 1, b.log()[-2000:]
+        before = len(b.decisions())
+        assert "error" in fetch(testbed, b.profile, address)
+        assert ("%s:80" % address, "container (ignored 10.0.0.0/8)") in b.decisions()[before:]
+        # Other destinations are bypassed as ever.
+        out = run(testbed.run_container(["python3", "-c", "import socket, sys; socket.create_connection("
+                                         "(sys.argv[1], int(sys.argv[2])), timeout=5).close(); print('ok')",
+                                         testbed.HOST_IP4, str(acceptor)], seccomp=b.profile), check=True).stdout
+        assert out.strip() == "ok"
+        assert ("%s:%d" % (testbed.HOST_IP4, acceptor), "bypassed") in b.decisions()
+    finally:
+        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
