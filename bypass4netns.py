@@ -3276,11 +3276,17 @@ class WorkerProcess:
         self.server = Server(self.events, Switcher(self.events, base, parent, Inflight(inflight.row(index)), debug),
                              table, index, parent.share)
         self.running = True
+        self.orphaned = False
 
     def on_handoff(self, _events):
         data, fds = recv_with_fds(self.handoff, 1)
         if not data:
-            self.running = False  # the parent is gone
+            # The parent is gone, and PR_SET_PDEATHSIG's SIGKILL on its way (the
+            # kernel closes a dying process's fds first).  Answer nothing: the
+            # keeper answers what is left from the Inflight table, or, with no
+            # keeper left either, the kernel does (ENOSYS).
+            self.running = False
+            self.orphaned = True
             return
         message = json.loads(data)
         if "drop" in message:
@@ -3307,7 +3313,8 @@ class WorkerProcess:
         try:
             run_loop(self.events, lambda: self.running, switcher.sweep_pending, lambda: bool(switcher.pending))
         finally:
-            self.server.close()
+            if not self.orphaned:
+                self.server.close()
             close_signal_pipe(signal_pipe)
 
 
