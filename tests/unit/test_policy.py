@@ -625,3 +625,37 @@ def test_parse_fib_trie_addresses_finds_the_local_ones_but_loopback():
 def test_parse_if_inet6_addresses_leaves_out_loopback_and_link_local():
     assert b4ns.parse_if_inet6_addresses(IF_INET6) == [ipaddress.IPv6Address("fd00::a")]
     assert b4ns.parse_proc_if_inet6(IF_INET6) == [ipaddress.IPv6Network("fd00::/64")]
+
+
+# -- --multinode's etcd keys ----------------------------------------------------
+
+@pytest.mark.parametrize("text,parsed", [
+    ("198.18.0.1:80", (ipaddress.ip_address("198.18.0.1"), 80)),
+    ("[2001:db8::1]:8080", (ipaddress.ip_address("2001:db8::1"), 8080)),
+    ("198.18.0.1", None), ("198.18.0.1:0", None), ("198.18.0.1:65536", None), ("banana:80", None),
+    ("[2001:db8::1]", None), ("", None)])
+def test_parse_host_port(text, parsed):
+    assert b4ns.parse_host_port(text) == parsed
+
+
+def test_format_host_port_reads_back():
+    for ip in ("198.18.0.1", "2001:db8::1"):
+        address = ipaddress.ip_address(ip)
+        assert b4ns.parse_host_port(b4ns.format_host_port(address, 443)) == (address, 443)
+
+
+def test_multinode_routes_keep_only_other_nodes_published_ports():
+    own = ipaddress.ip_address("198.18.1.1")
+    prefix = b4ns.MULTINODE_PREFIX
+    entries = [(prefix + "10.89.71.5:80", "198.18.0.1:34567"),
+               (prefix + "[fd00::5]:80", "[2001:db8::1]:34568"),
+               (prefix + "10.89.72.5:80", "198.18.1.1:40000"),     # this node's own
+               (prefix + "10.89.71.6:80", "127.0.0.1:40001"),      # loopback: never
+               (prefix + "10.89.71.7:80", "0.0.0.0:40002"),        # unspecified: never
+               (prefix + "10.89.71.8:80", "[::ffff:127.0.0.1]:40003"),
+               (prefix + "10.89.71.9:80", "169.254.0.1:40004"),    # link-local
+               (prefix + "garbage", "198.18.0.1:1"),
+               ("other/10.89.71.10:80", "198.18.0.1:2")]
+    assert b4ns.multinode_routes(entries, own) == [
+        [4, int(ipaddress.ip_address("10.89.71.5")), 80, "198.18.0.1", 34567],
+        [6, int(ipaddress.ip_address("fd00::5")), 80, "2001:db8::1", 34568]]
