@@ -3760,11 +3760,19 @@ class Daemon:
             registered = self.registrations()
             if registered != self.registered:
                 self.registered = registered
-                self.agent[1].send(json.dumps(registered).encode())
+                try:
+                    self.agent[1].send(json.dumps(registered).encode())
+                except OSError as e:  # EMSGSIZE past some thousands of keys
+                    self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
+                                   len(registered), e.strerror)
 
     def send_routes(self):
         for worker in self.workers:
-            worker.set_peers(self.peers, self.probe_peers, self.nodes)
+            try:
+                worker.set_peers(self.peers, self.probe_peers, self.nodes)
+            except OSError as e:  # EMSGSIZE past some thousands of routes
+                self.limit.log(logging.ERROR, "cannot send worker %d the routes to %d peers and %d other nodes' "
+                               "ports: %s", worker.index, len(self.peers), len(self.nodes), e.strerror)
 
     def registrations(self):
         """etcd key -> value of every TCP port a container here publishes itself, at each of its
