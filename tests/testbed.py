@@ -24,6 +24,7 @@ import sys
 import time
 
 USER = "b4ns-test"
+USER_B = "b4ns-test2"    # a second rootless user: another node for --multinode's tests
 NETNS = "b4ns-test"
 NETNS_PATH = "/run/netns/b4ns-test"
 HOST_IP4 = "198.18.0.1"
@@ -82,20 +83,20 @@ def _output(argv):
 
 # ---------------------------------------------------------------- identities
 
-def user_uid():
-    return pwd.getpwnam(USER).pw_uid
+def user_uid(user=USER):
+    return pwd.getpwnam(user).pw_uid
 
 
-def user_gid():
-    return pwd.getpwnam(USER).pw_gid
+def user_gid(user=USER):
+    return pwd.getpwnam(user).pw_gid
 
 
-def user_home():
-    return pwd.getpwnam(USER).pw_dir
+def user_home(user=USER):
+    return pwd.getpwnam(user).pw_dir
 
 
-def runtime_dir():
-    return "/run/user/%d" % user_uid()
+def runtime_dir(user=USER):
+    return "/run/user/%d" % user_uid(user)
 
 
 # ------------------------------------------------------------ argv builders
@@ -109,28 +110,28 @@ def in_netns(argv):
     return ["nsenter", "--net=" + NETNS_PATH] + list(argv)
 
 
-def as_user(argv, netns=True, env=None):
-    """argv run as the test user, with a clean environment, from its home.
+def as_user(argv, netns=True, env=None, user=USER):
+    """argv run as the test user (or `user`), with a clean environment, from its home.
 
     setpriv execs (runuser would fork), so a Popen's pid is argv's own.
     """
     user_env = {
-        "HOME": user_home(),
-        "USER": USER,
-        "LOGNAME": USER,
+        "HOME": user_home(user),
+        "USER": user,
+        "LOGNAME": user,
         "PATH": USER_PATH,
-        "XDG_RUNTIME_DIR": runtime_dir(),
+        "XDG_RUNTIME_DIR": runtime_dir(user),
     }
     user_env.update(env or {})
-    cmd = ["setpriv", "--reuid=%d" % user_uid(), "--regid=%d" % user_gid(),
-           "--init-groups", "env", "-i", "--chdir=" + user_home()]
+    cmd = ["setpriv", "--reuid=%d" % user_uid(user), "--regid=%d" % user_gid(user),
+           "--init-groups", "env", "-i", "--chdir=" + user_home(user)]
     cmd += ["%s=%s" % kv for kv in sorted(user_env.items())] + list(argv)
     return in_netns(cmd) if netns else cmd
 
 
-def podman(args, runtime="runc"):
-    """A rootless podman command of the test user inside the namespace."""
-    return as_user(["podman", "--runtime", runtime] + PODMAN_FLAGS + list(args))
+def podman(args, runtime="runc", user=USER):
+    """A rootless podman command of the test user (or `user`) inside the namespace."""
+    return as_user(["podman", "--runtime", runtime] + PODMAN_FLAGS + list(args), user=user)
 
 
 def host_bind_dirs():
@@ -144,7 +145,7 @@ def host_bind_dirs():
 
 
 def run_container(cmd, runtime="runc", seccomp=None, network="slirp4netns",
-                  extra=(), name=None):
+                  extra=(), name=None, user=USER):
     """argv of `podman run --rm` of cmd in the busybox rootfs."""
     args = ["run", "--rm", "--network", network]
     for d in host_bind_dirs():
@@ -156,8 +157,8 @@ def run_container(cmd, runtime="runc", seccomp=None, network="slirp4netns",
     # ":O": a private overlay per container over the shared rootfs, so a
     # container can write anywhere and mount at any new path (its writes are
     # discarded). podman takes everything after --rootfs DIR as the command.
-    args += list(extra) + ["--rootfs", ROOTFS + ":O"] + list(cmd)
-    return podman(args, runtime)
+    args += list(extra) + ["--rootfs", rootfs(user) + ":O"] + list(cmd)
+    return podman(args, runtime, user)
 
 
 # ---------------------------------------------------------- files and servers
@@ -185,12 +186,13 @@ def start_server(argv, netns=True, user=False, env=None, **popen_kwargs):
     """Start a long-running argv; stop it with stop_server(proc).
 
     Runs as root inside the namespace by default, as the test user with
-    user=True, outside the namespace with netns=False; env adds variables.
+    user=True (or as the user named), outside the namespace with netns=False;
+    env adds variables.
     popen_kwargs go to Popen (stdout/stderr default to ours, which pytest
     captures).
     """
     if user:
-        argv = as_user(argv, netns=netns, env=env)
+        argv = as_user(argv, netns=netns, env=env, user=USER if user is True else user)
     else:
         if env:
             popen_kwargs["env"] = dict(os.environ, **env)
@@ -312,6 +314,12 @@ def ensure_etcd():
     ensure_packages(["etcd-server"], recommends=False)
 
 
+def ensure_second_user():
+    """USER_B, with its runtime dir and root filesystem: a second node for --multinode's tests."""
+    ensure_user(USER_B)
+    ensure_rootfs(USER_B)
+
+
 def _subid_ranges(path):
     ranges = []
     with open(path) as f:
@@ -322,25 +330,27 @@ def _subid_ranges(path):
     return ranges
 
 
-def ensure_user():
+def ensure_user(user=USER):
     try:
-        pwd.getpwnam(USER)
+        pwd.getpwnam(user)
     except KeyError:
-        _log("creating user " + USER)
-        _run(["useradd", "-m", "-s", "/bin/bash", USER])
+        _log("creating user " + user)
+        _run(["useradd", "-m", "-s", "/bin/bash", user])
     # Debian 12's useradd adds subordinate ranges itself; a second, overlapping
     # range breaks newuidmap, so add one only when there is none, after all.
     for path, flag in (("/etc/subuid", "--add-subuids"),
                        ("/etc/subgid", "--add-subgids")):
         ranges = _subid_ranges(path) if os.path.exists(path) else []
-        if any(owner in (USER, str(user_uid())) for owner, _, _ in ranges):
+        if any(owner in (user, str(user_uid(user))) for owner, _, _ in ranges):
             continue
         start = max([100000] + [s + n for _, s, n in ranges])
-        _run(["usermod", flag, "%d-%d" % (start, start + 65535), USER])
-    rdir = runtime_dir()
+        _run(["usermod", flag, "%d-%d" % (start, start + 65535), user])
+    rdir = runtime_dir(user)
     os.makedirs(rdir, exist_ok=True)
-    os.chown(rdir, user_uid(), user_gid())
+    os.chown(rdir, user_uid(user), user_gid(user))
     os.chmod(rdir, 0o700)
+    if user != USER:
+        return
     os.makedirs(WORKDIR, exist_ok=True)
     os.chown(WORKDIR, user_uid(), user_gid())
     os.chmod(WORKDIR, 0o755)
@@ -424,13 +434,19 @@ def ensure_netns():
         ns("ip", "-6", "route", "replace", "unreachable", half)
 
 
-def ensure_rootfs():
+def rootfs(user=USER):
+    """The container root filesystem of `user`'s containers (each user owns its own)."""
+    return ROOTFS if user == USER else "%s-%s" % (ROOTFS, user)
+
+
+def ensure_rootfs(user=USER):
     """busybox, a passwd, and mount points for the host's /usr, /lib, /lib64.
 
-    Owned by the test user, who is root in the containers: through the
-    overlay (":O") podman puts over it for each container, a container can
-    then create mount points and files anywhere; they land in the overlay.
+    Owned by the test user (or `user`), who is root in the containers: through
+    the overlay (":O") podman puts over it for each container, a container
+    can then create mount points and files anywhere; they land in the overlay.
     """
+    ROOTFS = rootfs(user)  # noqa: N806 (the module's, or the user's)
     for d in ("bin", "usr", "proc", "sys", "dev", "etc", "run", "root",
               "home", "var", "tmp"):
         os.makedirs(os.path.join(ROOTFS, d), exist_ok=True)
@@ -462,7 +478,7 @@ def ensure_rootfs():
         if not os.path.exists(path) or _read(path) != text:
             with open(path, "w") as f:
                 f.write(text)
-    uid, gid = user_uid(), user_gid()
+    uid, gid = user_uid(user), user_gid(user)
     for top, dirs, names in os.walk(ROOTFS):
         for name in [top] + [os.path.join(top, n) for n in dirs + names]:
             os.lchown(name, uid, gid)
@@ -499,20 +515,20 @@ def down():
                 _log("killing leftover server pid " + name)
                 _kill_pid(int(name))
             os.unlink(path)
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        pass
-    else:
+    for user in (USER, USER_B):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            continue
         if os.path.exists(NETNS_PATH) and shutil.which("podman"):
-            subprocess.run(podman(["rm", "--all", "--force", "--time", "0"]),
+            subprocess.run(podman(["rm", "--all", "--force", "--time", "0"], user=user),
                            stdout=subprocess.DEVNULL, timeout=120)
         # podman 4.3 leaves a --rm container's overlay (":O") behind, with
         # whatever the container wrote; no container is left to need one.
-        shutil.rmtree(os.path.join(runtime_dir(), "containers",
+        shutil.rmtree(os.path.join(runtime_dir(user), "containers",
                                    "overlay-containers"), ignore_errors=True)
         # Rootless podman keeps a "pause" process holding its user namespace.
-        pause = os.path.join(runtime_dir(), "libpod", "tmp", "pause.pid")
+        pause = os.path.join(runtime_dir(user), "libpod", "tmp", "pause.pid")
         if os.path.exists(pause):
             pid = _read(pause).strip()
             if pid.isdigit():

@@ -46,7 +46,8 @@ def generate_profile(socket_path, base="podman", extra=()):
 class Daemon:
     """bypass4netns.py started as the test user; stop() ends it by pid."""
 
-    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=(), take_over=None, env=None):
+    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=(), take_over=None, env=None,
+                 user=tb.USER):
         serial = next(_serial)
         if serial == 0:
             prune_leftovers()
@@ -56,11 +57,15 @@ class Daemon:
         shutil.copy(str(ROOT / "bypass4netns.py"), self.script)
         os.chmod(self.script, 0o644)
         self.log_path = os.path.join(tb.WORKDIR, name + ".log")
+        self.user = user
+        if user != tb.USER:  # WORKDIR is the test user's: the log is made for this one
+            open(self.log_path, "a").close()
+            os.chown(self.log_path, tb.user_uid(user), tb.user_gid(user))
         if take_over is not None:  # the Daemon it takes over from: its socket and profile
             self.socket, self.profile = take_over.socket, take_over.profile
             args = ["--take-over", *args]
         else:
-            self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
+            self.socket = os.path.join(tb.runtime_dir(user), name + ".sock")
             # udp: a profile made with --udp (UDP switching, every send with a
             # destination trapped), which the tests written before the default
             # profile became TCP-only assume; udp=False for the default profile.
@@ -72,7 +77,7 @@ class Daemon:
             argv.append("--debug")
         ready_r, ready_w = os.pipe()
         try:
-            self.proc = tb.start_server(argv + ["--ready-fd", str(ready_w)], user=True, pass_fds=[ready_w], env=env)
+            self.proc = tb.start_server(argv + ["--ready-fd", str(ready_w)], user=user, pass_fds=[ready_w], env=env)
             os.close(ready_w)
             ready_w = None
             if os.read(ready_r, 1) != b"1":

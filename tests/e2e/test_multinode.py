@@ -1,11 +1,12 @@
 """--multinode, end to end: two nodes, a real etcd (Debian's etcd-server) in the test
 namespace, rootless podman.
 
-Each node is a daemon of its own with its own host address (198.18.0.1 and 198.18.1.1,
-both addresses of the test namespace, the nodes' "host"): node A's server container sits
-on a podman bridge network (10.89.71.0/24) and publishes its port itself; node B's
-client container runs on slirp4netns, from where that network is not reachable. The
-client reaches the server by its container address only through etcd and node A's host.
+A node is a rootless user with its own daemon, host address and podman bridge network:
+the test user on 198.18.0.1 with 10.89.71.0/24, and a second user on 198.18.1.1 with
+10.89.72.0/24 (both host addresses are the test namespace's: the nodes' "host").  Each
+user's rootless network namespace holds its bridge, so nothing routes between the two
+networks: node B's container reaches node A's by its container address only through
+etcd and node A's host.
 """
 
 import json
@@ -21,9 +22,10 @@ import uuid
 import pytest
 
 from e2e.daemon import Daemon, run
-from e2e.test_c2c import FETCH, NETWORKS
+from e2e.test_c2c import FETCH
 
-SERVER_NETWORK = "b4ns-c2c-a"
+# user -> (its podman network, subnet), filled in by the nodes fixture
+NETWORKS = {}
 
 ETCD_RANGE = """
 import base64, json, sys, urllib.request
@@ -60,18 +62,22 @@ def keys(testbed, url):
     return json.loads(run(testbed.in_netns(["python3", "-c", ETCD_RANGE, url]), check=True).stdout)
 
 
-def node(url, host):
+def node(url, host, user):
     return Daemon(["--multinode", "--multinode-etcd-address", url, "--multinode-host-address", host,
-                   "--ignore", "10.0.0.0/8"], udp=False)
+                   "--ignore", "10.0.0.0/8"], udp=False, user=user)
 
 
 @pytest.fixture
 def nodes(testbed, etcd):
+    """Node A (the test user) and node B (the second user): their Daemons."""
     url, _proc = etcd
-    for name, subnet in NETWORKS.items():
-        if run(testbed.podman(["network", "exists", name])).returncode != 0:
-            run(testbed.podman(["network", "create", "--subnet", subnet, name]), check=True)
-    a, b = node(url, testbed.HOST_IP4), node(url, testbed.HOST_IP4_B)
+    testbed.ensure_second_user()
+    NETWORKS.update({testbed.USER: "b4ns-c2c-a", testbed.USER_B: "b4ns-mn-b"})
+    for user, (name, subnet) in ((testbed.USER, ("b4ns-c2c-a", "10.89.71.0/24")),
+                                 (testbed.USER_B, ("b4ns-mn-b", "10.89.72.0/24"))):
+        if run(testbed.podman(["network", "exists", name], user=user)).returncode != 0:
+            run(testbed.podman(["network", "create", "--subnet", subnet, name], user=user), check=True)
+    a, b = node(url, testbed.HOST_IP4, testbed.USER), node(url, testbed.HOST_IP4_B, testbed.USER_B)
     yield a, b
     for d in (a, b):
         if d.proc.poll() is None:
@@ -80,22 +86,26 @@ def nodes(testbed, etcd):
 
 
 def start_server(testbed, d):
-    """(name, container address, host port, body) of an HTTP server container of node `d`."""
+    """(remove argv, container address, host port, body) of an HTTP server container of node
+    `d` on its network."""
     name = "b4ns-mn-" + uuid.uuid4().hex[:8]
     body = "b4ns-" + uuid.uuid4().hex
     host_port = testbed.free_port()
     run(testbed.run_container(
         ["sh", "-c", "echo %s > /tmp/index.txt && exec python3 -m http.server 80 --directory /tmp" % body],
-        network=SERVER_NETWORK, name=name, seccomp=d.profile,
+        network=NETWORKS[d.user], name=name, seccomp=d.profile, user=d.user,
         extra=["-d", "--annotation", "bypass4netns.publish=%d:80" % host_port]), check=True)
     address = run(testbed.podman(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                                  name]), check=True).stdout.strip()
+                                  name], user=d.user), check=True).stdout.strip()
     testbed.wait_port("127.0.0.1", host_port)
-    return name, address, host_port, body
+    return testbed.podman(["rm", "-f", "-t", "0", name], user=d.user), address, host_port, body
 
 
-def fetch(testbed, seccomp, address):
-    argv = testbed.run_container(["python3", "-c", textwrap.dedent(FETCH), address, "80"], seccomp=seccomp)
+def fetch(testbed, d, address, seccomp=True):
+    """What a container of node `d` on its network gets from address:80 (without the
+    daemon's profile if not `seccomp`)."""
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(FETCH), address, "80"], user=d.user,
+                                 network=NETWORKS[d.user], seccomp=d.profile if seccomp else None)
     return json.loads(run(argv, timeout=120, check=True).stdout)
 
 
@@ -111,33 +121,33 @@ def wait_for(predicate, timeout=20.0):
 def test_a_container_reaches_another_nodes_container_by_its_address(testbed, etcd, nodes):
     url, _proc = etcd
     a, b = nodes
-    name, address, host_port, body = start_server(testbed, a)
+    remove, address, host_port, body = start_server(testbed, a)
     key = "bypass4netns/multinode/%s:80" % address
     try:
         assert wait_for(lambda: keys(testbed, url).get(key) == "%s:%d" % (testbed.HOST_IP4, host_port))
-        assert "error" in fetch(testbed, None, address)     # without the tool: no way there
+        assert "error" in fetch(testbed, b, address, seccomp=False)  # without the tool: no way there
         # Node B reads the keys every 2 s: the first fetch may come before.
-        assert wait_for(lambda: fetch(testbed, b.profile, address) == {"body": body + "\n"}, timeout=30)
+        assert wait_for(lambda: fetch(testbed, b, address) == {"body": body + "\n"}, timeout=30)
         assert ("%s:80" % address, "another node's published port, at %s:%d" % (testbed.HOST_IP4, host_port)) \
             in b.decisions()
         assert ("%s:%d" % (testbed.HOST_IP4, host_port), "bypassed") in b.decisions()
     finally:
-        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
+        run(remove, check=True)
     assert wait_for(lambda: key not in keys(testbed, url))  # deleted when the container stops
 
 
 def test_a_clean_stop_deletes_the_keys_and_a_killed_node_lets_them_expire(testbed, etcd, nodes):
     url, _proc = etcd
     a, b = nodes
-    name, address, _host_port, _body = start_server(testbed, a)
+    remove, address, _host_port, _body = start_server(testbed, a)
     key = "bypass4netns/multinode/%s:80" % address
     try:
         assert wait_for(lambda: key in keys(testbed, url))
         assert a.stop() == 0
         assert key not in keys(testbed, url)                # the lease was revoked
     finally:
-        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
-    name, address, _host_port, _body = start_server(testbed, b)
+        run(remove, check=True)
+    remove, address, _host_port, _body = start_server(testbed, b)
     key = "bypass4netns/multinode/%s:80" % address
     try:
         assert wait_for(lambda: key in keys(testbed, url))
@@ -146,28 +156,29 @@ def test_a_clean_stop_deletes_the_keys_and_a_killed_node_lets_them_expire(testbe
         assert key in keys(testbed, url)
         assert wait_for(lambda: key not in keys(testbed, url), timeout=30)  # the 15 s lease ran out
     finally:
-        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
+        run(remove, check=True)
 
 
 def test_etcd_down_means_the_normal_way_and_one_warning(testbed, etcd, nodes, acceptor):
     url, proc = etcd
     a, b = nodes
-    name, address, _host_port, body = start_server(testbed, a)
+    remove, address, _host_port, body = start_server(testbed, a)
     try:
-        assert wait_for(lambda: fetch(testbed, b.profile, address) == {"body": body + "\n"}, timeout=30)
+        assert wait_for(lambda: fetch(testbed, b, address) == {"body": body + "\n"}, timeout=30)
         testbed.stop_server(proc)
         warning = "WARNING etcd at %s" % url
         assert wait_for(lambda: warning in b.log())
         time.sleep(3)                                       # a few more failed reads
         assert b.log().count(warning) == 1, b.log()[-2000:]
         before = len(b.decisions())
-        assert "error" in fetch(testbed, b.profile, address)
+        assert "error" in fetch(testbed, b, address)
         assert ("%s:80" % address, "container (ignored 10.0.0.0/8)") in b.decisions()[before:]
         # Other destinations are bypassed as ever.
         out = run(testbed.run_container(["python3", "-c", "import socket, sys; socket.create_connection("
                                          "(sys.argv[1], int(sys.argv[2])), timeout=5).close(); print('ok')",
-                                         testbed.HOST_IP4, str(acceptor)], seccomp=b.profile), check=True).stdout
+                                         testbed.HOST_IP4, str(acceptor)], seccomp=b.profile, user=b.user),
+                  check=True).stdout
         assert out.strip() == "ok"
         assert ("%s:%d" % (testbed.HOST_IP4, acceptor), "bypassed") in b.decisions()
     finally:
-        run(testbed.podman(["rm", "-f", "-t", "0", name]), check=True)
+        run(remove, check=True)
