@@ -696,7 +696,9 @@ def parse_annotations(annotations):
     checked; Error naming the annotation that is invalid."""
     if not isinstance(annotations, dict):
         return [], [], False
-    ignore = [str(annotations[IGNORE_ANNOTATION])] if annotations.get(IGNORE_ANNOTATION) else []
+    # Values are separated by commas or spaces: podman's --annotation splits its argument
+    # at commas, so its users need the spaces.
+    ignore = str(annotations.get(IGNORE_ANNOTATION) or "").replace(",", " ").split()
     subnets = annotations.get(NERDCTL_IGNORE_SUBNETS)
     if subnets:
         try:
@@ -710,7 +712,7 @@ def parse_annotations(annotations):
         parse_ignore(ignore)
     except Error as e:
         raise Error("%s: %s" % (IGNORE_ANNOTATION, e)) from None
-    publish = [spec.strip() for spec in str(annotations.get(PUBLISH_ANNOTATION) or "").split(",") if spec.strip()]
+    publish = str(annotations.get(PUBLISH_ANNOTATION) or "").replace(",", " ").split()
     try:
         build_publish_table(publish)
     except Error as e:
