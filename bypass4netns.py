@@ -3753,6 +3753,11 @@ class Daemon:
         the servers the containers' published ports at their addresses if they have changed."""
         if self.keeper is not None and self.keeper.timer is None:
             self.keeper.timer = self.events.call_at(0, self.sync_keeper)
+        self.update_routes()
+
+    def update_routes(self):
+        """Tell the servers the containers' published ports at their addresses, and the
+        multinode agent the keys of this node, where those have changed."""
         if self.c2c:
             peers = self.peer_routes()
             if peers != self.peers:
@@ -3785,8 +3790,23 @@ class Daemon:
                 format_host_port(host, host_port)
                 for version, address, port, _host_ip, host_port, _cid, _pid in self.peer_routes()}
 
+    ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses (c2c, multinode)
+
+    def refresh_addresses(self):
+        """Read the containers' addresses again (`podman network connect` adds one, say), every
+        ADDRESS_REFRESH seconds: their routes and keys follow."""
+        for hosted in self.containers.values():
+            pids = [self.filters[fd].pid for fd in hosted.filters]
+            hosted.addresses = container_addresses(pids[0]) if pids else ()
+        self.update_routes()
+        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
+
     def start_multinode(self):
-        """Fork the MultinodeAgent (before any thread or helper: a plain fork)."""
+        """Fork the MultinodeAgent (before any thread or helper: a plain fork); from then on,
+        with it or --handle-c2c-connections, the containers' addresses are read again now and
+        then."""
+        if self.c2c or self.multinode:
+            self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
         if self.multinode is None:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -127,3 +127,20 @@ def test_a_peer_that_is_gone_is_not_reached(testbed, daemon, peer):
     before = len(outcomes(daemon, address))
     assert "error" in fetch(testbed, daemon, networks_first(), address)
     assert outcomes(daemon, address)[before:] == ["container (ignored 10.0.0.0/8)"]
+
+
+def test_an_address_a_peer_gains_is_routed_too(testbed, daemon, peer):
+    """`podman network connect` gives a running peer a second address: the daemon reads the
+    containers' addresses again every 10 s."""
+    cid, _address, host_port, body = peer()
+    other = list(NETWORKS)[1]
+    run(testbed.podman(["network", "connect", other, cid]), check=True)
+    inspect = run(testbed.podman(["inspect", "-f", "{{json .NetworkSettings.Networks}}", cid]), check=True).stdout
+    address = json.loads(inspect)[other]["IPAddress"]
+    routed = "a peer's published port, at 127.0.0.1:%d" % host_port
+    deadline = time.monotonic() + 30
+    result = None
+    while routed not in outcomes(daemon, address) and time.monotonic() < deadline:
+        result = fetch(testbed, daemon, other, address)   # through its network till then: refused
+        time.sleep(1)
+    assert result == {"body": body + "\n"}
