@@ -131,6 +131,20 @@ def test_a_container_reaches_another_nodes_container_by_its_address(testbed, etc
         assert ("%s:80" % address, "another node's published port, at %s:%d" % (testbed.HOST_IP4, host_port)) \
             in b.decisions()
         assert ("%s:%d" % (testbed.HOST_IP4, host_port), "bypassed") in b.decisions()
+        # While a connection is open, the host's socket table has it, to node A's host port.
+        holder = subprocess.Popen(testbed.run_container(
+            ["python3", "-c", "import socket, sys, time; s = socket.create_connection((sys.argv[1], 80)); "
+             "print('open', flush=True); sys.stdin.readline()", address],
+            user=b.user, network=NETWORKS[b.user], seccomp=b.profile, extra=["-i"]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+        try:
+            assert holder.stdout.readline().strip() == "open"
+            table = run(testbed.in_netns(["cat", "/proc/net/tcp"]), check=True).stdout
+            assert any(fields[2] == "%08X:%04X" % (int.from_bytes(bytes(map(int, testbed.HOST_IP4.split("."))),
+                                                                  "little"), host_port) and fields[3] == "01"
+                       for fields in (line.split() for line in table.splitlines()[1:])), table
+        finally:
+            holder.communicate("\n", timeout=60)
     finally:
         run(remove, check=True)
     assert wait_for(lambda: key not in keys(testbed, url))  # deleted when the container stops
