@@ -1283,6 +1283,69 @@ class Call:
 PeerRoute = collections.namedtuple("PeerRoute", "host_ip host_port cid pid")
 
 
+class PeerProbe:
+    """A connect to a peer (--handle-c2c-connections) waiting for the policy check: the peer's
+    NamespaceHelper listens at the peer's address and port in the peer's network (a stand-in:
+    the peer's own server listens on the host), then the caller's connects there from the
+    caller's network.  `sock`, the daemon's duplicate of the caller's socket, is kept till
+    the call is answered; the call has a pending slot in the Inflight row meanwhile.
+    """
+
+    __slots__ = ("switcher", "call", "sock", "raw", "dest", "peer", "stand_in", "slot")
+
+    def __init__(self, switcher, call, sock, raw, dest, peer):
+        self.switcher, self.call, self.sock = switcher, call, sock
+        self.raw, self.dest, self.peer = raw, dest, peer
+        self.stand_in = None
+        self.slot = 0
+
+    def start(self):
+        call = self.call
+        self.slot = self.switcher.inflight.add_pending(call.filter.key, call.id)
+        call.deferred = True
+        try:
+            self.stand_in = self.switcher.peer_helper(self.peer)
+            self.stand_in.stand_in(self.raw)
+        except OSError as e:
+            self.give_up(e)
+            return
+        self.stand_in.waiting.append((call, 0, self.stood_in))
+
+    def stood_in(self, result):
+        # EADDRINUSE: the peer listens there itself, in its network.
+        if result not in (0, -errno.EADDRINUSE):
+            self.give_up("no stand-in: %s" % os.strerror(-result))
+            return
+        try:
+            helper = self.switcher.helper_for(self.call)
+            helper.probe(self.raw)
+        except OSError as e:
+            self.give_up(e)
+            return
+        helper.waiting.append((self.call, 0, self.probed))
+
+    def probed(self, result):
+        self.call.container.remember_probe(self.dest, result == 0)
+        try:
+            self.stand_in.end_stand_in(self.raw)
+            self.stand_in.waiting.append((self.call, 0, lambda _result: None))
+        except OSError:
+            pass
+        self.answer(result == 0)
+
+    def give_up(self, why):
+        log.error("container %s: cannot probe %s: %s", self.call.container.short_id,
+                  format_destination(self.dest), why)
+        self.answer(False)
+
+    def answer(self, reachable):
+        self.switcher.inflight.end_pending(self.slot)
+        if self.call.still_valid():
+            self.switcher.reach_peer(self.call, self.sock, self.raw, self.dest, self.peer, reachable)
+        else:
+            self.sock.close()
+
+
 class PendingConnect:
     """A blocking connect under way, answered when its handshake ends or SO_SNDTIMEO runs out.
 
@@ -1863,49 +1926,7 @@ class Switcher:
         if reachable is not None:
             self.reach_peer(call, sock, raw, dest, peer, reachable)
             return
-
-
-        slot = self.inflight.add_pending(call.filter.key, call.id)
-        call.deferred = True
-
-        def give_up(why):
-            log.error("container %s: cannot probe %s: %s", container.short_id, format_destination(dest), why)
-            self.inflight.end_pending(slot)
-            self.reach_peer(call, sock, raw, dest, peer, False)
-
-        def stood_in(result):
-            # A stand-in listens at the peer's address and port in its own network (or the
-            # peer listens there itself: EADDRINUSE); now a connect from the caller's.
-            if result not in (0, -errno.EADDRINUSE):
-                give_up("no stand-in: %s" % os.strerror(-result))
-                return
-            try:
-                helper = self.helper_for(call)
-                helper.probe(raw)
-            except OSError as e:
-                give_up(e)
-                return
-            helper.waiting.append((call, 0, probed))
-
-        def probed(result):
-            container.remember_probe(dest, result == 0)
-            self.inflight.end_pending(slot)
-            try:
-                stand_in_helper.end_stand_in(raw)
-                stand_in_helper.waiting.append((call, 0, lambda _result: None))
-            except OSError:
-                pass
-            if call.still_valid():
-                self.reach_peer(call, sock, raw, dest, peer, result == 0)
-            else:
-                sock.close()
-        try:
-            stand_in_helper = self.peer_helper(peer)
-            stand_in_helper.stand_in(raw)
-        except OSError as e:
-            give_up(e)
-            return
-        stand_in_helper.waiting.append((call, 0, stood_in))
+        PeerProbe(self, call, sock, raw, dest, peer).start()
 
     def peer_helper(self, peer):
         """A NamespaceHelper in the namespaces of `peer`'s container."""
