@@ -196,3 +196,22 @@ def test_etcd_down_means_the_normal_way_and_one_warning(testbed, etcd, nodes, ac
         assert ("%s:%d" % (testbed.HOST_IP4, acceptor), "bypassed") in b.decisions()
     finally:
         run(remove, check=True)
+
+
+def test_a_killed_daemon_s_keeper_puts_the_keys_again(testbed, etcd, nodes):
+    """The keeper starts another daemon, whose agent puts the keys under a lease of its own
+    before the dead one's runs out: they stay."""
+    url, _proc = etcd
+    a, b = nodes
+    remove, address, host_port, body = start_server(testbed, a)
+    key = "bypass4netns/multinode/%s:80" % address
+    try:
+        assert wait_for(lambda: key in keys(testbed, url))
+        daemon = a.daemon_pid()
+        os.kill(daemon, signal.SIGKILL)
+        assert wait_for(lambda: a.daemon_pid() not in (None, daemon))
+        time.sleep(20)                                      # past the dead daemon's 15 s lease
+        assert keys(testbed, url).get(key) == "%s:%d" % (testbed.HOST_IP4, host_port)
+        assert wait_for(lambda: fetch(testbed, b, address) == {"body": body + "\n"}, timeout=30)
+    finally:
+        run(remove, check=True)
