@@ -16,10 +16,7 @@ Prints a markdown table: medians of the runs, one run per row and path, interlea
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -51,20 +48,6 @@ while time.monotonic() < end:
     n += 1
 print(n / (time.monotonic() - start))
 """
-
-
-def etcd():
-    tb.ensure_etcd()
-    data = tempfile.mkdtemp(prefix="b4ns-etcd-")
-    client, peer = tb.free_port(), tb.free_port("127.0.0.1")
-    url = "http://%s:%d" % (tb.HOST_IP4, client)
-    proc = tb.start_server(["etcd", "--name", "b4ns", "--data-dir", data, "--listen-client-urls", url,
-                            "--advertise-client-urls", url, "--listen-peer-urls", "http://127.0.0.1:%d" % peer,
-                            "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % peer,
-                            "--initial-cluster", "b4ns=http://127.0.0.1:%d" % peer],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tb.wait_port(tb.HOST_IP4, client, timeout=30)
-    return url, proc, data
 
 
 def server(user, seccomp, extra):
@@ -100,7 +83,7 @@ def main(seconds=5.0, rounds=3):
     for user, (name, subnet) in NETWORK.items():
         if run(tb.podman(["network", "exists", name], user=user)).returncode != 0:
             run(tb.podman(["network", "create", "--subnet", subnet, name], user=user), check=True)
-    url, etcd_proc, data = etcd()
+    url, etcd_proc, data = tb.start_etcd()
     nodes, removes = [], []
     try:
         nodes = [Daemon(["--multinode", "--multinode-etcd-address", url, "--multinode-host-address", host,
@@ -109,7 +92,7 @@ def main(seconds=5.0, rounds=3):
         a, b = nodes
         iperf_host, loop_host = tb.free_port(), tb.free_port()
         remove, bypassed_address = server(tb.USER, a.profile, [
-            "--annotation", "bypass4netns.publish=%d:%d %d:%d" % (iperf_host, IPERF_PORT, tb.free_port(), LOOP_PORT)])
+            "--annotation", "bypass4netns.publish=%d:%d %d:%d" % (iperf_host, IPERF_PORT, loop_host, LOOP_PORT)])
         removes.append(remove)
         iperf_pub, loop_pub = tb.free_port(), tb.free_port()
         remove, _address = server(tb.USER, None, ["-p", "%d:%d" % (iperf_pub, IPERF_PORT),
@@ -136,8 +119,7 @@ def main(seconds=5.0, rounds=3):
             run(remove)
         for d in nodes:
             d.stop()
-        tb.stop_server(etcd_proc)
-        shutil.rmtree(data, ignore_errors=True)
+        tb.stop_etcd(etcd_proc, data)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 USER = "b4ns-test"
@@ -312,6 +313,30 @@ def ensure_etcd():
     if os.geteuid() != 0:
         raise PermissionError("installing etcd needs root")
     ensure_packages(["etcd-server"], recommends=False)
+
+
+def start_etcd():
+    """etcd in the test namespace, on HOST_IP4: (its client URL, Popen, data dir); stop_etcd ends it."""
+    ensure_etcd()
+    data = tempfile.mkdtemp(prefix="b4ns-etcd-")
+    client, peer = free_port(), free_port("127.0.0.1")
+    url = "http://%s:%d" % (HOST_IP4, client)
+    peer_url = "http://127.0.0.1:%d" % peer
+    proc = start_server(["etcd", "--name", "b4ns", "--data-dir", data, "--listen-client-urls", url,
+                         "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
+                         "--initial-advertise-peer-urls", peer_url, "--initial-cluster", "b4ns=" + peer_url],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(HOST_IP4, client, timeout=30)
+    except BaseException:
+        stop_etcd(proc, data)
+        raise
+    return url, proc, data
+
+
+def stop_etcd(proc, data):
+    stop_server(proc)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def ensure_second_user():

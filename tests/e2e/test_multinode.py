@@ -11,10 +11,8 @@ etcd and node A's host.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import textwrap
 import time
 import uuid
@@ -40,22 +38,10 @@ print(json.dumps({base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["val
 
 @pytest.fixture
 def etcd(testbed):
-    """etcd's client URL, inside the test namespace."""
-    testbed.ensure_etcd()
-    data = tempfile.mkdtemp(prefix="b4ns-etcd-")
-    client, peer = testbed.free_port(), testbed.free_port("127.0.0.1")
-    url = "http://%s:%d" % (testbed.HOST_IP4, client)
-    proc = testbed.start_server(["etcd", "--name", "b4ns", "--data-dir", data, "--listen-client-urls", url,
-                                 "--advertise-client-urls", url, "--listen-peer-urls", "http://127.0.0.1:%d" % peer,
-                                 "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % peer,
-                                 "--initial-cluster", "b4ns=http://127.0.0.1:%d" % peer],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        testbed.wait_port(testbed.HOST_IP4, client, timeout=30)
-        yield url, proc
-    finally:
-        testbed.stop_server(proc)
-        shutil.rmtree(data, ignore_errors=True)
+    """(etcd's client URL, its Popen), inside the test namespace."""
+    url, proc, data = testbed.start_etcd()
+    yield url, proc
+    testbed.stop_etcd(proc, data)
 
 
 def keys(testbed, url):
