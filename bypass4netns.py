@@ -3348,11 +3348,13 @@ class EtcdClient:
 
     def __init__(self, url):
         self.url = url.rstrip("/")
+        # No proxy: a daemon started with http_proxy set must still reach etcd itself.
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def post(self, path, body):
         request = urllib.request.Request(self.url + path, json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:
+        with self.opener.open(request, timeout=self.TIMEOUT) as response:
             return json.loads(response.read() or b"{}")
 
     @staticmethod
