@@ -1903,7 +1903,7 @@ class Switcher:
     # -- another container's published port (--handle-c2c-connections) -----
 
     def set_peers(self, rows, probe, nodes):
-        """The daemon's peer_routes() rows, whether a peer is probed for first, and the other
+        """The daemon's Routes.peer_rows(), whether a peer is probed for first, and the other
         nodes' multinode_routes() rows."""
         self.nodes = {(version, address, port): (ipaddress.ip_address(host_ip), host_port)
                       for version, address, port, host_ip, host_port in nodes}
@@ -3225,12 +3225,13 @@ class Handed:
 class Hosted:
     """A container as the daemon sees it: its counters' slot, its filters, who serves them."""
 
-    __slots__ = ("cid", "slot", "home", "shared", "filters", "settings", "addresses")
+    __slots__ = ("cid", "slot", "home", "shared", "filters", "settings", "pid", "addresses")
 
-    def __init__(self, cid, slot, home, settings, addresses=()):
+    def __init__(self, cid, slot, home, settings, pid=None):
         self.cid, self.slot, self.home = cid, slot, home
         self.settings = settings    # Daemon.container_settings()
-        self.addresses = addresses  # its own IP addresses (--handle-c2c-connections)
+        self.pid = pid              # its first process, as the runtime named it (an int, or None)
+        self.addresses = ()         # its own IP addresses (Routes: --handle-c2c-connections, --multinode)
         self.shared = False         # served by every worker, not just its home
         self.filters = set()        # the daemon's notify fds
 
@@ -3542,6 +3543,138 @@ class RuntimeMessage:
         self.timer = None
 
 
+class Routes:
+    """Where the containers' own published ports are: for the servers (--handle-c2c-connections:
+    peer_rows(); --multinode: the other nodes' rows, from the MultinodeAgent) and for etcd
+    (this node's keys, through the agent).
+
+    `containers` is the daemon's (OCI id -> Hosted), `workers()` its current servers.
+    """
+
+    ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses
+
+    def __init__(self, events, containers, workers, c2c, probe_peers, multinode):
+        self.events, self.containers, self.workers = events, containers, workers
+        self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
+        self.multinode = multinode  # (etcd URL, this node's host address), or None
+        self.peers = []             # peer_rows() as the servers have them
+        self.nodes = []             # multinode_routes(), from the agent
+        self.agent = None           # (pid, channel) of the MultinodeAgent
+        self.registered = {}        # etcd key -> value: this node's, as the agent was sent them
+        self.limit = LogLimit()
+
+    def peer_rows(self):
+        """[version, address, container port, host IP or None, host port, container id, pid] of
+        the TCP ports each container publishes itself (its annotations, the API), at each of
+        its addresses.  The daemon's -p is left out: which container it reaches is not fixed."""
+        rows = []
+        for hosted in self.containers.values():
+            if not isinstance(hosted.pid, int):
+                continue
+            for proto, host_ip, host_port, container_port in (hosted.settings or {}).get("publish", ()):
+                if proto == _TCP:
+                    rows.extend([address.version, int(address), container_port, host_ip, host_port, hosted.cid,
+                                 hosted.pid] for address in hosted.addresses)
+        return rows
+
+    def update(self):
+        """Tell the servers the containers' published ports at their addresses, and the agent
+        this node's keys, where those have changed."""
+        rows = self.peer_rows()
+        if self.c2c and rows != self.peers:
+            self.peers = rows
+            self.send(self.workers())
+        if self.agent is not None:
+            host = self.multinode[1]
+            registered = {MULTINODE_PREFIX + format_host_port(ipaddress.IPv4Address(address) if version == 4
+                                                              else ipaddress.IPv6Address(address), port):
+                          format_host_port(host, host_port)
+                          for version, address, port, _host_ip, host_port, _cid, _pid in rows}
+            if registered != self.registered:
+                self.registered = registered
+                try:
+                    self.agent[1].send(json.dumps(registered).encode())
+                except OSError as e:  # EMSGSIZE past some thousands of keys
+                    self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
+                                   len(registered), e.strerror)
+
+    def send(self, workers):
+        for worker in workers:
+            try:
+                worker.set_peers(self.peers, self.probe_peers, self.nodes)
+            except OSError as e:  # EMSGSIZE past some thousands of routes
+                self.limit.log(logging.ERROR, "cannot send worker %d the routes to %d peers and %d other nodes' "
+                               "ports: %s", worker.index, len(self.peers), len(self.nodes), e.strerror)
+
+    def refresh_addresses(self):
+        """Read the containers' addresses again (`podman network connect` adds one, say), every
+        ADDRESS_REFRESH seconds: their routes and keys follow."""
+        for hosted in self.containers.values():
+            hosted.addresses = container_addresses(hosted.pid)
+        self.update()
+        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
+
+    def start(self):
+        """Fork the MultinodeAgent if --multinode (the daemon's workers are forked already, and
+        no thread runs: a plain fork), and read the addresses again now and then."""
+        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
+        if self.multinode is None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        url, host = self.multinode
+
+        def agent():
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(signum, signal.SIG_IGN)  # the daemon's to act on; it hangs up to end us
+            close_other_fds({0, 1, 2, theirs.fileno()})
+            MultinodeAgent(theirs, url, host).run()
+        pid = fork_child(agent, "the multinode agent")
+        theirs.close()
+        self.agent = (pid, ours)
+        self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
+        log.info("multinode agent: pid %d, etcd at %s, this node at %s", pid, url, host)
+
+    def on_agent_message(self):
+        pid, channel = self.agent
+        try:
+            data = channel.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            log.error("the multinode agent (pid %d) is gone: connects to other nodes' containers go their "
+                      "normal way", pid)
+            self.stop()
+            self.nodes = []
+        else:
+            self.nodes = json.loads(data)
+        self.send(self.workers())
+
+    def stop(self, wait=0.0, end=False):
+        """Stop the agent and reap it, waiting up to `wait` seconds for it to end before SIGKILL.
+        With `end` it revokes its lease first, so this node's keys go; without, they stay till
+        the lease runs out (a daemon that takes over puts them again before)."""
+        if self.agent is None:
+            return
+        pid, channel = self.agent
+        self.agent = None
+        self.events.unwatch(channel.fileno())
+        if end:
+            try:
+                channel.send(MultinodeAgent.END)
+            except OSError:
+                pass
+        channel.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
+            time.sleep(0.05)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
 class Daemon:
     """Accepts the runtimes' messages and has their notifications served.
 
@@ -3565,17 +3698,14 @@ class Daemon:
         self.table = CounterTable(workers) if table is None else table
         self.inflight = InflightTable(workers) if inflight is None else inflight
         self.keeper = keeper        # KeeperLink, or None with --no-keeper
-        self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
-        self.peers = []             # peer_routes() as the servers have them
-        self.multinode = multinode  # (etcd URL, this node's host address), or None
-        self.agent = None           # (pid, channel) of the MultinodeAgent
-        self.registered = {}        # etcd key -> value: the containers' here, as the agent was sent them
-        self.nodes = []             # multinode_routes(), from the agent
         self.exit_status = 0
         self.worker_count = workers
         self.workers = []           # Worker, or one LocalWorker
         self.filters = {}           # notify fd -> Handed
         self.containers = {}        # OCI id -> Hosted
+        self.routes = None          # Routes, with --handle-c2c-connections or --multinode
+        if c2c or multinode is not None:
+            self.routes = Routes(self.events, self.containers, lambda: self.workers, c2c, probe_peers, multinode)
         self.serial = 0             # the last Handed.key
         self.server = None
         if workers == 1:
@@ -3773,132 +3903,11 @@ class Daemon:
 
     def changed(self):
         """What snapshot() gives has changed: the keeper learns it once this turn of the loop ends,
-        the servers the containers' published ports at their addresses if they have changed."""
+        and the Routes their changes."""
         if self.keeper is not None and self.keeper.timer is None:
             self.keeper.timer = self.events.call_at(0, self.sync_keeper)
-        self.update_routes()
-
-    def update_routes(self):
-        """Tell the servers the containers' published ports at their addresses, and the
-        multinode agent the keys of this node, where those have changed."""
-        if self.c2c:
-            peers = self.peer_routes()
-            if peers != self.peers:
-                self.peers = peers
-                self.send_routes()
-        if self.agent is not None:
-            registered = self.registrations()
-            if registered != self.registered:
-                self.registered = registered
-                try:
-                    self.agent[1].send(json.dumps(registered).encode())
-                except OSError as e:  # EMSGSIZE past some thousands of keys
-                    self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
-                                   len(registered), e.strerror)
-
-    def send_routes(self):
-        for worker in self.workers:
-            try:
-                worker.set_peers(self.peers, self.probe_peers, self.nodes)
-            except OSError as e:  # EMSGSIZE past some thousands of routes
-                self.limit.log(logging.ERROR, "cannot send worker %d the routes to %d peers and %d other nodes' "
-                               "ports: %s", worker.index, len(self.peers), len(self.nodes), e.strerror)
-
-    def registrations(self):
-        """etcd key -> value of every TCP port a container here publishes itself, at each of its
-        addresses (--multinode)."""
-        host = self.multinode[1]
-        return {MULTINODE_PREFIX + format_host_port(ipaddress.IPv4Address(address) if version == 4
-                                                    else ipaddress.IPv6Address(address), port):
-                format_host_port(host, host_port)
-                for version, address, port, _host_ip, host_port, _cid, _pid in self.peer_routes()}
-
-    ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses (c2c, multinode)
-
-    def refresh_addresses(self):
-        """Read the containers' addresses again (`podman network connect` adds one, say), every
-        ADDRESS_REFRESH seconds: their routes and keys follow."""
-        for hosted in self.containers.values():
-            pids = [self.filters[fd].pid for fd in hosted.filters]
-            hosted.addresses = container_addresses(pids[0]) if pids else ()
-        self.update_routes()
-        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
-
-    def start_multinode(self):
-        """Fork the MultinodeAgent (before any thread or helper: a plain fork); from then on,
-        with it or --handle-c2c-connections, the containers' addresses are read again now and
-        then."""
-        if self.c2c or self.multinode:
-            self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
-        if self.multinode is None:
-            return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        url, host = self.multinode
-
-        def agent():
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(signum, signal.SIG_IGN)  # the daemon's to act on; it hangs up to end us
-            close_other_fds({0, 1, 2, theirs.fileno()})
-            MultinodeAgent(theirs, url, host).run()
-        pid = fork_child(agent, "the multinode agent")
-        theirs.close()
-        self.agent = (pid, ours)
-        self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
-        log.info("multinode agent: pid %d, etcd at %s, this node at %s", pid, url, host)
-
-    def on_agent_message(self):
-        pid, channel = self.agent
-        try:
-            data = channel.recv(1 << 20)
-        except OSError:
-            data = b""
-        if not data:
-            log.error("the multinode agent (pid %d) is gone: connects to other nodes' containers go their "
-                      "normal way", pid)
-            self.stop_agent()
-            self.nodes = []
-        else:
-            self.nodes = json.loads(data)
-        self.send_routes()
-
-    def stop_agent(self, wait=0.0, end=False):
-        """Stop the agent and reap it, waiting up to `wait` seconds for it to end before SIGKILL.
-        With `end` it revokes its lease first, so this node's keys go; without, they stay till
-        the lease runs out (a daemon that takes over puts them again before)."""
-        if self.agent is None:
-            return
-        pid, channel = self.agent
-        self.agent = None
-        self.events.unwatch(channel.fileno())
-        if end:
-            try:
-                channel.send(MultinodeAgent.END)
-            except OSError:
-                pass
-        channel.close()
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
-            time.sleep(0.05)
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-
-    def peer_routes(self):
-        """[version, address, container port, host IP or None, host port, container id, pid] of
-        the TCP ports each container publishes itself (its annotations, the API), at each of
-        its addresses.  The daemon's -p is left out: which container it reaches is not fixed."""
-        rows = []
-        for hosted in self.containers.values():
-            pids = [self.filters[fd].pid for fd in hosted.filters if isinstance(self.filters[fd].pid, int)]
-            for mapping in (hosted.settings or {}).get("publish", ()) if pids else ():
-                proto, host_ip, host_port, container_port = mapping
-                if proto == _TCP:
-                    rows.extend([address.version, int(address), container_port, host_ip, host_port, hosted.cid,
-                                 pids[0]] for address in hosted.addresses)
-        return rows
+        if self.routes is not None:
+            self.routes.update()
 
     def sync_keeper(self):
         """Send the keeper a snapshot(), with the fds it does not hold yet."""
@@ -4215,8 +4224,9 @@ class Daemon:
             if counters:
                 self.table.row(0, slot)[:] = array.array("q", counters)
             home = min(self.workers, key=lambda w: len(w.containers))
-            hosted = self.containers[cid] = Hosted(cid, slot, home, settings(),
-                                                   container_addresses(pid) if self.c2c or self.multinode else ())
+            hosted = self.containers[cid] = Hosted(cid, slot, home, settings(), pid)
+            if self.routes is not None:
+                hosted.addresses = container_addresses(pid)
             home.containers.add(cid)
         self.serial += 1
         handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, pid, metadata)
@@ -4335,8 +4345,8 @@ class Daemon:
         self.answer_orphans(worker)
         new = self.workers[worker.index] = self.spawn_worker(worker.index)
         new.containers = worker.containers
-        if self.peers or self.nodes:
-            new.set_peers(self.peers, self.probe_peers, self.nodes)
+        if self.routes is not None:
+            self.routes.send([new])
         for hosted in self.containers.values():
             if hosted.home is worker:
                 hosted.home = new
@@ -4434,7 +4444,8 @@ class Daemon:
 
     def close(self):
         self.stop()
-        self.stop_agent(EtcdClient.TIMEOUT + 1, end=not self.handed_over)
+        if self.routes is not None:
+            self.routes.stop(EtcdClient.TIMEOUT + 1, end=not self.handed_over)
         self.stop_workers()
         if self.server is not None:
             self.server.close()
@@ -5145,7 +5156,8 @@ def serve_daemon(daemon, args, api_path, handed, ready_fd):
         write_pid_file(own_pid_file)
     try:
         daemon.start_workers()
-        daemon.start_multinode()
+        if daemon.routes is not None:
+            daemon.routes.start()
         if handed is not None:
             daemon.adopt_containers(*handed)
         daemon.watch_signals()  # before --ready-fd: from then on a signal is an event
