@@ -3598,6 +3598,15 @@ class Routes:
                     self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
                                    len(registered), e.strerror)
 
+    def status(self):
+        """For `bypass4netns.py status`: what is routed, and to which etcd."""
+        return {"peers": len(self.peers) if self.c2c else None,
+                "nodes": len(self.nodes) if self.multinode else None,
+                "registered": len(self.registered) if self.multinode else None,
+                "etcd": self.multinode[0] if self.multinode else None,
+                "host_address": str(self.multinode[1]) if self.multinode else None,
+                "agent": self.agent[0] if self.agent else None}
+
     def send(self, workers):
         for worker in workers:
             try:
@@ -4171,7 +4180,8 @@ class Daemon:
                 "version": __version__, "socket": self.socket_path,
                 "workers": [worker.pid for worker in self.workers if isinstance(worker, Worker)],
                 "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.out_of_fds,
-                "strict": self.base.strict, "containers": containers}
+                "strict": self.base.strict, "routes": None if self.routes is None else self.routes.status(),
+                "containers": containers}
 
     def end_message(self, message, error):
         """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
@@ -5014,6 +5024,16 @@ def format_status(status):
         "workers %s" % " ".join(map(str, workers)) if workers else "one process",
         ", --strict" if status.get("strict") else "", status["fd_limit"],
         ", out of fds %d times" % status["out_of_fds"] if status["out_of_fds"] else "")]
+    routes = status.get("routes")
+    if routes:
+        parts = []
+        if routes["peers"] is not None:
+            parts.append("%d peer port(s) routed" % routes["peers"])
+        if routes["etcd"] is not None:
+            parts.append("multinode: this node %s, %d key(s) registered, %d port(s) of other nodes, etcd %s%s"
+                         % (routes["host_address"], routes["registered"], routes["nodes"], routes["etcd"],
+                            "" if routes["agent"] else " (agent gone)"))
+        lines.append("; ".join(parts))
     if not status["containers"]:
         return "\n".join(lines + ["no containers"])
     rows = [("CONTAINER", "PROCESSES", "WORKER", "BYPASSED", "CONTAINER-NET", "REFUSED", "ERRORS", "PUBLISHED")]

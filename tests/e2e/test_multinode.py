@@ -117,6 +117,10 @@ def test_a_container_reaches_another_nodes_container_by_its_address(testbed, etc
         assert ("%s:80" % address, "another node's published port, at %s:%d" % (testbed.HOST_IP4, host_port)) \
             in b.decisions()
         assert ("%s:%d" % (testbed.HOST_IP4, host_port), "bypassed") in b.decisions()
+        for d, field in ((a, "registered"), (b, "nodes")):
+            status = json.loads(run(testbed.as_user(["python3", d.script, "status", "--socket", d.socket, "--json"],
+                                                    user=d.user), check=True).stdout)["routes"]
+            assert status[field] >= 1 and status["etcd"] == url and status["agent"], status
         # While a connection is open, the host's socket table has it, to node A's host port.
         holder = subprocess.Popen(testbed.run_container(
             ["python3", "-c", "import socket, sys, time; s = socket.create_connection((sys.argv[1], 80)); "

@@ -661,3 +661,15 @@ def test_multinode_routes_keep_only_other_nodes_published_ports():
     assert b4ns.multinode_routes(entries, own) == [
         [4, int(ipaddress.ip_address("10.89.71.5")), 80, "198.18.0.1", 34567],
         [6, int(ipaddress.ip_address("fd00::5")), 80, "2001:db8::1", 34568]]
+
+
+def test_status_says_what_is_routed():
+    status = {"version": "0.1.0", "pid": 42, "socket": "/run/b.sock", "workers": [], "fd_limit": 1024,
+              "out_of_fds": 0, "strict": True, "containers": [],
+              "routes": {"peers": 2, "nodes": 3, "registered": 1, "etcd": "http://198.18.0.1:2379",
+                         "host_address": "198.18.1.1", "agent": 77}}
+    lines = b4ns.format_status(status).splitlines()
+    assert lines[0] == "bypass4netns.py 0.1.0, pid 42, on /run/b.sock: one process, --strict; fd limit 1024"
+    assert lines[1] == ("2 peer port(s) routed; multinode: this node 198.18.1.1, 1 key(s) registered, "
+                        "3 port(s) of other nodes, etcd http://198.18.0.1:2379")
+    assert lines[2] == "no containers"
