@@ -1305,7 +1305,7 @@ class PeerProbe:
         call.deferred = True
         try:
             self.stand_in = self.switcher.peer_helper(self.peer)
-            self.stand_in.stand_in(self.raw)
+            self.stand_in.ask(NamespaceHelper.STAND_IN, self.raw)
         except OSError as e:
             self.give_up(e)
             return
@@ -1318,7 +1318,7 @@ class PeerProbe:
             return
         try:
             helper = self.switcher.helper_for(self.call)
-            helper.probe(self.raw)
+            helper.ask(NamespaceHelper.PROBE, self.raw)
         except OSError as e:
             self.give_up(e)
             return
@@ -1327,7 +1327,7 @@ class PeerProbe:
     def probed(self, result):
         self.call.container.remember_probe(self.dest, result == 0)
         try:
-            self.stand_in.end_stand_in(self.raw)
+            self.stand_in.ask(NamespaceHelper.END_STAND_IN, self.raw)
             self.stand_in.waiting.append((self.call, 0, lambda _result: None))
         except OSError:
             pass
@@ -2479,16 +2479,10 @@ class NamespaceHelper:
             for fd in fds:
                 os.close(fd)
 
-    def probe(self, raw):
-        """Ask whether a TCP connect to `raw` from the container's network gets through."""
-        self.channel.send(self.REQUEST.pack(self.PROBE, 0, 0, 0, 0, 0) + raw)
-
-    def stand_in(self, raw):
-        """Ask for a listener at `raw` in the container's network, till end_stand_in(raw)."""
-        self.channel.send(self.REQUEST.pack(self.STAND_IN, 0, 0, 0, 0, 0) + raw)
-
-    def end_stand_in(self, raw):
-        self.channel.send(self.REQUEST.pack(self.END_STAND_IN, 0, 0, 0, 0, 0) + raw)
+    def ask(self, op, raw):
+        """Ask for PROBE (does a TCP connect to `raw` from the container's network get through?),
+        STAND_IN (a listener at `raw` in that network) or END_STAND_IN; no caller's ids needed."""
+        self.channel.send(self.REQUEST.pack(op, 0, 0, 0, 0, 0) + raw)
 
     @classmethod
     def make_stand_in(cls, request, stand_ins):

@@ -9,6 +9,8 @@ networks: node B's container reaches node A's by its container address only thro
 etcd and node A's host.
 """
 
+import collections
+import contextlib
 import json
 import os
 import signal
@@ -71,9 +73,13 @@ def nodes(testbed, etcd):
         assert "Traceback" not in d.log(), d.log()[-3000:]
 
 
-def start_server(testbed, d):
-    """(remove argv, container address, host port, body) of an HTTP server container of node
-    `d` on its network."""
+Served = collections.namedtuple("Served", "address host_port body key")
+
+
+@contextlib.contextmanager
+def served(testbed, d):
+    """An HTTP server container of node `d` on its network, publishing its port 80 itself:
+    Served(container address, host port, body, its etcd key); removed at the end."""
     name = "b4ns-mn-" + uuid.uuid4().hex[:8]
     body = "b4ns-" + uuid.uuid4().hex
     host_port = testbed.free_port()
@@ -81,10 +87,13 @@ def start_server(testbed, d):
         ["sh", "-c", "echo %s > /tmp/index.txt && exec python3 -m http.server 80 --directory /tmp" % body],
         network=NETWORKS[d.user], name=name, seccomp=d.profile, user=d.user,
         extra=["-d", "--annotation", "bypass4netns.publish=%d:80" % host_port]), check=True)
-    address = run(testbed.podman(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                                  name], user=d.user), check=True).stdout.strip()
-    testbed.wait_port("127.0.0.1", host_port)
-    return testbed.podman(["rm", "-f", "-t", "0", name], user=d.user), address, host_port, body
+    try:
+        address = run(testbed.podman(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                                      name], user=d.user), check=True).stdout.strip()
+        testbed.wait_port("127.0.0.1", host_port)
+        yield Served(address, host_port, body, "bypass4netns/multinode/%s:80" % address)
+    finally:
+        run(testbed.podman(["rm", "-f", "-t", "0", name], user=d.user), check=True)
 
 
 def fetch(testbed, d, address, seccomp=True):
@@ -107,9 +116,8 @@ def wait_for(predicate, timeout=20.0):
 def test_a_container_reaches_another_nodes_container_by_its_address(testbed, etcd, nodes):
     url, _proc = etcd
     a, b = nodes
-    remove, address, host_port, body = start_server(testbed, a)
-    key = "bypass4netns/multinode/%s:80" % address
-    try:
+    with served(testbed, a) as server:
+        address, host_port, body, key = server
         assert wait_for(lambda: keys(testbed, url).get(key) == "%s:%d" % (testbed.HOST_IP4, host_port))
         assert "error" in fetch(testbed, b, address, seccomp=False)  # without the tool: no way there
         # Node B reads the keys every 2 s: the first fetch may come before.
@@ -135,40 +143,30 @@ def test_a_container_reaches_another_nodes_container_by_its_address(testbed, etc
                        for fields in (line.split() for line in table.splitlines()[1:])), table
         finally:
             holder.communicate("\n", timeout=60)
-    finally:
-        run(remove, check=True)
     assert wait_for(lambda: key not in keys(testbed, url))  # deleted when the container stops
 
 
 def test_a_clean_stop_deletes_the_keys_and_a_killed_node_lets_them_expire(testbed, etcd, nodes):
     url, _proc = etcd
     a, b = nodes
-    remove, address, _host_port, _body = start_server(testbed, a)
-    key = "bypass4netns/multinode/%s:80" % address
-    try:
-        assert wait_for(lambda: key in keys(testbed, url))
+    with served(testbed, a) as server:
+        assert wait_for(lambda: server.key in keys(testbed, url))
         assert a.stop() == 0
-        assert key not in keys(testbed, url)                # the lease was revoked
-    finally:
-        run(remove, check=True)
-    remove, address, _host_port, _body = start_server(testbed, b)
-    key = "bypass4netns/multinode/%s:80" % address
-    try:
-        assert wait_for(lambda: key in keys(testbed, url))
+        assert server.key not in keys(testbed, url)         # the lease was revoked
+    with served(testbed, b) as server:
+        assert wait_for(lambda: server.key in keys(testbed, url))
         os.kill(b.pid, signal.SIGKILL)                      # the keeper: the whole tree goes
         b.proc.wait(10)
-        assert key in keys(testbed, url)
-        assert wait_for(lambda: key not in keys(testbed, url), timeout=30)  # the 15 s lease ran out
-    finally:
-        run(remove, check=True)
+        assert server.key in keys(testbed, url)
+        assert wait_for(lambda: server.key not in keys(testbed, url), timeout=30)  # the 15 s lease ran out
 
 
 def test_etcd_down_means_the_normal_way_and_one_warning(testbed, etcd, nodes, acceptor):
     url, proc = etcd
     a, b = nodes
-    remove, address, _host_port, body = start_server(testbed, a)
-    try:
-        assert wait_for(lambda: fetch(testbed, b, address) == {"body": body + "\n"}, timeout=30)
+    with served(testbed, a) as server:
+        address = server.address
+        assert wait_for(lambda: fetch(testbed, b, address) == {"body": server.body + "\n"}, timeout=30)
         testbed.stop_server(proc)
         warning = "WARNING etcd at %s" % url
         assert wait_for(lambda: warning in b.log())
@@ -184,8 +182,6 @@ def test_etcd_down_means_the_normal_way_and_one_warning(testbed, etcd, nodes, ac
                   check=True).stdout
         assert out.strip() == "ok"
         assert ("%s:%d" % (testbed.HOST_IP4, acceptor), "bypassed") in b.decisions()
-    finally:
-        run(remove, check=True)
 
 
 def test_a_killed_daemon_s_keeper_puts_the_keys_again(testbed, etcd, nodes):
@@ -193,9 +189,8 @@ def test_a_killed_daemon_s_keeper_puts_the_keys_again(testbed, etcd, nodes):
     before the dead one's runs out: they stay."""
     url, _proc = etcd
     a, b = nodes
-    remove, address, host_port, body = start_server(testbed, a)
-    key = "bypass4netns/multinode/%s:80" % address
-    try:
+    with served(testbed, a) as server:
+        address, host_port, body, key = server
         assert wait_for(lambda: key in keys(testbed, url))
         daemon = a.daemon_pid()
         os.kill(daemon, signal.SIGKILL)
@@ -203,5 +198,3 @@ def test_a_killed_daemon_s_keeper_puts_the_keys_again(testbed, etcd, nodes):
         time.sleep(20)                                      # past the dead daemon's 15 s lease
         assert keys(testbed, url).get(key) == "%s:%d" % (testbed.HOST_IP4, host_port)
         assert wait_for(lambda: fetch(testbed, b, address) == {"body": body + "\n"}, timeout=30)
-    finally:
-        run(remove, check=True)
