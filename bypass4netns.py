@@ -33,6 +33,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -247,6 +248,7 @@ MAX_SOCKADDR = 128                          # sizeof(struct sockaddr_storage)
 _SOCKADDR_IN = struct.Struct("!HH4s")       # family is host order: read separately
 _SOCKADDR_IN6 = struct.Struct("!HHI16s")     # then sin6_scope_id, host order
 _TIMEVAL = struct.Struct("=qq")
+_LINGER = struct.Struct("=ii")              # struct linger: l_onoff, l_linger
 _U64 = struct.Struct("=Q")
 _U32 = struct.Struct("!I")                  # the length of a hand-over's state
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
@@ -1098,6 +1100,35 @@ class Reservations:
         self.held.clear()
 
 
+class SharedSocket(socket.socket):
+    """A socket the daemon holds while a container may hold it too: its duplicate of
+    the target's fd, or a host socket once installed there.
+
+    Its close never waits.  Where SO_LINGER is on and the daemon's is the last
+    reference (another thread of the target closed its fd meanwhile), the
+    kernel's close would wait for the peer to acknowledge the end, l_linger
+    seconds or for ever, and every container this process serves with it:
+    such a socket is closed on a thread of its own.
+    """
+
+    __slots__ = ()
+
+    def close(self):
+        if self.fileno() >= 0:
+            try:
+                onoff, seconds = _LINGER.unpack(self.getsockopt(_SOL, socket.SO_LINGER, _LINGER.size))
+            except OSError:
+                onoff = 0
+            if onoff and seconds:
+                threading.Thread(target=os.close, args=(self.detach(),), daemon=True).start()
+                return
+        super().close()
+
+    def close_unconnected(self):
+        """Close a socket that never got a connection: its close has nothing to wait for."""
+        super().close()
+
+
 class NotSwitched(Exception):
     """The socket stays in the container; the message says why (debug log)."""
 
@@ -1524,7 +1555,7 @@ class Switcher:
                 self.let_run(call)
             return None
         try:
-            sock = socket.socket(-1, socket.SOCK_STREAM, 0, dup)
+            sock = SharedSocket(-1, socket.SOCK_STREAM, 0, dup)
         except OSError as e:  # ENOTSOCK: Python leaves the fd to us
             os.close(dup)
             call.fail(e.errno or errno.ENOTSOCK)
@@ -1575,7 +1606,7 @@ class Switcher:
             call.fail(errno.EBADF)
             return None
         try:
-            return flags, socket.socket(family, kind, proto)
+            return flags, SharedSocket(family, kind, proto)
         except OSError as e:
             if out_of_fds(e):
                 self.note_out_of_fds(call, e)
@@ -1785,11 +1816,16 @@ class Switcher:
                 host.setblocking(True)
             if not self.install(call, host, flags):
                 return None
+            # Our references to the replaced socket and to the host one go
+            # before the answer, so that the target's close() is the last one
+            # and closes the connection itself, as natively (and on its CPU).
+            sock.close_unconnected()
             if result == -errno.EINPROGRESS and not nonblocking:
                 self.wait_for_connect(call, host, raw, host_socket=True, own_service=own_service)
-                host = None
             else:
+                host.close()
                 call.result(result)
+            host = None
             return result
         finally:
             if host is not None:
@@ -1841,9 +1877,10 @@ class Switcher:
                 result = start_connect(fd, raw)
             if result == -errno.EINPROGRESS and blocking:
                 self.wait_for_connect(call, sock, raw, host_socket=False, own_service=False)
-                sock = None
             else:
+                sock.close()  # before the answer: the target's close() must be the last one
                 call.result(result)
+            sock = None
         finally:
             if sock is not None:
                 sock.close()
@@ -4806,7 +4843,7 @@ def holds_host_socket(tid, fd):
         finally:
             os.close(pidfd)
         try:
-            sock = socket.socket(fileno=dup)
+            sock = SharedSocket(fileno=dup)
         except OSError:  # not a socket
             os.close(dup)
             return False

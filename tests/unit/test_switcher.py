@@ -312,3 +312,33 @@ def test_log_limit_says_a_repeated_line_once_then_how_often_it_came():
         "accept on /run/x.sock: Too many open files",
         "another line",
         "accept on /run/x.sock: Too many open files (99 more times in the last 0.3 s)"]
+
+
+def test_the_daemons_close_of_a_lingering_socket_never_waits():
+    """SO_LINGER on, a FIN that cannot go (the peer reads nothing and its window is full):
+    the kernel's close of the last reference would wait l_linger seconds.  The daemon's
+    close of a socket a container may have let go hands it to a thread of its own."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        peer, _ = listener.accept()
+        shared = b4ns.SharedSocket(fileno=os.dup(client.fileno()))
+        client.close()  # the container let go: the daemon's reference is the last one
+        shared.setblocking(False)
+        try:
+            while True:
+                shared.send(bytes(1 << 16))
+        except BlockingIOError:
+            pass
+        shared.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b4ns._LINGER.pack(1, 600))
+        before = set(os.listdir("/proc/self/task"))
+        closing = __import__("threading").Thread(target=shared.close)
+        closing.start()
+        closing.join(20)
+        try:
+            assert not closing.is_alive(), "the daemon's close waited for the peer"
+            assert shared.fileno() == -1
+            assert len(set(os.listdir("/proc/self/task")) - before) == 1  # the closing thread, waiting
+        finally:
+            peer.close()  # unread data: a reset, which ends the wait
