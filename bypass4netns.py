@@ -331,10 +331,16 @@ def notif_addfd(notify_fd, notif_id, srcfd, newfd, cloexec):
     return True
 
 
+# syscall(2) typed for pidfd_getfd, a function object of its own: typed arguments
+# cost a third of wrapping each in a ctypes object on every trapped call.
+_syscall_pidfd_getfd = _libc["syscall"]
+_syscall_pidfd_getfd.restype = ctypes.c_long
+_syscall_pidfd_getfd.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_uint)
+
+
 def pidfd_getfd(pidfd, targetfd):
     """A duplicate, close-on-exec, of fd `targetfd` of the process `pidfd` names."""
-    return _retry(_libc.syscall, ctypes.c_long(SYS_pidfd_getfd), ctypes.c_int(pidfd),
-                  ctypes.c_int(targetfd), ctypes.c_uint(0))
+    return _retry(_syscall_pidfd_getfd, SYS_pidfd_getfd, pidfd, targetfd, 0)
 
 
 class MemoryReader:
@@ -1112,6 +1118,10 @@ class SharedSocket(socket.socket):
     """
 
     __slots__ = ()
+    # The plain ints, as the kernel gives them: socket.socket's properties make
+    # an enum of each on every read (half a microsecond, on the hot path).
+    family = socket.SocketType.family
+    type = socket.SocketType.type
 
     def close(self):
         if self.fileno() >= 0:
