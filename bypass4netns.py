@@ -1106,22 +1106,27 @@ class Reservations:
         self.held.clear()
 
 
-class SharedSocket(socket.socket):
+class SharedSocket(socket.SocketType):
     """A socket the daemon holds while a container may hold it too: its duplicate of
     the target's fd, or a host socket once installed there.
 
-    Its close never waits.  Where SO_LINGER is on and the daemon's is the last
-    reference (another thread of the target closed its fd meanwhile), the
-    kernel's close would wait for the peer to acknowledge the end, l_linger
-    seconds or for ever, and every container this process serves with it:
-    such a socket is closed on a thread of its own.
+    Built on the C socket type, without socket.socket's Python layers (they
+    cost microseconds per trapped call: an __init__, three calls per close,
+    an enum made at every read of `family`).  Its close never waits: where
+    SO_LINGER is on and the daemon's is the last reference (another thread
+    of the target closed its fd meanwhile), the kernel's close would wait
+    for the peer to acknowledge the end, l_linger seconds or for ever, and
+    every container this process serves with it: such a socket is closed on
+    a thread of its own.
     """
 
     __slots__ = ()
-    # The plain ints, as the kernel gives them: socket.socket's properties make
-    # an enum of each on every read (half a microsecond, on the hot path).
-    family = socket.SocketType.family
-    type = socket.SocketType.type
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     def close(self):
         if self.fileno() >= 0:
