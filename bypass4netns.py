@@ -290,13 +290,24 @@ def _ioctl(fd, request, arg):
             continue
 
 
-def notif_recv(notify_fd, buffer):
-    """SECCOMP_IOCTL_NOTIF_RECV into `buffer` (a zeroed bytearray of 80): the notification's fields.
+# ioctl(2) typed for RECV into memory of our own choosing: fcntl.ioctl copies a
+# small buffer through its stack, and a process killed as RECV returns never
+# copies it back (see InflightTable).
+_ioctl_pointer = _libc["ioctl"]
+_ioctl_pointer.restype = ctypes.c_int
+_ioctl_pointer.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+
+
+def notif_recv(notify_fd, address, view):
+    """SECCOMP_IOCTL_NOTIF_RECV into the zeroed struct seccomp_notif at `address`, which
+    `view` shows: the notification's fields.
 
     RECV ignores O_NONBLOCK: call it only when epoll says a notification waits.
     """
-    fcntl.ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, buffer, True)
-    return _NOTIF.unpack(buffer)
+    if _ioctl_pointer(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, address) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return _NOTIF.unpack_from(view)
 
 
 def notif_send(notify_fd, notif_id, val, error, flags):
@@ -2726,24 +2737,39 @@ class InflightTable:
     blocking connects waiting in its loop; a slot is (filter key, 0 when free;
     notification id; 1 once a host socket may be in the target's fd, or a
     connect has started there; the target's thread and fd while it only may
-    be: ADDFD may not have run).
+    be: ADDFD may not have run).  After the slots: the key of the filter the
+    worker receives on, then the struct seccomp_notif RECV writes.  The
+    kernel writes it there itself, so a worker killed as RECV returns leaves
+    the notification it took where the daemon finds it; otherwise nobody
+    would answer it, and its thread would wait for ever.
     """
 
     PENDING = 1024      # blocking connects per worker the daemon can answer for
     FIELDS = 5
+    RECEIVING = (1 + PENDING) * FIELDS      # the cell of the filter key, then the notification's
 
     def __init__(self, servers):
-        self.per_server = (1 + self.PENDING) * self.FIELDS
+        self.per_server = self.RECEIVING + 1 + _NOTIF.size // 8
         self.memory = mmap.mmap(-1, servers * self.per_server * 8)  # MAP_SHARED, kept by fork
         self.cells = memoryview(self.memory).cast("Q")  # notification ids are random u64
 
     def row(self, server):
         return self.cells[server * self.per_server:(server + 1) * self.per_server]
 
+    def writer(self, server):
+        """The Inflight that worker `server` writes its row with."""
+        offset = (server * self.per_server + self.RECEIVING + 1) * 8
+        return Inflight(self.row(server), ctypes.addressof(ctypes.c_char.from_buffer(self.memory, offset)),
+                        memoryview(self.memory)[offset:offset + _NOTIF.size])
+
     def orphans(self, server):
         """[(filter key, notification id, host socket, tid, fd)] a dead worker left; its row is freed."""
         row = self.row(server)
-        left = [tuple(row[i:i + self.FIELDS]) for i in range(0, len(row), self.FIELDS) if row[i]]
+        left = [tuple(row[i:i + self.FIELDS]) for i in range(0, self.RECEIVING, self.FIELDS) if row[i]]
+        key, notif_id = row[self.RECEIVING], row[self.RECEIVING + 1]
+        if key and notif_id and (key, notif_id) not in [slot[:2] for slot in left]:
+            # Taken by RECV, not yet begun (or answered already: the kernel then says ENOENT).
+            left.append((key, notif_id, 0, 0, 0))
         row.cast("B")[:] = bytes(len(row) * 8)
         return left
 
@@ -2751,11 +2777,18 @@ class InflightTable:
 class Inflight:
     """One worker's row of the InflightTable, as it writes it: a few stores per notification."""
 
-    __slots__ = ("cells", "free")
+    __slots__ = ("cells", "free", "notif_address", "notif_view")
 
-    def __init__(self, cells):
+    def __init__(self, cells, notif_address, notif_view):
         self.cells = cells
         self.free = list(range(InflightTable.PENDING, 0, -1))
+        self.notif_address, self.notif_view = notif_address, notif_view
+
+    def receive(self, key, notify_fd):
+        """RECV on the filter `key` names, into the row: the notification's fields."""
+        self.cells[InflightTable.RECEIVING] = key
+        self.notif_view[:] = _ZERO_NOTIF
+        return notif_recv(notify_fd, self.notif_address, self.notif_view)
 
     def begin(self, key, notif_id):
         cells = self.cells
@@ -3102,7 +3135,6 @@ class Server:
         self.containers = {}        # OCI id -> Container
         self.filters = {}           # notify fd -> Filter
         self.keys = {}              # the daemon's key of a filter -> notify fd here
-        self.notif = bytearray(_NOTIF.size)
 
     def add_filter(self, notify_fd, key, cid, slot, pid, metadata, shared=False, settings=None):
         """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`.
@@ -3166,19 +3198,17 @@ class Server:
         again), which keeps the loop fair between containers."""
         if events & select.EPOLLIN:
             seccomp_filter = self.filters[notify_fd]
-            buffer = self.notif
-            buffer[:] = _ZERO_NOTIF
             try:
                 if seccomp_filter.shared:
                     # Another server may have taken what epoll reported, and RECV
                     # ignores O_NONBLOCK: the timer's signal ends the wait.
                     signal.setitimer(signal.ITIMER_REAL, RECV_GUARD)
                     try:
-                        fields = notif_recv(notify_fd, buffer)
+                        fields = self.inflight.receive(seccomp_filter.key, notify_fd)
                     finally:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                 else:
-                    fields = notif_recv(notify_fd, buffer)
+                    fields = self.inflight.receive(seccomp_filter.key, notify_fd)
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as e:
@@ -3343,7 +3373,7 @@ class WorkerProcess:
         self.handoff, self.requests = handoff, requests
         self.events = Events()
         parent = ParentChannel(requests)
-        self.server = Server(self.events, Switcher(self.events, base, parent, Inflight(inflight.row(index)), debug),
+        self.server = Server(self.events, Switcher(self.events, base, parent, inflight.writer(index), debug),
                              table, index, parent.share)
         self.running = True
         self.orphaned = False
@@ -3764,7 +3794,7 @@ class Daemon:
         self.serial = 0             # the last Handed.key
         self.server = None
         if workers == 1:
-            switcher = Switcher(self.events, self.base, self.reservations, Inflight(self.inflight.row(0)), debug)
+            switcher = Switcher(self.events, self.base, self.reservations, self.inflight.writer(0), debug)
             self.server = Server(self.events, switcher, self.table)
             self.workers = [LocalWorker(self.server)]
         self.running = True

@@ -8,11 +8,14 @@ so these tests reach "the host" through -p 127.0.0.1:HOSTPORT:CONTAINERPORT.
 """
 
 import errno
+import json
 import importlib.util
 import logging
 import os
 import pathlib
 import resource
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -243,6 +246,8 @@ def test_a_refused_addfd_leaves_the_socket_in_the_container(target, host_listene
     t = target(published(host_listener))
     got = t.run("""
 import resource
+import select
+import signal
 s = socket.socket()
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (s.fileno(), hard))  # s is now past the limit
@@ -342,3 +347,26 @@ def test_the_daemons_close_of_a_lingering_socket_never_waits():
             assert len(set(os.listdir("/proc/self/task")) - before) == 1  # the closing thread, waiting
         finally:
             peer.close()  # unread data: a reset, which ends the wait
+
+
+def test_a_notification_taken_by_a_worker_killed_as_recv_returns_is_answered(target):
+    """A worker killed right after RECV, before it could note what it took: the kernel wrote the
+    notification into the worker's InflightTable row itself, and the daemon answers it from there
+    (before, nobody did: the container's thread waited in its connect for ever)."""
+    t = target()
+    daemon = t.daemon
+    (notify_fd, seccomp_filter), = daemon.server.filters.items()
+    t.channel.sendall(b"s = socket.socket()\n"
+                      b"try:\n    s.connect(('127.0.0.1', 9)); result = 0\n"
+                      b"except OSError as e:\n    result = e.errno\n")
+    select.select([notify_fd], [], [], 10)  # the child waits in its trapped connect
+    worker = os.fork()
+    if worker == 0:  # takes the notification, and dies before a Python line more
+        try:
+            daemon.inflight.writer(0).receive(seccomp_filter.key, notify_fd)
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(worker, 0)
+    assert b4ns.answer_orphans(daemon.inflight, 0, {seccomp_filter.key: notify_fd}, strict=False) == 1
+    assert select.select([t.channel], [], [], 10)[0], "the child's connect was never answered"
+    assert json.loads(t.channel.recv(1 << 16)) == {"result": errno.ECONNREFUSED}  # run where it was made
