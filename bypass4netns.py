@@ -1117,6 +1117,9 @@ class Reservations:
         self.held.clear()
 
 
+CLOSE_GUARD = 0.002     # seconds the daemon's close of a lingering socket may wait (SIGALRM ends it)
+
+
 class SharedSocket(socket.SocketType):
     """A socket the daemon holds while a container may hold it too: its duplicate of
     the target's fd, or a host socket once installed there.
@@ -1127,8 +1130,10 @@ class SharedSocket(socket.SocketType):
     SO_LINGER is on and the daemon's is the last reference (another thread
     of the target closed its fd meanwhile), the kernel's close would wait
     for the peer to acknowledge the end, l_linger seconds or for ever, and
-    every container this process serves with it: such a socket is closed on
-    a thread of its own.
+    every container this process serves with it.  A signal ends that wait:
+    the close of a lingering socket runs under a CLOSE_GUARD timer where
+    SIGALRM has a handler (watch_signals installs one), else on a thread of
+    its own (100 us).
     """
 
     __slots__ = ()
@@ -1146,7 +1151,14 @@ class SharedSocket(socket.SocketType):
             except OSError:
                 onoff = 0
             if onoff and seconds:
-                threading.Thread(target=os.close, args=(self.detach(),), daemon=True).start()
+                if not callable(signal.getsignal(signal.SIGALRM)):
+                    threading.Thread(target=os.close, args=(self.detach(),), daemon=True).start()
+                    return
+                signal.setitimer(signal.ITIMER_REAL, CLOSE_GUARD)
+                try:
+                    super().close()
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
                 return
         super().close()
 
@@ -3403,11 +3415,10 @@ class WorkerProcess:
             self.server.refresh_auto()
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self.running = False
-        # SIGALRM: RECV_GUARD has ended a RECV
 
     def run(self):
         self.events.watch(self.handoff.fileno(), select.EPOLLIN, self.on_handoff)
-        signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGALRM,))
+        signal_pipe = watch_signals(self.events, self.on_signal)
         switcher = self.server.switcher
         self.requests.send(WORKER_READY)  # every fd it holds at rest is open now
         try:
@@ -4492,6 +4503,8 @@ class Daemon:
         self.running = False
 
     def on_signal(self, signum):
+        if signum == signal.SIGALRM:
+            return
         if signum == signal.SIGUSR1:
             self.log_counters()
         elif signum == signal.SIGUSR2:
@@ -4694,6 +4707,8 @@ class Keeper:
             sd_notify("READY=1\nMAINPID=%d" % os.getpid())
 
     def on_signal(self, signum):
+        if signum == signal.SIGALRM:
+            return
         if signum == signal.SIGCHLD:
             self.reap()
             return
@@ -4954,11 +4969,15 @@ def receive_hand_over(path):
 
 
 def watch_signals(events, on_signal, more=()):
-    """SIGTERM, SIGINT, SIGUSR1, SIGHUP and `more` as loop events: on_signal(signum) runs
-    between notifications.  Returns the pipe, for close_signal_pipe."""
+    """SIGTERM, SIGINT, SIGUSR1, SIGHUP, SIGALRM and `more` as loop events: on_signal(signum)
+    runs between notifications.  Returns the pipe, for close_signal_pipe.
+
+    SIGALRM only ends a wait the process bounds with a timer (a RECV on a
+    shared filter, a lingering close): on_signal ignores it.
+    """
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) + tuple(more):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGALRM) + tuple(more):
         signal.signal(signum, lambda *_: None)
 
     def on_readable(_events):

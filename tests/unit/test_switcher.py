@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -319,10 +320,11 @@ def test_log_limit_says_a_repeated_line_once_then_how_often_it_came():
         "accept on /run/x.sock: Too many open files (99 more times in the last 0.3 s)"]
 
 
-def test_the_daemons_close_of_a_lingering_socket_never_waits():
-    """SO_LINGER on, a FIN that cannot go (the peer reads nothing and its window is full):
-    the kernel's close of the last reference would wait l_linger seconds.  The daemon's
-    close of a socket a container may have let go hands it to a thread of its own."""
+@pytest.fixture
+def lingering():
+    """A SharedSocket whose close would wait 600 s: SO_LINGER on, and a FIN that cannot go
+    (the peer reads nothing and its window is full).  Its peer closes at the end, which
+    resets the connection and ends any wait."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
@@ -337,16 +339,38 @@ def test_the_daemons_close_of_a_lingering_socket_never_waits():
         except BlockingIOError:
             pass
         shared.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b4ns._LINGER.pack(1, 600))
-        before = set(os.listdir("/proc/self/task"))
-        closing = __import__("threading").Thread(target=shared.close)
-        closing.start()
-        closing.join(20)
         try:
-            assert not closing.is_alive(), "the daemon's close waited for the peer"
-            assert shared.fileno() == -1
-            assert len(set(os.listdir("/proc/self/task")) - before) == 1  # the closing thread, waiting
+            yield shared
         finally:
-            peer.close()  # unread data: a reset, which ends the wait
+            peer.close()
+
+
+def close_on_a_thread(sock):
+    """Close `sock` from a thread of the test's; False if that close was still waiting after 20 s."""
+    closing = threading.Thread(target=sock.close)
+    closing.start()
+    closing.join(20)
+    return not closing.is_alive()
+
+
+def test_the_daemons_close_of_a_lingering_socket_never_waits(lingering):
+    """As in the daemon, whose loop has a SIGALRM handler: a CLOSE_GUARD timer ends the wait."""
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    try:
+        before = set(os.listdir("/proc/self/task"))
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        lingering.close()  # from the main thread, as the daemon does: signals come here
+        assert lingering.fileno() == -1
+        assert set(os.listdir("/proc/self/task")) == before  # no thread needed
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_without_a_sigalrm_handler_a_lingering_socket_is_closed_on_a_thread(lingering):
+    before = set(threading.enumerate())
+    assert close_on_a_thread(lingering), "the daemon's close waited for the peer"
+    assert lingering.fileno() == -1
+    assert len(set(threading.enumerate()) - before) == 1  # SharedSocket's, still closing
 
 
 def test_a_notification_taken_by_a_worker_killed_as_recv_returns_is_answered(target):
