@@ -265,6 +265,36 @@ def test_ab_double_connect_is_answered_once(testbed, daemon, http):
     assert (dest, "switched already") not in new, "a second connect reached the daemon"
 
 
+def test_an_application_that_lingers_is_bypassed_and_keeps_its_linger(testbed, daemon, http):
+    """SO_LINGER with a timeout, set before connect: carried to the host socket, whose close by
+    the daemon (before its answer) runs under a timer; the application's own close ends the
+    connection, 100 times in a row."""
+    port, body = http(testbed.HOST_IP4)
+    code = """
+        import socket, struct, sys
+        linger, bodies = set(), 0
+        for _ in range(100):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
+            s.connect((sys.argv[1], int(sys.argv[2])))
+            linger.add(struct.unpack("ii", s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)))
+            s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
+            reply = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                reply += data
+            bodies += reply.endswith(sys.argv[3].encode())
+            s.close()
+        print(sorted(linger), bodies)
+    """
+    before = daemon.decisions()
+    out = container_python(testbed, daemon, code, args=(testbed.HOST_IP4, port, body))
+    assert out.split() == ["[(1,", "5)]", "100"], out
+    assert daemon.decisions()[len(before):].count(("%s:%d" % (testbed.HOST_IP4, port), "bypassed")) == 100
+
+
 # -- UDP -----------------------------------------------------------------------
 
 UDP_ECHO = """
