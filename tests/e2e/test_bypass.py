@@ -279,12 +279,7 @@ def test_an_application_that_lingers_is_bypassed_and_keeps_its_linger(testbed, d
             s.connect((sys.argv[1], int(sys.argv[2])))
             linger.add(struct.unpack("ii", s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)))
             s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
-            reply = b""
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                reply += data
+            reply = b"".join(iter(lambda: s.recv(65536), b""))  # till the server's close
             bodies += reply.endswith(sys.argv[3].encode())
             s.close()
         print(sorted(linger), bodies)
