@@ -79,9 +79,13 @@ PINNED_CPU = 0  # the CPU of the pinned connect loop
 
 CONNBENCH_C = r"""
 /* connbench, built by tests/bench.py with gcc -static:
- *   connbench serve ADDR:PORT...                 accept and close, on every listener
+ *   connbench serve ADDR:PORT...                 accept and close, on every listener; and echo
+ *                                                UDP datagrams at the same ADDR:PORTs
  *   connbench connect ADDR PORT MS [GO [PROCS]]  connect/close loop for MS ms
  *   connbench count ADDR PORT N [GO [PROCS]]     the same loop for N connections
+ *   connbench udp ADDR PORT MS [GO [PROCS]]      the same loop on UDP sockets, with a 1-byte
+ *                                                query and its echo before close: a resolver's
+ *                                                lookup (glibc connects a socket for each)
  *   connbench time CMD ARG...                    run CMD, print its wall time
  * connect: socket(); connect() (timed); SO_LINGER 0, so that close() sends an
  * RST and leaves no TIME_WAIT to run out of ports; close().  With GO (a file
@@ -108,7 +112,7 @@ CONNBENCH_C = r"""
 
 #define FINE 10000
 #define COARSE 10000
-#define MAX_LISTENERS 64
+#define MAX_LISTENERS 128
 #define MAX_PROCS 64
 static uint64_t fine[FINE], coarse[COARSE + 1];
 
@@ -121,19 +125,21 @@ static uint64_t now_ns(clockid_t clock) {
 static int serve(int argc, char **argv) {
     struct pollfd fds[MAX_LISTENERS];
     int n = 0;
-    if (argc > MAX_LISTENERS) { fprintf(stderr, "more than %d listeners\n", MAX_LISTENERS); return 2; }
-    for (int i = 0; i < argc; i++, n++) {
+    int udp[MAX_LISTENERS];
+    if (2 * argc > MAX_LISTENERS) { fprintf(stderr, "more than %d listeners\n", MAX_LISTENERS / 2); return 2; }
+    for (int i = 0; i < argc; i++) {
         char *colon = strrchr(argv[i], ':');
         struct sockaddr_in a = {.sin_family = AF_INET};
-        int one = 1, s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        int one = 1, s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), u = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
         if (!colon) return 2;
         *colon = 0;
         a.sin_port = htons(atoi(colon + 1));
         if (inet_pton(AF_INET, argv[i], &a.sin_addr) != 1) return 2;
         setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4096)) { perror("listen"); return 1; }
-        fds[n].fd = s;
-        fds[n].events = POLLIN;
+        if (bind(u, (struct sockaddr *)&a, sizeof a)) { perror("bind udp"); return 1; }
+        udp[n] = 0, fds[n].fd = s, fds[n++].events = POLLIN;
+        udp[n] = 1, fds[n].fd = u, fds[n++].events = POLLIN;
     }
     printf("listening\n");
     fflush(stdout);
@@ -142,6 +148,14 @@ static int serve(int argc, char **argv) {
         for (int i = 0; i < n; i++) {
             if (!(fds[i].revents & POLLIN)) continue;
             for (int k = 0; k < 64; k++) {  /* drain a burst */
+                if (udp[i]) {
+                    struct sockaddr_in from;
+                    socklen_t len = sizeof from;
+                    char byte;
+                    if (recvfrom(fds[i].fd, &byte, 1, 0, (struct sockaddr *)&from, &len) < 0) break;
+                    sendto(fds[i].fd, &byte, 1, 0, (struct sockaddr *)&from, len);
+                    continue;
+                }
                 int c = accept4(fds[i].fd, NULL, NULL, SOCK_NONBLOCK);
                 if (c < 0) break;
                 close(c);
@@ -150,8 +164,9 @@ static int serve(int argc, char **argv) {
     }
 }
 
-/* by_count: argv[2] is a number of connections (errors included), not milliseconds. */
-static int client(int argc, char **argv, int by_count) {
+/* by_count: argv[2] is a number of connections (errors included), not milliseconds.
+ * kind: SOCK_STREAM or SOCK_DGRAM. */
+static int client(int argc, char **argv, int by_count, int kind) {
     struct sockaddr_in a = {.sin_family = AF_INET};
     struct linger lin = {1, 0};
     uint64_t count = 0, errors = 0, sum_ns = 0, start, end, t0, t1;
@@ -178,18 +193,27 @@ static int client(int argc, char **argv, int by_count) {
     start = now_ns(CLOCK_MONOTONIC);
     end = by_count ? UINT64_MAX : start + limit * 1000000u;
     do {
-        int s = socket(AF_INET, SOCK_STREAM, 0);
+        int s = socket(AF_INET, kind, 0);
         if (s < 0) { errors++; last_errno = errno; usleep(1000); t1 = now_ns(CLOCK_MONOTONIC); continue; }
         t0 = now_ns(CLOCK_MONOTONIC);
         int r = connect(s, (struct sockaddr *)&a, sizeof a);
         t1 = now_ns(CLOCK_MONOTONIC);
+        if (r == 0 && kind == SOCK_DGRAM) {  /* the query and its answer, not timed */
+            struct pollfd p = {.fd = s, .events = POLLIN};
+            char byte = 'q';
+            errno = 0;
+            if (send(s, &byte, 1, 0) != 1 || poll(&p, 1, 1000) != 1 || recv(s, &byte, 1, 0) != 1) {
+                r = -1;
+                if (!errno) errno = ETIMEDOUT;
+            }
+        }
         if (r == 0) {
             uint64_t us = (t1 - t0) / 1000;
             count++;
             sum_ns += t1 - t0;
             if (us < FINE) fine[us]++;
             else coarse[us / 1000 < COARSE ? us / 1000 : COARSE]++;
-            setsockopt(s, SOL_SOCKET, SO_LINGER, &lin, sizeof lin);
+            if (kind == SOCK_STREAM) setsockopt(s, SOL_SOCKET, SO_LINGER, &lin, sizeof lin);
         } else {
             errors++;
             last_errno = errno;
@@ -220,7 +244,7 @@ static int timed(char **argv) {
 
 /* PROCS copies of the loop.  Each writes to a memfd of its own, copied to stdout once all have
  * exited: lines of copies that finish together would interleave in a shared pipe. */
-static int spawn(int procs, int argc, char **argv, int by_count) {
+static int spawn(int procs, int argc, char **argv, int by_count, int kind) {
     int fds[MAX_PROCS], status, failed = 0;
     pid_t pids[MAX_PROCS];
     char buf[65536];
@@ -231,7 +255,7 @@ static int spawn(int procs, int argc, char **argv, int by_count) {
         if ((pids[i] = fork()) < 0) { perror("fork"); return 1; }
         if (pids[i] == 0) {
             dup2(fds[i], 1);
-            exit(client(argc, argv, by_count));  /* exit, not _exit: stdio must flush */
+            exit(client(argc, argv, by_count, kind));  /* exit, not _exit: stdio must flush */
         }
     }
     for (int i = 0; i < procs; i++) {  /* "ready" once every copy is: it has printed its own */
@@ -255,14 +279,14 @@ static int spawn(int procs, int argc, char **argv, int by_count) {
 
 int main(int argc, char **argv) {
     if (argc > 2 && !strcmp(argv[1], "serve")) return serve(argc - 2, argv + 2);
-    if (argc > 2 && (!strcmp(argv[1], "connect") || !strcmp(argv[1], "count"))) {
-        int by_count = !strcmp(argv[1], "count");
-        if (argc > 6) return spawn(atoi(argv[6]), 4, argv + 2, by_count);
-        return client(argc - 2, argv + 2, by_count);
+    if (argc > 2 && (!strcmp(argv[1], "connect") || !strcmp(argv[1], "count") || !strcmp(argv[1], "udp"))) {
+        int by_count = !strcmp(argv[1], "count"), kind = strcmp(argv[1], "udp") ? SOCK_STREAM : SOCK_DGRAM;
+        if (argc > 6) return spawn(atoi(argv[6]), 4, argv + 2, by_count, kind);
+        return client(argc - 2, argv + 2, by_count, kind);
     }
     if (argc > 2 && !strcmp(argv[1], "time")) return timed(argv + 2);
     fprintf(stderr, "usage: connbench serve ADDR:PORT... | connect ADDR PORT MS [GO [PROCS]] | "
-                    "count ADDR PORT N [GO [PROCS]] | time CMD...\n");
+                    "count ADDR PORT N [GO [PROCS]] | udp ADDR PORT MS [GO [PROCS]] | time CMD...\n");
     return 2;
 }
 """
@@ -587,7 +611,7 @@ class Container(Config):
 class Clients:
     """C clients of one configuration, started and ready: go() starts their loops together.
 
-    mode and limit: "connect" and milliseconds, or "count" and connections.  wrappers: how many
+    mode and limit: "connect" or "udp" (UDP sockets) and milliseconds, or "count" and connections.  wrappers: how many
     times cfg wraps a client (containers, for a container configuration); procs: loops in each (the
     client forks them, so they share its container); pin: the clients on PINNED_CPU.  The accept
     server has a port for each configuration and workload (see Bench.start_servers).
@@ -819,15 +843,15 @@ class Bench:
             raise Failed("tar: no time: " + out[-300:])
         return {"value": int(m.group(1)) / 1e6 / passes, "passes": passes}
 
-    def connect_clients(self, cfg, workload, wrappers=1, procs=1, pin=False):
+    def connect_clients(self, cfg, workload, wrappers=1, procs=1, pin=False, mode="connect"):
         """Timed connect/close clients of cfg started together: merged results and the daemon's cost.
 
-        wrappers, procs, pin: as for Clients; pin also pins the daemon (and its workers) there.  With
-        --py-spy, the daemon is recorded while the clients connect.
+        wrappers, procs, mode: as for Clients; pin: as for Clients, and it also pins the daemon (and its
+        workers) there.  With --py-spy, the daemon is recorded while the clients connect.
         """
         millis = self.t["connect_ms"]
         daemon, spy = cfg.daemon, None
-        with Clients(self, cfg, workload, "connect", millis, wrappers, procs, pin) as clients, \
+        with Clients(self, cfg, workload, mode, millis, wrappers, procs, pin) as clients, \
                 pinned(daemon.pid if daemon and pin else None):
             try:
                 if self.args.py_spy and daemon:
@@ -1004,9 +1028,12 @@ WORKLOADS = [
      lambda b, c: b.connect_clients(c, "crowd", wrappers=b.t["crowd"])),
     ("crowd1", "20 processes connecting at once in one container", "conn/s", True,
      lambda b, c: b.connect_clients(c, "crowd1", procs=b.t["crowd"])),
+    ("udp_connect", "UDP lookups: a new connected socket, a 1-byte query and its echo, static C client",
+     "queries/s", True,
+     lambda b, c: b.connect_clients(c, "udp_connect", mode="udp")),
 ]
 # The workloads of Bench.connect_clients, which sample the daemon's cost.
-CONNECT_WORKLOADS = ("connect", "connect_pinned", "crowd", "crowd1")
+CONNECT_WORKLOADS = ("connect", "connect_pinned", "crowd", "crowd1", "udp_connect")
 
 # Rows of the table: (row key, label, unit, higher is better, workload key, path to the value).
 ROWS = [
@@ -1032,6 +1059,9 @@ ROWS = [
     ("crowd_p99", "20 clients connecting at once: p99 connect()", "us", False, "crowd", ("p99_us",)),
     ("crowd1", "20 processes connecting at once in one container: total", "conn/s", True, "crowd1", ("value",)),
     ("crowd1_p99", "20 processes in one container: p99 connect()", "us", False, "crowd1", ("p99_us",)),
+    ("udp_connect", "UDP lookups, a connected socket each (glibc's resolver does so): query and answer",
+     "queries/s", True, "udp_connect", ("value",)),
+    ("udp_connect_us", "UDP lookups: mean connect()", "us", False, "udp_connect", ("mean_us",)),
 ]
 
 # Daemon cost rows: (key, label, format of the value).
@@ -1379,7 +1409,7 @@ def markdown(results, summary):
 
 
 CHART_ROWS = ["iperf1", "iperf4", "iperf_pub", "ab1", "ab8", "connect", "connect_pinned", "redis_get_p50",
-              "redis_set_p50", "tar", "crowd", "crowd1"]
+              "redis_set_p50", "tar", "crowd", "crowd1", "udp_connect"]
 
 
 def chart(json_path, png_path):
