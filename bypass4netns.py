@@ -1790,7 +1790,7 @@ class Switcher:
                 outcome = "container (%s)" % describe_reason(reason, network)
             if self.debug:
                 self.debug_decision(call, "connect", dest, outcome)
-            self.connect_in_place(call, sock, raw)
+            self.connect_in_place(call, sock, raw, kind)
             sock = None
         finally:
             if sock is not None:
@@ -1914,11 +1914,15 @@ class Switcher:
             log.info("socket filters are not permitted here: switched sockets are not filtered")
             self.no_loopback = None
 
-    def connect_in_place(self, call, sock, raw):
-        """Connect the target's own socket (our duplicate `sock`, taken over) to the validated `raw`."""
+    def connect_in_place(self, call, sock, raw, kind=socket.SOCK_STREAM):
+        """Connect the target's own socket (our duplicate `sock`, taken over) to the validated `raw`.
+
+        A datagram socket's connect only records the address, so its O_NONBLOCK
+        is not read (nor switched off and on): a resolver's lookup connects one.
+        """
         fd = sock.fileno()
         try:
-            blocking = os.get_blocking(fd)
+            blocking = kind != socket.SOCK_DGRAM and os.get_blocking(fd)
             if blocking:
                 os.set_blocking(fd, False)  # the file is shared with the target: restored below
                 try:
