@@ -27,7 +27,8 @@ request; a connect/close loop of a static C client (built here with gcc
 its threads and workers: no wake-ups across CPUs); redis-benchmark GET/SET on
 one kept-alive connection; tar of /usr/share (no networking: what the seccomp
 profile costs); 20 clients connecting at once, in 20 containers, and as 20
-processes in one container.  The daemons' CPU time and memory are read from
+processes in one container; UDP lookups as glibc's resolver makes them (a new
+socket connected for each, a 1-byte query, its echo).  The daemons' CPU time and memory are read from
 /proc around the connect workloads (--py-spy DIR also records their stacks).
 After the rounds, an untimed pass counts each daemon's syscalls per connection:
 `strace -c -f` on it and its workers during a loop of 2000 connections.
