@@ -4521,8 +4521,6 @@ class Daemon:
         self.running = False
 
     def on_signal(self, signum):
-        if signum == signal.SIGALRM:
-            return
         if signum == signal.SIGUSR1:
             self.log_counters()
         elif signum == signal.SIGUSR2:
@@ -4725,8 +4723,6 @@ class Keeper:
             sd_notify("READY=1\nMAINPID=%d" % os.getpid())
 
     def on_signal(self, signum):
-        if signum == signal.SIGALRM:
-            return
         if signum == signal.SIGCHLD:
             self.reap()
             return
@@ -4987,11 +4983,12 @@ def receive_hand_over(path):
 
 
 def watch_signals(events, on_signal, more=()):
-    """SIGTERM, SIGINT, SIGUSR1, SIGHUP, SIGALRM and `more` as loop events: on_signal(signum)
-    runs between notifications.  Returns the pipe, for close_signal_pipe.
+    """SIGTERM, SIGINT, SIGUSR1, SIGHUP and `more` as loop events: on_signal(signum) runs
+    between notifications.  Returns the pipe, for close_signal_pipe.
 
-    SIGALRM only ends a wait the process bounds with a timer (a RECV on a
-    shared filter, a lingering close): on_signal ignores it.
+    SIGALRM gets a handler too, but never reaches on_signal: it only ends a
+    wait the process bounds with a timer (a RECV on a shared filter, a
+    lingering close).
     """
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -5004,7 +5001,8 @@ def watch_signals(events, on_signal, more=()):
         except BlockingIOError:
             return
         for signum in signums:
-            on_signal(signum)
+            if signum != signal.SIGALRM:
+                on_signal(signum)
     events.watch(rfd, select.EPOLLIN, on_readable)
     return rfd, wfd
 
