@@ -96,8 +96,12 @@ SO_NETNS_COOKIE = 71                        # u64 id of the socket's netns (>= 5
 SIOCGSKNS = 0x894C                          # fallback: an fd of the socket's netns
 MSG_FASTOPEN = 0x20000000
 O_CLOEXEC = 0o2000000
-SO_ATTACH_FILTER = 26
-SO_LOCK_FILTER = 44                         # a socket filter nobody can change or remove
+SO_BINDTOIFINDEX = 62                       # pin a socket to an interface; unprivileged only while unpinned
+NETLINK_ROUTE_GROUPS = 0x10 | 0x100         # RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+NLM_F_REQUEST_DUMP = 0x1 | 0x300            # NLM_F_REQUEST | NLM_F_DUMP
+NLMSG_DONE, NLMSG_ERROR = 3, 2
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 PR_SET_PDEATHSIG = 1                        # prctl: a signal to this process when its parent dies
 PR_SET_CHILD_SUBREAPER = 36                 # prctl: orphaned descendants become this process's children
 PR_SET_DUMPABLE = 4                         # prctl: 0 keeps ptrace and /proc/PID/mem out
@@ -138,51 +142,15 @@ class IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-class SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
-
-
-class SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
-
-
 for _struct, _size in ((SeccompData, 64), (SeccompNotif, 80), (SeccompNotifResp, 24),
-                       (SeccompNotifAddfd, 24), (SeccompNotifSizes, 6), (SockFilter, 8)):
+                       (SeccompNotifAddfd, 24), (SeccompNotifSizes, 6)):
     assert ctypes.sizeof(_struct) == _size, _struct.__name__
 
-# A classic BPF socket filter that drops every packet from a loopback source
-# (127.0.0.0/8, ::1).  Locked onto each switched client socket, it keeps the
-# host's loopback services out of its reach whatever address the socket is
-# later pointed at (a handshake never completes, no reply arrives).
-BPF_LDB_ABS, BPF_LDW_ABS, BPF_AND_K, BPF_JEQ_K, BPF_RET_K = 0x30, 0x20, 0x54, 0x15, 0x06
-SKF_NET_OFF = 0xFFF00000                    # -0x100000: offsets from the network header
-_DROP, _ACCEPT = 0, 0xFFFFFFFF
-NO_LOOPBACK_FILTER = (
-    # (code, jt, jf, k)                                     # instruction index
-    (BPF_LDB_ABS, 0, 0, SKF_NET_OFF),                       # 0  version << 4 | IHL
-    (BPF_AND_K, 0, 0, 0xF0),                                # 1
-    (BPF_JEQ_K, 3, 0, 0x60),                                # 2  IPv6: to 6
-    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 12),                  # 3  IPv4 source
-    (BPF_AND_K, 0, 0, 0xFF000000),                          # 4
-    (BPF_JEQ_K, 8, 9, 0x7F000000),                          # 5  127/8: drop, else accept
-    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 8),                   # 6  IPv6 source, word 0
-    (BPF_JEQ_K, 0, 7, 0),                                   # 7
-    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 12),                  # 8  word 1
-    (BPF_JEQ_K, 0, 5, 0),                                   # 9
-    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 16),                  # 10 word 2
-    (BPF_JEQ_K, 0, 3, 0),                                   # 11
-    (BPF_LDW_ABS, 0, 0, SKF_NET_OFF + 20),                  # 12 word 3
-    (BPF_JEQ_K, 0, 1, 1),                                   # 13 ::1: drop, else accept
-    (BPF_RET_K, 0, 0, _DROP),                               # 14
-    (BPF_RET_K, 0, 0, _ACCEPT),                             # 15
-)
-
 # The trapped syscalls, one row each: the dispatch tables, the i386
-# socketcall(2) numbers and the profiles' rules (seccomp-gen.py reads
-# SECCOMP_NOTIFY_RULES and SECCOMP_NOTIFY_RULES_UDP) all derive from it.  A
-# notification of any other arch or number is never decoded: it continues
-# untouched.
+# socketcall(2) numbers and the profile's rules (seccomp-gen.py reads
+# SECCOMP_NOTIFY_RULES) all derive from it.  A notification of any other arch
+# or number is never decoded: it continues untouched (it acts on nothing of
+# ours: no such call is in the profile).
 CONNECT, BIND, LISTEN, SENDTO, SENDMSG, SENDMMSG = "connect", "bind", "listen", "sendto", "sendmsg", "sendmmsg"
 SOCKETCALL = "socketcall"
 SYS_SOCKETCALL_I386 = 102                   # i386's multiplexer, which libseccomp traps too
@@ -193,20 +161,17 @@ def _flag_set(index, flag):
     return ({"index": index, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"},)
 
 
-_WITH_DESTINATION = ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)
-# Two profiles: the default one switches TCP only, so that no send waits for
-# the daemon but the TCP Fast Open ones, which would connect a host socket
-# whose own connect failed; `seccomp-gen.py --udp` traps every send that can
-# carry a destination, which switched UDP sockets need (the daemon performs
-# those sends itself, after checking the destination).
+# The profile traps no send but TCP Fast Open's, which connect too (they are
+# refused: Switcher.send).  Switched sockets, UDP ones included, are pinned
+# to an interface (HostInterfaces), so their sends need no check.
 TRAPS = (
-    # name      x86_64  i386  x32  generic  arm  socketcall  argc  default profile             --udp profile
-    (CONNECT,       42,  362,  42,     203, 283,          3,    3, (),                         ()),
-    (BIND,          49,  361,  49,     200, 282,          2,    3, (),                         ()),
-    (LISTEN,        50,  363,  50,     201, 284,          4,    2, (),                         ()),
-    (SENDTO,        44,  369,  44,     206, 290,         11,    6, _flag_set(3, MSG_FASTOPEN), _WITH_DESTINATION),
-    (SENDMSG,       46,  370, 518,     211, 296,         16,    3, _flag_set(2, MSG_FASTOPEN), ()),
-    (SENDMMSG,     307,  345, 538,     269, 374,         20,    4, _flag_set(3, MSG_FASTOPEN), ()),
+    # name      x86_64  i386  x32  generic  arm  socketcall  argc  the profile's argument filters
+    (CONNECT,       42,  362,  42,     203, 283,          3,    3, ()),
+    (BIND,          49,  361,  49,     200, 282,          2,    3, ()),
+    (LISTEN,        50,  363,  50,     201, 284,          4,    2, ()),
+    (SENDTO,        44,  369,  44,     206, 290,         11,    6, _flag_set(3, MSG_FASTOPEN)),
+    (SENDMSG,       46,  370, 518,     211, 296,         16,    3, _flag_set(2, MSG_FASTOPEN)),
+    (SENDMMSG,     307,  345, 538,     269, 374,         20,    4, _flag_set(3, MSG_FASTOPEN)),
 )
 _TRAP_COLUMNS = {AUDIT_ARCH_X86_64: (1, 8), AUDIT_ARCH_I386: (2, 4), AUDIT_ARCH_AARCH64: (4, 8),
                  AUDIT_ARCH_RISCV64: (4, 8), AUDIT_ARCH_ARM: (5, 4)}
@@ -217,12 +182,7 @@ X32_NUMBERS = {row[0]: row[3] for row in TRAPS}
 SOCKETCALLS = {row[6]: (row[0], row[7]) for row in TRAPS}   # call number -> (name, argc)
 _SOCKETCALL_RULE = ((SOCKETCALL, ()),)  # i386 only: its calls carry their arguments in memory
 SECCOMP_NOTIFY_RULES = tuple((row[0], row[8]) for row in TRAPS) + _SOCKETCALL_RULE
-SECCOMP_NOTIFY_RULES_UDP = tuple((row[0], row[9]) for row in TRAPS) + _SOCKETCALL_RULE
 SEND_FLAGS_ARG = {row[0]: row[8][0]["index"] for row in TRAPS if row[8]}   # send name -> its flags' index
-# In a profile's listenerMetadata (which the runtime passes on with each
-# container): the profile traps every send with a destination, so the daemon
-# may switch UDP sockets.  Without it, UDP sockets stay in the container.
-UDP_METADATA = "bypass4netns:udp"
 
 # seccomp(2) itself, for SECCOMP_GET_NOTIF_SIZES, by `uname -m`.
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "i686": 354,
@@ -236,13 +196,6 @@ _ADDFD = struct.Struct("=QIIII")            # seccomp_notif_addfd: id, flags, sr
 for _layout, _struct in ((_NOTIF, SeccompNotif), (_RESP, SeccompNotifResp), (_ADDFD, SeccompNotifAddfd)):
     assert _layout.size == ctypes.sizeof(_struct), _struct.__name__
 
-# struct msghdr of a 64-bit and of a 32-bit ABI: name, namelen, iov, iovlen,
-# control, controllen, flags; then mmsghdr.msg_len right after it.
-MSGHDR_LAYOUT = {8: struct.Struct("=QI4xQQQQi4x"), 4: struct.Struct("=IIIIIIi")}
-IOVEC_LAYOUT = {8: struct.Struct("=QQ"), 4: struct.Struct("=II")}
-CMSGHDR_LAYOUT = {8: struct.Struct("=Qii"), 4: struct.Struct("=Iii")}
-UIO_MAXIOV = 1024
-MAX_DATAGRAM = 1 << 18                      # a UDP send this long is refused by any kernel
 MAX_SOCKADDR = 128                          # sizeof(struct sockaddr_storage)
 
 _SOCKADDR_IN = struct.Struct("!HH4s")       # family is host order: read separately
@@ -252,7 +205,6 @@ _LINGER = struct.Struct("=ii")              # struct linger: l_onoff, l_linger
 _U64 = struct.Struct("=Q")
 _U32 = struct.Struct("!I")                  # the length of a hand-over's state
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
-_AF_UNSPEC = _FAMILY.pack(socket.AF_UNSPEC)
 _ZERO_NOTIF = bytes(_NOTIF.size)
 
 # ---------------------------------------------------------------------------
@@ -261,7 +213,6 @@ _ZERO_NOTIF = bytes(_NOTIF.size)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
 def _retry(call, *args):
@@ -368,7 +319,7 @@ _process_vm_readv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, cty
 class MemoryReader:
     """process_vm_readv into one preallocated buffer: no allocation per read but the result."""
 
-    def __init__(self, size=MAX_DATAGRAM):
+    def __init__(self, size=MAX_SOCKADDR):
         self.buffer = ctypes.create_string_buffer(size)
         self.local = IoVec(ctypes.cast(self.buffer, ctypes.c_void_p), size)
         self.remote = IoVec(0, 0)
@@ -383,14 +334,6 @@ class MemoryReader:
         if _retry(_process_vm_readv, pid, *self.iovecs) != length:
             raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
         return ctypes.string_at(self.buffer, length)  # .raw would copy the whole buffer
-
-
-def write_memory(pid, address, data):
-    buf = ctypes.create_string_buffer(data, len(data))
-    local = IoVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
-    remote = IoVec(address, len(data))
-    _retry(_libc.process_vm_writev, ctypes.c_int(pid), ctypes.byref(local), ctypes.c_ulong(1),
-           ctypes.byref(remote), ctypes.c_ulong(1), ctypes.c_ulong(0))
 
 
 def sock_call(call, fd, *args):
@@ -415,18 +358,6 @@ def start_connect(fd, raw):
         if result == -errno.EALREADY:
             result = -errno.EINPROGRESS
     return result
-
-
-class SocketFilter:
-    """A classic BPF program ready for setsockopt(SO_ATTACH_FILTER), then locked."""
-
-    def __init__(self, program):
-        self.instructions = (SockFilter * len(program))(*(SockFilter(*i) for i in program))
-        self.fprog = bytes(SockFprog(len(program), self.instructions))  # points into self.instructions
-
-    def attach(self, sock):
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, self.fprog)
-        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
 
 
 def get_notif_sizes():
@@ -550,39 +481,12 @@ def encode_sockaddr(family, ip, port):
     return _FAMILY.pack(family) + struct.pack("!HI16s", port, 0, packed) + bytes(4)
 
 
-def sockaddr_to_tuple(raw):
-    """A raw sockaddr_in/in6 -> the address tuple Python's socket calls take."""
-    family = int.from_bytes(raw[:2], sys.byteorder)
-    if family == socket.AF_INET and len(raw) >= 16:
-        _fam, port, addr = _SOCKADDR_IN.unpack_from(raw)
-        return socket.inet_ntop(socket.AF_INET, addr), port
-    if family == socket.AF_INET6 and len(raw) >= 24:
-        scope = struct.unpack_from("=I", raw, 24)[0] if len(raw) >= 28 else 0
-        _fam, port, flow, addr = _SOCKADDR_IN6.unpack_from(raw)
-        return socket.inet_ntop(socket.AF_INET6, addr), port, flow, scope
-    return None
-
-
-def parse_cmsgs(control, ptr):
-    """A control buffer of a `ptr`-byte ABI -> [(level, type, data)] for socket.sendmsg."""
-    layout = CMSGHDR_LAYOUT[ptr]
-    items, offset = [], 0
-    while offset + layout.size <= len(control):
-        length, level, kind = layout.unpack_from(control, offset)
-        if length < layout.size or offset + length > len(control):
-            break
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            raise OSError(errno.EINVAL, "SCM_RIGHTS on an IP socket")
-        items.append((level, kind, control[offset + layout.size:offset + length]))
-        offset += (length + ptr - 1) // ptr * ptr
-    return items
-
-
 # Why a destination stays in the container: decisions compare these
 # constants (by identity), logs print them.
 LOOPBACK = "loopback"                       # the container itself: never bypassed
 UNSPECIFIED = "unspecified"                 # 0.0.0.0 and :: mean the local host: never bypassed
-LINK_LOCAL = "link-local"                   # IPv6 fe80::/10 is the container's link: never bypassed
+LINK_LOCAL = "link-local"                   # 169.254.0.0/16 and fe80::/10 are the container's link: never
+                                            # bypassed (pasta's DNS forwarder and host.containers.internal)
 IGNORED = "ignored"                         # in an --ignore network
 AUTO_IGNORED = "auto-ignored"               # in one of the container's own subnets (--ignore auto)
 NOT_IP = "not an IP address"                # AF_UNSPEC and the like
@@ -605,6 +509,8 @@ def destination_reason(dest, networks, auto_networks=()):
             return LOOPBACK, None
         if address == 0:
             return UNSPECIFIED, None
+        if address >> 16 == 0xA9FE:
+            return LINK_LOCAL, None
     else:
         if address == 1:
             return LOOPBACK, None
@@ -757,12 +663,10 @@ class Settings:
     published first: binding them fails with EADDRINUSE, as with docker.
     """
 
-    __slots__ = ("networks", "auto", "publish", "in_use", "published_udp_ports", "strict")
+    __slots__ = ("networks", "auto", "publish", "in_use")
 
-    def __init__(self, networks, auto, publish, in_use=frozenset(), strict=False):
+    def __init__(self, networks, auto, publish, in_use=frozenset()):
         self.networks, self.auto, self.publish, self.in_use = networks, auto, publish, in_use
-        self.strict = strict        # --strict: never CONTINUE a call on a socket (see NamespaceHelper)
-        self.published_udp_ports = {m.host_port for m in publish.values() if m.proto == _UDP}
 
     def with_container(self, added):
         """These settings plus what Daemon.container_settings() found (JSON, or None for nothing)."""
@@ -777,8 +681,7 @@ class Settings:
         networks, auto = parse_ignore(ignore)
         publish = {} if ignore_bind else dict(self.publish)
         publish.update(((m.proto, m.container_port), m) for m in mappings)
-        return Settings(self.networks + compile_networks(networks), self.auto or auto, publish,
-                        frozenset(in_use), self.strict)
+        return Settings(self.networks + compile_networks(networks), self.auto or auto, publish, frozenset(in_use))
 
 
 def mapping_to_json(mapping):
@@ -1196,6 +1099,108 @@ def carry_options(host, diffs):
             raise NotSwitched("option %d/%d not settable on the host: %s" % (level, name, e.strerror)) from None
 
 
+_NLMSGHDR = struct.Struct("=IHHII")        # nlmsghdr: length, type, flags, sequence, port id
+_IFADDRMSG = struct.Struct("=BBBBI")        # ifaddrmsg: family, prefix length, flags, scope, ifindex
+_RTATTR = struct.Struct("=HH")              # rtattr: length, type
+
+
+def parse_ifaddr_dump(data):
+    """RTM_NEWADDR messages of an rtnetlink dump -> ([(packed address, ifindex)], whether it ended)."""
+    entries, offset = [], 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+        if length < _NLMSGHDR.size:
+            break
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
+            return entries, True
+        if kind == RTM_NEWADDR:
+            index = _IFADDRMSG.unpack_from(data, offset + _NLMSGHDR.size)[4]
+            attrs, at = {}, offset + _NLMSGHDR.size + _IFADDRMSG.size
+            while at + _RTATTR.size <= offset + length:
+                size, name = _RTATTR.unpack_from(data, at)
+                if size < _RTATTR.size:
+                    break
+                attrs[name] = bytes(data[at + _RTATTR.size:at + size])
+                at += (size + 3) & ~3
+            address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)  # IPv4's own address is IFA_LOCAL
+            if address is not None and len(address) in (4, 16):
+                entries.append((address, index))
+        offset += (length + 3) & ~3
+    return entries, False
+
+
+def is_loopback_address(packed):
+    return packed[0] == 127 if len(packed) == 4 else packed == _IPV6_LOOPBACK
+
+
+_IPV6_LOOPBACK = bytes(15) + b"\1"
+
+
+class HostInterfaces:
+    """Which host interface holds each host address: where a switched client socket is pinned.
+
+    A socket pinned (SO_BINDTOIFINDEX) to an interface that is not the
+    loopback never reaches the host's loopback, whatever it is pointed at
+    later: the kernel routes all it sends through that interface.  The
+    container cannot unpin it: changing a socket's device once set takes
+    CAP_NET_RAW in the user namespace that owns the host's network
+    namespace.  The table comes from rtnetlink (RTM_GETADDR) when first
+    needed, again when an address is not in it, and again after the kernel
+    announces an address change (the RTMGRP_*_IFADDR groups, watched on
+    `events`).
+    """
+
+    def __init__(self, events):
+        self.table = None           # packed address -> ifindex, None until read (again)
+        self.loopback = frozenset()  # the ifindexes holding 127.0.0.0/8 or ::1
+        self.changes = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                     socket.NETLINK_ROUTE)
+        self.changes.bind((0, NETLINK_ROUTE_GROUPS))
+        self.events = events
+        events.watch(self.changes.fileno(), select.EPOLLIN, self.on_change)
+
+    def on_change(self, _events):
+        try:
+            while self.changes.recv(1 << 16):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass  # ENOBUFS: changes were lost, which the re-read covers
+        self.table = None
+
+    def read(self):
+        table = {}
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as nl:
+            nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST_DUMP, 1, 0)
+                    + bytes(_IFADDRMSG.size))
+            done = False
+            while not done:
+                entries, done = parse_ifaddr_dump(nl.recv(1 << 16))
+                table.update(entries)
+        self.table = table
+        self.loopback = frozenset(index for address, index in table.items() if is_loopback_address(address))
+
+    def index_of(self, packed):
+        """The interface to pin a socket whose source address is `packed` to; None if that
+        address is on the loopback or not the host's."""
+        if self.table is None or packed not in self.table:
+            self.read()
+        index = self.table.get(packed)
+        return None if index in self.loopback else index
+
+    def on_loopback(self, packed):
+        """Whether `packed` is an address of the host's loopback interface (127.0.0.1 is, and
+        so is any address added to `lo`)."""
+        if self.table is None:
+            self.read()
+        return is_loopback_address(packed) or self.table.get(packed) in self.loopback
+
+    def close(self):
+        self.events.unwatch(self.changes.fileno())
+        self.changes.close()
+
+
 def own_netns_id():
     """An id of the daemon's network namespace: its cookie (Linux >= 5.14), else its inode."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -1253,7 +1258,7 @@ class ThreadHandle:
 
     def __init__(self, tid, pidfd):
         self.tid, self.pidfd, self.fdinfo = tid, pidfd, {}
-        self.status = None      # --strict's: /proc/TID/status, open (a live view too)
+        self.status = None      # for a NamespaceHelper: /proc/TID/status, open (a live view too)
         # and namespace_inodes(tid), as first seen: a thread that joins other
         # namespaces after its first call on a unix socket keeps its helper.
         self.namespaces = None
@@ -1388,11 +1393,9 @@ class PeerProbe:
         call.deferred = True
         try:
             self.stand_in = self.switcher.peer_helper(self.peer)
-            self.stand_in.ask(NamespaceHelper.STAND_IN, self.raw)
+            self.stand_in.ask(NamespaceHelper.STAND_IN, self.raw, self.stood_in)
         except OSError as e:
             self.give_up(e)
-            return
-        self.stand_in.waiting.append((call, 0, self.stood_in))
 
     def stood_in(self, result):
         # EADDRINUSE: the peer listens there itself, in its network.
@@ -1400,18 +1403,14 @@ class PeerProbe:
             self.give_up("no stand-in: %s" % os.strerror(-result))
             return
         try:
-            helper = self.switcher.helper_for(self.call)
-            helper.ask(NamespaceHelper.PROBE, self.raw)
+            self.switcher.helper_for(self.call).ask(NamespaceHelper.PROBE, self.raw, self.probed)
         except OSError as e:
             self.give_up(e)
-            return
-        helper.waiting.append((self.call, 0, self.probed))
 
     def probed(self, result):
         self.call.container.remember_probe(self.dest, result == 0)
         try:
-            self.stand_in.ask(NamespaceHelper.END_STAND_IN, self.raw)
-            self.stand_in.waiting.append((self.call, 0, lambda _result: None))
+            self.stand_in.ask(NamespaceHelper.END_STAND_IN, self.raw, lambda _result: None)
         except OSError:
             pass
         self.answer(result == 0)
@@ -1438,12 +1437,11 @@ class PendingConnect:
     number it reuses.
     """
 
-    __slots__ = ("call", "sock", "raw", "host_socket", "own_service", "timer", "slot")
+    __slots__ = ("call", "sock", "raw", "host_socket", "timer", "slot")
 
-    def __init__(self, call, sock, raw, host_socket, own_service):
+    def __init__(self, call, sock, raw, host_socket):
         self.call, self.sock, self.raw = call, sock, raw
         self.host_socket = host_socket  # the daemon's own host socket, not a container's
-        self.own_service = own_service  # connecting to the container's published service
         self.timer = None
         self.slot = 0                   # its Inflight slot (0: none)
 
@@ -1462,7 +1460,7 @@ class Switcher:
         self.events = events
         self.base = base            # Settings: the daemon's flags, to which a container's add
         self.ports = ports          # Reservations, or a worker's ParentChannel: lend(), end_loan()
-        self.no_loopback = SocketFilter(NO_LOOPBACK_FILTER)
+        self.interfaces = HostInterfaces(events)  # where switched client sockets are pinned
         self.debug = debug
         self.threads = {}           # tid -> ThreadHandle, while the thread lives (the oldest evicted)
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -1511,17 +1509,10 @@ class Switcher:
 
     @staticmethod
     def fail_safe(call):
-        """The answer to a call whose handler failed: open where nothing was read, else an error.
-
-        With a host socket in place, or after the address was read, the
-        kernel must not run the call: it would act on memory read anew.
-        Under --strict nothing continues.
-        """
+        """The answer to a call whose handler failed: EIO, never CONTINUE (the kernel would look
+        the fd number up again, and act on memory read anew)."""
         try:
-            if call.installed or call.read_memory or call.container.settings.strict:
-                call.fail(errno.EIO)
-            else:
-                call.let_run()
+            call.fail(errno.EIO)
         except OSError as e:
             log.error("container %s: cannot answer: %s", call.container.short_id, e)
 
@@ -1601,10 +1592,8 @@ class Switcher:
                 return None
             if out_of_fds(e):
                 self.note_out_of_fds(call, e)
-            if call.container.settings.strict:  # the thread is gone, or the daemon is out of fds
-                call.fail(errno.ENOBUFS if out_of_fds(e) else e.errno or errno.EIO)
-            else:
-                self.let_run(call)
+            # The thread is gone, or the daemon is out of fds: never CONTINUE.
+            call.fail(errno.ENOBUFS if out_of_fds(e) else e.errno or errno.EIO)
             return None
         try:
             sock = SharedSocket(-1, socket.SOCK_STREAM, 0, dup)
@@ -1618,29 +1607,23 @@ class Switcher:
         return None
 
     def other_family(self, call, sock, op):
-        """A call on a socket neither IPv4 nor IPv6 (unix, netlink...), which stays the container's.
+        """connect, bind or listen on a socket neither IPv4 nor IPv6 (unix, netlink...), which
+        stays the container's.
 
-        Without --strict the kernel runs it (CONTINUE), looking the fd number
-        up again: another thread may have put a host socket there since, and
-        the call then runs on the host (README: "swapping the fd").  Under
-        --strict nothing here continues: a NamespaceHelper makes connect, bind
-        and listen on our duplicate as the calling thread would, and a TCP
-        Fast Open send is refused (let_send_run).
+        The kernel cannot run it (CONTINUE): it would look the fd number up
+        again, where another thread may have put a host socket since, and the
+        call would then run on the host (README: "swapping the fd").  What such
+        a call does depends on who makes it and where, so the container's
+        NamespaceHelper makes it on our duplicate, as the calling thread.
         """
-        if not call.container.settings.strict:
-            sock.close()
-            self.let_run(call)
-        elif op in SEND_FLAGS_ARG:
-            sock.close()
-            self.let_send_run(call, op, switched=False)
-        else:
-            self.delegate(call, sock, op)
+        self.delegate(call, sock, op)
 
     def note_out_of_fds(self, call, error):
-        """The daemon could not take an fd: the call stays the container's, said once in a while."""
+        """The daemon could not take an fd: the call fails (ENOBUFS) or stays in the container's
+        network, counted, and said once in a while."""
         call.container.counters[COUNT_OUT_OF_FDS] += 1
-        self.limit.log(logging.ERROR, "container %s: a call left to the container's network: "
-                       "the daemon is out of file descriptors (%s)", call.container.short_id, error.strerror)
+        self.limit.log(logging.ERROR, "container %s: the daemon is out of file descriptors (%s): a call failed "
+                       "with ENOBUFS or stayed in the container's network", call.container.short_id, error.strerror)
 
     def host_twin(self, call, family, kind, proto):
         """(the target fd's file flags, a new socket in the host's namespace) for a switch.
@@ -1801,8 +1784,6 @@ class Switcher:
         proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
         if (kind, proto) not in _BYPASSABLE:
             return "container (not TCP or UDP)"
-        if kind == socket.SOCK_DGRAM and not call.filter.udp:
-            return "container (UDP: the profile was not made with --udp)"
         try:
             result = self.switch(call, sock, kind, proto, raw, own_service)
         except NotSwitched as why:
@@ -1829,18 +1810,29 @@ class Switcher:
         return None if raw is None else (raw, parse_sockaddr(raw))
 
     def switch(self, call, sock, kind, proto, raw, own_service):
-        """Connect a new host socket like `sock` to `raw` and install it at the target's fd.
+        """Connect a new host socket like `sock` to `raw`, pin it, and install it at the target's fd.
 
         The call is answered here: the connect's result, which is the
         destination's own answer when it fails at once (nothing is
         installed then, as a failed connect changes nothing natively).  The
-        result is also returned: None if the target went away.  A host
-        socket that may later be pointed elsewhere (UDP) drops whatever
-        comes from the host's loopback, unless it is the container's own
-        published service there (`own_service`).  Raises NotSwitched when
-        the socket must stay in the container.
+        result is also returned: None if the target went away.  The host
+        socket is pinned to the interface of its source address before the
+        container gets it, so that wherever it is pointed later it never
+        reaches the host's loopback (HostInterfaces).  A connection to the
+        host side of a published port on the host's loopback (`own_service`:
+        a destination the daemon chose, never the container) cannot be
+        pinned; only TCP goes there, since a TCP socket goes nowhere else
+        without a trapped call.  Raises NotSwitched when the socket must stay
+        in the container.
         """
         family = sock.family
+        dest = parse_sockaddr(raw)
+        packed = dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")
+        pin = not (own_service and is_loopback_address(packed))
+        if not pin and kind != socket.SOCK_STREAM:
+            raise NotSwitched("a UDP socket on the host's loopback could send anywhere there")
+        if pin and self.interfaces.on_loopback(packed):
+            raise NotSwitched("an address of the host's loopback interface")
         bound_ip, bound_port = sock.getsockname()[:2]
         if bound_ip not in ("0.0.0.0", "::"):
             raise NotSwitched("bound to a container address")
@@ -1851,8 +1843,6 @@ class Switcher:
         flags, host = twin
         try:
             carry_options(host, diffs)
-            if kind == socket.SOCK_DGRAM and not own_service:
-                self.deafen(host)  # a UDP socket can be pointed elsewhere at any time
             if bound_port:
                 try:
                     host.bind((bound_ip, bound_port))
@@ -1863,6 +1853,8 @@ class Switcher:
             if result < 0 and result != -errno.EINPROGRESS:
                 call.result(result)  # the destination's answer, as the host's kernel gives it
                 return result
+            if pin:
+                self.pin(host)
             nonblocking = bool(flags & os.O_NONBLOCK)
             if result == 0 and not nonblocking:
                 host.setblocking(True)
@@ -1873,7 +1865,7 @@ class Switcher:
             # and closes the connection itself, as natively (and on its CPU).
             sock.close_unconnected()
             if result == -errno.EINPROGRESS and not nonblocking:
-                self.wait_for_connect(call, host, raw, host_socket=True, own_service=own_service)
+                self.wait_for_connect(call, host, raw, host_socket=True)
             else:
                 host.close()
                 call.result(result)
@@ -1883,11 +1875,26 @@ class Switcher:
             if host is not None:
                 host.close()
 
+    def pin(self, host):
+        """SO_BINDTOIFINDEX: `host` (connected, or connecting) to the interface that holds the source
+        address its connect chose; NotSwitched, the connection aborted, where that is the loopback."""
+        source = host.getsockname()[0]
+        if host.family == socket.AF_INET:
+            packed = socket.inet_pton(socket.AF_INET, source)
+        else:
+            packed = socket.inet_pton(socket.AF_INET6, source.split("%")[0])
+            if packed[:12] == _MAPPED_PREFIX:
+                packed = packed[12:]
+        index = self.interfaces.index_of(packed)
+        if index is None:
+            host.setsockopt(_SOL, socket.SO_LINGER, _LINGER.pack(1, 0))  # a reset, not a goodbye
+            raise NotSwitched("its host source address %s is on the loopback" % source)
+        host.setsockopt(_SOL, SO_BINDTOIFINDEX, index)
+
     def install(self, call, host, flags):
         """ADDFD: `host` at the target's fd, close-on-exec as that fd was.  False when the target
         is gone (the call is abandoned); NotSwitched when the kernel refuses (the fd is past the
         target's RLIMIT_NOFILE, say): the socket then stays in the container."""
-        self.inflight.host_socket(call.tid, call.fd)
         try:
             if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
                 call.abandon()
@@ -1896,23 +1903,6 @@ class Switcher:
             raise NotSwitched("ADDFD failed: %s" % e.strerror) from None
         call.installed = True
         return True
-
-    def deafen(self, host):
-        """Lock the no-loopback filter onto a switched socket, where the kernel lets us.
-
-        Defence in depth for the sockets a later connect could point anywhere:
-        UDP ones, and TCP ones whose connect failed.  Not on every TCP socket:
-        attaching costs a filter compilation (~30 us here, as root).
-        """
-        if self.no_loopback is None:
-            return
-        try:
-            self.no_loopback.attach(host)
-        except PermissionError:
-            # Some kernels refuse socket filters to unprivileged users: the
-            # daemon's own checks then stand alone.
-            log.info("socket filters are not permitted here: switched sockets are not filtered")
-            self.no_loopback = None
 
     def connect_in_place(self, call, sock, raw, kind=socket.SOCK_STREAM):
         """Connect the target's own socket (our duplicate `sock`, taken over) to the validated `raw`.
@@ -1932,7 +1922,7 @@ class Switcher:
             else:
                 result = start_connect(fd, raw)
             if result == -errno.EINPROGRESS and blocking:
-                self.wait_for_connect(call, sock, raw, host_socket=False, own_service=False)
+                self.wait_for_connect(call, sock, raw, host_socket=False)
             else:
                 sock.close()  # before the answer: the target's close() must be the last one
                 call.result(result)
@@ -1941,10 +1931,10 @@ class Switcher:
             if sock is not None:
                 sock.close()
 
-    def wait_for_connect(self, call, sock, raw, host_socket, own_service):
+    def wait_for_connect(self, call, sock, raw, host_socket):
         """Answer a blocking connect under way on `sock` (taken over) when it ends, never blocking the loop."""
         seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
-        pending = PendingConnect(call, sock, raw, host_socket, own_service)
+        pending = PendingConnect(call, sock, raw, host_socket)
         pending.slot = self.inflight.add_pending(call.filter.key, call.id)
         call.deferred = True
         self.pending.add(pending)
@@ -1969,8 +1959,6 @@ class Switcher:
                 result = sock_call(_libc.connect, fd, pending.raw, len(pending.raw))
             if pending.host_socket:
                 os.set_blocking(fd, True)  # the target's flags from now on: its connect blocks
-                if result < 0 and not pending.own_service:
-                    self.deafen(sock)  # a later connect could point it anywhere
         pending.call.result(result)
 
     def forget_pending(self, pending):
@@ -2030,11 +2018,7 @@ class Switcher:
         return helper
 
     def end_peer_helper(self, cid):
-        helper = self.peer_helpers.pop(cid)
-        self.events.unwatch(helper.channel.fileno())
-        for _call, _slot, on_result in helper.waiting:
-            on_result(-errno.EIO)
-        helper.stop()
+        self.stop_helper(self.peer_helpers.pop(cid), errno.EIO)
 
     def reach_peer(self, call, sock, raw, dest, peer, reachable):
         """Connect to the peer's host side if `reachable` (sock taken over), else where the
@@ -2098,16 +2082,6 @@ class Switcher:
                     call.fail(errno.EADDRINUSE)
                     return
                 mapping = call.container.settings.publish.get(key)
-            if mapping is not None and kind == socket.SOCK_DGRAM and not call.filter.udp:
-                # A published UDP socket sends wherever it is told: only the
-                # send traps of a --udp profile keep it off the host's loopback.
-                mapping = None
-                outcome = "container (UDP: the profile was not made with --udp)"
-                if not call.container.warned_udp_publish:
-                    call.container.warned_udp_publish = True
-                    log.warning("container %s: UDP ports are published only for containers whose profile "
-                                "was made with seccomp-gen.py --udp; its UDP binds stay in the container",
-                                call.container.short_id)
             if mapping is not None:
                 proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
                 if (kind, proto) in _BYPASSABLE:
@@ -2132,7 +2106,11 @@ class Switcher:
         """Bind a host socket at the mapping's host side and install it at the target's fd.
 
         Returns 0 or -errno (the host's answer, EADDRINUSE as the kernel says
-        it), or None if the target went away.
+        it), or None if the target went away.  A mapping on one of the host's
+        addresses that is not the loopback's is pinned to that address's
+        interface, where its clients reach it anyway; one on every address or
+        on the loopback cannot be (the host's own clients come over the
+        loopback): README says what such a socket can reach.
         """
         raw = encode_sockaddr(sock.family, mapping.host_ip, mapping.host_port)
         if raw is None:
@@ -2150,6 +2128,10 @@ class Switcher:
             result = sock_call(_libc.bind, host.fileno(), raw, len(raw))
             if result < 0:
                 return result
+            if mapping.host_ip is not None and not mapping.host_ip.is_loopback:
+                index = self.interfaces.index_of(mapping.host_ip.packed)
+                if index is not None:
+                    host.setsockopt(_SOL, SO_BINDTOIFINDEX, index)
             if flags & os.O_NONBLOCK:
                 host.setblocking(False)
             installed = self.install(call, host, flags)
@@ -2190,15 +2172,16 @@ class Switcher:
         return any(mapping.proto == _TCP and mapping.host_port == host_port
                    and mapping.host_ip in (None, address) for mapping in settings.publish.values())
 
-    # -- under --strict, calls on sockets that are not IP ---------------------
+    # -- calls on sockets that are not IP: made by a NamespaceHelper ---------
 
     def delegate(self, call, sock, op):
-        """Have a NamespaceHelper make `op` on `sock` (taken over) as the calling thread would.
+        """Have the container's NamespaceHelper make `op` on `sock` (taken over) as the calling
+        thread would, and answer the call itself.
 
-        The answer comes when the helper replies; until then the call has
-        a pending slot in the Inflight row, so that a dead daemon's calls
-        get EINTR, never CONTINUE.
+        Until it has answered, the call has a pending slot in the Inflight
+        row (the helper frees it), so that a dead daemon's calls get EINTR.
         """
+        slot = 0
         with sock:
             raw = b""
             if op != LISTEN:
@@ -2207,13 +2190,14 @@ class Switcher:
                     return
             try:
                 helper = self.helper_for(call)
-                thread = self.threads.get(call.tid)
-                helper.send(op, call, raw, sock.fileno(), thread)
+                helper.reclaim(self.inflight)
+                slot = self.inflight.add_pending(call.filter.key, call.id)
+                helper.request(op, call, raw, sock.fileno(), self.threads.get(call.tid), slot)
             except OSError as e:
+                self.inflight.end_pending(slot)
                 call.fail(e.errno or errno.EIO)
                 return
         call.deferred = True
-        helper.waiting.append((call, self.inflight.add_pending(call.filter.key, call.id), call.result))
 
     def helper_for(self, call):
         """The container's NamespaceHelper for the namespaces of the calling thread, started if need be."""
@@ -2232,202 +2216,64 @@ class Switcher:
         key = key or namespace_inodes(tid)
         joins = [(name, nstype) for (name, nstype), inode, own in zip(NAMESPACES, key, self.own_namespaces)
                  if inode != own]
-        helper = NamespaceHelper.start(tid, joins)
+        helper = NamespaceHelper.start(tid, joins, self.inflight.cells)
         self.events.watch(helper.channel.fileno(), select.EPOLLIN,
                           lambda _events: self.on_helper_reply(helper, short_id, on_end))
         log.info("container %s: namespace helper pid %d", short_id, helper.pid)
         return helper
 
     def on_helper_reply(self, helper, short_id, on_end):
-        """The answer to the oldest request sent to `helper`, or its end."""
+        """The answer to the oldest ask() sent to `helper`, or its end."""
         try:
             reply = helper.channel.recv(NamespaceHelper.REPLY.size)
         except BlockingIOError:
             return
         except OSError:
             reply = b""
-        if len(reply) != NamespaceHelper.REPLY.size or not helper.waiting:
+        if len(reply) != NamespaceHelper.REPLY.size or not helper.asked:
             log.error("container %s: namespace helper pid %d is gone", short_id, helper.pid)
             on_end()
             return
-        _call, slot, on_result = helper.waiting.popleft()
-        self.inflight.end_pending(slot)
-        on_result(NamespaceHelper.REPLY.unpack(reply)[0])
+        helper.asked.popleft()(NamespaceHelper.REPLY.unpack(reply)[0])
 
     def end_helper(self, container, key, error):
-        """Stop a helper (ours: by its pid), failing the calls it had with errno `error`."""
-        helper = container.helpers.pop(key)
+        """Stop a helper (ours: by its pid), failing the calls it had not answered with `error`."""
+        self.stop_helper(container.helpers.pop(key), error)
+
+    def stop_helper(self, helper, error):
         self.events.unwatch(helper.channel.fileno())
-        for _call, slot, on_result in helper.waiting:
-            self.inflight.end_pending(slot)
-            on_result(-error)
-        helper.stop()
+        helper.stop(self.inflight, error)
 
     def end_helpers(self, container, error=errno.EIO):
         for key in list(container.helpers):
             self.end_helper(container, key, error)
 
-    # -- sends with a destination -------------------------------------------
-
-    def host_datagram_socket(self, call, op):
-        """The target's socket if it is a switched UDP socket (its sends need us), else None.
-
-        Every other case is answered here, by let_send_run().
-        """
-        sock = self.target_socket(call, op)
-        if sock is None:
-            return None
-        switched = self.is_host_socket(sock)
-        if switched and sock.getsockopt(_SOL, socket.SO_TYPE) == socket.SOCK_DGRAM:
-            return sock
-        sock.close()
-        self.let_send_run(call, op, switched)
-        return None
-
-    def let_send_run(self, call, op, switched):
-        """A send on a socket that is not a switched UDP one: the kernel runs it, mostly.
-
-        A socket still in the container can reach only the container's
-        network; a switched stream socket ignores the destination.  A TCP
-        Fast Open send would connect the socket anew: it is refused on a
-        switched socket, and under --strict on any (the fd number could hold
-        a host socket when the kernel runs it).  The plain sends a --udp
-        profile traps continue even under --strict (said once per container).
-        """
-        strict = call.container.settings.strict
-        if call.args[SEND_FLAGS_ARG[op]] & MSG_FASTOPEN and (switched or strict):
-            call.fail(errno.EOPNOTSUPP)
-            return
-        container = call.container
-        if strict and not container.warned_strict_send:
-            container.warned_strict_send = True
-            log.warning("container %s: its --udp profile traps sends on sockets the daemon did not switch, "
-                        "which --strict lets run: the fd-swap hole stays open for them", container.short_id)
-        self.let_run(call)
-
-    def refuse_send(self, call, sock, raw):
-        """Why a switched datagram socket may not send to `raw`, or None if it may."""
-        if raw[:2] == _AF_UNSPEC:
-            # IPv4 UDP sends to the address of an AF_UNSPEC sockaddr too.
-            raw = _FAMILY.pack(socket.AF_INET) + raw[2:]
-        dest = parse_sockaddr(raw)
-        reason, network = self.judge(call, dest)
-        if reason is None or dest is None:
-            return None
-        if reason is LOOPBACK and sock.getsockname()[1] in call.container.settings.published_udp_ports:
-            return None  # a published server answers its clients, wherever they are
-        call.container.counters[COUNT_REFUSED] += 1
-        if self.debug:
-            self.debug_decision(call, "send", dest, "refused (%s)" % describe_reason(reason, network))
-        return reason
+    # -- sends ---------------------------------------------------------------
 
     def on_sendto(self, call):
-        sock = self.host_datagram_socket(call, SENDTO)
-        if sock is None:
-            return
-        with sock:
-            args = call.args
-            length = args[2]
-            if length > MAX_DATAGRAM:
-                call.fail(errno.EMSGSIZE)
-                return
-            raw = self.read_sockaddr(call, 4, 5)
-            if raw is None:
-                return
-            try:
-                payload = self.read(call, args[1], length) if length else b""
-            except OSError as e:
-                call.fail(e.errno or errno.EFAULT)
-                return
-            if not call.still_valid():
-                return
-            if self.refuse_send(call, sock, raw):
-                call.fail(errno.ENETUNREACH)
-                return
-            result = sock_call(_libc.sendto, sock.fileno(), payload, len(payload),
-                               ctypes.c_int(args[3] & 0xFFFFFFFF), raw, len(raw))
-            call.container.counters[COUNT_EMULATED_SENDS] += 1
-            call.result(result)
+        self.send(call, SENDTO)
 
     def on_sendmsg(self, call):
-        self.send_message(call, call.args[1], SENDMSG, None)
+        self.send(call, SENDMSG)
 
     def on_sendmmsg(self, call):
-        # Send the first message only: sendmmsg may send fewer than asked, and
-        # callers loop on what is left.
-        if call.args[2] == 0:
+        self.send(call, SENDMMSG)
+
+    def send(self, call, op):
+        """A send the profile trapped.  The default profile traps only TCP Fast Open sends, which
+        also connect a socket where the daemon cannot check it: they are refused as by a host
+        whose TCP Fast Open client is off (EOPNOTSUPP), and TCP Fast Open clients then connect.
+
+        A profile from an older `seccomp-gen.py --udp` traps every send with a
+        destination.  Those without MSG_FASTOPEN run as made (CONTINUE): such
+        a send cannot connect, bind or listen a socket, and whatever socket the
+        fd number holds when the kernel runs it, the same send untrapped (the
+        default profile's) could do as much.
+        """
+        if call.args[SEND_FLAGS_ARG[op]] & MSG_FASTOPEN:
+            call.fail(errno.EOPNOTSUPP)
+        else:
             self.let_run(call)
-            return
-        mmsg = call.args[1]
-        self.send_message(call, mmsg, SENDMMSG, mmsg + MSGHDR_LAYOUT[call.ptr].size)
-
-    def send_message(self, call, msg_addr, op, msg_len_addr):
-        """sendmsg, or sendmmsg's first message, on a switched UDP socket: done here."""
-        sock = self.host_datagram_socket(call, op)
-        if sock is None:
-            return
-        flags = call.args[SEND_FLAGS_ARG[op]] & 0xFFFFFFFF
-        with sock:
-            try:
-                raw, payload, ancillary = self.read_msghdr(call, msg_addr)
-            except OSError as e:
-                call.fail(e.errno or errno.EFAULT)
-                return
-            if not call.still_valid():
-                return
-            address = ()
-            if raw:
-                if self.refuse_send(call, sock, raw):
-                    call.fail(errno.ENETUNREACH)
-                    return
-                address = sockaddr_to_tuple(raw)
-                if address is None:
-                    call.fail(errno.EINVAL)
-                    return
-                address = (address,)
-            try:
-                sent = sock.sendmsg([payload], ancillary, flags, *address)
-            except OSError as e:
-                call.fail(e.errno or errno.EIO)
-                return
-            call.container.counters[COUNT_EMULATED_SENDS] += 1
-            if msg_len_addr is None:
-                call.reply(sent)
-                return
-            try:
-                write_memory(call.tid, msg_len_addr, struct.pack("=I", sent))
-            except OSError:
-                pass
-            call.reply(1)
-
-    def read_msghdr(self, call, address):
-        """A target's struct msghdr -> (raw name, joined payload, [(level, type, data)])."""
-        layout = MSGHDR_LAYOUT[call.ptr]
-        name, namelen, iov, iovlen, control, controllen, _flags = layout.unpack(
-            self.read(call, address, layout.size))
-        raw = b""
-        if name and namelen:
-            if namelen > MAX_SOCKADDR:
-                raise OSError(errno.EINVAL, "msg_namelen")
-            raw = self.read(call, name, namelen)
-        if iovlen > UIO_MAXIOV:
-            raise OSError(errno.EMSGSIZE, "msg_iovlen")
-        iov_layout = IOVEC_LAYOUT[call.ptr]
-        chunks, total = [], 0
-        if iovlen:
-            table = self.read(call, iov, iov_layout.size * iovlen)
-            for base, length in iov_layout.iter_unpack(table):
-                total += length
-                if total > MAX_DATAGRAM:
-                    raise OSError(errno.EMSGSIZE, "message too long")
-                if length:
-                    chunks.append(self.read(call, base, length))
-        ancillary = []
-        if control and controllen:
-            if controllen > 1 << 16:
-                raise OSError(errno.ENOBUFS, "msg_controllen")
-            ancillary = parse_cmsgs(self.read(call, control, controllen), call.ptr)
-        return raw, b"".join(chunks), ancillary
 
 
 NAMESPACES = (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS), ("net", CLONE_NEWNET))  # joined in this order
@@ -2487,8 +2333,9 @@ def close_other_fds(keep):
 
 
 class NamespaceHelper:
-    """A process in a container's user, mount and network namespaces that makes, under --strict,
-    the calls on its sockets that are not IP: connect, bind and listen on unix sockets above all.
+    """A process in a container's user, mount and network namespaces that makes the calls on its
+    sockets that are not IP (connect, bind and listen on unix sockets above all), and answers
+    the container's notification itself.
 
     What such a call does depends on who makes it (the credentials a peer
     reads with SO_PEERCRED, the permissions on a socket file, the owner and
@@ -2496,35 +2343,56 @@ class NamespaceHelper:
     mount namespace).  The daemon has none of that, and a CONTINUE lets the
     kernel look the fd number up again, where another thread may have put a
     host socket.  So the helper joins the namespaces once, and for each call
-    takes on the caller's ids, groups, umask, root and working directory,
-    makes the call on the daemon's duplicate of the socket, and takes them
-    off again.  It is forked before it joins and is not dumpable: its memory
-    belongs to the host's user namespace, so the container's root can
-    neither ptrace it nor read it.  Peers see its pid (0 in the container's
-    pid namespace) instead of the caller's.  For --handle-c2c-connections it
-    also probes, from the container's network, whether a peer is reachable.
+    takes on the caller's ids, groups and umask (and, where they matter, its
+    root and working directory), makes the call on the daemon's duplicate of
+    the socket, and answers the notification (SECCOMP_IOCTL_NOTIF_SEND on its
+    own duplicate of the notify fd): no hop back through the daemon.  It
+    keeps the caller's ids until a call needs others, which saves six
+    syscalls per call for a caller that keeps its ids.  It frees the call's
+    Inflight slot, in memory shared with the daemon, once it has answered.
+
+    It is forked before it joins and is not dumpable: its memory belongs to
+    the host's user namespace, so the container's root can neither ptrace it
+    nor read it.  Peers see its pid (0 in the container's pid namespace)
+    instead of the caller's.  For --handle-c2c-connections it also probes,
+    from the container's network, whether a peer is reachable (ask()).
+
+    This is the daemon's side of the helper; serve_in_namespaces() is the
+    helper's.  The wire: one SEQPACKET message per request, REQUEST, the
+    groups, then the sockaddr; SCM_RIGHTS: the socket, the caller's root if
+    it is not the helper's, its working directory if the sockaddr is a
+    relative path, and the notify fd the first time a filter is named.
+    An ask() gets a REPLY back; a request for a call gets none.
     """
 
-    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}
+    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}  # a call on the socket, as the caller, by the trapped call's name
     PROBE = 4               # a TCP connect from the container's network, to see that it gets through
     STAND_IN = 5            # a listener at an address and port of the container's, for a probe
     END_STAND_IN = 6
+    WITH_ROOT, WITH_CWD, WITH_NOTIFY_FD = 1, 2, 4   # REQUEST's flags: which fds ride along
     PROBE_TIMEOUT = 0.2     # seconds
-    REQUEST = struct.Struct("=BIIIiH")  # op, euid, egid, umask, backlog, group count; then groups, the sockaddr
-    REPLY = struct.Struct("=i")         # 0 or -errno
+    # op, flags, Inflight slot, filter key, notification id, euid, egid, umask, backlog, group count
+    REQUEST = struct.Struct("=BBxxIQQIIIiH")
+    REPLY = struct.Struct("=i")         # an ask()'s answer: 0 or -errno
+    READY = struct.Struct("=QQ")        # the helper's first words: its root's st_dev and st_ino
     MAX_GROUPS = 4096
     REQUEST_MAX = REQUEST.size + 4 * MAX_GROUPS + MAX_SOCKADDR
+    START_TIMEOUT = 10.0    # seconds a new helper has to join the namespaces
 
-    __slots__ = ("pid", "channel", "uid_map", "gid_map", "waiting")
+    __slots__ = ("pid", "channel", "uid_map", "gid_map", "root", "filters", "answering", "asked")
 
-    def __init__(self, pid, channel, uid_map, gid_map):
+    def __init__(self, pid, channel, uid_map, gid_map, root):
         self.pid, self.channel = pid, channel
         self.uid_map, self.gid_map = uid_map, gid_map   # the container's, to name the caller's ids there
-        self.waiting = collections.deque()              # (Call, Inflight slot), in the order sent
+        self.root = root                                # (st_dev, st_ino) of the helper's root
+        self.filters = set()                            # keys of the filters whose notify fd it has
+        self.answering = collections.deque()            # (Call, Inflight slot) it answers, in order
+        self.asked = collections.deque()                # on_result(0 or -errno) of each ask(), in order
 
     @classmethod
-    def start(cls, tid, joins):
-        """A helper in thread `tid`'s namespaces `joins` ((name, CLONE_NEW*), ...)."""
+    def start(cls, tid, joins, cells):
+        """A helper in thread `tid`'s namespaces `joins` ((name, CLONE_NEW*), ...); `cells`, the
+        Inflight row it frees the slots of."""
         ns_fds = []
         ours = theirs = None
         try:
@@ -2535,7 +2403,13 @@ class NamespaceHelper:
                 with open("/proc/%d/%s" % (tid, name)) as f:
                     maps.append(parse_id_map(f.read()))
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = fork_child(lambda: serve_in_namespaces(theirs, ns_fds), "a namespace helper")
+            pid = fork_child(lambda: serve_in_namespaces(theirs, ns_fds, cells), "a namespace helper")
+            theirs.close()
+            theirs = None
+            ours.settimeout(cls.START_TIMEOUT)
+            ready = ours.recv(cls.READY.size)
+            if len(ready) != cls.READY.size:
+                raise OSError(errno.EIO, "the namespace helper did not start")
         except BaseException:
             if ours is not None:
                 ours.close()
@@ -2546,11 +2420,11 @@ class NamespaceHelper:
             if theirs is not None:
                 theirs.close()
         ours.setblocking(False)  # a helper stuck in a call must not stop the daemon's loop
-        return cls(pid, ours, *maps)
+        return cls(pid, ours, *maps, cls.READY.unpack(ready))
 
-    def send(self, op, call, raw, sock_fd, thread=None):
-        """Ask for `op` on `sock_fd` with sockaddr `raw`, as thread call.tid (its ThreadHandle
-        if the daemon keeps one) would make it."""
+    def request(self, op, call, raw, sock_fd, thread, slot):
+        """Have the helper make `op` (CONNECT, BIND or LISTEN) on `sock_fd` with sockaddr `raw`,
+        as thread call.tid (its ThreadHandle if the daemon keeps one) would, and answer `call`."""
         if thread is None:
             with open("/proc/%d/status" % call.tid) as f:
                 euid, egid, groups, umask = parse_status_ids(f.read())
@@ -2562,25 +2436,74 @@ class NamespaceHelper:
         inside += [map_into(self.gid_map, g) for g in groups]
         if None in inside:
             raise OSError(errno.EPERM, "the caller's ids are not the container's")
-        request = (self.REQUEST.pack(self.OPS[op], inside[0], inside[1], umask, ctypes.c_int(call.args[1]).value,
-                                     len(groups)) + struct.pack("=%dI" % len(groups), *inside[2:]) + raw)
-        fds = [os.open("/proc/%d/%s" % (call.tid, name), os.O_PATH | os.O_CLOEXEC) for name in ("root", "cwd")]
+        fds, flags = [sock_fd], 0
+        opened = []
         try:
-            self.channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              array.array("i", [sock_fd] + fds))])
+            if raw[2:3] not in (b"", b"\0") and _FAMILY.unpack_from(raw)[0] == socket.AF_UNIX:
+                # A path: resolved from the caller's root, and its working directory if relative.
+                root = os.stat("/proc/%d/root" % call.tid)
+                if (root.st_dev, root.st_ino) != self.root:
+                    flags |= self.WITH_ROOT
+                    opened.append(os.open("/proc/%d/root" % call.tid, os.O_PATH | os.O_CLOEXEC))
+                if raw[2:3] != b"/":
+                    flags |= self.WITH_CWD
+                    opened.append(os.open("/proc/%d/cwd" % call.tid, os.O_PATH | os.O_CLOEXEC))
+            fds += opened
+            key = call.filter.key
+            if key not in self.filters:
+                flags |= self.WITH_NOTIFY_FD
+                fds.append(call.notify_fd)
+            request = (self.REQUEST.pack(self.OPS[op], flags, slot, key, call.id, inside[0], inside[1], umask,
+                                         ctypes.c_int(call.args[1]).value, len(groups))
+                       + struct.pack("=%dI" % len(groups), *inside[2:]) + raw)
+            self.channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         finally:
-            for fd in fds:
+            for fd in opened:
                 os.close(fd)
+        self.filters.add(key)
+        self.answering.append((call, slot))
 
-    def ask(self, op, raw):
+    def reclaim(self, inflight):
+        """Give back the Inflight slots of the calls the helper has answered (it zeroes them)."""
+        answering, cells = self.answering, inflight.cells
+        while answering and not cells[answering[0][1] * InflightTable.FIELDS]:
+            inflight.free_slot(answering.popleft()[1])
+
+    def ask(self, op, raw, on_result):
         """Ask for PROBE (does a TCP connect to `raw` from the container's network get through?),
-        STAND_IN (a listener at `raw` in that network) or END_STAND_IN; no caller's ids needed."""
-        self.channel.send(self.REQUEST.pack(op, 0, 0, 0, 0, 0) + raw)
+        STAND_IN (a listener at `raw` in that network) or END_STAND_IN; on_result(0 or -errno)
+        when it answers.  No caller's ids needed."""
+        self.channel.send(self.REQUEST.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, 0) + raw)
+        self.asked.append(on_result)
+
+    def stop(self, inflight, error):
+        """End the helper (ours: by its pid); the calls it had not answered get `error`, the asks
+        -EIO."""
+        self.channel.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        cells = inflight.cells
+        for call, slot in self.answering:
+            if not slot or cells[slot * InflightTable.FIELDS]:
+                try:
+                    notif_send(call.notify_fd, call.id, 0, -error, 0)  # ENOENT if it had answered
+                except OSError:
+                    pass
+                inflight.end_pending(slot)
+            else:
+                inflight.free_slot(slot)
+        self.answering.clear()
+        while self.asked:
+            self.asked.popleft()(-errno.EIO)
+
+    # -- in the helper ---------------------------------------------------------
 
     @classmethod
-    def make_stand_in(cls, request, stand_ins):
-        """In the helper: listen at the request's sockaddr (kept in `stand_ins`); 0 or -errno."""
-        raw = request[cls.REQUEST.size:]
+    def make_stand_in(cls, raw, stand_ins):
+        """Listen at sockaddr `raw` (kept in `stand_ins`); 0 or -errno."""
         listener = socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM)
         result = sock_call(_libc.bind, listener.fileno(), raw, len(raw))
         if result == 0:
@@ -2594,10 +2517,8 @@ class NamespaceHelper:
         return result
 
     @classmethod
-    def make_probe(cls, request):
-        """In the helper: 0 if a TCP connect to the request's sockaddr succeeds within
-        PROBE_TIMEOUT, else -errno."""
-        raw = request[cls.REQUEST.size:]
+    def make_probe(cls, raw):
+        """0 if a TCP connect to sockaddr `raw` succeeds within PROBE_TIMEOUT, else -errno."""
         try:
             with socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
                 result = sock_call(_libc.connect, probe.fileno(), raw, len(raw))
@@ -2609,59 +2530,86 @@ class NamespaceHelper:
         except OSError as e:
             return -(e.errno or errno.EIO)
 
-    def stop(self):
-        self.channel.close()
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
 
-    @classmethod
-    def make_call(cls, data, fds, top, identity):
-        """In the helper: one call as its caller, then back to the helper's own ids and root; 0 or -errno.
+class Identity:
+    """The ids a NamespaceHelper makes its calls with: its own, or its last caller's.
 
-        OSError when the helper cannot take its own ids back: it must not go on.
-        """
-        op, euid, egid, umask, backlog, count = cls.REQUEST.unpack_from(data)
-        groups = struct.unpack_from("=%dI" % count, data, cls.REQUEST.size)
-        raw = data[cls.REQUEST.size + 4 * count:]
-        sock, root, cwd = fds
-        own_euid, own_egid, own_groups, top_stat = identity
-        old_umask = os.umask(umask)
-        chrooted = switched = False
-        try:
+    It keeps a caller's effective ids after a call (its real and saved ids
+    stay its own, so it can always take its own back) and changes them only
+    when a call needs other ones.
+    """
+
+    __slots__ = ("own", "current", "umask")
+
+    def __init__(self):
+        self.own = self.current = (os.geteuid(), os.getegid(), tuple(sorted(os.getgroups())))
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+
+    def become(self, ids):
+        """Take on `ids` (euid, egid, sorted groups); OSError if the caller's cannot be taken.
+        A failure to take its own back is fatal: the helper must not go on (SystemExit)."""
+        if ids == self.current:
+            return
+        if self.current != self.own:
             try:
-                if not os.path.samestat(os.fstat(root), top_stat):
-                    os.fchdir(root)
-                    os.chroot(".")
-                    chrooted = True
-                os.fchdir(cwd)
-                if (euid, egid, sorted(groups)) != (own_euid, own_egid, own_groups):
-                    switched = True
-                    os.setgroups(groups)
-                    os.setresgid(-1, egid, -1)
-                    os.setresuid(-1, euid, -1)
-            except OSError as e:
-                return -(e.errno or errno.EPERM)
-            if op == cls.OPS[CONNECT]:
-                return sock_call(_libc.connect, sock, raw, len(raw))
-            if op == cls.OPS[BIND]:
-                return sock_call(_libc.bind, sock, raw, len(raw))
-            return sock_call(_libc.listen, sock, ctypes.c_int(backlog))
-        finally:
-            if switched:
-                os.setresuid(-1, own_euid, -1)
-                os.setresgid(-1, own_egid, -1)
-                os.setgroups(own_groups)
-            os.umask(old_umask)
-            os.fchdir(top)
-            if chrooted:
+                os.setresuid(-1, self.own[0], -1)
+                os.setresgid(-1, self.own[1], -1)
+                os.setgroups(self.own[2])
+            except OSError:
+                raise SystemExit("a namespace helper cannot take its own ids back")
+            self.current = self.own
+        if ids != self.own:
+            euid, egid, groups = ids
+            os.setgroups(groups)
+            os.setresgid(-1, egid, -1)
+            os.setresuid(-1, euid, -1)
+            self.current = ids
+
+    def set_umask(self, umask):
+        if umask != self.umask:
+            os.umask(umask)
+            self.umask = umask
+
+
+def make_call(request, fds, identity, notify_fds, top):
+    """In a NamespaceHelper: one call as its caller; 0 or -errno."""
+    op, flags, _slot, _key, _notif_id, euid, egid, umask, backlog, count = NamespaceHelper.REQUEST.unpack_from(request)
+    groups = struct.unpack_from("=%dI" % count, request, NamespaceHelper.REQUEST.size)
+    raw = request[NamespaceHelper.REQUEST.size + 4 * count:]
+    fds = iter(fds)
+    sock = next(fds)
+    root = next(fds) if flags & NamespaceHelper.WITH_ROOT else None
+    cwd = next(fds) if flags & NamespaceHelper.WITH_CWD else None
+    chrooted = False
+    try:
+        try:
+            if root is not None:
+                identity.become(identity.own)  # chroot takes the helper's own capabilities
+                os.fchdir(root)
                 os.chroot(".")
+                chrooted = True
+            if cwd is not None:
+                os.fchdir(cwd)
+            identity.become((euid, egid, tuple(sorted(groups))))
+            identity.set_umask(umask)
+        except OSError as e:
+            return -(e.errno or errno.EPERM)
+        if op == NamespaceHelper.OPS[CONNECT]:
+            return sock_call(_libc.connect, sock, raw, len(raw))
+        if op == NamespaceHelper.OPS[BIND]:
+            return sock_call(_libc.bind, sock, raw, len(raw))
+        return sock_call(_libc.listen, sock, ctypes.c_int(backlog))
+    finally:
+        if chrooted:
+            identity.become(identity.own)
+            os.fchdir(top)
+            os.chroot(".")
 
 
-def serve_in_namespaces(channel, ns_fds):
-    """A NamespaceHelper's life: join the namespaces, then make the daemon's calls till it hangs up."""
+def serve_in_namespaces(channel, ns_fds, cells):
+    """A NamespaceHelper's life: join the namespaces, then make the daemon's calls and answer
+    them till it hangs up.  `cells`: the worker's Inflight row, whose slots it frees."""
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
@@ -2674,41 +2622,55 @@ def serve_in_namespaces(channel, ns_fds):
         os.close(fd)
     channel.setblocking(True)
     top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    identity = (os.geteuid(), os.getegid(), sorted(os.getgroups()), os.fstat(top))
+    top_stat = os.fstat(top)
+    identity = Identity()
+    notify_fds = {}         # filter key -> our duplicate of its notify fd
     stand_ins = {}          # sockaddr -> listener (--handle-c2c-connections' probes)
+    channel.sendall(NamespaceHelper.READY.pack(top_stat.st_dev, top_stat.st_ino))
+    size = NamespaceHelper.REQUEST.size
     while True:
-        data, fds = recv_with_fds(channel, 3, NamespaceHelper.REQUEST_MAX)
+        data, fds = recv_with_fds(channel, 4, NamespaceHelper.REQUEST_MAX)
         if not data:
             return 0
+        op, flags, slot, key, notif_id = NamespaceHelper.REQUEST.unpack_from(data)[:5]
+        if flags & NamespaceHelper.WITH_NOTIFY_FD:
+            notify_fds[key] = fds.pop()
         try:
-            if data[0] == NamespaceHelper.PROBE:
-                result = NamespaceHelper.make_probe(data)
-            elif data[0] == NamespaceHelper.STAND_IN:
-                result = NamespaceHelper.make_stand_in(data, stand_ins)
-            elif data[0] == NamespaceHelper.END_STAND_IN:
-                stand_in = stand_ins.pop(data[NamespaceHelper.REQUEST.size:], None)
+            if op == NamespaceHelper.PROBE:
+                result = NamespaceHelper.make_probe(data[size:])
+            elif op == NamespaceHelper.STAND_IN:
+                result = NamespaceHelper.make_stand_in(data[size:], stand_ins)
+            elif op == NamespaceHelper.END_STAND_IN:
+                stand_in = stand_ins.pop(data[size:], None)
                 result = 0 if stand_in is None else stand_in.close() or 0
-            elif len(fds) == 3:
-                result = NamespaceHelper.make_call(data, fds, top, identity)
+            elif fds and key in notify_fds:
+                result = make_call(data, fds, identity, notify_fds, top)
             else:
                 result = -errno.EINVAL
         finally:
             for fd in fds:
                 os.close(fd)
-        channel.sendall(NamespaceHelper.REPLY.pack(result))
+        if not notif_id:
+            channel.sendall(NamespaceHelper.REPLY.pack(result))
+            continue
+        try:
+            notif_send(notify_fds[key], notif_id, 0 if result < 0 else result, min(result, 0), 0)
+        except (OSError, KeyError):
+            pass  # gone, or never named: the daemon answers what is left
+        if slot:
+            cells[slot * InflightTable.FIELDS] = 0
 
 
 # ---------------------------------------------------------------------------
 # The per-container session
 # ---------------------------------------------------------------------------
 
-COUNTERS = ("bypassed", "container", "published", "refused", "emulated_sends", "errors", "out_of_fds",
+COUNTERS = ("bypassed", "container", "published", "refused", "errors", "out_of_fds",
             "notifications")
 (COUNT_BYPASSED,            # connects switched to a host socket
  COUNT_CONTAINER,           # connects left to the container's network
  COUNT_PUBLISHED,           # binds of a published port done on the host
  COUNT_REFUSED,             # calls failed by policy (a host socket to a forbidden place)
- COUNT_EMULATED_SENDS,      # UDP sends done by the daemon
  COUNT_ERRORS,              # handlers that failed (a bug, logged)
  COUNT_OUT_OF_FDS,          # calls left to the container because the daemon had no fd left
  COUNT_NOTIFICATIONS) = range(len(COUNTERS))
@@ -2764,10 +2726,10 @@ class InflightTable:
     call until a signal interrupts it.
 
     Per worker, slot 0 is the notification being handled and the others the
-    blocking connects waiting in its loop; a slot is (filter key, 0 when free;
-    notification id; 1 once a host socket may be in the target's fd, or a
-    connect has started there; the target's thread and fd while it only may
-    be: ADDFD may not have run).  After the slots: the key of the filter the
+    blocking connects waiting in its loop and the calls its NamespaceHelpers
+    are making; a slot is (filter key, 0 when free; notification id).  Each
+    is answered EINTR, as a signal would have: never CONTINUE, which would
+    let the kernel look the fd number up again.  After the slots: the key of the filter the
     worker receives on, then the struct seccomp_notif RECV writes.  The
     kernel writes it there itself, so a worker killed as RECV returns leaves
     the notification it took where the daemon finds it; otherwise nobody
@@ -2775,7 +2737,7 @@ class InflightTable:
     """
 
     PENDING = 1024      # blocking connects per worker the daemon can answer for
-    FIELDS = 5
+    FIELDS = 2
     RECEIVING = (1 + PENDING) * FIELDS      # the cell of the filter key, then the notification's
 
     def __init__(self, servers):
@@ -2793,13 +2755,13 @@ class InflightTable:
                         memoryview(self.memory)[offset:offset + _NOTIF.size])
 
     def orphans(self, server):
-        """[(filter key, notification id, host socket, tid, fd)] a dead worker left; its row is freed."""
+        """[(filter key, notification id)] a dead worker left; its row is freed."""
         row = self.row(server)
         left = [tuple(row[i:i + self.FIELDS]) for i in range(0, self.RECEIVING, self.FIELDS) if row[i]]
         key, notif_id = row[self.RECEIVING], row[self.RECEIVING + 1]
-        if key and notif_id and (key, notif_id) not in [slot[:2] for slot in left]:
+        if key and notif_id and (key, notif_id) not in left:
             # Taken by RECV, not yet begun (or answered already: the kernel then says ENOENT).
-            left.append((key, notif_id, 0, 0, 0))
+            left.append((key, notif_id))
         row.cast("B")[:] = bytes(len(row) * 8)
         return left
 
@@ -2822,32 +2784,32 @@ class Inflight:
 
     def begin(self, key, notif_id):
         cells = self.cells
-        cells[1], cells[2] = notif_id, 0
+        cells[1] = notif_id
         cells[0] = key
-
-    def host_socket(self, tid, fd):
-        """ADDFD comes: the target's `fd` may be a host socket from now on."""
-        cells = self.cells
-        cells[3], cells[4] = tid, fd
-        cells[2] = 1
 
     def end(self):
         self.cells[0] = 0
 
     def add_pending(self, key, notif_id):
-        """A slot for a blocking connect left waiting (0 if all are taken: it is not answered for)."""
+        """A slot for a call answered later: a blocking connect left waiting, a NamespaceHelper's
+        call (0 if all are taken: it is not answered for)."""
         if not self.free:
             return 0
         slot = self.free.pop()
         base = slot * InflightTable.FIELDS
         cells = self.cells
-        cells[base + 1], cells[base + 2], cells[base + 3] = notif_id, 1, 0  # a connect is under way there
+        cells[base + 1] = notif_id
         cells[base] = key
         return slot
 
     def end_pending(self, slot):
         if slot:
             self.cells[slot * InflightTable.FIELDS] = 0
+            self.free.append(slot)
+
+    def free_slot(self, slot):
+        """A slot another process (a NamespaceHelper) ended is free again."""
+        if slot:
             self.free.append(slot)
 
 
@@ -2867,8 +2829,6 @@ class Container:
         self.auto_nets = ()
         self.auto_read = -1e9
         self.warned_socketcall = False
-        self.warned_udp_publish = False
-        self.warned_strict_send = False
         self.helpers = {}           # (user, mount, network namespace inodes) -> NamespaceHelper
         self.probes = {}            # peer destination -> (reachable, monotonic time it is trusted till)
 
@@ -2909,14 +2869,12 @@ class Container:
 
 class Filter:
     """One seccomp filter of a container (one notify fd): a process the runtime started and its
-    descendants, and what the profile it loaded promises."""
+    descendants."""
 
-    __slots__ = ("key", "notify_fd", "container", "udp", "shared", "last_tid", "tid_changes", "window")
+    __slots__ = ("key", "notify_fd", "container", "shared", "last_tid", "tid_changes", "window")
 
-    def __init__(self, key, notify_fd, container, metadata, shared):
+    def __init__(self, key, notify_fd, container, shared):
         self.key, self.notify_fd, self.container = key, notify_fd, container
-        # The profile traps every send with a destination: UDP sockets may be switched.
-        self.udp = UDP_METADATA in str(metadata or "").split()
         self.shared = shared        # other servers RECV on the same filter
         self.last_tid = 0           # the busy test: see Server.note_thread
         self.tid_changes = 0
@@ -3166,7 +3124,7 @@ class Server:
         self.filters = {}           # notify fd -> Filter
         self.keys = {}              # the daemon's key of a filter -> notify fd here
 
-    def add_filter(self, notify_fd, key, cid, slot, pid, metadata, shared=False, settings=None):
+    def add_filter(self, notify_fd, key, cid, slot, pid, shared=False, settings=None):
         """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`.
 
         `settings`: what the daemon found in the container's annotations
@@ -3177,7 +3135,7 @@ class Server:
             container = self.containers[cid] = Container(cid, self.table, slot, self.index,
                                                          self.switcher.base.with_container(settings))
         container.notify_fds.add(notify_fd)
-        seccomp_filter = self.filters[notify_fd] = Filter(key, notify_fd, container, metadata, shared)
+        seccomp_filter = self.filters[notify_fd] = Filter(key, notify_fd, container, shared)
         self.keys[key] = notify_fd
         try:
             _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
@@ -3186,8 +3144,7 @@ class Server:
         os.set_blocking(notify_fd, False)
         self.watch(seccomp_filter)
         if not shared:
-            log.info("container %s: process %s registered%s", container.short_id, pid,
-                     " (UDP switching on)" if seccomp_filter.udp else "")
+            log.info("container %s: process %s registered", container.short_id, pid)
 
     def watch(self, seccomp_filter):
         notify_fd = seccomp_filter.notify_fd
@@ -3355,7 +3312,7 @@ class Worker:
 
     def hand(self, handed, hosted):
         message = json.dumps({"key": handed.key, "id": handed.cid, "slot": hosted.slot, "pid": handed.pid,
-                              "metadata": handed.metadata, "shared": hosted.shared,
+                              "shared": hosted.shared,
                               "settings": hosted.settings}).encode()
         self.handoff.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", handed.notify_fd))])
 
@@ -3382,7 +3339,7 @@ class LocalWorker:
 
     def hand(self, handed, hosted):
         self.server.add_filter(os.dup(handed.notify_fd), handed.key, handed.cid, hosted.slot, handed.pid,
-                               handed.metadata, hosted.shared, hosted.settings)
+                               hosted.shared, hosted.settings)
 
     def drop(self, key):
         self.server.drop(key)
@@ -3426,7 +3383,7 @@ class WorkerProcess:
             self.server.switcher.set_peers(message["peers"], message["probe"], message["nodes"])
             return
         self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
-                               message["metadata"], message["shared"], message["settings"])
+                               message["shared"], message["settings"])
 
     def on_signal(self, signum):
         if signum == signal.SIGHUP:
@@ -3801,13 +3758,13 @@ class Daemon:
     """
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
-                 table=None, inflight=None, keeper=None, strict=False, c2c=False, probe_peers=True,
+                 table=None, inflight=None, keeper=None, c2c=False, probe_peers=True,
                  multinode=None):
         self.socket_path = socket_path
         self.debug = debug
         self.events = Events()
         self.reservations = Reservations(publish.values(), reserve_ports)
-        self.base = Settings(compile_networks(ignore), auto, publish, strict=strict)  # every container's part
+        self.base = Settings(compile_networks(ignore), auto, publish)  # every container's part
         # A keeper's tables, when it has one: it reads them after this process dies.
         self.table = CounterTable(workers) if table is None else table
         self.inflight = InflightTable(workers) if inflight is None else inflight
@@ -4285,7 +4242,7 @@ class Daemon:
                 "version": __version__, "socket": self.socket_path,
                 "workers": [worker.pid for worker in self.workers if isinstance(worker, Worker)],
                 "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.out_of_fds,
-                "strict": self.base.strict, "routes": None if self.routes is None else self.routes.status(),
+                "routes": None if self.routes is None else self.routes.status(),
                 "containers": containers}
 
     def end_message(self, message, error):
@@ -4471,7 +4428,7 @@ class Daemon:
 
     def answer_orphans(self, worker):
         answered = answer_orphans(self.inflight, worker.index,
-                                  {handed.key: handed.notify_fd for handed in self.filters.values()}, self.base.strict)
+                                  {handed.key: handed.notify_fd for handed in self.filters.values()})
         if answered:
             log.warning("worker %d: %d call(s) it left unanswered answered", worker.index, answered)
 
@@ -4610,9 +4567,8 @@ class Keeper:
     RESTART_WINDOW = 60.0   # that dies as soon as it starts
     REAP_TIMEOUT = 5.0      # seconds a dead daemon's workers have to follow it (PR_SET_PDEATHSIG)
 
-    def __init__(self, argv, workers, new_daemon, serve, pid_file=None, strict=False):
+    def __init__(self, argv, workers, new_daemon, serve, pid_file=None):
         self.argv = argv            # to run the script anew with
-        self.strict = strict        # --strict: a dead daemon's calls get EINTR, never CONTINUE
         self.pid_file = pid_file    # written once the first daemon serves...
         self.ready_fd = None        # ...and then --ready-fd told
         self.new_daemon = new_daemon  # callable(table, inflight, KeeperLink) -> Daemon
@@ -4798,7 +4754,7 @@ class Keeper:
 
     def answer_orphans(self):
         notify_fds = {entry["key"]: self.held[entry["fd"]] for entry in self.state["filters"]}
-        answered = sum(answer_orphans(self.inflight, server, notify_fds, self.strict)
+        answered = sum(answer_orphans(self.inflight, server, notify_fds)
                        for server in range(self.workers))
         if answered:
             log.warning("%d call(s) the dead daemon left unanswered answered", answered)
@@ -4886,45 +4842,21 @@ def fork_child(child, what):
     return pid
 
 
-def answer_orphans(inflight, server, notify_fds, strict):
+def answer_orphans(inflight, server, notify_fds):
     """Answer the calls server `server` had received and not answered when it died; returns
-    how many.  `notify_fds` maps filter keys to notify fds.  A call with no host socket in
-    place runs in the container as it was made (CONTINUE: what an ignored destination gets),
-    unless `strict` (--strict); one with a host socket, or a blocking connect under way,
-    gets EINTR, as a signal would have: POSIX says the connection then goes on
-    asynchronously."""
+    how many.  `notify_fds` maps filter keys to notify fds.  Each gets EINTR, as if a signal
+    had interrupted it: never CONTINUE, which would let the kernel look the fd number up
+    again.  POSIX says a connect so interrupted goes on asynchronously; most callers retry
+    or wait for it."""
     answered = 0
-    for key, notif_id, host_socket, tid, fd in inflight.orphans(server):
+    for key, notif_id in inflight.orphans(server):
         notify_fd = notify_fds.get(key)
         if notify_fd is not None:
-            if host_socket and tid and not holds_host_socket(tid, fd):
-                host_socket = 0  # it died between saying a host socket comes and ADDFD
-            answer = (0, -errno.EINTR, 0) if host_socket or strict else (0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             try:
-                answered += notif_send(notify_fd, notif_id, *answer)
+                answered += notif_send(notify_fd, notif_id, 0, -errno.EINTR, 0)
             except OSError as e:
                 log.error("cannot answer a call a dead process left: %s", e.strerror)
     return answered
-
-
-def holds_host_socket(tid, fd):
-    """Whether fd `fd` of thread `tid`'s process is a socket in this process's network
-    namespace (False too if the thread or the fd is gone)."""
-    try:
-        pidfd = os.pidfd_open(thread_group_id(tid))
-        try:
-            dup = pidfd_getfd(pidfd, fd)
-        finally:
-            os.close(pidfd)
-        try:
-            sock = SharedSocket(fileno=dup)
-        except OSError:  # not a socket
-            os.close(dup)
-            return False
-    except OSError:
-        return False
-    with sock:
-        return in_netns(sock, own_netns_id())
 
 
 def send_state(conn, state, fds):
@@ -5085,8 +5017,8 @@ def build_parser():
     parser.add_argument("--tracer", action="store_true",
                         help="accepted for the Go tool's sake: the policy check it turns on is on by default")
     parser.add_argument("--strict", action="store_true",
-                        help="never let the kernel run a trapped call as made (CONTINUE): calls on unix sockets "
-                             "are made by a helper in the container's namespaces (README: swapping the fd)")
+                        help="accepted, and changes nothing: what it asked for, that the kernel never runs a "
+                             "trapped call as made, is how the daemon always works (README: swapping the fd)")
     parser.add_argument("--debug", action="store_true", help="log every decision")
     parser.add_argument("--ready-fd", type=int, metavar="FD",
                         help="write one byte to FD once the socket accepts, then close it")
@@ -5129,11 +5061,10 @@ def format_status(status):
     """`bypass4netns.py status` as a person reads it."""
     workers = status["workers"]
     daemon = status.get("daemon", status["pid"])
-    lines = ["bypass4netns.py %s, pid %d%s, on %s: %s%s; fd limit %d%s" % (
+    lines = ["bypass4netns.py %s, pid %d%s, on %s: %s; fd limit %d%s" % (
         status["version"], status["pid"], "" if daemon == status["pid"] else " (daemon %d)" % daemon,
         status["socket"],
-        "workers %s" % " ".join(map(str, workers)) if workers else "one process",
-        ", --strict" if status.get("strict") else "", status["fd_limit"],
+        "workers %s" % " ".join(map(str, workers)) if workers else "one process", status["fd_limit"],
         ", out of fds %d times" % status["out_of_fds"] if status["out_of_fds"] else "")]
     routes = status.get("routes")
     if routes:
@@ -5246,7 +5177,7 @@ def main(argv=None):
 
     def new_daemon(table=None, inflight=None, keeper=None):
         return Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
-                      workers=args.workers, table=table, inflight=inflight, keeper=keeper, strict=args.strict,
+                      workers=args.workers, table=table, inflight=inflight, keeper=keeper,
                       c2c=args.handle_c2c_connections, probe_peers=args.policy_check,
                       multinode=multinode)
 
@@ -5255,7 +5186,7 @@ def main(argv=None):
 
     if not args.keeper:
         return serve_daemon(new_daemon(), args, api_path, None, args.ready_fd)
-    keeper = Keeper(argv, args.workers, new_daemon, serve, args.pid_file, args.strict)
+    keeper = Keeper(argv, args.workers, new_daemon, serve, args.pid_file)
     try:
         return keeper.run(resumed, args.ready_fd)
     finally:

@@ -38,31 +38,26 @@ def flag_set(index, flag):
     return ({"index": index, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"},)
 
 
-# sendto only with a destination address (its argument 4).
-WITH_DESTINATION = ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)
-# A copy of bypass4netns's trap table for when this file runs alone (piped,
-# or copied elsewhere); unit tests fail if a profile's rules and the daemon's
+# A copy of bypass4netns.SECCOMP_NOTIFY_RULES for when this file runs alone
+# (piped, or copied elsewhere); unit tests fail if it and the daemon's
 # disagree.  Syscall name, then the OCI seccomp "args" filters (all must
-# match) of the default profile (TCP only: no send waits for the daemon but
-# a TCP Fast Open one) and of the --udp profile (every send that can carry a
-# destination, which switched UDP sockets need).
-EMBEDDED_TRAPS = (
-    ("connect", (), ()),
-    ("bind", (), ()),
-    ("listen", (), ()),
-    ("sendto", flag_set(3, MSG_FASTOPEN), WITH_DESTINATION),
-    ("sendmsg", flag_set(2, MSG_FASTOPEN), ()),
-    ("sendmmsg", flag_set(3, MSG_FASTOPEN), ()),
-    ("socketcall", (), ()),  # i386 only: its calls carry their arguments in memory
+# match).  There is one profile: it traps no send but a TCP Fast Open one,
+# which connects too; the daemon switches UDP sockets at connect and pins
+# each to a host interface, so their sends need no check.
+EMBEDDED_NOTIFY_RULES = (
+    ("connect", ()),
+    ("bind", ()),
+    ("listen", ()),
+    ("sendto", flag_set(3, MSG_FASTOPEN)),
+    ("sendmsg", flag_set(2, MSG_FASTOPEN)),
+    ("sendmmsg", flag_set(3, MSG_FASTOPEN)),
+    ("socketcall", ()),  # i386 only: its calls carry their arguments in memory
 )
-EMBEDDED_NOTIFY_RULES = tuple((name, default) for name, default, _ in EMBEDDED_TRAPS)
-EMBEDDED_NOTIFY_RULES_UDP = tuple((name, udp) for name, _, udp in EMBEDDED_TRAPS)
-# The daemon's attribute and the embedded copy of each profile's rules, by --udp.
-NOTIFY_RULES = {False: ("SECCOMP_NOTIFY_RULES", EMBEDDED_NOTIFY_RULES),
-                True: ("SECCOMP_NOTIFY_RULES_UDP", EMBEDDED_NOTIFY_RULES_UDP)}
-# bypass4netns.UDP_METADATA: the listenerMetadata token of a --udp profile,
-# by which the daemon learns that it may switch the container's UDP sockets.
-UDP_METADATA = "bypass4netns:udp"
+# The listenerMetadata token by which profiles of earlier versions made with
+# --udp (which trapped every send with a destination) asked the daemon to
+# switch UDP sockets.  The daemon switches them under any profile now and
+# ignores the token: it is dropped wherever it is found.
+OLD_UDP_METADATA = "bypass4netns:udp"
 
 # Trapped only where the base allows them, else left as the base has them:
 # i386's socketcall multiplexer, which many profiles deny outright.
@@ -119,16 +114,15 @@ def validate_notify_rules(rules):
         raise ValueError("no syscall listed")
 
 
-def load_notify_rules(udp=False):
-    """The rules of the default or the --udp profile: the daemon's own when
+def load_notify_rules():
+    """The profile's rules: the daemon's SECCOMP_NOTIFY_RULES when
     bypass4netns.py sits beside this file (or in the current directory when
     piped), else the embedded copy."""
-    attribute, embedded = NOTIFY_RULES[udp]
     # Importing must not leave __pycache__ beside the user's files.
     sys.dont_write_bytecode = True
     try:
         import bypass4netns
-        rules = getattr(bypass4netns, attribute)
+        rules = bypass4netns.SECCOMP_NOTIFY_RULES
         validate_notify_rules(rules)
         return rules
     except ImportError as exc:
@@ -137,7 +131,7 @@ def load_notify_rules(udp=False):
     except Exception as exc:  # a broken, half-written or older daemon must not stop us
         warn("bypass4netns.py is unusable (%s: %s); using the embedded syscall list"
              % (type(exc).__name__, exc))
-    return embedded
+    return EMBEDDED_NOTIFY_RULES
 
 
 # ---------------------------------------------------------------------------
@@ -347,10 +341,12 @@ def strip_previous_merge(base, listener_path, trapped):
     """Remove the rules an earlier run of this program added to base.
 
     Returns (the other rules, {syscall it trapped: action the base allowed it
-    under}): an earlier run only trapped syscalls the base allowed.  The
-    default and the --udp profile trap the same syscalls (with other
-    filters), so either replaces the other; a base made for a bypass4netns
-    that trapped more is refused, since what the base did with those is lost."""
+    under}): an earlier run only trapped syscalls the base allowed.  A merge
+    of an earlier version that trapped the same syscalls with other filters
+    (one made with --udp trapped every sendmsg and sendmmsg and each sendto
+    with a destination) is replaced the same way; a base made for a
+    bypass4netns that trapped more is refused, since what the base did with
+    those is lost."""
     other, trapped_before, untrapped_action = [], set(), {}
     for rule in base.get("syscalls") or []:
         ours = str(rule.get("comment", "")).startswith(RULE_MARK)
@@ -459,26 +455,23 @@ def with_settings(profile, settings):
     return result
 
 
-def listener_metadata(value, udp):
-    """listenerMetadata: value (the user's, else the base's) with the UDP
-    token when udp, and only then: a base made with --udp must not pass the
-    token on to a profile without the traps it stands for."""
+def listener_metadata(value):
+    """listenerMetadata: value (the user's, else the base's; kept as given)
+    less the token of earlier --udp profiles, which means nothing now; None
+    when nothing is left."""
     tokens = (value or "").split()
-    if UDP_METADATA in tokens:
-        value = " ".join(t for t in tokens if t != UDP_METADATA)
-    words = ([value] if value else []) + ([UDP_METADATA] if udp else [])
-    return " ".join(words) or None
+    if OLD_UDP_METADATA in tokens:
+        value = " ".join(t for t in tokens if t != OLD_UDP_METADATA)
+    return value or None
 
 
-def build_profile(base, trapped, listener_path, architectures=None, metadata=None, udp=False,
+def build_profile(base, trapped, listener_path, architectures=None, metadata=None,
                   wait_killable_recv=False):
     """The profile: base (None: allow everything) plus the NOTIFY rules.
 
     architectures replaces the base's; None keeps them (with no base: the
     caller must give them).  metadata replaces the base's listenerMetadata;
-    None keeps it.  udp: trapped are the --udp profile's rules, which the
-    daemon learns from the UDP token in listenerMetadata, there exactly
-    when udp."""
+    None keeps it (either less the token of earlier --udp profiles)."""
     if base is None:
         base = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": architectures, "syscalls": []}
     check_base_shape(base)
@@ -502,7 +495,7 @@ def build_profile(base, trapped, listener_path, architectures=None, metadata=Non
         replaced.update(("archMap", "architectures"))
         settings["architectures"] = architectures
     settings["listenerPath"] = listener_path
-    metadata = listener_metadata(base.get("listenerMetadata") if metadata is None else metadata, udp)
+    metadata = listener_metadata(base.get("listenerMetadata") if metadata is None else metadata)
     if metadata is not None:
         settings["listenerMetadata"] = metadata
     if wait_killable_recv:
@@ -534,9 +527,9 @@ WRAPPER_TEMPLATE = r'''#!@INTERPRETER@
 # Docker drops listenerPath and listenerMetadata from seccomp profiles.  On
 # `create` and `run`, when the bundle's config.json has SCMP_ACT_NOTIFY rules
 # and no listenerPath, this sets linux.seccomp.listenerPath to bypass4netns's
-# socket and listenerMetadata to the one given, plus UDP_METADATA when the
-# rules trap every sendmsg (a profile made with --udp); then, for every
-# command, it execs the real runtime with the same arguments.  Anything it
+# socket and listenerMetadata (when the profile has none) to the one given;
+# then, for every command, it execs the real runtime with the same
+# arguments.  Anything it
 # cannot patch stops the container with a message: the runtime would refuse
 # it anyway.
 import json
@@ -546,8 +539,6 @@ import sys
 RUNTIME = @RUNTIME@
 LISTENER_PATH = @LISTENER_PATH@
 LISTENER_METADATA = @LISTENER_METADATA@
-# Tells bypass4netns that the profile traps every send with a destination.
-UDP_METADATA = @UDP_METADATA@
 
 PROG = "bypass4netns runtime wrapper"
 # Global options of runc and crun that take their value as the next argument.
@@ -596,10 +587,8 @@ def add_listener(bundle):
     if not notify:
         return
     seccomp["listenerPath"] = LISTENER_PATH
-    udp = any("sendmsg" in (r.get("names") or []) and not r.get("args") for r in notify)
-    metadata = ([LISTENER_METADATA] if LISTENER_METADATA else []) + ([UDP_METADATA] if udp else [])
-    if metadata and not seccomp.get("listenerMetadata"):
-        seccomp["listenerMetadata"] = " ".join(metadata)
+    if LISTENER_METADATA and not seccomp.get("listenerMetadata"):
+        seccomp["listenerMetadata"] = LISTENER_METADATA
     tmp = "%s.bypass4netns-%d.tmp" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                  os.stat(path).st_mode & 0o777)
@@ -694,7 +683,7 @@ def wrapper_script(runtime, listener_path, metadata, self_path):
     """The text of the runtime wrapper (see WRAPPER_TEMPLATE)."""
     values = {"@INTERPRETER@": wrapper_interpreter(), "@SELF@": self_path,
               "@RUNTIME@": repr(runtime), "@LISTENER_PATH@": repr(listener_path),
-              "@LISTENER_METADATA@": repr(metadata), "@UDP_METADATA@": repr(UDP_METADATA)}
+              "@LISTENER_METADATA@": repr(metadata)}
     text = WRAPPER_TEMPLATE
     for key, value in values.items():
         text = text.replace(key, value)
@@ -702,11 +691,13 @@ def wrapper_script(runtime, listener_path, metadata, self_path):
 
 
 def write_wrapper(path, runtime, listener_path, metadata):
-    """Write the runtime wrapper at path, executable; refuse to replace the runtime."""
+    """Write the runtime wrapper at path, executable; refuse to replace the runtime.
+    metadata: --listener-metadata, less the token of earlier --udp profiles."""
     if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(runtime):
         raise ProfileError("--docker-runtime-wrapper %s is the runtime itself (%s); "
                            "write the wrapper elsewhere" % (path, runtime))
-    write_atomically(path, wrapper_script(runtime, listener_path, metadata, os.path.abspath(path)),
+    write_atomically(path, wrapper_script(runtime, listener_path, listener_metadata(metadata),
+                                          os.path.abspath(path)),
                      mode=0o777)
 
 
@@ -763,9 +754,9 @@ class OneLineParser(argparse.ArgumentParser):
 DESCRIPTION = """\
 Write the seccomp profile for containers served by bypass4netns: it traps
 (SCMP_ACT_NOTIFY) the syscalls bypass4netns.py answers and sends them to the
-daemon's socket (listenerPath): connect, bind, listen and TCP Fast Open
-sends, for TCP; with --udp, also every send that can carry a destination,
-for UDP.  Use it with
+daemon's socket (listenerPath): connect, bind and listen, for TCP and UDP
+sockets alike, and TCP Fast Open sends (which connect too); no other send
+waits for the daemon.  Use it with
   podman run --security-opt seccomp=$HOME/seccomp.json ...
 
 By default (--base auto) the trap is merged into podman's default profile
@@ -780,12 +771,14 @@ Merging (--base): the base's defaultAction, defaultErrnoRet, archMap or
 architectures and every rule are kept; the trapped syscalls are taken out of
 the base's rules (a rule left with no syscall goes) and the trap rules are put
 first; calls that a filtered trap does not catch (a send without
-MSG_FASTOPEN; with --udp, a sendto without a destination) get their own rule
-with the action the base gave them, unless the base's defaultAction is that
-action.  A base that denies a trapped syscall (under any condition), allows
-it only under conditions, traps syscalls for another agent or names another
-listenerPath is refused.  Merging this program's output again gives the same
-file; merging it with or without --udp switches between the two profiles.
+MSG_FASTOPEN) get their own rule with the action the base gave them, unless
+the base's defaultAction is that action.  A base that denies a trapped
+syscall (under any condition), allows it only under conditions, traps
+syscalls for another agent or names another listenerPath is refused.
+Merging this program's output again gives the same file.  A profile an
+earlier version made (with or without --udp) merged is the base it was made
+from merged: its rules are replaced, and the listenerMetadata token
+bypass4netns:udp that --udp added, which the daemon ignores now, is dropped.
 
 Runtimes: runc >= 1.1 and crun >= 1.6 honour listenerPath; if nothing
 listens there, the runtime refuses to start the container.  Docker 20.10
@@ -820,14 +813,15 @@ def parse_args(argv):
              "(default: $XDG_RUNTIME_DIR/bypass4netns.sock, the daemon's default --socket)")
     parser.add_argument(
         "--udp", action="store_true",
-        help="also switch UDP sockets: trap every sendmsg and sendmmsg and each sendto with a "
-             "destination (the default profile traps only TCP Fast Open sends, so that no other "
-             "send waits for the daemon), and add the token %s to listenerMetadata, by which "
-             "the daemon learns that it may switch this container's UDP sockets" % UDP_METADATA)
+        help="changes nothing: UDP sockets are switched by the default profile (at connect; "
+             "no send but a TCP Fast Open one is trapped).  The flag, which used to write a "
+             "second profile, is kept for scripts that pass it: the output is the default "
+             "profile, byte for byte")
     parser.add_argument(
         "--listener-metadata", metavar="STRING",
         help="listenerMetadata: a string the runtime passes to the daemon with each container, "
-             "read as space-separated tokens; with --udp it becomes \"STRING %s\"" % UDP_METADATA)
+             "read as space-separated tokens; the token %s of earlier versions' --udp "
+             "profiles, which means nothing now, is dropped from it" % OLD_UDP_METADATA)
     parser.add_argument(
         "--arch", metavar="MACHINE",
         help="write architectures for this machine instead of the one running this program: "
@@ -847,12 +841,11 @@ def parse_args(argv):
         help="instead of a profile, write at PATH an executable OCI runtime wrapper for "
              "Docker, which drops listenerPath from profiles: on create/run it sets "
              "linux.seccomp.listenerPath (--listener-path) and listenerMetadata "
-             "(--listener-metadata, plus %s when the rules trap every sendmsg, as a --udp "
-             "profile does) in the bundle's config.json when the profile has SCMP_ACT_NOTIFY "
-             "rules and no listenerPath, then runs the real runtime with the same arguments; "
-             "every other container is left alone.  Register it with "
+             "(--listener-metadata) in the bundle's config.json when the profile has "
+             "SCMP_ACT_NOTIFY rules and no listenerPath, then runs the real runtime with the "
+             "same arguments; every other container is left alone.  Register it with "
              "`dockerd --add-runtime NAME=PATH` (or daemon.json \"runtimes\") and start "
-             "containers with `docker run --runtime NAME`" % UDP_METADATA)
+             "containers with `docker run --runtime NAME`")
     parser.add_argument(
         "--runtime", metavar="RUNTIME",
         help="with --docker-runtime-wrapper: the OCI runtime the wrapper runs, a name "
@@ -870,9 +863,6 @@ def parse_args(argv):
                              "(run seccomp-gen.py once for each)" % option)
     elif args.runtime is not None:
         parser.error("--runtime applies only with --docker-runtime-wrapper")
-    if UDP_METADATA in (args.listener_metadata or "").split():
-        parser.error("--listener-metadata must not hold %s: --udp adds it, with the traps "
-                     "that UDP switching needs" % UDP_METADATA)
     if args.base is None:
         args.base = "auto"
     return parser, args
@@ -911,8 +901,9 @@ def main(argv=None):
             warn("%s: crun honours it, runc before 1.5 refuses to start the container "
                  "('seccomp flags are not yet supported by runc'), and so does any runtime "
                  "that does not know the flag; use it with crun" % WAIT_KILLABLE_RECV)
-        profile = build_profile(base, load_notify_rules(args.udp), listener_path, architectures,
-                                args.listener_metadata, args.udp, args.wait_killable_recv)
+        # --udp changes nothing: the one profile switches UDP sockets too.
+        profile = build_profile(base, load_notify_rules(), listener_path, architectures,
+                                args.listener_metadata, args.wait_killable_recv)
         text = render(profile)
         if args.output:
             write_atomically(args.output, text)

@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import subprocess
+import time
 import textwrap
 import uuid
 
@@ -534,18 +535,99 @@ def test_host_loopback_is_never_reached(testbed, daemon, host_loopback_servers):
                 except OSError:
                     print("refused", host, kind)
         # A switched UDP socket asked to send to the loopback, also through
-        # an AF_UNSPEC sockaddr, which IPv4 UDP sends to all the same.
+        # an AF_UNSPEC sockaddr, which IPv4 UDP sends to all the same: no send
+        # is trapped, and the socket is pinned to the interface of its source
+        # address, so what it sends leaves through that interface.
         import ctypes, struct
         libc = ctypes.CDLL(None, use_errno=True)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         u.connect(("198.18.0.1", 9))
+        print("pinned", u.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\\0").decode())
         for family in (socket.AF_INET, socket.AF_UNSPEC):
             raw = struct.pack("=H", family) + struct.pack("!H4s8x", port, socket.inet_aton("127.0.0.1"))
             sent = libc.sendto(u.fileno(), b"x", 1, 0, raw, len(raw))
             print("sendto", family, sent, ctypes.get_errno())
     """, args=(port,))
     assert "REACHED" not in out and out.count("refused") == 10, out
-    assert out.count("sendto") == 2 and "sendto 2 1 " not in out and "sendto 0 1 " not in out, out
+    assert "pinned %s" % testbed.VETH_A in out and out.count("sendto") == 2, out
+    time.sleep(0.5)  # what was sent had time to arrive, had it been able to
+    assert reached() == []
+
+
+HOSTILE = """
+    import ctypes, errno, json, socket, struct, sys, time
+    host4, host6, port, loopback_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+
+    def name(e):
+        return errno.errorcode.get(e.errno, str(e)) if e.errno else "timeout"
+
+    def attempt(s, address):
+        s.settimeout(2)
+        try:
+            s.connect(address)
+            return "CONNECTED"
+        except OSError as e:
+            return name(e)
+
+    def disconnect(s):
+        raw = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)
+        return libc.connect(s.fileno(), raw, len(raw))
+
+    def pin(s):
+        device = s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\\0").decode()
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"")
+            return [device, "UNPINNED"]
+        except OSError as e:
+            return [device, name(e)]
+
+    # A bypassed TCP connection, disconnected with AF_UNSPEC and pointed at the loopback.
+    for family, peer, loopback in ((socket.AF_INET, host4, "127.0.0.1"), (socket.AF_INET6, host6, "::1"),
+                                   (socket.AF_INET6, "::ffff:" + host4, "::ffff:127.0.0.1")):
+        s = socket.socket(family)
+        s.connect((peer, port))
+        out["tcp " + loopback] = [s.getsockname()[0]] + pin(s) + [disconnect(s), attempt(s, (loopback, loopback_port))]
+    # A non-blocking connect that fails once under way (nobody answers ARP for
+    # that address), retried at the loopback.
+    s = socket.socket()
+    s.setblocking(False)
+    first = s.connect_ex((host4[:-1] + "77", port))
+    time.sleep(4)
+    out["failed"] = [errno.errorcode.get(first, first), errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), 0),
+                     s.getsockname()[0], attempt(s, ("127.0.0.1", loopback_port))]
+    # A switched UDP socket: sends to the loopback, then a connect there.
+    for family, peer, loopback in ((socket.AF_INET, host4, "127.0.0.1"), (socket.AF_INET6, host6, "::1")):
+        u = socket.socket(family, socket.SOCK_DGRAM)
+        u.connect((peer, 9))
+        try:
+            sent = u.sendto(b"x", (loopback, loopback_port))
+        except OSError as e:
+            sent = name(e)
+        out["udp " + loopback] = [u.getsockname()[0]] + pin(u) + [sent, attempt(u, (loopback, loopback_port))]
+    print(json.dumps(out))
+"""
+
+
+def test_hostile_sequences_never_reach_the_hosts_loopback(testbed, daemon, http, host_loopback_servers):
+    """What a container may try with the host sockets it holds, default flags: the daemon refuses
+    every trapped call that points one at the loopback, and each client host socket is pinned to
+    its interface (the container cannot unpin it), so what no trap sees cannot get there either."""
+    loopback_port, reached = host_loopback_servers
+    port, _body = http("::")
+    out = json.loads(container_python(testbed, daemon, HOSTILE, args=(testbed.HOST_IP4, testbed.HOST_IP6, port,
+                                                                      loopback_port)))
+    for loopback, switched in (("127.0.0.1", testbed.HOST_IP4), ("::1", testbed.HOST_IP6),
+                               ("::ffff:127.0.0.1", "::ffff:" + testbed.HOST_IP4)):
+        assert out["tcp " + loopback] == [switched, testbed.VETH_A, "EPERM", 0, "ENETUNREACH"], out
+    first, later, switched, retried = out["failed"]
+    assert (first, later, switched) == ("EINPROGRESS", "EHOSTUNREACH", testbed.HOST_IP4), out
+    assert retried == "ENETUNREACH", out
+    for loopback, switched in (("127.0.0.1", testbed.HOST_IP4), ("::1", testbed.HOST_IP6)):
+        got = out["udp " + loopback]
+        assert got[:3] == [switched, testbed.VETH_A, "EPERM"] and got[4] == "ENETUNREACH", out
+    time.sleep(0.5)
     assert reached() == []
 
 
@@ -672,18 +754,18 @@ SENDS = """
 """
 
 
-def test_default_profile_switches_tcp_and_traps_no_plain_send(testbed, tcp_daemon, http):
+def test_default_profile_switches_tcp_and_udp_and_traps_no_plain_send(testbed, tcp_daemon, http):
     port, _body = http(testbed.HOST_IP4)
     gone_before = tcp_daemon.log().count(": gone (")
     out = json.loads(container_python(testbed, tcp_daemon, SENDS, args=(testbed.HOST_IP4, port, 1000)))
     assert out["tcp"] == testbed.HOST_IP4, "the TCP connection was not bypassed"
-    assert out["udp"] == SLIRP_ADDRESS, "a UDP socket was switched without the --udp profile's send traps"
-    assert ("198.18.0.1:9", "container (UDP: the profile was not made with --udp)") in tcp_daemon.decisions()
+    assert out["udp"] == testbed.HOST_IP4, "the connected UDP socket was not switched"
+    assert ("198.18.0.1:9", "bypassed") in tcp_daemon.decisions()
     counters = gone_counters(tcp_daemon, gone_before)
     # 4000 sends on unix, TCP and UDP sockets: none reached the daemon.  What
     # did: the two connects, and what the runtime and python3 do at start.
     assert counters["notifications"] < 50, counters
-    assert counters["emulated_sends"] == 0 and counters["bypassed"] == 1, counters
+    assert counters["bypassed"] == 2, counters
 
 
 DISCONNECTED = """

@@ -160,11 +160,18 @@ def test_sd_notify_sends_to_the_socket_systemd_names(tmp_path, monkeypatch, abst
     b4ns.sd_notify("READY=1")  # outside systemd: nothing, no error
 
 
-def test_holds_host_socket_tells_what_an_fd_of_a_thread_is(pipes):
-    """What the keeper and the daemon ask of a call a dead process left: is a host socket in
-    place at its fd (EINTR), or not (CONTINUE)?  Asked here of this process's own fds."""
-    with socket.socket() as sock:
-        assert b4ns.holds_host_socket(os.getpid(), sock.fileno())
-    read_end = pipes(1)[0]
-    assert not b4ns.holds_host_socket(os.getpid(), read_end)
-    assert not b4ns.holds_host_socket(os.getpid(), 1 << 20)  # no such fd
+def test_a_dead_workers_calls_are_each_left_once_for_an_eintr():
+    """What the keeper and the daemon answer for a dead worker: the call it was handling, the
+    ones waiting in its loop or with its helpers (each EINTR, never CONTINUE), and a call RECV
+    had written into its row before it began on it; the row is free afterwards."""
+    table = b4ns.InflightTable(2)
+    inflight = table.writer(1)
+    inflight.begin(7, 1001)
+    slot = inflight.add_pending(7, 1002)
+    helper_slot = inflight.add_pending(8, 1003)
+    inflight.end_pending(slot)              # answered
+    inflight.cells[b4ns.InflightTable.RECEIVING] = 9
+    inflight.notif_view[:8] = (1004).to_bytes(8, "little")  # what RECV wrote: the id comes first
+    assert helper_slot and table.orphans(0) == []
+    assert sorted(table.orphans(1)) == [(7, 1001), (8, 1003), (9, 1004)]
+    assert table.orphans(1) == []

@@ -22,7 +22,9 @@ MSG_FASTOPEN = 0x20000000
 # Where each send keeps its flags; the default profile traps only the sends
 # with MSG_FASTOPEN there.
 FLAGS_ARG = {"sendto": 3, "sendmsg": 2, "sendmmsg": 3}
+# Accepted, and changes nothing: the one profile switches UDP sockets too.
 UDP = ["--udp"]
+UDP_TOKEN = "bypass4netns:udp"  # earlier --udp profiles' listenerMetadata token
 
 spec = importlib.util.spec_from_file_location("seccomp_gen", SCRIPT)
 gen = importlib.util.module_from_spec(spec)
@@ -138,32 +140,35 @@ def sample_calls(profile):
                 yield name, tuple(call_args)
 
 
-def trapped_by(name, call_args, udp):
-    """Whether the default (udp: the --udp) profile traps a call, as README says."""
+def trapped_by(name, call_args):
+    """Whether the profile traps a call, as README says."""
     if name not in FLAGS_ARG:
         return name in TRAPPED
-    if udp:  # every send that can carry a destination
-        return name != "sendto" or call_args[4] != 0
     return bool(call_args[FLAGS_ARG[name]] & MSG_FASTOPEN)  # TCP Fast Open sends only
 
 
 # -- one source of truth ----------------------------------------------------
 
-@pytest.mark.parametrize("udp", [False, True])
-def test_embedded_rules_match_the_daemon(udp):
-    attribute, embedded = gen.NOTIFY_RULES[udp]
-    assert getattr(load_daemon(), attribute) == embedded
+def test_embedded_rules_match_the_daemon():
+    assert load_daemon().SECCOMP_NOTIFY_RULES == gen.EMBEDDED_NOTIFY_RULES
 
 
-def test_udp_token_matches_the_daemon():
-    assert load_daemon().UDP_METADATA == gen.UDP_METADATA
+def test_the_daemon_has_one_profile_and_no_udp_token():
+    """Why --udp changes nothing and the token is dropped: the daemon has
+    neither a second set of rules nor the token any more."""
+    daemon = load_daemon()
+    assert not hasattr(daemon, "SECCOMP_NOTIFY_RULES_UDP") and not hasattr(daemon, "UDP_METADATA")
+    assert not hasattr(gen, "EMBEDDED_NOTIFY_RULES_UDP") and not hasattr(gen, "NOTIFY_RULES")
+    assert gen.OLD_UDP_METADATA == UDP_TOKEN
 
 
-@pytest.mark.parametrize("udp", [False, True])
-def test_embedded_rules_are_valid(udp):
-    rules = gen.NOTIFY_RULES[udp][1]
+def test_embedded_rules_are_valid():
+    rules = gen.EMBEDDED_NOTIFY_RULES
     gen.validate_notify_rules(rules)
     assert {name for name, _ in rules} == TRAPPED
+    # No send is trapped but a TCP Fast Open one.
+    assert {name: filters for name, filters in rules if filters} == {
+        name: (masked(MSG_FASTOPEN, MSG_FASTOPEN, index=index),) for name, index in FLAGS_ARG.items()}
 
 
 def masked(mask, datum, index=2):
@@ -229,18 +234,23 @@ def copy_beside(tmp_path, daemon_source):
 
 
 @pytest.mark.parametrize("options", [[], UDP])
-def test_rules_come_from_bypass4netns_beside_the_script(tmp_path, options):
-    argv0 = copy_beside(tmp_path, 'SECCOMP_NOTIFY_RULES = (("connect", ()),)\n'
-                                  'SECCOMP_NOTIFY_RULES_UDP = (("bind", ()),)\n')
-    profile = generate(["--base", "none"] + options, argv0=argv0)
-    assert [r["names"] for r in profile["syscalls"]] == [["bind" if options else "connect"], gen.IO_URING]
+@pytest.mark.parametrize("source", [
+    'SECCOMP_NOTIFY_RULES = (("connect", ()),)\n',
+    # A bypass4netns.py of the two profiles: its --udp rules are never read.
+    'SECCOMP_NOTIFY_RULES = (("connect", ()),)\nSECCOMP_NOTIFY_RULES_UDP = (("bind", ()),)\n',
+])
+def test_rules_come_from_bypass4netns_beside_the_script(tmp_path, source, options):
+    res = run(["--base", "none"] + options, argv0=copy_beside(tmp_path, source))
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert [r["names"] for r in json.loads(res.stdout)["syscalls"]] == [["connect"], gen.IO_URING]
     assert not (tmp_path / "__pycache__").exists()
 
 
 @pytest.mark.parametrize("options", [[], UDP])
 @pytest.mark.parametrize("source", [
     "raise RuntimeError('half written')\n",
-    "SECCOMP_NOTIFY_RULES = SECCOMP_NOTIFY_RULES_UDP = 'connect'\n",
+    "SECCOMP_NOTIFY_RULES = 'connect'\n",
+    "SECCOMP_NOTIFY_RULES_UDP = (('bind', ()),)\n",  # no SECCOMP_NOTIFY_RULES at all
     "import no_such_module_here\n",
     "def broken(:\n",
 ])
@@ -248,18 +258,7 @@ def test_a_broken_daemon_falls_back_to_the_embedded_copy(tmp_path, source, optio
     res = run(["--base", "none"] + options, argv0=copy_beside(tmp_path, source))
     assert res.returncode == 0, res.stderr
     assert "warning" in res.stderr and "embedded" in res.stderr
-    assert json.loads(res.stdout) == generate(["--base", "none"] + options)
-
-
-def test_a_daemon_without_udp_rules_falls_back_for_udp_only(tmp_path):
-    """A bypass4netns.py from before --udp: its rules serve the default profile."""
-    argv0 = copy_beside(tmp_path, 'SECCOMP_NOTIFY_RULES = (("connect", ()),)\n')
-    res = run(["--base", "none", "--udp"], argv0=argv0)
-    assert res.returncode == 0, res.stderr
-    assert "SECCOMP_NOTIFY_RULES_UDP" in res.stderr and "embedded" in res.stderr
-    assert json.loads(res.stdout) == generate(["--base", "none", "--udp"])
-    assert [r["names"] for r in generate(["--base", "none"], argv0=argv0)["syscalls"]] == [
-        ["connect"], gen.IO_URING]
+    assert res.stdout == run(["--base", "none"]).stdout
 
 
 @pytest.mark.parametrize("options", [[], UDP])
@@ -306,9 +305,15 @@ def notify(names, args=None):
         notify(["sendto", "sendmmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3)]),
         notify(["sendmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=2)]),
     ]),
-    (UDP, "bypass4netns:udp", [
-        notify(["connect", "bind", "listen", "sendmsg", "sendmmsg", "socketcall"]),
-        notify(["sendto"], [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}]),
+    (UDP, None, [  # the same profile
+        notify(["connect", "bind", "listen", "socketcall"]),
+        notify(["sendto", "sendmmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3)]),
+        notify(["sendmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=2)]),
+    ]),
+    (["--listener-metadata", "name=web"], "name=web", [
+        notify(["connect", "bind", "listen", "socketcall"]),
+        notify(["sendto", "sendmmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3)]),
+        notify(["sendmsg"], [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=2)]),
     ]),
 ])
 def test_allow_all_profile(options, metadata, syscalls):
@@ -325,37 +330,35 @@ def test_allow_all_profile(options, metadata, syscalls):
 DESTINATION = 0x7fff0000  # a sockaddr pointer
 MSG_DONTWAIT_NOSIGNAL = 0x4040
 
-# (syscall, its arguments, trapped by the default profile, by the --udp one)
+# (syscall, its arguments, trapped by the profile)
 CALLS = [
-    ("connect", (3, DESTINATION, 16, 0, 0, 0), True, True),
-    ("bind", (3, DESTINATION, 16, 0, 0, 0), True, True),
-    ("listen", (3, 128, 0, 0, 0, 0), True, True),
-    ("socketcall", (3, DESTINATION, 0, 0, 0, 0), True, True),
-    ("sendto", (3, 0, 0, 0, 0, 0), False, False),
-    ("sendto", (3, 0, 0, MSG_DONTWAIT_NOSIGNAL, 0, 0), False, False),
-    ("sendto", (3, 0, 0, 0, DESTINATION, 16), False, True),
-    ("sendto", (3, 0, 0, MSG_FASTOPEN, 0, 0), True, False),  # fails in the kernel: no address
-    ("sendto", (3, 0, 0, MSG_FASTOPEN | MSG_DONTWAIT_NOSIGNAL, DESTINATION, 16), True, True),
-    ("sendto", (3, 0, MSG_FASTOPEN, 0, 0, 0), False, False),  # a length, not the flags
-    ("sendmsg", (3, 0, 0, 0, 0, 0), False, True),
-    ("sendmsg", (3, 0, MSG_DONTWAIT_NOSIGNAL, 0, 0, 0), False, True),
-    ("sendmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), True, True),
-    ("sendmsg", (3, 0, 0xFFFFFFFF, 0, 0, 0), True, True),
-    ("sendmsg", (3, 0, 0, MSG_FASTOPEN, 0, 0), False, True),
-    ("sendmmsg", (3, 0, 1, 0, 0, 0), False, True),
-    ("sendmmsg", (3, 0, 1, MSG_FASTOPEN, 0, 0), True, True),
-    ("sendmmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), False, True),  # vlen, not the flags
-    ("recvmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), False, False),
-    ("close", (3, 0, 0, 0, 0, 0), False, False),
+    ("connect", (3, DESTINATION, 16, 0, 0, 0), True),  # UDP sockets' too: switched at connect
+    ("bind", (3, DESTINATION, 16, 0, 0, 0), True),
+    ("listen", (3, 128, 0, 0, 0, 0), True),
+    ("socketcall", (3, DESTINATION, 0, 0, 0, 0), True),
+    ("sendto", (3, 0, 0, 0, 0, 0), False),
+    ("sendto", (3, 0, 0, MSG_DONTWAIT_NOSIGNAL, 0, 0), False),
+    ("sendto", (3, 0, 0, 0, DESTINATION, 16), False),  # an unconnected UDP send: not trapped
+    ("sendto", (3, 0, 0, MSG_FASTOPEN, 0, 0), True),  # fails in the kernel: no address
+    ("sendto", (3, 0, 0, MSG_FASTOPEN | MSG_DONTWAIT_NOSIGNAL, DESTINATION, 16), True),
+    ("sendto", (3, 0, MSG_FASTOPEN, 0, 0, 0), False),  # a length, not the flags
+    ("sendmsg", (3, 0, 0, 0, 0, 0), False),
+    ("sendmsg", (3, 0, MSG_DONTWAIT_NOSIGNAL, 0, 0, 0), False),
+    ("sendmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), True),
+    ("sendmsg", (3, 0, 0xFFFFFFFF, 0, 0, 0), True),
+    ("sendmsg", (3, 0, 0, MSG_FASTOPEN, 0, 0), False),
+    ("sendmmsg", (3, 0, 1, 0, 0, 0), False),
+    ("sendmmsg", (3, 0, 1, MSG_FASTOPEN, 0, 0), True),
+    ("sendmmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), False),  # vlen, not the flags
+    ("recvmsg", (3, 0, MSG_FASTOPEN, 0, 0, 0), False),
+    ("close", (3, 0, 0, 0, 0, 0), False),
 ]
 
 
-@pytest.mark.parametrize("udp", [False, True])
-@pytest.mark.parametrize("name, call_args, by_default, by_udp", CALLS)
-def test_every_trapped_call_is_notified_and_others_allowed(tmp_path, name, call_args, by_default, by_udp, udp):
-    trapped = by_udp if udp else by_default
-    assert trapped_by(name, call_args, udp) == trapped  # the model the merge tests use
-    options = UDP if udp else []
+@pytest.mark.parametrize("options", [[], UDP])
+@pytest.mark.parametrize("name, call_args, trapped", CALLS)
+def test_every_trapped_call_is_notified_and_others_allowed(tmp_path, name, call_args, trapped, options):
+    assert trapped_by(name, call_args) == trapped  # the model the merge tests use
     deny_by_default = write_json(tmp_path / "base.json", with_rule(
         {"names": ["socketcall", "recvmsg", "close"], "action": "SCMP_ACT_ALLOW"}))
     for base in ("none", deny_by_default):
@@ -419,32 +422,31 @@ def test_too_long_listener_path_is_refused():
     (None, [], None),
     (None, ["--listener-metadata", "name=web"], "name=web"),
     (None, ["--listener-metadata", "a  b"], "a  b"),  # the user's string, as given
-    (None, UDP, "bypass4netns:udp"),
-    (None, UDP + ["--listener-metadata", "a b"], "a b bypass4netns:udp"),
+    (None, UDP, None),  # --udp adds no token any more
+    (None, UDP + ["--listener-metadata", "a b"], "a b"),
     ("kept", [], "kept"),
-    ("kept", UDP, "kept bypass4netns:udp"),
+    ("kept", UDP, "kept"),
     ("kept", ["--listener-metadata", "new"], "new"),
-    # The token is the profile's to set: a base made with --udp does not pass it on.
+    ("kept", ["--listener-metadata", ""], None),
+    # The token of earlier --udp profiles means nothing now: dropped from a
+    # base made with --udp and from --listener-metadata, without an error.
     ("x bypass4netns:udp y", [], "x y"),
-    ("x bypass4netns:udp y", UDP, "x y bypass4netns:udp"),
+    ("x bypass4netns:udp y", UDP, "x y"),
     ("bypass4netns:udp", [], None),
+    ("bypass4netns:udp", UDP, None),
     ("bypass4netns:udp", ["--listener-metadata", "z"], "z"),
+    (None, ["--listener-metadata", "bypass4netns:udp"], None),
+    (None, ["--listener-metadata", "name=web bypass4netns:udp"] + UDP, "name=web"),
+    ("kept", ["--listener-metadata", "bypass4netns:udp"], None),  # replaced by nothing, as by ""
+    ("bypass4netns:udp", ["--listener-metadata", "bypass4netns:udp  a"], "a"),
 ])
 def test_listener_metadata(tmp_path, base_metadata, options, expected):
     base = podman_like() if base_metadata is None else podman_like(listenerMetadata=base_metadata)
-    profile = generate(["--base", write_json(tmp_path / "base.json", base)] + options)
+    res = run(["--base", write_json(tmp_path / "base.json", base)] + options)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    profile = json.loads(res.stdout)
     assert profile.get("listenerMetadata") == expected
     assert list(profile)[-2:] == (["listenerMetadata"] if expected else ["listenerPath"]) + ["syscalls"]
-
-
-@pytest.mark.parametrize("options", [
-    ["--base", "none", "--listener-metadata", "bypass4netns:udp"],
-    ["--base", "none", "--listener-metadata", "name=web bypass4netns:udp", "--udp"],
-    ["--docker-runtime-wrapper", "/nonexistent/w", "--listener-metadata", "bypass4netns:udp"],
-])
-def test_udp_token_in_listener_metadata_is_refused(options):
-    """Without --udp it would have the daemon switch UDP sockets whose sends nothing traps."""
-    assert_one_line_error(run(options), "--listener-metadata", "bypass4netns:udp", "--udp")
 
 
 def test_wait_killable_recv_flag_and_its_warning():
@@ -462,6 +464,33 @@ def test_help_explains_every_option():
                    "MSG_FASTOPEN", "--arch", "--wait-killable-recv", "--output", "auto", "none", "podman",
                    "docker", "runc", "crun"):
         assert option in res.stdout
+    udp_help = " ".join(res.stdout.split("--udp  ", 1)[1].split("--listener-metadata", 1)[0].split())
+    assert "changes nothing" in udp_help and "switched by the default profile" in udp_help
+    assert "kept for scripts that pass it" in udp_help
+
+
+# Option sets under which --udp must change nothing, byte for byte ("BASE":
+# the podman-like base).
+WITH_OR_WITHOUT_UDP = [
+    ["--base", "none"],
+    ["--base", "none", "--arch", "aarch64", "--listener-metadata", "name=web"],
+    ["--base", "BASE"],
+    ["--base", "BASE", "--wait-killable-recv", "--listener-path", "/run/b4ns/b.sock"],
+] + ([["--base", "podman"]] if PODMAN_DEFAULT.exists() else [])
+
+
+@pytest.mark.parametrize("options", WITH_OR_WITHOUT_UDP)
+def test_udp_option_changes_nothing(tmp_path, options):
+    options = [write_json(tmp_path / "b.json", PODMAN_LIKE) if o == "BASE" else o for o in options]
+    without = run(options)
+    assert without.returncode == 0, without.stderr
+    for udp_options in (options + UDP, UDP + options):
+        with_udp = run(udp_options)
+        assert (with_udp.returncode, with_udp.stdout, with_udp.stderr) == (0, without.stdout, without.stderr)
+    assert UDP_TOKEN not in without.stdout
+    out = tmp_path / "udp.json"
+    assert run(options + UDP + ["-o", str(out)]).returncode == 0
+    assert out.read_text() == without.stdout
 
 
 def test_unknown_option_is_one_line_error():
@@ -482,8 +511,7 @@ UNTRAPPED_SENDS = [  # the default profile's untrapped rules, as they follow its
 
 @pytest.mark.parametrize("options, notify_rules, untrapped", [
     ([], 3, UNTRAPPED_SENDS),
-    (UDP, 2, [{"names": ["sendto"], "action": "SCMP_ACT_ALLOW",
-               "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}], "comment": gen.UNTRAPPED_COMMENT}]),
+    (UDP, 3, UNTRAPPED_SENDS),
 ])
 def test_merge_keeps_the_base_and_traps_first(tmp_path, options, notify_rules, untrapped):
     base = write_json(tmp_path / "base.json", PODMAN_LIKE)
@@ -506,31 +534,28 @@ def test_merge_keeps_the_base_and_traps_first(tmp_path, options, notify_rules, u
                     for r in PODMAN_LIKE["syscalls"][:-1]]
 
 
-def assert_answers_as_the_base(base, profile, udp, caps_sets):
+def assert_answers_as_the_base(base, profile, caps_sets):
     """profile traps what the model says (socketcall only where base allows
     it) and answers every other call as base does."""
     for caps in caps_sets:
         for name, call_args in sample_calls(base):
-            trapped = trapped_by(name, call_args, udp) and (
+            trapped = trapped_by(name, call_args) and (
                 name not in gen.TRAPPED_ONLY_IF_ALLOWED or verdict(base, name) in gen.ALLOWING_ACTIONS)
             expected = "SCMP_ACT_NOTIFY" if trapped else verdict(base, name, call_args, caps)
             assert verdict(profile, name, call_args, caps) == expected, (name, call_args, caps)
 
 
-@pytest.mark.parametrize("udp", [False, True])
-def test_merge_answers_every_other_call_as_the_base_did(tmp_path, udp):
+def test_merge_answers_every_other_call_as_the_base_did(tmp_path):
     base = write_json(tmp_path / "base.json", PODMAN_LIKE)
-    profile = generate(["--base", base] + (UDP if udp else []))
-    assert_answers_as_the_base(PODMAN_LIKE, profile, udp, ((), ("CAP_SYS_ADMIN",)))
+    profile = generate(["--base", base])
+    assert_answers_as_the_base(PODMAN_LIKE, profile, ((), ("CAP_SYS_ADMIN",)))
 
 
 @pytest.mark.skipif(not PODMAN_DEFAULT.exists(), reason="podman's default profile is not installed")
-@pytest.mark.parametrize("udp", [False, True])
-def test_merge_into_podmans_default_answers_every_other_call_as_it_did(udp):
+def test_merge_into_podmans_default_answers_every_other_call_as_it_did():
     base = json.loads(PODMAN_DEFAULT.read_text())
-    profile = generate(["--base", str(PODMAN_DEFAULT)] + (UDP if udp else []))
-    assert_answers_as_the_base(base, profile, udp,
-                               ((), ("CAP_SYS_ADMIN", "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE")))
+    profile = generate(["--base", str(PODMAN_DEFAULT)])
+    assert_answers_as_the_base(base, profile, ((), ("CAP_SYS_ADMIN", "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE")))
 
 
 @pytest.mark.parametrize("default, sends, untrapped", [
@@ -553,17 +578,17 @@ def test_untrapped_sends_keep_the_bases_action(tmp_path, default, sends, untrapp
     assert profile["syscalls"][3:-2] == expected
     assert [r["action"] for r in profile["syscalls"][-2:]] == ["SCMP_ACT_ERRNO", "SCMP_ACT_ERRNO"]
     assert "architectures" not in profile  # the base's choice (none: native only) is kept
-    assert_answers_as_the_base(base, profile, False, ((),))
+    assert_answers_as_the_base(base, profile, ((),))
     assert generate(["--base", write_json(tmp_path / "again.json", profile)]) == profile
 
 
-@pytest.mark.parametrize("options", [[], UDP])
+@pytest.mark.parametrize("options", [[], ["--listener-metadata", "m"]])
 def test_log_allowed_syscalls_stay_logged(tmp_path, options):
     base = {"defaultAction": "SCMP_ACT_ERRNO",
             "syscalls": [{"names": ["connect", "bind", "listen", "sendmsg", "sendmmsg", "sendto"],
                           "action": "SCMP_ACT_LOG"}]}
     profile = generate(["--base", write_json(tmp_path / "base.json", base)] + options)
-    assert_answers_as_the_base(base, profile, bool(options), ((),))
+    assert_answers_as_the_base(base, profile, ((),))
     assert {r["action"] for r in profile["syscalls"] if r.get("comment") == gen.UNTRAPPED_COMMENT} == {
         "SCMP_ACT_LOG"}
     again = write_json(tmp_path / "again.json", profile)
@@ -595,7 +620,6 @@ def test_base_flags_are_kept_and_extended(tmp_path):
     [],
     ["--wait-killable-recv", "--listener-metadata", "m"],
     ["--arch", "x86_64"],
-    UDP,
     UDP + ["--listener-metadata", "m"],
 ])
 def test_merging_again_gives_the_same_file(tmp_path, options):
@@ -606,40 +630,67 @@ def test_merging_again_gives_the_same_file(tmp_path, options):
 
 
 @pytest.mark.skipif(not PODMAN_DEFAULT.exists(), reason="podman's default profile is not installed")
-@pytest.mark.parametrize("options", [[], UDP])
-def test_merging_podmans_default_again_gives_the_same_file(tmp_path, options):
+def test_merging_podmans_default_again_gives_the_same_file(tmp_path):
     first = tmp_path / "first.json"
-    assert run(["--base", "podman", "-o", str(first)] + options).returncode == 0
+    assert run(["--base", "podman", "-o", str(first)]).returncode == 0
     second = tmp_path / "second.json"
-    assert run(["--base", str(first), "-o", str(second)] + options).returncode == 0
+    assert run(["--base", str(first), "-o", str(second)]).returncode == 0
     assert first.read_bytes() == second.read_bytes()
 
 
-@pytest.mark.parametrize("options", [[], UDP])
-def test_allow_all_profile_merged_again_is_the_same(tmp_path, options):
-    first = run(["--base", "none"] + options).stdout
-    assert run(["--base", write_json(tmp_path / "p.json", json.loads(first))] + options).stdout == first
+def test_allow_all_profile_merged_again_is_the_same(tmp_path):
+    first = run(["--base", "none"]).stdout
+    assert run(["--base", write_json(tmp_path / "p.json", json.loads(first))]).stdout == first
 
 
-# Bases for switching between the profiles: podman-like, allow-all, and
+# Bases of the merges of earlier versions: podman-like, allow-all, and
 # podman's own when installed.
-SWITCH_BASES = ["podman-like", "none"] + (["podman"] if PODMAN_DEFAULT.exists() else [])
+OLD_MERGE_BASES = ["podman-like", "none"] + (["podman"] if PODMAN_DEFAULT.exists() else [])
+# The rules of the --udp profile of earlier versions: every send that can
+# carry a destination.
+OLD_UDP_RULES = ('SECCOMP_NOTIFY_RULES = (("connect", ()), ("bind", ()), ("listen", ()), '
+                 '("sendto", ({"index": 4, "value": 0, "op": "SCMP_CMP_NE"},)), '
+                 '("sendmsg", ()), ("sendmmsg", ()), ("socketcall", ()))\n')
 
 
-@pytest.mark.parametrize("base", SWITCH_BASES)
-@pytest.mark.parametrize("first, then", [
-    ([], UDP),
-    (UDP, []),
-    (UDP + ["--listener-metadata", "m"], ["--listener-metadata", "m"]),
-    (["--listener-metadata", "m"], UDP + ["--listener-metadata", "m"]),
+@pytest.mark.parametrize("base", OLD_MERGE_BASES)
+@pytest.mark.parametrize("old_metadata, then", [
+    (None, []),
+    (None, UDP),
+    ("m", []),
+    ("m", ["--listener-metadata", "m"]),
+    ("m", UDP + ["--listener-metadata", "other"]),
 ])
-def test_merging_the_other_profile_replaces_it(tmp_path, base, first, then):
-    """A profile made with (or without) --udp, merged without (or with) it,
-    is the base merged directly: no rule or token of the first is left."""
+def test_merge_made_with_udp_by_an_earlier_version_is_replaced(tmp_path, base, old_metadata, then):
+    """A profile an earlier seccomp-gen.py --udp made (every sendmsg trapped,
+    the token in listenerMetadata), merged, is the base merged directly: no
+    rule or token of it is left."""
     if base == "podman-like":
         base = write_json(tmp_path / "base.json", PODMAN_LIKE)
-    made = write_json(tmp_path / "first.json", generate(["--base", base] + first))
-    assert run(["--base", made] + then).stdout == run(["--base", base] + then).stdout
+    old = generate(["--base", base] + (["--listener-metadata", old_metadata] if old_metadata else []),
+                   argv0=copy_beside(tmp_path, OLD_UDP_RULES))
+    old["listenerMetadata"] = " ".join(([old_metadata] if old_metadata else []) + [UDP_TOKEN])
+    old = with_settings_first(old)
+    # It is that profile: sendmsg trapped whatever its flags, marked as ours.
+    assert any({"sendmsg", "sendmmsg"} <= set(r["names"]) and not r.get("args")
+               and r["action"] == "SCMP_ACT_NOTIFY" and r["comment"] == gen.NOTIFY_COMMENT
+               for r in old["syscalls"])
+    made = write_json(tmp_path / "old.json", old)
+    res = run(["--base", made] + then)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert UDP_TOKEN not in res.stdout
+    # Its own listenerMetadata is kept (less the token) unless replaced.
+    expected = (then[then.index("--listener-metadata") + 1] if "--listener-metadata" in then
+                else old_metadata)
+    assert json.loads(res.stdout).get("listenerMetadata") == expected
+    kept = ["--listener-metadata", old_metadata] if old_metadata and "--listener-metadata" not in then else []
+    assert res.stdout == run(["--base", base] + then + kept).stdout
+
+
+def with_settings_first(profile):
+    """profile with its listenerMetadata just before syscalls, where this program writes it."""
+    syscalls = profile.pop("syscalls")
+    return dict(profile, syscalls=syscalls)
 
 
 def test_merge_made_by_the_previous_version_is_upgraded(tmp_path):
@@ -880,12 +931,12 @@ def wrapper_module(metadata):
 @pytest.mark.parametrize("options, metadata, expected", [
     ([], None, None),
     ([], "name=web", "name=web"),
-    (UDP, None, "bypass4netns:udp"),
-    (UDP, "name=web", "name=web bypass4netns:udp"),
+    (UDP, None, None),
+    (UDP, "name=web", "name=web"),
 ])
-def test_runtime_wrapper_gives_a_udp_profile_its_token(tmp_path, base, options, metadata, expected):
+def test_runtime_wrapper_puts_back_the_profiles_metadata(tmp_path, base, options, metadata, expected):
     """Docker drops listenerMetadata: the wrapper, written once, puts back
-    what the profile had, whichever of the two profiles a container uses."""
+    what the profile had, and never the token of earlier --udp profiles."""
     if base == "podman-like":
         base = write_json(tmp_path / "base.json", PODMAN_LIKE)
     profile = generate(["--base", base] + options + (["--listener-metadata", metadata] if metadata else []))
@@ -899,20 +950,46 @@ def test_runtime_wrapper_gives_a_udp_profile_its_token(tmp_path, base, options, 
     assert patched == dict(seccomp, listenerPath=LISTENER, **({"listenerMetadata": expected} if expected else {}))
 
 
-@pytest.mark.parametrize("rule, udp", [
-    ({"names": ["sendmsg"], "action": "SCMP_ACT_NOTIFY"}, True),
-    ({"names": ["connect", "sendmsg"], "action": "SCMP_ACT_NOTIFY", "args": []}, True),  # Docker's form
-    ({"names": ["sendmsg"], "action": "SCMP_ACT_NOTIFY", "args": [masked(MSG_FASTOPEN, MSG_FASTOPEN)]}, False),
-    ({"names": ["sendmsg"], "action": "SCMP_ACT_ALLOW"}, False),
-    ({"names": ["connect", "sendmmsg"], "action": "SCMP_ACT_NOTIFY"}, False),
+@pytest.mark.parametrize("metadata", [None, "name=web"])
+@pytest.mark.parametrize("rule", [
+    {"names": ["sendmsg"], "action": "SCMP_ACT_NOTIFY"},  # an earlier --udp profile's
+    {"names": ["connect", "sendmsg"], "action": "SCMP_ACT_NOTIFY", "args": []},  # Docker's form
+    {"names": ["sendmsg"], "action": "SCMP_ACT_NOTIFY", "args": [masked(MSG_FASTOPEN, MSG_FASTOPEN)]},
+    {"names": ["sendmsg"], "action": "SCMP_ACT_ALLOW"},
 ])
-def test_runtime_wrapper_reads_udp_from_an_unfiltered_sendmsg_trap(tmp_path, rule, udp):
+def test_runtime_wrapper_adds_no_udp_token_whatever_the_rules(tmp_path, rule, metadata):
+    """The wrappers of earlier versions added the token when the rules
+    trapped every sendmsg; this one sets listenerMetadata to --listener-metadata only."""
     seccomp = {"defaultAction": "SCMP_ACT_ALLOW",
                "syscalls": [{"names": ["bind"], "action": "SCMP_ACT_NOTIFY"}, rule]}
     write_json(tmp_path / "config.json", {"linux": {"seccomp": seccomp}})
-    wrapper_module(None)["add_listener"](str(tmp_path))
+    wrapper_module(metadata)["add_listener"](str(tmp_path))
     patched = json.loads((tmp_path / "config.json").read_text())["linux"]["seccomp"]
-    assert patched.get("listenerMetadata") == ("bypass4netns:udp" if udp else None)
+    assert patched == dict(seccomp, listenerPath=LISTENER, **({"listenerMetadata": metadata} if metadata else {}))
+    assert UDP_TOKEN not in gen.wrapper_script("/usr/bin/true", LISTENER, metadata, "/w")
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ("bypass4netns:udp", None),
+    ("name=web bypass4netns:udp", "name=web"),
+    ("name=web", "name=web"),
+])
+def test_runtime_wrapper_drops_the_udp_token_from_listener_metadata(tmp_path, metadata, expected):
+    """--listener-metadata with the token is no error: the wrapper is written without it."""
+    path = tmp_path / "w"
+    res = run(["--docker-runtime-wrapper", str(path), "--runtime", "/bin/true", "--listener-metadata", metadata])
+    assert res.returncode == 0 and res.stdout == res.stderr == "", res.stderr
+    namespace = {"__name__": "bypass4netns_runtime_wrapper"}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    assert namespace["LISTENER_METADATA"] == expected
+    assert UDP_TOKEN not in path.read_text()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    seccomp = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["connect"], "action": "SCMP_ACT_NOTIFY"}]}
+    write_json(bundle / "config.json", {"linux": {"seccomp": seccomp}})
+    namespace["add_listener"](str(bundle))
+    patched = json.loads((bundle / "config.json").read_text())["linux"]["seccomp"]
+    assert patched.get("listenerMetadata") == expected
 
 
 def test_udp_applies_to_the_profile_not_the_wrapper(tmp_path):

@@ -212,7 +212,9 @@ result = [ra, rb]
     assert not t.daemon.server.switcher.pending
 
 
-def test_calls_on_what_is_not_an_ip_socket_run_untouched_and_cost_no_fd(target):
+def test_calls_on_what_is_not_an_ip_socket_get_the_kernels_answers_and_cost_no_fd(target):
+    """A unix socket's connect is made by the container's NamespaceHelper, which answers it; the
+    daemon keeps no fd of it."""
     import os
     t = target()
     # A first call: the daemon opens the thread's pidfd, which it keeps while the thread lives.
@@ -263,9 +265,10 @@ result.append(s.getsockopt(socket.SOL_SOCKET, 71, 8) == p.getsockopt(socket.SOL_
     assert counters(t)["errors"] == 0 and "Traceback" not in caplog.text
 
 
-def test_out_of_fds_leaves_the_call_to_the_container_with_one_log_line(target, host_listener, caplog):
-    """The daemon with no fd left cannot take the target's socket: the connect runs where it is
-    (here, the child's own loopback, where nothing listens), counted and logged once."""
+def test_out_of_fds_fails_the_call_with_one_log_line(target, host_listener, caplog):
+    """The daemon with no fd left cannot take the target's socket: the connect fails with
+    ENOBUFS (the kernel must not run it as made: it would look the fd number up again),
+    counted and logged once."""
     t = target(published(host_listener))
     connect = """
 s = socket.socket()
@@ -286,7 +289,7 @@ result = s.connect_ex(("127.0.0.1", %d))
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert results == [errno.ECONNREFUSED] * 3
+    assert results == [errno.ENOBUFS] * 3
     assert counters(t)["out_of_fds"] == 3 and counters(t)["errors"] == 0 and counters(t)["bypassed"] == 0
     assert caplog.text.count("the daemon is out of file descriptors") == 1, caplog.text
     # With fds again, the same connect is switched to the published port's host side.
@@ -380,9 +383,10 @@ def test_a_notification_taken_by_a_worker_killed_as_recv_returns_is_answered(tar
     t = target()
     daemon = t.daemon
     (notify_fd, seccomp_filter), = daemon.server.filters.items()
+    # libc's connect: Python's own waits for a connect interrupted by EINTR to go on.
     t.channel.sendall(b"s = socket.socket()\n"
-                      b"try:\n    s.connect(('127.0.0.1', 9)); result = 0\n"
-                      b"except OSError as e:\n    result = e.errno\n")
+                      b"raw = struct.pack('=H', socket.AF_INET) + struct.pack('!H4s8x', 9, bytes([127, 0, 0, 1]))\n"
+                      b"result = ctypes.get_errno() if libc.connect(s.fileno(), raw, len(raw)) else 0\n")
     select.select([notify_fd], [], [], 10)  # the child waits in its trapped connect
     worker = os.fork()
     if worker == 0:  # takes the notification, and dies before a Python line more
@@ -391,6 +395,7 @@ def test_a_notification_taken_by_a_worker_killed_as_recv_returns_is_answered(tar
         finally:
             os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(worker, 0)
-    assert b4ns.answer_orphans(daemon.inflight, 0, {seccomp_filter.key: notify_fd}, strict=False) == 1
+    assert b4ns.answer_orphans(daemon.inflight, 0, {seccomp_filter.key: notify_fd}) == 1
     assert select.select([t.channel], [], [], 10)[0], "the child's connect was never answered"
-    assert json.loads(t.channel.recv(1 << 16)) == {"result": errno.ECONNREFUSED}  # run where it was made
+    # As if a signal had interrupted it: never run as made (CONTINUE).
+    assert json.loads(t.channel.recv(1 << 16)) == {"result": errno.EINTR}
