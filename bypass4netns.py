@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import resource
 import select
 import signal
@@ -709,6 +710,24 @@ def parse_proc_route(text):
     return nets
 
 
+def auto_ignored(subnets, addresses, is_host_address):
+    """`--ignore auto`: the networks that stay in a container, from its on-link `subnets` and its
+    own `addresses`.  A subnet private to the container (slirp4netns' 10.0.2.0/24, a podman
+    bridge's) stays whole.  Where the container's address in a subnet is a copy of one of the
+    host's (`is_host_address(packed)`: pasta copies the host's addresses and routes), the subnet
+    is the host's own network, whose peers are bypassed: only the container's own addresses
+    there stay, since inside the container they mean the container itself."""
+    ignored = []
+    for subnet in dict.fromkeys(subnets):
+        own = [address for address in addresses if address in subnet]
+        copies = [address for address in own if is_host_address(address.packed)]
+        if copies:
+            ignored.extend(ipaddress.ip_network(address) for address in own)
+        else:
+            ignored.append(subnet)
+    return ignored
+
+
 def if_inet6_entries(text):
     """/proc/PID/net/if_inet6 -> (address, prefix length) of the interfaces' global addresses."""
     for line in text.splitlines():
@@ -1189,6 +1208,11 @@ class HostInterfaces:
         index = self.table.get(packed)
         return None if index in self.loopback else index
 
+    def is_host_address(self, packed):
+        if self.table is None:
+            self.read()
+        return packed in self.table
+
     def on_loopback(self, packed):
         """Whether `packed` is an address of the host's loopback interface (127.0.0.1 is, and
         so is any address added to `lo`)."""
@@ -1264,10 +1288,10 @@ class ThreadHandle:
         self.namespaces = None
 
     def ids(self):
-        """parse_status_ids() of the thread's status now."""
+        """status_id_fields() of the thread's status now."""
         if self.status is None:
             self.status = os.open("/proc/%d/status" % self.tid, os.O_RDONLY | os.O_CLOEXEC)
-        return parse_status_ids(os.pread(self.status, 4096, 0).decode())
+        return status_id_fields(os.pread(self.status, 4096, 0))
 
     def namespace_inodes(self):
         if self.namespaces is None:
@@ -1711,7 +1735,8 @@ class Switcher:
             return NOT_IP, None
         settings = call.container.settings
         return destination_reason(dest, settings.networks,
-                                  call.container.auto_networks(call.tid) if settings.auto else ())
+                                  call.container.auto_networks(call.tid, self.interfaces.is_host_address)
+                                  if settings.auto else ())
 
     def debug_decision(self, call, what, dest, outcome):
         log.debug("container %s pid %d fd %d %s %s: %s", call.container.short_id, call.tid, call.fd, what,
@@ -2297,14 +2322,24 @@ def container_addresses(pid):
     return addresses
 
 
-def parse_status_ids(text):
-    """/proc/TID/status -> (effective uid, effective gid, groups, umask), ids as the reader's user
+# /proc/TID/status's umask, effective uid and gid, and groups, as bytes (one search, no decoding).
+_STATUS_IDS = re.compile(rb"\nUmask:\t([0-7]+)\n.*?\nUid:\t\d+\t(\d+)\t.*?\nGid:\t\d+\t(\d+)\t.*?\nGroups:\t?([\d ]*)\n",
+                         re.S)
+
+
+def status_id_fields(data):
+    """/proc/TID/status (bytes) -> its raw (umask, euid, egid, groups) fields: a cache key."""
+    found = _STATUS_IDS.search(data)
+    if found is None:
+        raise OSError(errno.EINVAL, "no ids in /proc/TID/status")
+    return found.groups()
+
+
+def parse_status_ids(fields):
+    """status_id_fields() -> (effective uid, effective gid, groups, umask), ids as the reader's user
     namespace sees them."""
-    def field(name):
-        start = text.find("\n%s:" % name) + len(name) + 2
-        return text[start:text.find("\n", start)].split()
-    return (int(field("Uid")[1]), int(field("Gid")[1]), tuple(int(g) for g in field("Groups")),
-            int(field("Umask")[0], 8))
+    umask, euid, egid, groups = fields
+    return int(euid), int(egid), tuple(int(g) for g in groups.split()), int(umask, 8)
 
 
 def parse_id_map(text):
@@ -2379,7 +2414,9 @@ class NamespaceHelper:
     REQUEST_MAX = REQUEST.size + 4 * MAX_GROUPS + MAX_SOCKADDR
     START_TIMEOUT = 10.0    # seconds a new helper has to join the namespaces
 
-    __slots__ = ("pid", "channel", "uid_map", "gid_map", "root", "filters", "answering", "asked")
+    IDENTITIES_KEPT = 256   # callers' ids mapped into the container, by status_id_fields()
+
+    __slots__ = ("pid", "channel", "uid_map", "gid_map", "root", "filters", "answering", "asked", "identities")
 
     def __init__(self, pid, channel, uid_map, gid_map, root):
         self.pid, self.channel = pid, channel
@@ -2388,6 +2425,7 @@ class NamespaceHelper:
         self.filters = set()                            # keys of the filters whose notify fd it has
         self.answering = collections.deque()            # (Call, Inflight slot) it answers, in order
         self.asked = collections.deque()                # on_result(0 or -errno) of each ask(), in order
+        self.identities = {}                            # status_id_fields() -> inside()
 
     @classmethod
     def start(cls, tid, joins, cells):
@@ -2426,16 +2464,13 @@ class NamespaceHelper:
         """Have the helper make `op` (CONNECT, BIND or LISTEN) on `sock_fd` with sockaddr `raw`,
         as thread call.tid (its ThreadHandle if the daemon keeps one) would, and answer `call`."""
         if thread is None:
-            with open("/proc/%d/status" % call.tid) as f:
-                euid, egid, groups, umask = parse_status_ids(f.read())
+            with open("/proc/%d/status" % call.tid, "rb") as f:
+                fields = status_id_fields(f.read())
         else:
-            euid, egid, groups, umask = thread.ids()
-        if len(groups) > self.MAX_GROUPS:
-            raise OSError(errno.EINVAL, "too many groups")
-        inside = [map_into(self.uid_map, euid), map_into(self.gid_map, egid)]
-        inside += [map_into(self.gid_map, g) for g in groups]
-        if None in inside:
-            raise OSError(errno.EPERM, "the caller's ids are not the container's")
+            fields = thread.ids()
+        ids = self.identities.get(fields)
+        if ids is None:
+            ids = self.inside(fields)
         fds, flags = [sock_fd], 0
         opened = []
         try:
@@ -2453,15 +2488,30 @@ class NamespaceHelper:
             if key not in self.filters:
                 flags |= self.WITH_NOTIFY_FD
                 fds.append(call.notify_fd)
-            request = (self.REQUEST.pack(self.OPS[op], flags, slot, key, call.id, inside[0], inside[1], umask,
-                                         ctypes.c_int(call.args[1]).value, len(groups))
-                       + struct.pack("=%dI" % len(groups), *inside[2:]) + raw)
+            euid, egid, umask, groups = ids
+            request = (self.REQUEST.pack(self.OPS[op], flags, slot, key, call.id, euid, egid, umask,
+                                         ctypes.c_int(call.args[1]).value, len(groups) // 4) + groups + raw)
             self.channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         finally:
             for fd in opened:
                 os.close(fd)
         self.filters.add(key)
         self.answering.append((call, slot))
+
+    def inside(self, fields):
+        """The ids of status_id_fields() as the container names them: (euid, egid, umask, groups
+        packed), kept for the next call with the same ones."""
+        euid, egid, groups, umask = parse_status_ids(fields)
+        if len(groups) > self.MAX_GROUPS:
+            raise OSError(errno.EINVAL, "too many groups")
+        inside = [map_into(self.uid_map, euid), map_into(self.gid_map, egid)]
+        inside += [map_into(self.gid_map, g) for g in groups]
+        if None in inside:
+            raise OSError(errno.EPERM, "the caller's ids are not the container's")
+        if len(self.identities) >= self.IDENTITIES_KEPT:
+            self.identities.clear()
+        ids = self.identities[fields] = (inside[0], inside[1], umask, struct.pack("=%dI" % len(groups), *inside[2:]))
+        return ids
 
     def reclaim(self, inflight):
         """Give back the Inflight slots of the calls the helper has answered (it zeroes them)."""
@@ -2851,19 +2901,21 @@ class Container:
         totals = self.table.totals(self.slot)
         return bool(totals[COUNT_BYPASSED] + totals[COUNT_PUBLISHED])
 
-    def auto_networks(self, tid):
-        """The container's own subnets (compiled), read from its network namespace through /proc."""
+    def auto_networks(self, tid, is_host_address):
+        """What `--ignore auto` keeps in the container (compiled), read from its network namespace
+        through /proc: auto_ignored() of its subnets and addresses; `is_host_address(packed)`
+        tells the host's own addresses."""
         now = time.monotonic()
         if now - self.auto_read > self.AUTO_REFRESH:
             self.auto_read = now
-            nets = []
+            subnets = []
             for name, parse in (("route", parse_proc_route), ("if_inet6", parse_proc_if_inet6)):
                 try:
                     with open("/proc/%d/net/%s" % (tid, name)) as f:
-                        nets.extend(parse(f.read()))
+                        subnets.extend(parse(f.read()))
                 except OSError:
                     pass
-            self.auto_nets = compile_networks(nets)
+            self.auto_nets = compile_networks(auto_ignored(subnets, container_addresses(tid), is_host_address))
         return self.auto_nets
 
 

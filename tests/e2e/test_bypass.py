@@ -804,3 +804,61 @@ def test_switched_socket_without_a_connection_cannot_listen_or_fast_open(testbed
     assert seen["listen"] == refused, seen
     assert seen["fastopen 127.0.0.1"] == refused and seen["fastopen 198.18.0.1"] == refused, seen
     assert reached() == []
+
+
+# A profile an older `seccomp-gen.py --base none --udp` wrote (listenerPath set per test): it traps
+# every sendmsg and sendmmsg, and each sendto with a destination.
+OLD_UDP_PROFILE = {
+    "defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    "listenerMetadata": "bypass4netns:udp",
+    "syscalls": [{"names": ["connect", "bind", "listen", "sendmsg", "sendmmsg", "socketcall"],
+                  "action": "SCMP_ACT_NOTIFY"},
+                 {"names": ["sendto"], "action": "SCMP_ACT_NOTIFY", "args": [{"index": 4, "value": 0,
+                                                                                "op": "SCMP_CMP_NE"}]},
+                 {"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"], "action": "SCMP_ACT_ERRNO",
+                  "errnoRet": 38}]}
+
+OLD_PROFILE_SENDS = """
+    import errno, json, socket, sys
+    host, udp_port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    a, b = socket.socketpair()
+    unconnected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    unconnected.settimeout(2)
+    echoed = 0
+    for _ in range(n):
+        a.sendmsg([b"x"]); b.recv(1)
+        unconnected.sendto(b"x", (host, udp_port))
+        echoed += unconnected.recv(10) == b"echo:x"
+    connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    connected.settimeout(2)
+    connected.connect((host, udp_port))
+    connected.sendmsg([b"y"])
+    out = {"echoed": echoed, "unconnected": unconnected.getsockname()[0], "connected": connected.getsockname()[0],
+           "answer": connected.recv(10).decode()}
+    try:
+        socket.socket().sendto(b"x", 0x20000000, (host, udp_port))  # MSG_FASTOPEN
+    except OSError as e:
+        out["fastopen"] = errno.errorcode[e.errno]
+    print(json.dumps(out))
+"""
+
+
+def test_a_profile_made_by_an_older_seccomp_gen_udp_keeps_working(testbed, tcp_daemon, udp_echo):
+    """Its plain sends are trapped and run as made; a connected UDP
+    socket is switched as under the one profile; a TCP Fast Open send is refused."""
+    port = udp_echo(testbed.HOST_IP4)
+    profile = os.path.join(testbed.WORKDIR, "old-udp-%s.json" % uuid.uuid4().hex[:8])
+    with open(profile, "w") as f:
+        json.dump(dict(OLD_UDP_PROFILE, listenerPath=tcp_daemon.socket), f)
+    os.chmod(profile, 0o644)
+    gone_before = tcp_daemon.log().count(": gone (")
+    try:
+        argv = testbed.run_container(["python3", "-c", textwrap.dedent(OLD_PROFILE_SENDS), testbed.HOST_IP4,
+                                      str(port), "200"], seccomp=profile)
+        out = json.loads(run(argv, timeout=180, check=True).stdout)
+    finally:
+        os.unlink(profile)
+    assert out == {"echoed": 200, "unconnected": SLIRP_ADDRESS, "connected": testbed.HOST_IP4,
+                   "answer": "echo:y", "fastopen": "EOPNOTSUPP"}
+    counters = gone_counters(tcp_daemon, gone_before)
+    assert counters["notifications"] >= 400 and counters["bypassed"] == 1 and counters["errors"] == 0, counters

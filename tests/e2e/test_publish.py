@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import shutil
+import subprocess
 import textwrap
 import time
 import uuid
@@ -223,6 +224,57 @@ def test_udp_published_port(testbed, daemons, containers, runtime):
     out = run(testbed.in_netns(["python3", "-c", UDP_CLIENT, testbed.HOST_IP4, str(port), testbed.HOST_IP4_B]),
               check=True, timeout=60).stdout
     assert out.split() == ["ping", testbed.HOST_IP4_B]
+
+
+UDP_REACH = textwrap.dedent("""
+    import socket, sys, time
+    loopback_port = int(sys.argv[1])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 53))
+    device = s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\\0").decode()
+    print("pinned to", device or "-", flush=True)
+    s.sendto(b"from a published socket", ("127.0.0.1", loopback_port))
+    while True:  # answer the clients, wherever they are
+        data, peer = s.recvfrom(2048)
+        s.sendto(data + b" " + peer[0].encode(), peer)
+""")
+
+LOOPBACK_UDP_LISTENER = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.settimeout(float(sys.argv[2]))
+    print("ready", flush=True)
+    try:
+        print(s.recv(100).decode(), flush=True)
+    except socket.timeout:
+        print("nothing", flush=True)
+""")
+
+
+@pytest.mark.parametrize("host_ip", ["", "198.18.0.1:"], ids=["all addresses", "one address"])
+def test_what_a_published_udp_socket_can_reach(testbed, daemons, containers, server, host_ip):
+    """README, "Publishing ports": no send is trapped, so what a published UDP socket can reach is
+    what its host socket can.  Published on one of the host's addresses, it is pinned to that
+    address's interface and never reaches the host's loopback; published on all addresses (or on
+    the loopback) it cannot be pinned, since the host's own clients come over the loopback, and
+    it can send to any address the host can, the loopback included.  Clients reach it either way."""
+    port, loopback_port = testbed.free_port(), testbed.free_port("127.0.0.1")
+    listener = server(["python3", "-c", LOOPBACK_UDP_LISTENER, str(loopback_port), "20"],
+                      stdout=subprocess.PIPE, universal_newlines=True)
+    assert listener.stdout.readline().strip() == "ready"
+    daemon = daemons(["-p", "%s%d:53/udp" % (host_ip, port)])
+    container = containers(["python3", "-c", UDP_REACH, str(loopback_port)], daemon)
+    out = run(testbed.in_netns(["python3", "-c", UDP_CLIENT, testbed.HOST_IP4, str(port), testbed.HOST_IP4_B]),
+              check=True, timeout=60).stdout
+    assert out.split() == ["ping", testbed.HOST_IP4_B]
+    if host_ip:
+        listener.terminate()  # no need to wait the 20 s out: it got nothing so far
+        assert listener.wait(10) is not None and listener.stdout.read().strip() == ""
+        assert "pinned to %s" % testbed.VETH_A in container.logs()
+    else:
+        assert listener.stdout.readline().strip() == "from a published socket"
+        assert "pinned to -" in container.logs()
 
 
 def test_reserved_port_is_held_until_the_container_binds_it(testbed, daemons, containers):

@@ -3,6 +3,7 @@
 import importlib.util
 import ipaddress
 import json
+import os
 import pathlib
 import socket
 import struct
@@ -88,6 +89,26 @@ def test_container_only_addresses_are_never_bypassed(addr, why):
                                   "169.255.0.1"])
 def test_other_addresses_are_bypassed(addr):
     assert reason(addr) is None
+
+
+@pytest.mark.parametrize("layout,subnets,addresses,host,ignored", [
+    ("slirp4netns", ["10.0.2.0/24", "fd00::/64"], ["10.0.2.100", "fd00::c8"], [],
+     ["10.0.2.0/24", "fd00::/64"]),
+    ("podman bridge", ["10.89.7.0/24"], ["10.89.7.2"], ["198.18.0.1"], ["10.89.7.0/24"]),
+    # pasta (podman 5's default): copies of the host's addresses and routes
+    ("pasta", ["198.18.0.0/24", "198.18.0.0/24", "2001:db8::/64"], ["198.18.0.1", "2001:db8::1"],
+     ["198.18.0.1", "2001:db8::1", "198.18.1.1"], ["198.18.0.1/32", "2001:db8::1/128"]),
+    # a bridge network next to a copied one: each as it is
+    ("pasta and a bridge", ["198.18.0.0/24", "10.89.7.0/24"], ["198.18.0.1", "10.89.7.2"], ["198.18.0.1"],
+     ["198.18.0.1/32", "10.89.7.0/24"]),
+    ("no network", [], [], ["198.18.0.1"], []),
+])
+def test_auto_keeps_private_subnets_whole_and_copies_of_the_hosts_addresses_alone(layout, subnets, addresses,
+                                                                                 host, ignored):
+    host = {ipaddress.ip_address(a).packed for a in host}
+    got = b4ns.auto_ignored([ipaddress.ip_network(n) for n in subnets], [ipaddress.ip_address(a) for a in addresses],
+                            host.__contains__)
+    assert got == [ipaddress.ip_network(n) for n in ignored], layout
 
 
 def test_ignore_networks():
@@ -560,20 +581,32 @@ def test_take_over_with_no_daemon_is_a_one_line_error(tmp_path):
 
 # -- the --strict helper's pure parts -----------------------------------------
 
-STATUS = """Name:\tpython3
+STATUS = b"""Name:\tpython3
 Umask:\t0027
 State:\tS (sleeping)
+Tgid:\t42
 Uid:\t101000\t101001\t101002\t101001
 Gid:\t101000\t101003\t101000\t101003
-Groups:\t101003 100000 \n"""
+FDSize:\t64
+Groups:\t101003 100000 \nNStgid:\t42\n"""
 
 
 def test_parse_status_ids_takes_the_effective_ids_and_the_umask():
-    assert b4ns.parse_status_ids(STATUS) == (101001, 101003, (101003, 100000), 0o027)
+    fields = b4ns.status_id_fields(STATUS)
+    assert b4ns.parse_status_ids(fields) == (101001, 101003, (101003, 100000), 0o027)
 
 
 def test_parse_status_ids_with_no_groups():
-    assert b4ns.parse_status_ids(STATUS.replace("101003 100000 ", ""))[2] == ()
+    assert b4ns.parse_status_ids(b4ns.status_id_fields(STATUS.replace(b"101003 100000 ", b"")))[2] == ()
+
+
+def test_status_ids_of_a_real_process():
+    with open("/proc/self/status", "rb") as f:
+        euid, egid, groups, umask = b4ns.parse_status_ids(b4ns.status_id_fields(f.read()))
+    old = os.umask(0o022)
+    os.umask(old)
+    assert (euid, egid, umask) == (os.geteuid(), os.getegid(), old)
+    assert sorted(groups) == sorted(os.getgroups())
 
 
 ROOTLESS_MAP = b4ns.parse_id_map("         0       1001          1\n         1     100000      65536\n")
