@@ -44,16 +44,23 @@ MNTNS = NS_DIR + "/mnt"
 # Paths inside the root.
 SKELETON = "/var/lib/b4ns-rootfs"
 RESOLV = "/etc/resolv.conf.b4ns"
-# Host paths bind-mounted into the root at the same path.
-SHARED_DIRS = [tb.WORKDIR]
+# Podman 5's XDG_RUNTIME_DIR, on the namespace's own tmpfs /run: not
+# /run/user/UID, which is the host's (podman 4's) bound in.
+XDG_DIR = "/run/b4ns-xdg"
 # Pasta's upstream DNS server: a server the tests run in the test namespace.
 NAMESERVER = tb.HOST_IP4
+# "LAN peers": addresses in the subnets pasta copies into a container
+# (198.18.0.0/24 and 2001:db8::/64 of b4ns0), held as host routes on b4ns1 so
+# that pasta, which copies b4ns0's addresses only, does not copy them too.
+LAN_PEER4, LAN_PEER6 = "198.18.0.2", "2001:db8::2"
 
 PACKAGES = [
     "podman", "passt", "crun", "runc", "uidmap", "netavark", "aardvark-dns",
     "conmon", "catatonit", "fuse-overlayfs", "python3", "iproute2", "iperf3",
     "socat", "curl", "procps", "util-linux", "ca-certificates",
 ]
+# On the host (Debian 12).
+HOST_PACKAGES = ["debootstrap", "dnsmasq-base"]
 # podman 5 has no systemd user session here either.
 CONTAINERS_CONF = """\
 [engine]
@@ -121,7 +128,6 @@ def ensure_root():
     """debootstrap the root (once), then install PACKAGES into it (when the stamp differs)."""
     if _stamp_ok():
         return False
-    tb.ensure_packages(["debootstrap"], recommends=False)
     if not os.path.exists(ROOT + "/usr/bin/apt-get") or not os.path.exists(ROOT + "/.b4ns-debootstrapped"):
         tmp = ROOT + ".tmp"
         if os.path.exists(tmp):
@@ -180,7 +186,7 @@ def ensure_root_config():
     # Bound over /etc/resolv.conf in the saved namespace only: apt (through
     # chroot) keeps the host's copy that debootstrap made.
     _write(ROOT + RESOLV, "nameserver %s\n" % NAMESERVER)
-    for d in SHARED_DIRS:
+    for d in shared_dirs():
         os.makedirs(ROOT + d, exist_ok=True)
 
 
@@ -196,10 +202,19 @@ def ensure_skeleton():
     _write(os.path.join(top, "etc", "passwd"),
            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
     _write(os.path.join(top, "etc", "group"), "root:x:0:\nnogroup:x:65534:\n")
+    # As on a Debian system: /etc/hosts (podman's host.containers.internal) before DNS; without
+    # the file glibc asks DNS first.
+    _write(os.path.join(top, "etc", "nsswitch.conf"), "hosts: files dns\n")
     uid, gid = tb.user_uid(), tb.user_gid()
     for dirpath, dirs, names in os.walk(top):
         for name in [dirpath] + [os.path.join(dirpath, n) for n in dirs + names]:
             os.lchown(name, uid, gid)
+
+
+def ensure_lan_peers():
+    """LAN_PEER4 and LAN_PEER6 on the test namespace's second interface (idempotent)."""
+    _run(tb.in_netns(["ip", "addr", "replace", LAN_PEER4 + "/32", "dev", tb.VETH_B]))
+    _run(tb.in_netns(["ip", "-6", "addr", "replace", LAN_PEER6 + "/128", "dev", tb.VETH_B, "nodad"]))
 
 
 # ------------------------------------------------------ the mount namespace
@@ -229,7 +244,7 @@ def _mntns_alive():
 
 NS_SCRIPT = r"""
 set -e
-root=$1; resolv=$2; uid=$3; gid=$4; shift 4
+root=$1; resolv=$2; uid=$3; gid=$4; xdg=$5; shift 5
 mount --bind "$root" "$root"
 mount --make-private "$root"
 mount -t proc proc "$root/proc"
@@ -237,9 +252,9 @@ mount --rbind /sys "$root/sys"; mount --make-rslave "$root/sys"
 mount --rbind /dev "$root/dev"; mount --make-rslave "$root/dev"
 mount -t tmpfs -o mode=755 tmpfs "$root/run"
 mount --bind "$root$resolv" "$root/etc/resolv.conf"
-for d in "$@"; do mount --bind "$d" "$root$d"; done
-mkdir -p "$root/run/user/$uid" "$root/tmp"
-chown "$uid:$gid" "$root/run/user/$uid"; chmod 700 "$root/run/user/$uid"
+for d in "$@"; do mkdir -p "$root$d"; mount --bind "$d" "$root$d"; done
+mkdir -p "$root$xdg" "$root/tmp"
+chown "$uid:$gid" "$root$xdg"; chmod 700 "$root$xdg"
 cd "$root"
 mkdir -p .oldroot
 pivot_root . .oldroot
@@ -263,11 +278,13 @@ def ensure_mntns():
         open(MNTNS, "w").close()
     _log("creating the mount namespace " + MNTNS)
     _run(["unshare", "--mount=" + MNTNS, "--propagation", "private", "sh", "-c", NS_SCRIPT, "sh", ROOT, RESOLV,
-          str(tb.user_uid()), str(tb.user_gid())] + SHARED_DIRS)
+          str(tb.user_uid()), str(tb.user_gid()), runtime_dir()] + shared_dirs())
     return True
 
 
 def remove_mntns():
+    """Stop what holds the saved namespace (podman's pause process) and unbind it."""
+    down()
     if _mntns_bound():
         _run(["umount", MNTNS])
     if NS_DIR in _mountinfo_targets():
@@ -278,7 +295,14 @@ def remove_mntns():
 
 def runtime_dir():
     """The test user's XDG_RUNTIME_DIR inside the root (podman 5's own, not podman 4's)."""
-    return "/run/user/%d" % tb.user_uid()
+    return "%s/%d" % (XDG_DIR, tb.user_uid())
+
+
+def shared_dirs():
+    """Host dirs bound into the root at the same path: the daemon's socket, profile and log
+    (tests/e2e/daemon.py puts them in WORKDIR and the host's /run/user/UID) are the same files
+    for the daemon outside and for crun inside."""
+    return [tb.WORKDIR, tb.runtime_dir()]
 
 
 def in_bed(argv, netns=True):
@@ -333,9 +357,12 @@ def up():
         raise PermissionError("bed13 up must run as root")
     started = time.monotonic()
     tb.up()
+    # debootstrap builds the root; dnsmasq is the DNS server the tests run in the test namespace.
+    tb.ensure_packages(HOST_PACKAGES, recommends=False)
     ensure_root()
     ensure_root_config()
     ensure_skeleton()
+    ensure_lan_peers()
     ensure_mntns()
     _log("up in %.1fs" % (time.monotonic() - started))
 
@@ -344,7 +371,7 @@ def down():
     """Stop podman 5's containers and pause process; keep the root and the namespace."""
     if os.geteuid() != 0:
         raise PermissionError("bed13 down must run as root")
-    if _mntns_alive() and os.path.exists(tb.NETNS_PATH):
+    if _mntns_bound() and os.path.exists(tb.NETNS_PATH):
         subprocess.run(podman(["rm", "--all", "--force", "--time", "0"]), stdout=subprocess.DEVNULL, timeout=120)
         pause = runtime_dir() + "/libpod/tmp/pause.pid"
         pid = subprocess.run(in_bed(["cat", pause], netns=False), stdout=subprocess.PIPE,
@@ -373,12 +400,12 @@ def status():
 
 
 def main(argv):
-    if len(argv) != 1 or argv[0] not in ("up", "down", "status"):
-        print("usage: bed13.py up|down|status", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in ("up", "down", "status", "reset"):
+        print("usage: bed13.py up|down|status|reset", file=sys.stderr)
         return 2
     if argv[0] == "status":
         return 0 if status() else 1
-    up() if argv[0] == "up" else down()
+    {"up": up, "down": down, "reset": remove_mntns}[argv[0]]()
     return 0
 
 
