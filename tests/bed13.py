@@ -59,6 +59,11 @@ PACKAGES = [
     "conmon", "catatonit", "fuse-overlayfs", "python3", "iproute2", "iperf3",
     "socat", "curl", "procps", "util-linux", "ca-certificates",
 ]
+# Rootless Docker 26 (tests/e2e/test_docker26.py): installed on first use,
+# without recommends (as the Debian 12 bed's DOCKER_PACKAGES); rootlesskit
+# runs dockerd behind slirp4netns, dockerd-rootless.sh's default.
+DOCKER_PACKAGES = ["docker.io", "docker-cli", "rootlesskit", "slirp4netns"]
+DOCKER_STAMP = ROOT + "/.b4ns-bed13-docker"
 # On the host (Debian 12).
 HOST_PACKAGES = ["debootstrap", "dnsmasq-base"]
 # podman 5 has no systemd user session here either.
@@ -153,6 +158,27 @@ def ensure_root():
     _in_chroot(["apt-get", "clean"])
     with open(STAMP, "w") as f:
         f.write(_stamp_text())
+    return True
+
+
+def ensure_docker():
+    """DOCKER_PACKAGES in the root (once; recorded in DOCKER_STAMP)."""
+    text = "packages %s\n" % " ".join(sorted(DOCKER_PACKAGES))
+    try:
+        if open(DOCKER_STAMP).read() == text:
+            return False
+    except OSError:
+        pass
+    if os.geteuid() != 0:
+        raise PermissionError("installing Docker into the root needs root")
+    _log("installing into %s: %s" % (ROOT, " ".join(DOCKER_PACKAGES)))
+    apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600"]
+    _in_chroot(apt + ["update"])
+    _in_chroot(apt + ["install", "-y", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confold"]
+               + DOCKER_PACKAGES)
+    _in_chroot(["apt-get", "clean"])
+    with open(DOCKER_STAMP, "w") as f:
+        f.write(text)
     return True
 
 
