@@ -308,15 +308,6 @@ def ensure_mntns():
     return True
 
 
-def remove_mntns():
-    """Stop what holds the saved namespace (podman's pause process) and unbind it."""
-    down()
-    if _mntns_bound():
-        _run(["umount", MNTNS])
-    if NS_DIR in _mountinfo_targets():
-        _run(["umount", NS_DIR])
-
-
 # ------------------------------------------------------------ argv builders
 
 def runtime_dir():
@@ -393,17 +384,34 @@ def up():
     _log("up in %.1fs" % (time.monotonic() - started))
 
 
+def _is_pause_process(pid):
+    """pid is the test user's catatonit (podman's pause process), not a reused pid."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            comm = f.read().strip()
+        return comm == "catatonit" and os.stat("/proc/%d" % pid).st_uid == tb.user_uid()
+    except OSError:
+        return False
+
+
 def down():
-    """Stop podman 5's containers and pause process; keep the root and the namespace."""
+    """Stop podman 5's containers and its pause process (which holds the saved namespace), then
+    unbind the namespace; keep the root (the next `up` makes a new namespace in 0.1 s)."""
     if os.geteuid() != 0:
         raise PermissionError("bed13 down must run as root")
-    if _mntns_bound() and os.path.exists(tb.NETNS_PATH):
-        subprocess.run(podman(["rm", "--all", "--force", "--time", "0"]), stdout=subprocess.DEVNULL, timeout=120)
+    if _mntns_bound():
+        if os.path.exists(tb.NETNS_PATH):
+            subprocess.run(podman(["rm", "--all", "--force", "--time", "0"]), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120)
         pause = runtime_dir() + "/libpod/tmp/pause.pid"
         pid = subprocess.run(in_bed(["cat", pause], netns=False), stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
-        if pid.isdigit():
+        if pid.isdigit() and _is_pause_process(int(pid)):
             tb._kill_pid(int(pid))
+        _log("unbinding the mount namespace " + MNTNS)
+        _run(["umount", MNTNS])
+    if NS_DIR in _mountinfo_targets():
+        _run(["umount", NS_DIR])
 
 
 def status():
@@ -426,12 +434,12 @@ def status():
 
 
 def main(argv):
-    if len(argv) != 1 or argv[0] not in ("up", "down", "status", "reset"):
-        print("usage: bed13.py up|down|status|reset", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in ("up", "down", "status"):
+        print("usage: bed13.py up|down|status", file=sys.stderr)
         return 2
     if argv[0] == "status":
         return 0 if status() else 1
-    {"up": up, "down": down, "reset": remove_mntns}[argv[0]]()
+    up() if argv[0] == "up" else down()
     return 0
 
 

@@ -18,7 +18,6 @@ import socket
 import struct
 import subprocess
 import textwrap
-import time
 import uuid
 
 import pytest
@@ -291,6 +290,7 @@ def test_published_bind_is_reachable_from_the_host(testbed, bed, daemon, publish
             proc.kill()
             proc.wait()
     assert got == token
-    assert any(dest == "0.0.0.0:80" and outcome.startswith("published as %s:%d->80/tcp" % (testbed.HOST_IP4, published_port))
+    published = "published as %s:%d->80/tcp" % (testbed.HOST_IP4, published_port)
+    assert any(dest == "0.0.0.0:80" and outcome.startswith(published)
                for dest, outcome in daemon.decisions("bind")), daemon.decisions("bind")
 
