@@ -119,9 +119,11 @@ def _stamp_ok():
 
 def _in_chroot(argv, env=None):
     """argv as root in the root through chroot, in a throwaway mount namespace
-    with /proc, /sys and /dev (apt and maintainer scripts need no user namespace)."""
+    with /proc, /sys and /dev (apt and maintainer scripts need no user namespace),
+    and the host's resolv.conf of today (the copy debootstrap made may be stale)."""
     script = ('set -e; mount --make-rprivate /; mount -t proc proc "$1/proc"; '
               'mount --rbind /sys "$1/sys"; mount --rbind /dev "$1/dev"; '
+              'mount --bind /etc/resolv.conf "$1/etc/resolv.conf"; '
               'root=$1; shift; exec chroot "$root" "$@"')
     full_env = {"PATH": tb.USER_PATH, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C.UTF-8"}
     full_env.update(env or {})
