@@ -47,8 +47,10 @@ RESOLV = "/etc/resolv.conf.b4ns"
 # Podman 5's XDG_RUNTIME_DIR, on the namespace's own tmpfs /run: not
 # /run/user/UID, which is the host's (podman 4's) bound in.
 XDG_DIR = "/run/b4ns-xdg"
-# Pasta's upstream DNS server: a server the tests run in the test namespace.
-NAMESERVER = tb.HOST_IP4
+# Pasta's upstream DNS server: a server the tests run in the test namespace,
+# on an address of its own (a /32 on b4ns1) so that no other DNS server the
+# suite or the benchmark runs on 198.18.0.1:53 or 198.18.1.1:53 answers instead.
+NAMESERVER = "198.18.1.53"
 # "LAN peers": addresses in the subnets pasta copies into a container
 # (198.18.0.0/24 and 2001:db8::/64 of b4ns0), held as host routes on b4ns1 so
 # that pasta, which copies b4ns0's addresses only, does not copy them too.
@@ -239,8 +241,9 @@ def ensure_skeleton():
             os.lchown(name, uid, gid)
 
 
-def ensure_lan_peers():
-    """LAN_PEER4 and LAN_PEER6 on the test namespace's second interface (idempotent)."""
+def ensure_addresses():
+    """LAN_PEER4, LAN_PEER6 and NAMESERVER on the test namespace's second interface (idempotent)."""
+    _run(tb.in_netns(["ip", "addr", "replace", NAMESERVER + "/32", "dev", tb.VETH_B]))
     _run(tb.in_netns(["ip", "addr", "replace", LAN_PEER4 + "/32", "dev", tb.VETH_B]))
     _run(tb.in_netns(["ip", "-6", "addr", "replace", LAN_PEER6 + "/128", "dev", tb.VETH_B, "nodad"]))
 
@@ -381,7 +384,7 @@ def up():
     ensure_root()
     ensure_root_config()
     ensure_skeleton()
-    ensure_lan_peers()
+    ensure_addresses()
     ensure_mntns()
     _log("up in %.1fs" % (time.monotonic() - started))
 

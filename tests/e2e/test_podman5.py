@@ -4,7 +4,7 @@ The containers run in the second test bed (tests/bed13.py): podman 5 inside a
 Debian 13 root, in the test namespace, with pasta, podman 5's default
 network.  pasta copies the host's b4ns0 addresses and routes into each
 container (198.18.0.1/24, 2001:db8::1/64), answers DNS on 169.254.1.1
-(forwarding to the host's nameserver: a dnsmasq on 198.18.0.1 here) and maps
+(forwarding to the host's nameserver: a dnsmasq on 198.18.1.53 here) and maps
 169.254.1.2 (host.containers.internal) to the host.  The daemon runs as
 tests/e2e/daemon.py starts it (host python3, test user, test namespace), with
 the options a podman 5 user would give it: --ignore=127.0.0.0/8,10.0.0.0/8,auto
@@ -18,12 +18,14 @@ import socket
 import struct
 import subprocess
 import textwrap
+import time
 import uuid
 
 import pytest
 
 import bed13
 from e2e.daemon import Daemon, run
+from e2e.test_bypass import HOLD_CONNECTION, local_ports, netns_tcp_table
 
 IGNORE = "--ignore=127.0.0.0/8,10.0.0.0/8,auto"
 DNS_NAME = "peer.b4ns.test"
@@ -53,8 +55,17 @@ def daemon(testbed, bed, published_port):
 
 
 @pytest.fixture(scope="module")
+def udp_daemon(testbed, bed):
+    """The same daemon with a --udp profile (UDP sockets switched too)."""
+    d = Daemon([IGNORE], base=bed.default_profile_base(), udp=True)
+    yield d
+    assert d.stop() == 0
+    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
 def dns_server(testbed, bed):
-    """dnsmasq (the host's, Debian 12) in the test namespace on 198.18.0.1:53, UDP and TCP: pasta's upstream."""
+    """dnsmasq (the host's, Debian 12) in the test namespace on NAMESERVER:53, UDP and TCP: pasta's upstream."""
     testbed.ensure_packages(["dnsmasq-base"], recommends=False)
     proc = testbed.start_server(
         ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
@@ -62,17 +73,24 @@ def dns_server(testbed, bed):
          "--pid-file=", "--log-queries", "--log-facility=-",
          "--address=/%s/%s" % (DNS_NAME, testbed.HOST_IP4_B)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
-    testbed.wait_port(bed.NAMESERVER, 53)
+    # Ours, not another server's: dnsmasq exits at once when it cannot bind.
+    for _ in range(200):
+        if "pid=%d," % proc.pid in run(testbed.in_netns(["ss", "-Htlnp", "sport = :53"])).stdout:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    else:
+        raise TimeoutError("dnsmasq did not listen on %s:53" % bed.NAMESERVER)
     yield proc
     testbed.stop_server(proc)
 
 
-def container_python(bed, daemon, code, args=(), extra=(), timeout=120):
+def container_python(bed, daemon, code, args=(), extra=(), timeout=120, runtime="crun"):
     """Run python3 code in a podman 5 container (pasta, crun) with the daemon's profile; return its stdout.
 
     A failure raises with the container's stderr and the daemon's last decisions."""
     argv = bed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], seccomp=daemon.profile,
-                             extra=extra)
+                             extra=extra, runtime=runtime)
     result = run(argv, timeout=timeout)
     assert result.returncode == 0, "container exited %d: %s\ndaemon's last decisions: %s" % (
         result.returncode, result.stderr.strip()[-1500:], daemon.decisions()[-3:])
@@ -109,11 +127,12 @@ def where(host, port):
 
 # -- TCP to the host's addresses ------------------------------------------------
 
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
 @pytest.mark.parametrize("host_ip", ["198.18.1.1", "2001:db8:1::1"])
-def test_connect_to_the_hosts_other_address_is_bypassed(testbed, bed, daemon, http, host_ip):
+def test_connect_to_the_hosts_other_address_is_bypassed(testbed, bed, daemon, http, host_ip, runtime):
     """The namespace's second address, in no subnet pasta copied: the socket is switched to the host."""
     port, body = http(host_ip)
-    seen = json.loads(container_python(bed, daemon, FETCH, [host_ip, port]))
+    seen = json.loads(container_python(bed, daemon, FETCH, [host_ip, port], runtime=runtime))
     assert seen["body"] == body
     assert seen["sockname"][0] == host_ip, "the socket should be the host's (pasta rewrites the source port only)"
     assert (where(host_ip, port), "bypassed") in daemon.decisions()
@@ -185,6 +204,48 @@ def test_host_containers_internal_reaches_the_host(testbed, bed, daemon, http):
     assert len(lines) == 2 and json.loads(lines[1])["body"] == body, (out, daemon.decisions()[-3:])
 
 
+def test_tcp_connection_lives_in_the_host_namespace(testbed, bed, daemon, http):
+    """A bypassed connection is in the host's socket table, not in the container's (pasta's)."""
+    host_ip = testbed.HOST_IP4_B
+    port, body = http(host_ip)
+    argv = bed.run_container(["python3", "-c", textwrap.dedent(HOLD_CONNECTION), host_ip, str(port)],
+                             seccomp=daemon.profile, extra=["-i"])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        seen = json.loads(line)
+        host_table = netns_tcp_table(testbed)
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
+    local_ip, local_port = seen["sockname"]
+    assert local_ip == host_ip and seen["peername"] == [host_ip, port] and "200 OK" in seen["response"]
+    assert local_port in local_ports(host_table), "not in the host namespace's socket table"
+    assert local_port not in local_ports(seen["container_tables"]), "still in the container's socket table"
+
+
+def test_iperf3_both_directions_is_bypassed(testbed, bed, daemon, server):
+    """iperf3 (Debian 13's, in the container) to the host's second address: its control and data
+    connections are the host's, both ways."""
+    port = testbed.free_port(testbed.HOST_IP4_B)
+    for reverse in ([], ["-R"]):
+        iperf = server(["iperf3", "-s", "-1", "-B", testbed.HOST_IP4_B, "-p", str(port)], stdout=subprocess.DEVNULL)
+        for _ in range(200):  # iperf3 -s -1 serves one client: look for its socket, do not connect
+            if ":%d " % port in run(testbed.in_netns(["ss", "-Htln"])).stdout + " ":
+                break
+            time.sleep(0.05)
+        argv = bed.run_container(["iperf3", "-c", testbed.HOST_IP4_B, "-p", str(port), "-t", "1", "-J"] + reverse,
+                                 seccomp=daemon.profile)
+        result = run(argv, timeout=60)
+        assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-1000:]
+        report = json.loads(result.stdout)
+        assert report["start"]["connected"][0]["local_host"] == testbed.HOST_IP4_B, "not bypassed (pasta)"
+        assert report["end"]["sum_received"]["bytes"] > 0 and report["end"]["sum_sent"]["bytes"] > 0
+        iperf.wait(30)
+
+
 # -- DNS through pasta's forwarder ---------------------------------------------------
 
 def dns_query(name, qid=0x4242):
@@ -219,9 +280,12 @@ def answer_address(answer):
     return socket.inet_ntoa(answer[-4:])
 
 
+@pytest.mark.parametrize("profile", ["default", "--udp"])
 @pytest.mark.parametrize("proto", ["udp", "tcp"])
-def test_dns_through_pastas_forwarder(testbed, bed, daemon, dns_server, proto):
-    """A query to 169.254.1.1:53 is answered (pasta forwards it to the host's nameserver)."""
+def test_dns_through_pastas_forwarder(testbed, bed, request, dns_server, proto, profile):
+    """A query to 169.254.1.1:53 is answered (pasta forwards it to the host's nameserver), with the
+    default (TCP) profile and with a --udp one."""
+    daemon = request.getfixturevalue("daemon" if profile == "default" else "udp_daemon")
     out = container_python(bed, daemon, DNS_PROBE, [GUEST_DNS, proto, dns_query(DNS_NAME).hex()],
                            timeout=60)
     assert out.strip(), ("no answer", daemon.decisions()[-3:])
