@@ -65,19 +65,18 @@ def udp_daemon(testbed, bed):
 
 @pytest.fixture(scope="module")
 def dns_server(testbed, bed):
-    """dnsmasq (the host's, Debian 12) in the test namespace on NAMESERVER:53, UDP and TCP: pasta's upstream."""
-    testbed.ensure_packages(["dnsmasq-base"], recommends=False)
+    """dnsmasq (the host's, Debian 12; tests/bed13.py installs it) in the test namespace on NAMESERVER:53,
+    UDP and TCP: pasta's upstream."""
     proc = testbed.start_server(
         ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
          "--bind-interfaces", "--listen-address=" + bed.NAMESERVER, "--port=53", "--user=nobody",
          "--pid-file=", "--log-queries", "--log-facility=-",
-         "--address=/%s/%s" % (DNS_NAME, testbed.HOST_IP4_B)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+         "--address=/%s/%s" % (DNS_NAME, testbed.HOST_IP4_B)])  # its log goes to pytest's captured output
     # Ours, not another server's: dnsmasq exits at once when it cannot bind.
     for _ in range(200):
         if "pid=%d," % proc.pid in run(testbed.in_netns(["ss", "-Htlnp", "sport = :53"])).stdout:
             break
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, "dnsmasq exited %d (its log is in the captured output)" % proc.returncode
         time.sleep(0.05)
     else:
         raise TimeoutError("dnsmasq did not listen on %s:53" % bed.NAMESERVER)
