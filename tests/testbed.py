@@ -559,6 +559,9 @@ def down():
             if pid.isdigit():
                 _kill_pid(int(pid))
             os.unlink(pause)
+    # podman 5's containers and pause process in the Debian 13 bed (tests/bed13.py), if it is up.
+    import bed13
+    bed13.down()
     if os.path.exists(NETNS_PATH):
         _log("deleting network namespace " + NETNS)
         _run(["ip", "netns", "delete", NETNS])

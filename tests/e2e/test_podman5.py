@@ -1,0 +1,359 @@
+"""The stack users run today: rootless podman 5 with pasta and crun 1.21 (Debian 13), end to end.
+
+The containers run in the second test bed (tests/bed13.py): podman 5 inside a
+Debian 13 root, in the test namespace, with pasta, podman 5's default
+network.  pasta copies the host's b4ns0 addresses and routes into each
+container (198.18.0.1/24, 2001:db8::1/64), answers DNS on 169.254.1.1
+(forwarding to the host's nameserver: a dnsmasq on 198.18.1.53 here) and maps
+169.254.1.2 (host.containers.internal) to the host.  The daemon runs as
+tests/e2e/daemon.py starts it (host python3, test user, test namespace), with
+the options a podman 5 user would give it: --ignore=127.0.0.0/8,10.0.0.0/8,auto
+and the default (TCP) profile, merged into podman 5's own seccomp.json.
+
+Each test checks what a user expects, not what today's daemon does.
+"""
+
+import json
+import socket
+import struct
+import subprocess
+import textwrap
+import time
+import uuid
+
+import pytest
+
+import bed13
+from e2e.daemon import Daemon, run
+from e2e.test_bypass import HOLD_CONNECTION, local_ports, netns_tcp_table
+
+IGNORE = "--ignore=127.0.0.0/8,10.0.0.0/8,auto"
+DNS_NAME = "peer.b4ns.test"
+GUEST_DNS = "169.254.1.1"        # pasta's DNS forwarder (podman >= 5.0)
+GUEST_HOST = "169.254.1.2"       # host.containers.internal (podman >= 5.3)
+
+
+@pytest.fixture(scope="module")
+def bed(testbed):
+    """The podman 5 bed, brought up (idempotently)."""
+    bed13.up()
+    return bed13
+
+
+@pytest.fixture(scope="module")
+def published_port(testbed):
+    return testbed.free_port()
+
+
+@pytest.fixture(scope="module")
+def daemon(testbed, bed, published_port):
+    d = Daemon([IGNORE, "-p", "%s:%d:80" % (testbed.HOST_IP4, published_port)], base=bed.default_profile_base(),
+               udp=False)
+    yield d
+    assert d.stop() == 0
+    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def udp_daemon(testbed, bed):
+    """The same daemon with a --udp profile (UDP sockets switched too)."""
+    d = Daemon([IGNORE], base=bed.default_profile_base(), udp=True)
+    yield d
+    assert d.stop() == 0
+    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def dns_server(testbed, bed):
+    """dnsmasq (the host's, Debian 12; tests/bed13.py installs it) in the test namespace on NAMESERVER:53,
+    UDP and TCP: pasta's upstream."""
+    proc = testbed.start_server(
+        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+         "--bind-interfaces", "--listen-address=" + bed.NAMESERVER, "--port=53", "--user=nobody",
+         "--pid-file=", "--log-queries", "--log-facility=-",
+         "--address=/%s/%s" % (DNS_NAME, testbed.HOST_IP4_B)])  # its log goes to pytest's captured output
+    # Ours, not another server's: dnsmasq exits at once when it cannot bind.
+    for _ in range(200):
+        if "pid=%d," % proc.pid in run(testbed.in_netns(["ss", "-Htlnp", "sport = :53"])).stdout:
+            break
+        assert proc.poll() is None, "dnsmasq exited %d (its log is in the captured output)" % proc.returncode
+        time.sleep(0.05)
+    else:
+        raise TimeoutError("dnsmasq did not listen on %s:53" % bed.NAMESERVER)
+    yield proc
+    testbed.stop_server(proc)
+
+
+def container_python(bed, daemon, code, args=(), extra=(), timeout=120, runtime="crun"):
+    """Run python3 code in a podman 5 container (pasta, crun) with the daemon's profile; return its stdout.
+
+    A failure raises with the container's stderr and the daemon's last decisions."""
+    argv = bed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], seccomp=daemon.profile,
+                             extra=extra, runtime=runtime)
+    result = run(argv, timeout=timeout)
+    assert result.returncode == 0, "container exited %d: %s\ndaemon's last decisions: %s" % (
+        result.returncode, result.stderr.strip()[-1500:], daemon.decisions()[-3:])
+    return result.stdout
+
+
+@pytest.fixture
+def http(testbed, server, tmp_path):
+    """serve(host) -> (port, body) of a file served by python3 -m http.server in the test namespace."""
+    def serve(host):
+        body = "b4ns-" + uuid.uuid4().hex
+        (tmp_path / "index.txt").write_text(body)
+        port = testbed.free_port(host)
+        server(["python3", "-m", "http.server", "--bind", host, "--directory", str(tmp_path), str(port)],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        testbed.wait_port(host, port)
+        return port, body
+    return serve
+
+
+FETCH = """
+    import json, socket, sys
+    host, port = sys.argv[1], int(sys.argv[2])
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
+    data = s.makefile("rb").read().decode(errors="replace")
+    print(json.dumps({"sockname": s.getsockname()[:2], "body": data.split("\\r\\n\\r\\n", 1)[-1]}))
+"""
+
+
+def where(host, port):
+    return ("%s:%d" if ":" not in host else "[%s]:%d") % (host, port)
+
+
+# -- TCP to the host's addresses ------------------------------------------------
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+@pytest.mark.parametrize("host_ip", ["198.18.1.1", "2001:db8:1::1"])
+def test_connect_to_the_hosts_other_address_is_bypassed(testbed, bed, daemon, http, host_ip, runtime):
+    """The namespace's second address, in no subnet pasta copied: the socket is switched to the host."""
+    port, body = http(host_ip)
+    seen = json.loads(container_python(bed, daemon, FETCH, [host_ip, port], runtime=runtime))
+    assert seen["body"] == body
+    assert seen["sockname"][0] == host_ip, "the socket should be the host's (pasta rewrites the source port only)"
+    assert (where(host_ip, port), "bypassed") in daemon.decisions()
+
+
+@pytest.mark.parametrize("peer", [bed13.LAN_PEER4, bed13.LAN_PEER6])
+def test_connect_to_a_lan_peer_in_the_copied_subnet_is_bypassed(testbed, bed, daemon, http, peer):
+    """A peer in the subnet pasta copied from the host (198.18.0.0/24, 2001:db8::/64) is another
+    machine, not the container: only the container's own addresses must stay in it, not the whole
+    copied subnet."""
+    port, body = http(peer)
+    seen = json.loads(container_python(bed, daemon, FETCH, [peer, port]))
+    assert seen["body"] == body
+    assert (where(peer, port), "bypassed") in daemon.decisions()
+
+
+OWN_ADDRESS = """
+    import socket, sys, threading
+    host, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(8)
+    def serve():
+        conn = srv.accept()[0]
+        conn.sendall(token.encode())
+        conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    c = socket.create_connection((host, port), timeout=10)
+    print(c.makefile("rb").read().decode())
+"""
+
+DECOY = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(8)
+while True:
+    c = s.accept()[0]
+    c.sendall(b"the host's decoy")
+    c.close()
+"""
+
+
+@pytest.mark.parametrize("own_ip", ["198.18.0.1", "2001:db8::1"])
+def test_the_containers_own_address_is_the_container(testbed, bed, daemon, server, own_ip):
+    """pasta gives the container a copy of the host's address: a connect to it reaches the container's
+    own server, not the host's server on the same address and port."""
+    port = testbed.free_port(own_ip)
+    server(["python3", "-c", DECOY, own_ip, str(port)])
+    testbed.wait_port(own_ip, port)
+    token = "container-" + uuid.uuid4().hex
+    assert container_python(bed, daemon, OWN_ADDRESS, [own_ip, port, token]).strip() == token
+    assert (where(own_ip, port), "bypassed") not in daemon.decisions()
+
+
+def test_host_containers_internal_reaches_the_host(testbed, bed, daemon, http):
+    """host.containers.internal (169.254.1.2, which pasta maps to the host's 198.18.0.1) reaches
+    the host's server."""
+    port, body = http(testbed.HOST_IP4)
+    code = """
+    import socket
+    print(socket.gethostbyname("host.containers.internal"))
+""" + FETCH
+    out = container_python(bed, daemon, code, ["host.containers.internal", port], timeout=60)
+    lines = out.splitlines()
+    assert lines[:1] == [GUEST_HOST], out
+    assert len(lines) == 2 and json.loads(lines[1])["body"] == body, (out, daemon.decisions()[-3:])
+
+
+def test_tcp_connection_lives_in_the_host_namespace(testbed, bed, daemon, http):
+    """A bypassed connection is in the host's socket table, not in the container's (pasta's)."""
+    host_ip = testbed.HOST_IP4_B
+    port, body = http(host_ip)
+    argv = bed.run_container(["python3", "-c", textwrap.dedent(HOLD_CONNECTION), host_ip, str(port)],
+                             seccomp=daemon.profile, extra=["-i"])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        seen = json.loads(line)
+        host_table = netns_tcp_table(testbed)
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
+    local_ip, local_port = seen["sockname"]
+    assert local_ip == host_ip and seen["peername"] == [host_ip, port] and "200 OK" in seen["response"]
+    assert local_port in local_ports(host_table), "not in the host namespace's socket table"
+    assert local_port not in local_ports(seen["container_tables"]), "still in the container's socket table"
+
+
+def test_iperf3_both_directions_is_bypassed(testbed, bed, daemon, server):
+    """iperf3 (Debian 13's, in the container) to the host's second address: its control and data
+    connections are the host's, both ways."""
+    port = testbed.free_port(testbed.HOST_IP4_B)
+    for reverse in ([], ["-R"]):
+        iperf = server(["iperf3", "-s", "-1", "-B", testbed.HOST_IP4_B, "-p", str(port)], stdout=subprocess.DEVNULL)
+        for _ in range(200):  # iperf3 -s -1 serves one client: look for its socket, do not connect
+            if ":%d " % port in run(testbed.in_netns(["ss", "-Htln"])).stdout + " ":
+                break
+            time.sleep(0.05)
+        argv = bed.run_container(["iperf3", "-c", testbed.HOST_IP4_B, "-p", str(port), "-t", "1", "-J"] + reverse,
+                                 seccomp=daemon.profile)
+        result = run(argv, timeout=60)
+        assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-1000:]
+        report = json.loads(result.stdout)
+        assert report["start"]["connected"][0]["local_host"] == testbed.HOST_IP4_B, "not bypassed (pasta)"
+        assert report["end"]["sum_received"]["bytes"] > 0 and report["end"]["sum_sent"]["bytes"] > 0
+        iperf.wait(30)
+
+
+# -- DNS through pasta's forwarder ---------------------------------------------------
+
+def dns_query(name, qid=0x4242):
+    header = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return header + labels + struct.pack("!HH", 1, 1)
+
+
+DNS_PROBE = """
+    import socket, struct, sys
+    server, proto, query = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
+    if proto == "udp":
+        # As glibc's resolver does: connect, then send.
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.connect((server, 53))
+        s.send(query)
+        answer = s.recv(4096)
+    else:
+        s = socket.create_connection((server, 53), timeout=5)
+        s.sendall(struct.pack("!H", len(query)) + query)
+        f = s.makefile("rb")
+        answer = f.read(struct.unpack("!H", f.read(2))[0])
+    print(answer.hex())
+"""
+
+
+def answer_address(answer):
+    """The last 4 bytes of a one-A-record answer, as a dotted quad, if it answers the query."""
+    qid, flags, _qd, ancount = struct.unpack("!HHHH", answer[:8])
+    assert qid == 0x4242 and flags & 0x8000 and flags & 0xF == 0 and ancount == 1, answer.hex()
+    return socket.inet_ntoa(answer[-4:])
+
+
+@pytest.mark.parametrize("profile", ["default", "--udp"])
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_dns_through_pastas_forwarder(testbed, bed, request, dns_server, proto, profile):
+    """A query to 169.254.1.1:53 is answered (pasta forwards it to the host's nameserver), with the
+    default (TCP) profile and with a --udp one."""
+    daemon = request.getfixturevalue("daemon" if profile == "default" else "udp_daemon")
+    out = container_python(bed, daemon, DNS_PROBE, [GUEST_DNS, proto, dns_query(DNS_NAME).hex()],
+                           timeout=60)
+    assert out.strip(), ("no answer", daemon.decisions()[-3:])
+    assert answer_address(bytes.fromhex(out.strip())) == testbed.HOST_IP4_B
+
+
+def test_getaddrinfo_resolves_through_resolv_conf(testbed, bed, daemon, dns_server):
+    """What applications do: glibc's resolver with podman's resolv.conf (169.254.1.1 first)."""
+    code = """
+        import socket, sys
+        print(socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+    """
+    out = container_python(bed, daemon, code, [DNS_NAME], timeout=60)
+    assert out.strip() == testbed.HOST_IP4_B
+
+
+# -- publishing ---------------------------------------------------------------------
+
+SERVE_ONCE = """
+    import socket, sys
+    token = sys.argv[1]
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 80))
+    s.listen(8)
+    print("listening", flush=True)
+    c = s.accept()[0]
+    c.sendall(token.encode())
+    c.close()
+"""
+
+GET_TOKEN = """
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+for attempt in range(100):
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        print(s.makefile("rb").read().decode())
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
+"""
+
+
+def serve_in_container(testbed, bed, daemon, extra=()):
+    """A container serving one connection on its port 80; returns (Popen, token)."""
+    token = "published-" + uuid.uuid4().hex
+    argv = bed.run_container(["python3", "-c", textwrap.dedent(SERVE_ONCE), token], seccomp=daemon.profile,
+                             extra=extra)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    return proc, token
+
+
+def test_published_bind_is_reachable_from_the_host(testbed, bed, daemon, published_port):
+    """The daemon's -p 198.18.0.1:PORT:80: a server binding port 80 in the container listens on the host."""
+    proc, token = serve_in_container(testbed, bed, daemon)
+    try:
+        assert proc.stdout.readline().strip() == "listening", proc.stderr.read() if proc.poll() is not None else ""
+        got = run(testbed.in_netns(["python3", "-c", GET_TOKEN, testbed.HOST_IP4, str(published_port)]),
+                  timeout=60).stdout.strip()
+    finally:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert got == token
+    published = "published as %s:%d->80/tcp" % (testbed.HOST_IP4, published_port)
+    assert any(dest == "0.0.0.0:80" and outcome.startswith(published)
+               for dest, outcome in daemon.decisions("bind")), daemon.decisions("bind")
+
