@@ -1331,7 +1331,7 @@ class Call:
     """
 
     __slots__ = ("filter", "notify_fd", "container", "id", "tid", "args", "fd", "ptr", "answered", "deferred",
-                 "read_memory", "args_in_memory", "installed")
+                 "read_memory", "args_in_memory", "installed", "retried")
 
     def __init__(self, seccomp_filter, notif_id, tid, args):
         self.filter, self.notify_fd, self.container = seccomp_filter, seccomp_filter.notify_fd, seccomp_filter.container
@@ -1342,6 +1342,7 @@ class Call:
         self.read_memory = False     # a pointer of the target's was followed
         self.args_in_memory = False  # i386 socketcall: the kernel reads the arguments again
         self.installed = False       # a host socket is at the target's fd
+        self.retried = False         # a dead process had it under way (Server.handle_anew)
 
     def set_args(self, args):
         """The syscall's six arguments; `fd`, the first as the int the target passed, with them."""
@@ -1946,6 +1947,9 @@ class Switcher:
                     os.set_blocking(fd, True)
             else:
                 result = start_connect(fd, raw)
+            if call.retried:
+                # The dead process's connect got there first: its outcome is this call's.
+                result = {-errno.EISCONN: 0, -errno.EALREADY: -errno.EINPROGRESS}.get(result, result)
             if result == -errno.EINPROGRESS and blocking:
                 self.wait_for_connect(call, sock, raw, host_socket=False)
             else:
@@ -2092,9 +2096,10 @@ class Switcher:
             if raw is None or not call.still_valid():
                 return
             if self.is_host_socket(sock):
-                # A switched socket is bound already; binding it anew on the
-                # host would let the container pick host addresses.
-                call.fail(errno.EINVAL)
+                # A switched socket is bound already (by this very call, if a dead process
+                # published it); binding it anew on the host would let the container pick
+                # host addresses.
+                call.result(0 if call.retried else -errno.EINVAL)
                 return
             dest = parse_sockaddr(raw)
             kind = sock.getsockopt(_SOL, socket.SO_TYPE)
@@ -2805,15 +2810,17 @@ class InflightTable:
                         memoryview(self.memory)[offset:offset + _NOTIF.size])
 
     def orphans(self, server):
-        """[(filter key, notification id)] a dead worker left; its row is freed."""
+        """What a dead worker left, its row freed: ([(filter key, notification id)] under way in
+        its loop or with its NamespaceHelpers, [(filter key, struct seccomp_notif)] of the call
+        it was handling or had taken by RECV, which can be handled anew: the target still waits
+        in the same call, or the kernel says it does not)."""
         row = self.row(server)
-        left = [tuple(row[i:i + self.FIELDS]) for i in range(0, self.RECEIVING, self.FIELDS) if row[i]]
-        key, notif_id = row[self.RECEIVING], row[self.RECEIVING + 1]
-        if key and notif_id and (key, notif_id) not in left:
-            # Taken by RECV, not yet begun (or answered already: the kernel then says ENOENT).
-            left.append((key, notif_id))
+        under_way = [tuple(row[i:i + self.FIELDS]) for i in range(self.FIELDS, self.RECEIVING, self.FIELDS) if row[i]]
+        key = row[self.RECEIVING]
+        notif = bytes(row[self.RECEIVING + 1:self.RECEIVING + 1 + _NOTIF.size // 8].cast("B"))
+        anew = [(key, notif)] if key and notif != _ZERO_NOTIF else []
         row.cast("B")[:] = bytes(len(row) * 8)
-        return left
+        return under_way, anew
 
 
 class Inflight:
@@ -3266,6 +3273,22 @@ class Server:
         if events & (select.EPOLLHUP | select.EPOLLERR):
             self.drop_filter(notify_fd)
 
+    def handle_anew(self, key, notif):
+        """A notification (struct seccomp_notif) that a dead process had taken and not answered:
+        handled as if received now, never CONTINUE.  What the dead one did of it is found done
+        (Call.retried: a connect already made, a bind already published)."""
+        notify_fd = self.keys.get(key)
+        if notify_fd is None:
+            return
+        notif_id, tid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(notif)
+        if not notif_id_valid(notify_fd, notif_id):
+            return  # answered before it died, or the target stopped waiting
+        self.inflight.begin(key, notif_id)
+        call = Call(self.filters[notify_fd], notif_id, tid, args)
+        call.retried = True
+        self.switcher.handle(call, arch, nr)
+        self.inflight.end()
+
     def note_thread(self, seccomp_filter, tid):
         """The busy test: threads taking turns often enough that one server makes them queue."""
         seccomp_filter.last_tid = tid
@@ -3371,6 +3394,9 @@ class Worker:
     def drop(self, key):
         self.handoff.send(json.dumps({"drop": key}).encode())
 
+    def handle_anew(self, key, notif):
+        self.handoff.send(json.dumps({"anew": key, "notif": base64.b64encode(notif).decode()}).encode())
+
     def set_peers(self, rows, probe, nodes):
         self.handoff.send(json.dumps({"peers": rows, "probe": probe, "nodes": nodes}).encode())
 
@@ -3395,6 +3421,9 @@ class LocalWorker:
 
     def drop(self, key):
         self.server.drop(key)
+
+    def handle_anew(self, key, notif):
+        self.server.handle_anew(key, notif)
 
     def set_peers(self, rows, probe, nodes):
         self.server.switcher.set_peers(rows, probe, nodes)
@@ -3430,6 +3459,9 @@ class WorkerProcess:
         message = json.loads(data)
         if "drop" in message:
             self.server.drop(message["drop"])
+            return
+        if "anew" in message:
+            self.server.handle_anew(message["anew"], base64.b64decode(message["notif"]))
             return
         if "peers" in message:
             self.server.switcher.set_peers(message["peers"], message["probe"], message["nodes"])
@@ -4136,10 +4168,15 @@ class Daemon:
     def adopt_containers(self, state, fds):
         """--take-over, once the workers run: the previous daemon's containers and their counters."""
         containers = state["containers"]
+        keys = {}           # the previous daemon's filter keys -> this one's
         for entry in state["filters"]:
             container = containers[entry["cid"]]
             self.host_filter(fds[entry["fd"]], entry["cid"], entry["pid"], entry["metadata"],
                              lambda c=container: c["settings"], container["counters"])
+            keys[entry["key"]] = self.serial
+        for key, notif in state.get("anew", ()):
+            if key in keys:
+                self.handle_anew(keys[key], base64.b64decode(notif))
         log.warning("took over %d containers from the previous daemon", len(containers))
 
     def answer_status(self, conn):
@@ -4466,7 +4503,10 @@ class Daemon:
         if not self.running:
             return
         log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
-        self.answer_orphans(worker)
+        answered, anew = answer_orphans(self.inflight, worker.index,
+                                        {handed.key: handed.notify_fd for handed in self.filters.values()})
+        if answered:
+            log.warning("worker %d: %d call(s) it left under way answered EINTR", worker.index, answered)
         new = self.workers[worker.index] = self.spawn_worker(worker.index)
         new.containers = worker.containers
         if self.routes is not None:
@@ -4477,12 +4517,15 @@ class Daemon:
             if hosted.home is new or hosted.shared:
                 for notify_fd in hosted.filters:
                     new.hand(self.filters[notify_fd], hosted)
+        for key, notif in anew:
+            self.handle_anew(key, notif)
 
-    def answer_orphans(self, worker):
-        answered = answer_orphans(self.inflight, worker.index,
-                                  {handed.key: handed.notify_fd for handed in self.filters.values()})
-        if answered:
-            log.warning("worker %d: %d call(s) it left unanswered answered", worker.index, answered)
+    def handle_anew(self, key, notif):
+        """A notification a dead process had taken and not answered: to the container's home
+        worker, which handles it as if it had just received it."""
+        handed = next((handed for handed in self.filters.values() if handed.key == key), None)
+        if handed is not None:
+            self.containers[handed.cid].home.handle_anew(key, notif)
 
     def on_worker_request(self, worker):
         """A worker's ParentChannel: a published port to lend it or take back, a busy container."""
@@ -4630,6 +4673,7 @@ class Keeper:
         self.events = Events()
         self.signal_pipe = None
         self.held = {}              # ident -> the keeper's duplicate of the daemon's fd
+        self.anew = []              # [key, base64 struct seccomp_notif]: for the next daemon to handle
         self.state = None           # the daemon's last snapshot, fds as idents; None until it serves
         self.counted = False        # whether state's counters are all there is (a reload's): no table's
         self.announced = False      # READY=1 sent to systemd
@@ -4650,6 +4694,7 @@ class Keeper:
         self.ready_fd = ready_fd
         if handed is not None:
             self.state, self.held = handed
+            self.anew = self.state.pop("anew", [])
             self.counted = True
         while True:
             self.start()
@@ -4720,6 +4765,7 @@ class Keeper:
         for ident in [ident for ident in self.held if ident not in named]:
             os.close(self.held.pop(ident))
         self.state, self.counted = state, False
+        self.anew = []  # the daemon that sent a state has handled them (adopt_containers)
         if not (self.announced or self.reloading):  # a reload is ready once the new code serves
             self.announced = True
             if self.pid_file:
@@ -4805,19 +4851,21 @@ class Keeper:
         return True
 
     def answer_orphans(self):
+        """The dead daemon's calls under way get EINTR; those it was handling are handed to the
+        next daemon (state["anew"]), which handles them anew."""
         notify_fds = {entry["key"]: self.held[entry["fd"]] for entry in self.state["filters"]}
-        answered = sum(answer_orphans(self.inflight, server, notify_fds)
-                       for server in range(self.workers))
-        if answered:
-            log.warning("%d call(s) the dead daemon left unanswered answered", answered)
+        for server in range(self.workers):
+            answered, anew = answer_orphans(self.inflight, server, notify_fds)
+            self.anew += [[key, base64.b64encode(notif).decode()] for key, notif in anew]
+            if answered:
+                log.warning("%d call(s) the dead daemon left under way answered EINTR", answered)
 
     def with_counters(self):
         """The last snapshot, with the counters the daemon had counted till it stopped."""
-        if self.counted:
-            return self.state
-        state = dict(self.state)
-        state["containers"] = {cid: dict(entry, counters=self.table.totals(entry["slot"]))
-                               for cid, entry in state["containers"].items()}
+        state = dict(self.state, anew=self.anew)
+        if not self.counted:
+            state["containers"] = {cid: dict(entry, counters=self.table.totals(entry["slot"]))
+                                   for cid, entry in state["containers"].items()}
         return state
 
     def run_anew(self):
@@ -4895,20 +4943,22 @@ def fork_child(child, what):
 
 
 def answer_orphans(inflight, server, notify_fds):
-    """Answer the calls server `server` had received and not answered when it died; returns
-    how many.  `notify_fds` maps filter keys to notify fds.  Each gets EINTR, as if a signal
-    had interrupted it: never CONTINUE, which would let the kernel look the fd number up
-    again.  POSIX says a connect so interrupted goes on asynchronously; most callers retry
-    or wait for it."""
+    """Answer the calls server `server` had under way when it died (a blocking connect in its
+    loop, a NamespaceHelper's call): EINTR, as if a signal had interrupted them, never
+    CONTINUE, which would let the kernel look the fd number up again (POSIX says a connect
+    so interrupted goes on asynchronously).  `notify_fds` maps filter keys to notify fds.
+    Returns (how many were answered, [(key, struct seccomp_notif)] of the call it was
+    handling, for a live server to handle anew: Server.handle_anew)."""
+    under_way, anew = inflight.orphans(server)
     answered = 0
-    for key, notif_id in inflight.orphans(server):
+    for key, notif_id in under_way:
         notify_fd = notify_fds.get(key)
         if notify_fd is not None:
             try:
                 answered += notif_send(notify_fd, notif_id, 0, -errno.EINTR, 0)
             except OSError as e:
                 log.error("cannot answer a call a dead process left: %s", e.strerror)
-    return answered
+    return answered, anew
 
 
 def send_state(conn, state, fds):

@@ -160,18 +160,20 @@ def test_sd_notify_sends_to_the_socket_systemd_names(tmp_path, monkeypatch, abst
     b4ns.sd_notify("READY=1")  # outside systemd: nothing, no error
 
 
-def test_a_dead_workers_calls_are_each_left_once_for_an_eintr():
-    """What the keeper and the daemon answer for a dead worker: the call it was handling, the
-    ones waiting in its loop or with its helpers (each EINTR, never CONTINUE), and a call RECV
-    had written into its row before it began on it; the row is free afterwards."""
+def test_what_a_dead_worker_left_is_answered_or_handled_anew_once():
+    """What the keeper and the daemon do for a dead worker: the calls under way in its loop or
+    with its helpers get EINTR (never CONTINUE); the notification RECV last wrote into its row
+    (the call it was handling, or had just taken) goes to a live server to handle anew; the row
+    is free afterwards."""
     table = b4ns.InflightTable(2)
     inflight = table.writer(1)
-    inflight.begin(7, 1001)
     slot = inflight.add_pending(7, 1002)
     helper_slot = inflight.add_pending(8, 1003)
     inflight.end_pending(slot)              # answered
     inflight.cells[b4ns.InflightTable.RECEIVING] = 9
-    inflight.notif_view[:8] = (1004).to_bytes(8, "little")  # what RECV wrote: the id comes first
-    assert helper_slot and table.orphans(0) == []
-    assert sorted(table.orphans(1)) == [(7, 1001), (8, 1003), (9, 1004)]
-    assert table.orphans(1) == []
+    notif = b4ns._NOTIF.pack(1004, 4242, 0, 42, b4ns.AUDIT_ARCH_X86_64, 0, 3, 0, 16, 0, 0, 0)
+    inflight.notif_view[:] = notif          # what RECV wrote
+    inflight.begin(9, 1004)
+    assert helper_slot and table.orphans(0) == ([], [])
+    assert table.orphans(1) == ([(8, 1003)], [(9, notif)])
+    assert table.orphans(1) == ([], [])
