@@ -201,6 +201,7 @@ MAX_SOCKADDR = 128                          # sizeof(struct sockaddr_storage)
 
 _SOCKADDR_IN = struct.Struct("!HH4s")       # family is host order: read separately
 _SOCKADDR_IN6 = struct.Struct("!HHI16s")     # then sin6_scope_id, host order
+_SOCKADDR_NL = struct.Struct("=HxxII")       # sockaddr_nl: family, port id, multicast groups
 _TIMEVAL = struct.Struct("=qq")
 _LINGER = struct.Struct("=ii")              # struct linger: l_onoff, l_linger
 _U64 = struct.Struct("=Q")
@@ -1640,8 +1641,25 @@ class Switcher:
         call would then run on the host (README: "swapping the fd").  What such
         a call does depends on who makes it and where, so the container's
         NamespaceHelper makes it on our duplicate, as the calling thread.
+
+        One such call the daemon makes itself, since it behaves exactly as the
+        helper's would: a netlink socket's bind that joins no multicast group
+        (glibc's getaddrinfo makes one per lookup).  It depends on nobody's ids
+        (the group check is the only one), and neither the helper nor the
+        daemon is in the container's pid namespace, which the kernel's choice
+        of a port id would take the caller's pid from.
         """
-        self.delegate(call, sock, op)
+        raw = None
+        if op == BIND and sock.family == socket.AF_NETLINK:
+            raw = self.read_sockaddr(call, 1, 2)
+            if raw is None or not call.still_valid():
+                sock.close()
+                return
+            if len(raw) >= _SOCKADDR_NL.size and _SOCKADDR_NL.unpack_from(raw)[2] == 0:
+                with sock:
+                    call.result(sock_call(_libc.bind, sock.fileno(), raw, len(raw)))
+                return
+        self.delegate(call, sock, op, raw)
 
     def note_out_of_fds(self, call, error):
         """The daemon could not take an fd: the call fails (ENOBUFS) or stays in the container's
@@ -2204,17 +2222,18 @@ class Switcher:
 
     # -- calls on sockets that are not IP: made by a NamespaceHelper ---------
 
-    def delegate(self, call, sock, op):
+    def delegate(self, call, sock, op, raw=None):
         """Have the container's NamespaceHelper make `op` on `sock` (taken over) as the calling
-        thread would, and answer the call itself.
+        thread would, and answer the call itself.  `raw`: the sockaddr, if read already.
 
         Until it has answered, the call has a pending slot in the Inflight
         row (the helper frees it), so that a dead daemon's calls get EINTR.
         """
         slot = 0
         with sock:
-            raw = b""
-            if op != LISTEN:
+            if op == LISTEN:
+                raw = b""
+            elif raw is None:
                 raw = self.read_sockaddr(call, 1, 2)
                 if raw is None or not call.still_valid():
                     return

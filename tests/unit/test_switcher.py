@@ -402,3 +402,20 @@ def test_a_notification_taken_by_a_worker_killed_as_recv_returns_is_answered(tar
     daemon.server.handle_anew(*anew[0])
     assert select.select([t.channel], [], [], 10)[0], "the child's connect was never answered"
     assert json.loads(t.channel.recv(1 << 16)) == {"result": errno.ECONNREFUSED}
+
+
+def test_a_netlink_bind_without_groups_is_made_by_the_daemon_and_one_with_groups_by_the_helper(target, caplog):
+    """glibc's getaddrinfo binds a netlink socket for each lookup: with no multicast group that
+    bind depends on nobody's ids, and the daemon makes it; one that joins groups is checked
+    against the caller's capabilities, so the container's helper makes it, as the caller."""
+    t = target()
+    got = t.run("""
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+s.bind((0, 0))
+g = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+g.bind((0, 1))  # RTMGRP_LINK
+result = [s.getsockname()[0] != 0, g.getsockname()[1]]
+""")
+    assert got == [True, 1]
+    assert caplog.text.count("namespace helper pid") == 1, "only the bind with a group went to a helper"
+    assert counters(t)["errors"] == 0
