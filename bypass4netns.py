@@ -2140,6 +2140,13 @@ class Switcher:
                     else:
                         if result is not None:
                             call.container.counters[COUNT_PUBLISHED] += result == 0
+                            if result == -errno.EADDRINUSE:
+                                self.limit.log(logging.WARNING, "container %s: %r: host port %d/%s is taken by "
+                                               "another process, so the container's bind of port %d fails "
+                                               "(EADDRINUSE); if that is the runtime's own -p for the same "
+                                               "port (pasta, rootlesskit), publish it one way only: the "
+                                               "runtime's -p or this daemon's", call.container.short_id,
+                                               mapping, mapping.host_port, mapping.proto, mapping.container_port)
                             if self.debug:
                                 self.debug_decision(call, "bind", dest, "published as %r: %s"
                                                     % (mapping, os.strerror(-result) if result else "ok"))

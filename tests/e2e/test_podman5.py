@@ -14,6 +14,7 @@ Each test checks what a user expects, not what today's daemon does.
 """
 
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -357,3 +358,40 @@ def test_published_bind_is_reachable_from_the_host(testbed, bed, daemon, publish
     assert any(dest == "0.0.0.0:80" and outcome.startswith(published)
                for dest, outcome in daemon.decisions("bind")), daemon.decisions("bind")
 
+
+
+BIND_80 = """
+    import errno, socket
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", 80))
+        print("bound")
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+"""
+
+
+def test_podmans_own_publish_and_the_daemons_collide_and_the_daemon_says_what_to_do(testbed, bed):
+    """podman's -p P:80 (pasta binds P) and the daemon's -p P:80 for the same port: with the port
+    reserved (the default) pasta cannot bind it and podman does not start the container; with
+    --no-reserve-ports pasta takes it, the container's bind gets EADDRINUSE, and the daemon logs
+    which port and that it should be published one way only."""
+    port = testbed.free_port()
+    reserved = Daemon([IGNORE, "-p", "%d:80" % port], base=bed.default_profile_base(), udp=False)
+    try:
+        argv = bed.run_container(["python3", "-c", textwrap.dedent(BIND_80)], seccomp=reserved.profile,
+                                 extra=["-p", "%d:80" % port])
+        result = run(argv, timeout=120)
+        assert result.returncode != 0 and "Address already in use" in result.stderr, result.stderr[-1000:]
+    finally:
+        assert reserved.stop() == 0
+    shared = Daemon([IGNORE, "--no-reserve-ports", "-p", "%d:80" % port], base=bed.default_profile_base(),
+                    udp=False)
+    try:
+        out = container_python(bed, shared, BIND_80, extra=["-p", "%d:80" % port])
+        assert out.strip() == "EADDRINUSE"
+        assert re.search(r"WARNING container \S+: %d->80/tcp: host port %d/tcp is taken by another process, so the "
+                         r"container's bind of port 80 fails \(EADDRINUSE\); if that is the runtime's own -p"
+                         % (port, port), shared.log()), shared.log()[-2000:]
+    finally:
+        assert shared.stop() == 0
