@@ -916,6 +916,7 @@ class Reservations:
         self.enabled = enabled
         self.held = {}                              # PortMapping key -> socket
         self.lent = set()                           # PortMapping keys a bind under way may take
+        self.bound = {}                             # key -> the container that bound it, while it holds it
         self.claims = {self.key(m): (m, None) for m in mappings}  # key -> (mapping, container or None)
 
     @property
@@ -963,10 +964,13 @@ class Reservations:
         """[(mapping, owner, held socket or None)] of every claim, for a hand-over."""
         return [(mapping, owner, self.held.get(key)) for key, (mapping, owner) in self.claims.items()]
 
-    def adopt(self, mapping, owner, sock):
-        """A claim a previous daemon had, with its held socket if any: a container's or a
-        bypass's is kept; one of the previous daemon's -p is kept if this daemon's -p has it."""
+    def adopt(self, mapping, owner, sock, binder=None):
+        """A claim a previous daemon had, with its held socket if any, and the container that has
+        bound it: a container's or a bypass's is kept; one of the previous daemon's -p is kept if
+        this daemon's -p has it."""
         key = self.key(mapping)
+        if binder is not None:
+            self.bound[key] = binder
         if owner is None and key not in self.claims:
             if sock is not None:
                 sock.close()  # no longer published: let it go
@@ -980,6 +984,8 @@ class Reservations:
 
     def release(self, owner):
         """Container `owner` is gone: its host ports are free for anyone."""
+        for key in [key for key, binder in self.bound.items() if binder == owner]:
+            del self.bound[key]
         for key, (mapping, claimant) in list(self.claims.items()):
             if claimant == owner and owner is not None:
                 del self.claims[key]
@@ -1025,24 +1031,37 @@ class Reservations:
         if sock is not None:
             sock.close()
 
-    def end_loan(self, mapping, bound):
-        """The bind is over: the port is the container's now (`bound`), or taken back at once."""
+    def end_loan(self, mapping, bound, binder=None):
+        """The bind is over: the port is container `binder`'s now (`bound`), or taken back at once."""
         self.lent.discard(self.key(mapping))
-        if not bound:
+        if bound:
+            self.bound[self.key(mapping)] = binder
+        else:
             self.take(mapping)
 
     def take(self, mapping):
-        """Reserve the port again if it is free (and reservation is on)."""
-        if self.enabled and self.key(mapping) not in self.held:
+        """Reserve the port again if it is free (and reservation is on); whether it was taken."""
+        key = self.key(mapping)
+        if self.enabled and key not in self.held:
             try:
-                self.held[self.key(mapping)] = self.bind(mapping)
+                self.held[key] = self.bind(mapping)
             except OSError:
-                pass
+                return False
+            return self.bound.pop(key, None) is not None  # its container let it go
+        return False
 
     def retry(self):
+        """Take back every free port; whether one a container had bound was."""
+        let_go = False
         for mapping in self.wanted:
             if self.key(mapping) not in self.lent:
-                self.take(mapping)
+                let_go |= self.take(mapping)
+        return let_go
+
+    def bound_by(self):
+        """[(mapping, container id)] of the daemon's -p ports that containers have bound now."""
+        return [(self.claims[key][0], cid) for key, cid in self.bound.items()
+                if key in self.claims and self.claims[key][1] is None]
 
     def unheld(self):
         return len(self.held) < len(self.wanted)
@@ -2194,7 +2213,7 @@ class Switcher:
         finally:
             host.close()
             if lent:
-                self.ports.end_loan(mapping, bound=installed)
+                self.ports.end_loan(mapping, installed, call.container.id)
 
     # -- listen ------------------------------------------------------------
 
@@ -3349,6 +3368,7 @@ class Server:
         self.keys.clear()
         for tid in list(switcher.threads):
             switcher.forget_thread(tid)
+        switcher.interfaces.close()
 
 
 class ParentChannel:
@@ -3365,8 +3385,8 @@ class ParentChannel:
     def lend(self, mapping):
         self.ask(["lend", mapping_to_json(mapping)])
 
-    def end_loan(self, mapping, bound):
-        self.ask(["bound" if bound else "unbound", mapping_to_json(mapping)])
+    def end_loan(self, mapping, bound, binder):
+        self.ask(["bound" if bound else "unbound", mapping_to_json(mapping), binder])
 
     def share(self, container):
         self.ask(["share", container.id])
@@ -3430,6 +3450,23 @@ class Worker:
         for channel in (self.handoff, self.requests):
             channel.close()
         os.close(self.pidfd)
+
+
+class LocalPorts:
+    """A single-process daemon's published ports as its Switcher borrows them, as a worker's
+    ParentChannel asks for them."""
+
+    __slots__ = ("daemon",)
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def lend(self, mapping):
+        self.daemon.reservations.lend(mapping)
+
+    def end_loan(self, mapping, bound, binder):
+        self.daemon.reservations.end_loan(mapping, bound, binder)
+        self.daemon.changed()  # a container's address and this port: Routes
 
 
 class LocalWorker:
@@ -3725,8 +3762,9 @@ class Routes:
 
     ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses
 
-    def __init__(self, events, containers, workers, c2c, probe_peers, multinode):
+    def __init__(self, events, containers, workers, bound, c2c, probe_peers, multinode):
         self.events, self.containers, self.workers = events, containers, workers
+        self.bound = bound          # Reservations.bound_by
         self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
         self.multinode = multinode  # (etcd URL, this node's host address), or None
         self.peers = []             # peer_rows() as the servers have them
@@ -3737,17 +3775,18 @@ class Routes:
 
     def peer_rows(self):
         """[version, address, container port, host IP or None, host port, container id, pid] of
-        the TCP ports each container publishes itself (its annotations, the API), at each of
-        its addresses.  The daemon's -p is left out: which container it reaches is not fixed."""
-        rows = []
-        for hosted in self.containers.values():
-            if not isinstance(hosted.pid, int):
-                continue
-            for proto, host_ip, host_port, container_port in (hosted.settings or {}).get("publish", ()):
-                if proto == _TCP:
-                    rows.extend([address.version, int(address), container_port, host_ip, host_port, hosted.cid,
-                                 hosted.pid] for address in hosted.addresses)
-        return rows
+        the TCP ports each container publishes itself (its annotations, the API), and of the
+        daemon's -p ports a container has bound (as the Go tool registers them), at each of its
+        addresses."""
+        published = [(hosted, mapping) for hosted in self.containers.values()
+                     for mapping in map(mapping_from_json, (hosted.settings or {}).get("publish", ()))]
+        published += [(self.containers[cid], mapping) for mapping, cid in self.bound()
+                      if cid in self.containers]
+        return [[address.version, int(address), mapping.container_port,
+                 None if mapping.host_ip is None else str(mapping.host_ip), mapping.host_port, hosted.cid,
+                 hosted.pid]
+                for hosted, mapping in published if mapping.proto == _TCP and isinstance(hosted.pid, int)
+                for address in hosted.addresses]
 
     def update(self):
         """Tell the servers the containers' published ports at their addresses, and the agent
@@ -3886,11 +3925,12 @@ class Daemon:
         self.containers = {}        # OCI id -> Hosted
         self.routes = None          # Routes, with --handle-c2c-connections or --multinode
         if c2c or multinode is not None:
-            self.routes = Routes(self.events, self.containers, lambda: self.workers, c2c, probe_peers, multinode)
+            self.routes = Routes(self.events, self.containers, lambda: self.workers, self.reservations.bound_by, c2c,
+                                 probe_peers, multinode)
         self.serial = 0             # the last Handed.key
         self.server = None
         if workers == 1:
-            switcher = Switcher(self.events, self.base, self.reservations, self.inflight.writer(0), debug)
+            switcher = Switcher(self.events, self.base, LocalPorts(self), self.inflight.writer(0), debug)
             self.server = Server(self.events, switcher, self.table)
             self.workers = [LocalWorker(self.server)]
         self.running = True
@@ -4076,6 +4116,7 @@ class Daemon:
                                  "counters": None if for_keeper else self.table.totals(hosted.slot)}
                            for cid, hosted in self.containers.items()},
             "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
+                        "binder": self.reservations.bound.get(self.reservations.key(mapping)),
                         "fd": ref_socket(sock) if sock is not None and not for_keeper else None}
                        for mapping, owner, sock in self.reservations.export()],
         }
@@ -4179,7 +4220,7 @@ class Daemon:
         for entry in state["claims"]:
             sock = None if entry["fd"] is None else socket.socket(fileno=fds[entry["fd"]])
             mapping = mapping_from_json(entry["mapping"])
-            reservations.adopt(mapping, entry["owner"], sock)
+            reservations.adopt(mapping, entry["owner"], sock, entry.get("binder"))
             adopted.add(reservations.key(mapping))
         for mapping in reservations.wanted:
             key = reservations.key(mapping)
@@ -4563,7 +4604,7 @@ class Daemon:
             return  # the worker is gone: its pidfd says so
         if data == WORKER_READY:
             return  # a replacement's: nobody waits for it
-        what, argument = json.loads(data)
+        what, argument, *binder = json.loads(data)
         if what == "share":
             self.share(argument)
         else:
@@ -4573,7 +4614,8 @@ class Daemon:
                 if what == "lend":
                     reservations.lend(mapping)
                 else:
-                    reservations.end_loan(mapping, what == "bound")
+                    reservations.end_loan(mapping, what == "bound", *binder)
+                    self.changed()  # a container's address and this port: Routes
         worker.requests.send(b"ok")
 
     def stop_workers(self):
@@ -4631,7 +4673,8 @@ class Daemon:
         def housekeeping():
             if self.server is not None:
                 self.server.switcher.sweep_pending()
-            self.reservations.retry()
+            if self.reservations.retry():
+                self.changed()
         run_loop(self.events, lambda: self.running, housekeeping,
                  lambda: bool(self.server and self.server.switcher.pending) or self.reservations.unheld())
 

@@ -50,9 +50,9 @@ def keys(testbed, url):
     return json.loads(run(testbed.in_netns(["python3", "-c", ETCD_RANGE, url]), check=True).stdout)
 
 
-def node(url, host, user):
+def node(url, host, user, extra=()):
     return Daemon(["--multinode", "--multinode-etcd-address", url, "--multinode-host-address", host,
-                   "--ignore", "10.0.0.0/8"], udp=False, user=user)
+                   "--ignore", "10.0.0.0/8", *extra], udp=False, user=user)
 
 
 @pytest.fixture
@@ -77,16 +77,19 @@ Served = collections.namedtuple("Served", "address host_port body key")
 
 
 @contextlib.contextmanager
-def served(testbed, d):
-    """An HTTP server container of node `d` on its network, publishing its port 80 itself:
-    Served(container address, host port, body, its etcd key); removed at the end."""
+def served(testbed, d, host_port=None):
+    """An HTTP server container of node `d` on its network, publishing its port 80 itself, or
+    through the daemon's -p HOST_PORT:80 if `host_port` is given: Served(container address,
+    host port, body, its etcd key); removed at the end."""
     name = "b4ns-mn-" + uuid.uuid4().hex[:8]
     body = "b4ns-" + uuid.uuid4().hex
-    host_port = testbed.free_port()
+    extra = ["-d"]
+    if host_port is None:
+        host_port = testbed.free_port()
+        extra += ["--annotation", "bypass4netns.publish=%d:80" % host_port]
     run(testbed.run_container(
         ["sh", "-c", "echo %s > /tmp/index.txt && exec python3 -m http.server 80 --directory /tmp" % body],
-        network=NETWORKS[d.user], name=name, seccomp=d.profile, user=d.user,
-        extra=["-d", "--annotation", "bypass4netns.publish=%d:80" % host_port]), check=True)
+        network=NETWORKS[d.user], name=name, seccomp=d.profile, user=d.user, extra=extra), check=True)
     try:
         address = run(testbed.podman(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
                                       name], user=d.user), check=True).stdout.strip()
@@ -198,3 +201,21 @@ def test_a_killed_daemon_s_keeper_puts_the_keys_again(testbed, etcd, nodes):
         time.sleep(20)                                      # past the dead daemon's 15 s lease
         assert keys(testbed, url).get(key) == "%s:%d" % (testbed.HOST_IP4, host_port)
         assert wait_for(lambda: fetch(testbed, b, address) == {"body": body + "\n"}, timeout=30)
+
+
+def test_the_daemons_own_publish_is_registered_when_a_container_binds_it(testbed, etcd, nodes):
+    """The Go tool's flags: -p HOSTPORT:80 with --multinode.  The key is the binding container's
+    address and port, put when it binds and deleted when it lets go; node B reaches it."""
+    url, _proc = etcd
+    _a, b = nodes
+    host_port = testbed.free_port()
+    a = node(url, testbed.HOST_IP4, testbed.USER, ["-p", "%d:80" % host_port])
+    try:
+        time.sleep(3)
+        assert not [key for key, value in keys(testbed, url).items() if value.endswith(":%d" % host_port)]
+        with served(testbed, a, host_port) as server:
+            assert wait_for(lambda: keys(testbed, url).get(server.key) == "%s:%d" % (testbed.HOST_IP4, host_port))
+            assert wait_for(lambda: fetch(testbed, b, server.address) == {"body": server.body + "\n"}, timeout=30)
+        assert wait_for(lambda: server.key not in keys(testbed, url))
+    finally:
+        assert a.stop() == 0
