@@ -127,10 +127,42 @@ def test_run_length_holds_unless_the_long_run_falls():
         "runlen_short": {"host": [100.0, 110.0, 90.0], "pasta": [100.0], "bypass": [100.0]},
         "runlen_long": {"host": [100.0, 120.0, 95.0], "pasta": [50.0], "bypass": []}}))
     checked = bench.run_length(summary)
-    assert checked["host"] == {"short": 100.0, "long": 100.0, "ratio": 1.0, "holds": True}
+    assert checked["host"] == {"short": 100.0, "long": 100.0, "ratio": 1.0, "late_over_early": None,
+                               "holds": True}
     assert checked["pasta"]["ratio"] == 0.5 and checked["pasta"]["holds"] is False
     assert checked["bypass"]["holds"] is None and checked["bypass"]["ratio"] is None
     assert bench.run_length(bench.summarize(results_of({"connect": {"host": [1.0]}}))) == {}
+
+
+def test_a_slower_long_run_that_is_steady_within_itself_holds():
+    results = results_of({"runlen_short": {"slirp4netns": [100.0], "pasta": [100.0]},
+                          "runlen_long": {"slirp4netns": [80.0], "pasta": [80.0]}})
+    results["raw"]["runlen_long"]["slirp4netns"][0]["per_second"] = [20, 80, 81, 79, 80]  # steady: load
+    results["raw"]["runlen_long"]["pasta"][0]["per_second"] = [50, 100, 90, 70, 60]  # decays: the run's length
+    checked = bench.run_length(bench.summarize(results))
+    assert checked["slirp4netns"]["late_over_early"] == pytest.approx(79.5 / 80.5)
+    assert checked["slirp4netns"]["holds"] is True
+    assert checked["pasta"]["late_over_early"] == pytest.approx(65 / 95) and checked["pasta"]["holds"] is False
+
+
+@pytest.mark.parametrize("per_second, ratio", [
+    ([], None), ([5, 10], None),  # under 3 seconds: none
+    ([1, 10, 20], 2.0),  # the first second is left out
+    ([1, 10, 10, 20, 20, 20], 2.0),  # halves of 5 seconds: 2 early, 3 late
+    ([1, 0, 5], None),
+])
+def test_late_over_early(per_second, ratio):
+    assert bench.late_over_early(per_second) == ratio
+
+
+def test_clients_per_second_counts_add_up_over_whole_seconds():
+    out = ["count 300 errors 0 elapsed_us 2500000 sum_us 3000 errno 0\nhist 10:300\npersec 100 150 50\n",
+           "count 200 errors 0 elapsed_us 2400000 sum_us 2000 errno 0\nhist 10:200\npersec 90 80 30\n"]
+    merged = bench.merge_clients(out)
+    assert merged["per_second"] == [190, 230]  # the third, partial second left out
+    assert merged["connections"] == 500 and merged["value"] == pytest.approx(200.0)
+    # A client of before (no persec line) still parses.
+    assert bench.merge_clients([out[0].split("\npersec")[0] + "\n"])["per_second"] == []
 
 
 def test_floor_ratios_take_rates_and_cpu_per_connect_where_both_have_them():
