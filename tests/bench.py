@@ -723,7 +723,8 @@ def start_engine(publish_port):
 class PeerDaemon(Daemon):
     """Another bypass4netns-compatible daemon: same flags, its own profile."""
 
-    def __init__(self, path, profile, publish_port):
+    def __init__(self, path, profile, publish_port, publish_off=None):
+        """publish_port: the host port of -p; publish_off: why not to pass -p at all (it publishes nothing)."""
         # Started its own way (the original tool has no --ready-fd); the readers are Daemon's.
         name = "b4ns-peer-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
         self.script = os.path.join(tb.WORKDIR, name + "-" + os.path.basename(path))
@@ -744,10 +745,10 @@ class PeerDaemon(Daemon):
             self.profile = generate_profile(self.socket)
         argv = (["python3"] if path.endswith(".py") else []) + [self.script]
         argv += ["--socket", self.socket, "--log-file", self.log_path, "--ignore", IGNORE]
-        self.publish_port, self.publish_off = publish_port, None
-        self.proc = self._start(argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)])
+        self.publish_port, self.publish_off = publish_port, publish_off
+        self.proc = None if publish_off else self._start(argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)])
         if self.proc is None:
-            self.publish_port, self.publish_off = None, "the peer did not start with -p"
+            self.publish_port, self.publish_off = None, publish_off or "the peer did not start with -p"
             self.proc = self._start(argv)
         if self.proc is None:
             raise RuntimeError("the peer daemon %s did not start: %s" % (path, self.log()[-500:]))
@@ -1227,6 +1228,8 @@ class Bench:
         """Lookups of bench.test from dnsmasq, a process each (getent ahosts or dig), for a wall time."""
         if self.dns_error:
             raise Failed(self.dns_error)
+        if tool == "dig" and not shutil.which("dig"):
+            apt_install(["bind9-dnsutils"], "dig")
         n = self.t[tool + "_n"]
         one = {"getent": "getent ahosts bench.test",
                "dig": "dig +short +tries=1 +time=2 @%s bench.test" % cfg.target}[tool]
@@ -1264,7 +1267,7 @@ class Bench:
     def node(self, cfg):
         """A Node.js client, a new connection per request, against the namespace's nginx."""
         if not shutil.which("node"):
-            raise Failed("no node binary (Debian package nodejs)")
+            apt_install(["nodejs"], "the Node.js client")
         seconds = self.t["ab"]
         first, last = self.nginx_rings[cfg.target].take(ports_needed(seconds, AB_RATE_CAP, AB_CHUNK) + 1, seconds)
         argv = ["node", cfg.path(os.path.join(self.php_dir, "node-client.js")), cfg.target, str(seconds * 1000),
@@ -2037,7 +2040,7 @@ def markdown(results, summary):
         for r in vs_floor:
             unit = summary[r["workload"]]["unit"]
             out.append("| %s | %s %s | %s | %s | %s | %s | %s |" % (
-                r["label"], fmt(r["rate"], unit), unit, fmt(r["floor_rate"], unit),
+                r["label"].replace("; ratio to no profile", ""), fmt(r["rate"], unit), unit, fmt(r["floor_rate"], unit),
                 "n/a" if r["rate_ratio"] is None else "%.2fx" % r["rate_ratio"],
                 "n/a" if r["cpu_ms"] is None else "%.3f" % r["cpu_ms"],
                 "n/a" if r["floor_cpu_ms"] is None else "%.3f" % r["floor_cpu_ms"],
@@ -2274,7 +2277,8 @@ def main(argv=None):
             daemons.append(peer)
             configs.append(Container("peer", "peer: " + os.path.basename(args.peer), args.runtime, peer))
         if args.floor:
-            floor = PeerDaemon(os.path.abspath(args.floor), None, tb.free_port())
+            floor = PeerDaemon(os.path.abspath(args.floor), None, None,
+                               publish_off="the floor publishes no port (it ignores -p)")
             daemons.append(floor)
             configs.append(Container("floor", "floor", args.runtime, floor))
         if args.configs:
