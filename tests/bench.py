@@ -39,8 +39,9 @@ bytes on one unconnected UDP socket to 127.0.0.1 (a call the profile does not
 trap); real resolvers: `getent ahosts` and `dig` in a loop against dnsmasq
 (run here on 198.18.0.1 and 198.18.1.1, every client resolving through it,
 never through the machine's resolvers); nginx in front of php-fpm over a unix
-socket in one container, `ab -c 8` from inside it.  The rows of the last four
-give each configuration's ratio to the slirp4netns container (no profile).
+socket in one container, `ab -c 8` from inside it (the rows of these four give
+each configuration's ratio to the slirp4netns container: no profile); a Node.js
+HTTP client, a new connection per request, against the namespace's nginx.
 The daemons' CPU time and memory are read from /proc around the connect
 workloads (--py-spy DIR also records their stacks).
 
@@ -48,8 +49,8 @@ Server ports: slirp4netns and pasta leave a client-side TIME_WAIT for each
 connection, and past ~28,000 of them towards one server port every connect()
 there slows down in the kernel's ephemeral-port search; so no server port takes
 more than 20,000 connections a minute (PORT_LIMIT): the C clients turn through
-a fresh range of ports, one port a connection, and ab moves to a fresh port
-every 10,000 requests.  The run-length check (--run-length alone; part of the
+a fresh range of ports, one port a connection, and ab and the Node.js client
+move to a fresh port every 10,000 requests.  The run-length check (--run-length alone; part of the
 full run) measures the connect loop for 1 s and for 10 s (5 s with --quick)
 in every configuration: the figure must not fall with the run's length (it
 falls if the long run is below 0.9 of the short one and its own second half
