@@ -178,3 +178,34 @@ def test_floor_ratios_take_rates_and_cpu_per_connect_where_both_have_them():
     assert rows["connect"]["rate_ratio"] == pytest.approx(0.75)
     assert rows["connect"]["cpu_ratio"] == pytest.approx(2.0)
     assert rows["ab1"]["rate_ratio"] == 1.0 and rows["ab1"]["cpu_ratio"] is None
+
+
+def test_results_md_has_the_run_length_and_floor_sections():
+    results = results_of({
+        "connect": {"host": [30000.0], "slirp4netns": [3000.0], "bypass": [6000.0], "floor": [8000.0]},
+        "unix1": {"host": [60000.0], "slirp4netns": [50000.0], "bypass": [20000.0], "floor": [21000.0]},
+        "runlen_short": {"host": [30000.0], "slirp4netns": [3000.0], "bypass": [6000.0], "floor": [8000.0]},
+        "runlen_long": {"host": [29000.0], "slirp4netns": [2000.0], "bypass": [6100.0], "floor": [8000.0]}})
+    results["raw"]["runlen_long"]["slirp4netns"][0]["per_second"] = [2500, 2400, 2000, 1500, 1400]
+    bench_t = {"iperf": 1, "ab": 1, "connect_ms": 1000, "redis_n": 1, "tar_passes": 1, "crowd": 20, "syscalls_n": 1,
+               "runlen_short_ms": 1000, "runlen_long_ms": 5000, "sendto_ms": 1, "getent_n": 1, "dig_n": 1,
+               "php_n": 1}
+    machine = {k: "x" for k in ("date", "kernel", "cpu", "commit", "bypass4netns.py sha256", "loadavg_start",
+                                "loadavg_end", "podman", "runc", "crun", "slirp4netns", "pasta", "iperf3", "nginx",
+                                "redis-benchmark")}
+    machine["cpus"] = 2
+    results.update(quick=True, rounds=1, runtime="runc", durations=bench_t, machine=machine, floor="floor.py",
+                   peer=None, command="sudo ./tests/bench", seconds=1.0)
+    for c in results["configs"]:
+        c["label"] = {"bypass": "bypass4netns.py"}.get(c["key"], c["key"])
+    summary = results["summary"] = bench.summarize(results)
+    results["run_length"] = bench.run_length(summary)
+    results["vs_floor"] = bench.floor_ratios(summary)
+    md = bench.markdown(results, summary).splitlines()
+    assert "| long / short | 1.02 | 1.00 | 0.97 | 0.67 |" in md  # configs in key order: bypass floor host slirp
+    figure = next(line for line in md if line.startswith("| the figure |"))
+    assert figure == "| the figure | holds | holds | holds | **falls** |"
+    row = next(line for line in md if line.startswith("| connect/close loop, static C client | 6,000"))
+    assert row.endswith("| 0.75x | n/a | n/a | n/a |"), row  # no daemon CPU in these results: n/a
+    unix = next(line for line in md if line.startswith("| unix connect/close loop") and "conn/s |" in line)
+    assert "20,000 (0.40x)" in unix and "| 50,000 |" in unix  # ratio to no profile; the base without one
