@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: bypass4netns.py side by side with the host, slirp4netns and pasta.
 
-    sudo ./tests/bench [--quick] [--peer PATH] [--rounds N] [--out DIR]
+    sudo ./tests/bench [--quick] [--peer PATH] [--floor PATH] [--run-length] [--rounds N] [--out DIR]
 
 Every configuration runs the same workloads, with widely known tools, on the
 test bed (tests/testbed.py): all traffic stays inside the test namespace
@@ -19,6 +19,11 @@ Configurations (the client is the only thing that changes):
   peer          (--peer PATH) any bypass4netns-compatible daemon, same flags,
                 with the profile from --peer-profile (listenerPath rewritten)
                 or else the one seccomp-gen.py writes.
+  floor         (--floor PATH, e.g. ../shared/floor/floor.py, which stays
+                outside the project) a minimal switcher, the mechanism's cost
+                and nothing more, run like a peer; results.md then gives
+                bypass4netns.py's connect rates and daemon CPU per connect as
+                ratios to the floor's.
 
 Workloads: iperf3 container -> host (1 and 4 streams) and host -> container
 through a published port; ab -c 1 and -c 8 against nginx, one connection per
@@ -28,8 +33,28 @@ its threads and workers: no wake-ups across CPUs); redis-benchmark GET/SET on
 one kept-alive connection; tar of /usr/share (no networking: what the seccomp
 profile costs); 20 clients connecting at once, in 20 containers, and as 20
 processes in one container; UDP lookups as glibc's resolver makes them (a new
-socket connected for each, a 1-byte query, its echo).  The daemons' CPU time and memory are read from
-/proc around the connect workloads (--py-spy DIR also records their stacks).
+socket connected for each, a 1-byte query, its echo); a unix connect/close loop
+in one container, server included, as 1 and as 4 processes; sendto() of 64
+bytes on one unconnected UDP socket to 127.0.0.1 (a call the profile does not
+trap); real resolvers: `getent ahosts` and `dig` in a loop against dnsmasq
+(run here on 198.18.0.1 and 198.18.1.1, every client resolving through it,
+never through the machine's resolvers); nginx in front of php-fpm over a unix
+socket in one container, `ab -c 8` from inside it (the rows of these four give
+each configuration's ratio to the slirp4netns container: no profile); a Node.js
+HTTP client, a new connection per request, against the namespace's nginx.
+The daemons' CPU time and memory are read from /proc around the connect
+workloads (--py-spy DIR also records their stacks).
+
+Server ports: slirp4netns and pasta leave a client-side TIME_WAIT for each
+connection, and past ~28,000 of them towards one server port every connect()
+there slows down in the kernel's ephemeral-port search; so no server port takes
+more than 20,000 connections a minute (PORT_LIMIT): the C clients turn through
+a fresh range of ports, one port a connection, and ab and the Node.js client
+move to a fresh port every 10,000 requests.  The run-length check (--run-length alone; part of the
+full run) measures the connect loop for 1 s and for 10 s (5 s with --quick)
+in every configuration: the figure must not fall with the run's length (it
+falls if the long run is below 0.9 of the short one and its own second half
+below 0.9 of its first: the C client counts its connections second by second).
 After the rounds, an untimed pass counts each daemon's syscalls per connection:
 `strace -c -f` on it and its workers during a loop of 2000 connections.
 
@@ -46,6 +71,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -73,6 +99,23 @@ ADDR_A, ADDR_B = tb.HOST_IP4, tb.HOST_IP4_B
 PUBLISHED_PORT = 5201  # the container side of the published port (iperf3's own)
 IGNORE = "127.0.0.0/8,10.0.0.0/8,auto"  # README's recommended daemon flags
 PINNED_CPU = 0  # the CPU of the pinned connect loop
+# Server ports.  slirp4netns and pasta close their outer socket first when a container's client
+# resets a connection, so each of their connections leaves a client-side TIME_WAIT (60 s) towards the
+# server's port; past ~28,000 of those towards one address and port, every connect() there slows
+# down in the kernel's ephemeral-port search (__inet_hash_connect, tcp_twsk_unique; tcp_tw_reuse=2 is
+# no help).  So no server port may take more than PORT_LIMIT connections a minute: the C clients
+# turn to the next port of their own range at every connection, a range wide enough for
+# RATE_CAP conn/s at PER_PORT connections a port (ports_needed), ab turns to a fresh port every
+# AB_CHUNK requests, and a port is handed out again only REUSE_AFTER s after its last measurement
+# ended (PortRing).
+PORT_LIMIT = 20000  # connections to one server port in 60 s, at most
+PER_PORT = 15000  # what a C client's range is sized for: a margin under PORT_LIMIT
+RATE_CAP = 60000  # conn/s, above any configuration's rate on this machine (the host's storm: ~41,000)
+REUSE_AFTER = 65  # s between a port's last measurement and its next one (TIME_WAIT: 60 s)
+ACCEPT_POOL = 1000  # ports of the C clients' accept server on each address
+NGINX_POOL = 200  # ports of nginx on each address
+AB_CHUNK = 10000  # ab requests to one port before the next port
+AB_RATE_CAP = 30000  # req/s: what ab's ports are sized for
 
 # ---------------------------------------------------------------------------
 # The static C client (and accept-and-close server, and timer)
@@ -80,22 +123,32 @@ PINNED_CPU = 0  # the CPU of the pinned connect loop
 
 CONNBENCH_C = r"""
 /* connbench, built by tests/bench.py with gcc -static:
- *   connbench serve ADDR:PORT...                 accept and close, on every listener; and echo
- *                                                UDP datagrams at the same ADDR:PORTs
- *   connbench connect ADDR PORT MS [GO [PROCS]]  connect/close loop for MS ms
- *   connbench count ADDR PORT N [GO [PROCS]]     the same loop for N connections
- *   connbench udp ADDR PORT MS [GO [PROCS]]      the same loop on UDP sockets, with a 1-byte
- *                                                query and its echo before close: a resolver's
- *                                                lookup (glibc connects a socket for each)
- *   connbench time CMD ARG...                    run CMD, print its wall time
+ *   connbench serve ENDPOINT...                     accept and close, on every listener; and echo
+ *                                                   UDP datagrams at the same ADDR:PORTs
+ *   connbench connect ADDR PORTS MS [GO [PROCS]]    connect/close loop for MS ms
+ *   connbench count ADDR PORTS N [GO [PROCS]]       the same loop for N connections
+ *   connbench udp ADDR PORTS MS [GO [PROCS]]        the same loop on UDP sockets, with a 1-byte
+ *                                                   query and its echo before close: a resolver's
+ *                                                   lookup (glibc connects a socket for each)
+ *   connbench unix PATH - MS [GO [PROCS]]           the connect/close loop on a unix stream socket
+ *   connbench sendto MS                             sendto() of 64 bytes on one unconnected UDP
+ *                                                   socket to a receiver of its own on 127.0.0.1,
+ *                                                   for MS ms: "sendto calls N errors E elapsed_ns T"
+ *   connbench time CMD ARG...                       run CMD, print its wall time
+ * ENDPOINT: ADDR:PORT, ADDR:LO-HI (every port from LO to HI) or unix:PATH.  PORTS: PORT or LO-HI:
+ * the loop connects to each port in turn (from a port picked at random), so that no server port
+ * takes more than its share of the connections: a TIME_WAIT that slirp4netns or pasta leaves for
+ * each connection would otherwise pile up towards one port, and past ~28,000 of them the kernel's
+ * ephemeral-port search for that destination slows every connect() down.
  * connect: socket(); connect() (timed); SO_LINGER 0, so that close() sends an
  * RST and leaves no TIME_WAIT to run out of ports; close().  With GO (a file
  * path), print "ready", wait for GO to hold a CLOCK_REALTIME start time in ns
  * and start then, so that many clients run in the same window.  Prints
  * "count N errors E elapsed_us T sum_us S" and "hist US:COUNT ..." (1 us
- * buckets below 10 ms, 1 ms buckets above, capped at 10 s).  With PROCS, that
+ * buckets below 10 ms, 1 ms buckets above, capped at 10 s), then "persec N..."
+ * (connections made in each second of the loop).  With PROCS, that
  * many forked copies of the loop (so all in one container, under its one
- * seccomp filter) print "ready" together, then each its own two lines. */
+ * seccomp filter) print "ready" together, then each its own three lines. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -104,18 +157,21 @@ CONNBENCH_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #define FINE 10000
 #define COARSE 10000
-#define MAX_LISTENERS 128
 #define MAX_PROCS 64
-static uint64_t fine[FINE], coarse[COARSE + 1];
+#define SECONDS 600
+static uint64_t fine[FINE], coarse[COARSE + 1], persec[SECONDS];
 
 static uint64_t now_ns(clockid_t clock) {
     struct timespec ts;
@@ -123,41 +179,70 @@ static uint64_t now_ns(clockid_t clock) {
     return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
 }
 
+/* "P" or "LO-HI" -> *lo, *n; 0 on error. */
+static int port_range(const char *s, int *lo, int *n) {
+    char *dash;
+    int hi;
+    *lo = atoi(s);
+    dash = strchr(s, '-');
+    hi = dash ? atoi(dash + 1) : *lo;
+    if (*lo < 1 || hi < *lo || hi > 65535) return 0;
+    *n = hi - *lo + 1;
+    return 1;
+}
+
+static int watch(int ep, int fd, int udp) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)fd | (uint64_t)udp << 32};
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+}
+
 static int serve(int argc, char **argv) {
-    struct pollfd fds[MAX_LISTENERS];
-    int n = 0;
-    int udp[MAX_LISTENERS];
-    if (2 * argc > MAX_LISTENERS) { fprintf(stderr, "more than %d listeners\n", MAX_LISTENERS / 2); return 2; }
+    struct rlimit rl = {1 << 16, 1 << 16};
+    struct epoll_event evs[256];
+    int ep = epoll_create1(0);
+    setrlimit(RLIMIT_NOFILE, &rl);  /* thousands of listeners (as root; best effort otherwise) */
     for (int i = 0; i < argc; i++) {
+        if (!strncmp(argv[i], "unix:", 5)) {
+            struct sockaddr_un u = {.sun_family = AF_UNIX};
+            int s = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
+            strncpy(u.sun_path, argv[i] + 5, sizeof u.sun_path - 1);
+            unlink(u.sun_path);
+            if (bind(s, (struct sockaddr *)&u, sizeof u) || listen(s, 4096) || watch(ep, s, 0)) { perror("unix listen"); return 1; }
+            continue;
+        }
         char *colon = strrchr(argv[i], ':');
-        struct sockaddr_in a = {.sin_family = AF_INET};
-        int one = 1, s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), u = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+        int lo, n, one = 1;
         if (!colon) return 2;
         *colon = 0;
-        a.sin_port = htons(atoi(colon + 1));
-        if (inet_pton(AF_INET, argv[i], &a.sin_addr) != 1) return 2;
-        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4096)) { perror("listen"); return 1; }
-        if (bind(u, (struct sockaddr *)&a, sizeof a)) { perror("bind udp"); return 1; }
-        udp[n] = 0, fds[n].fd = s, fds[n++].events = POLLIN;
-        udp[n] = 1, fds[n].fd = u, fds[n++].events = POLLIN;
+        if (!port_range(colon + 1, &lo, &n)) return 2;
+        for (int p = lo; p < lo + n; p++) {
+            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(p)};
+            int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), u = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+            if (s < 0 || u < 0) { perror("socket"); return 1; }
+            if (inet_pton(AF_INET, argv[i], &a.sin_addr) != 1) return 2;
+            setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+            if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4096)) { fprintf(stderr, "listen %s:%d: %s\n", argv[i], p, strerror(errno)); return 1; }
+            if (bind(u, (struct sockaddr *)&a, sizeof a)) { fprintf(stderr, "bind udp %s:%d: %s\n", argv[i], p, strerror(errno)); return 1; }
+            if (watch(ep, s, 0) || watch(ep, u, 1)) { perror("epoll_ctl"); return 1; }
+        }
     }
     printf("listening\n");
     fflush(stdout);
     for (;;) {
-        if (poll(fds, n, -1) < 0 && errno != EINTR) return 1;
+        int n = epoll_wait(ep, evs, 256, -1);
+        if (n < 0 && errno != EINTR) return 1;
         for (int i = 0; i < n; i++) {
-            if (!(fds[i].revents & POLLIN)) continue;
+            int fd = (int)(evs[i].data.u64 & 0xffffffffu), udp = (int)(evs[i].data.u64 >> 32);
             for (int k = 0; k < 64; k++) {  /* drain a burst */
-                if (udp[i]) {
+                if (udp) {
                     struct sockaddr_in from;
                     socklen_t len = sizeof from;
                     char byte;
-                    if (recvfrom(fds[i].fd, &byte, 1, 0, (struct sockaddr *)&from, &len) < 0) break;
-                    sendto(fds[i].fd, &byte, 1, 0, (struct sockaddr *)&from, len);
+                    if (recvfrom(fd, &byte, 1, 0, (struct sockaddr *)&from, &len) < 0) break;
+                    sendto(fd, &byte, 1, 0, (struct sockaddr *)&from, len);
                     continue;
                 }
-                int c = accept4(fds[i].fd, NULL, NULL, SOCK_NONBLOCK);
+                int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
                 if (c < 0) break;
                 close(c);
             }
@@ -166,15 +251,22 @@ static int serve(int argc, char **argv) {
 }
 
 /* by_count: argv[2] is a number of connections (errors included), not milliseconds.
- * kind: SOCK_STREAM or SOCK_DGRAM. */
-static int client(int argc, char **argv, int by_count, int kind) {
+ * family: AF_INET (argv[0] an address, argv[1] ports) or AF_UNIX (argv[0] a path); kind: SOCK_STREAM or
+ * SOCK_DGRAM. */
+static int client(int argc, char **argv, int by_count, int family, int kind) {
     struct sockaddr_in a = {.sin_family = AF_INET};
+    struct sockaddr_un un = {.sun_family = AF_UNIX};
     struct linger lin = {1, 0};
     uint64_t count = 0, errors = 0, sum_ns = 0, start, end, t0, t1;
-    int last_errno = 0;
+    int last_errno = 0, lo = 0, nports = 1, next;
     if (argc < 3) return 2;
-    a.sin_port = htons(atoi(argv[1]));
-    if (inet_pton(AF_INET, argv[0], &a.sin_addr) != 1) return 2;
+    if (family == AF_UNIX) {
+        strncpy(un.sun_path, argv[0], sizeof un.sun_path - 1);
+    } else {
+        if (!port_range(argv[1], &lo, &nports)) return 2;
+        if (inet_pton(AF_INET, argv[0], &a.sin_addr) != 1) return 2;
+    }
+    next = (int)((now_ns(CLOCK_REALTIME) ^ (uint64_t)getpid() * 2654435761u) % (uint64_t)nports);
     uint64_t limit = (uint64_t)atoll(argv[2]), most = by_count ? limit : 100000000u;
     if (argc > 3) {
         struct stat st;
@@ -194,10 +286,13 @@ static int client(int argc, char **argv, int by_count, int kind) {
     start = now_ns(CLOCK_MONOTONIC);
     end = by_count ? UINT64_MAX : start + limit * 1000000u;
     do {
-        int s = socket(AF_INET, kind, 0);
+        int s = socket(family, kind, 0), r;
         if (s < 0) { errors++; last_errno = errno; usleep(1000); t1 = now_ns(CLOCK_MONOTONIC); continue; }
+        a.sin_port = htons(lo + next);
+        if (++next == nports) next = 0;
         t0 = now_ns(CLOCK_MONOTONIC);
-        int r = connect(s, (struct sockaddr *)&a, sizeof a);
+        if (family == AF_UNIX) r = connect(s, (struct sockaddr *)&un, sizeof un);
+        else r = connect(s, (struct sockaddr *)&a, sizeof a);
         t1 = now_ns(CLOCK_MONOTONIC);
         if (r == 0 && kind == SOCK_DGRAM) {  /* the query and its answer, not timed */
             struct pollfd p = {.fd = s, .events = POLLIN};
@@ -209,12 +304,13 @@ static int client(int argc, char **argv, int by_count, int kind) {
             }
         }
         if (r == 0) {
-            uint64_t us = (t1 - t0) / 1000;
+            uint64_t us = (t1 - t0) / 1000, second = (t1 - start) / 1000000000u;
             count++;
+            if (second < SECONDS) persec[second]++;
             sum_ns += t1 - t0;
             if (us < FINE) fine[us]++;
             else coarse[us / 1000 < COARSE ? us / 1000 : COARSE]++;
-            if (kind == SOCK_STREAM) setsockopt(s, SOL_SOCKET, SO_LINGER, &lin, sizeof lin);
+            if (kind == SOCK_STREAM && family == AF_INET) setsockopt(s, SOL_SOCKET, SO_LINGER, &lin, sizeof lin);
         } else {
             errors++;
             last_errno = errno;
@@ -228,7 +324,33 @@ static int client(int argc, char **argv, int by_count, int kind) {
         if (fine[i]) printf(" %d:%llu", i, (unsigned long long)fine[i]);
     for (int i = 10; i <= COARSE; i++)
         if (coarse[i]) printf(" %d:%llu", i * 1000, (unsigned long long)coarse[i]);
+    printf("\npersec");
+    for (uint64_t i = 0; i < SECONDS && i <= (t1 - start) / 1000000000u; i++) printf(" %llu", (unsigned long long)persec[i]);
     printf("\n");
+    return 0;
+}
+
+/* sendto() of 64 bytes on one unconnected UDP socket, to a receiver of our own on 127.0.0.1 (it never
+ * reads: once its buffer is full the kernel drops what arrives, and sendto() still succeeds). */
+static int sendto_loop(char **argv) {
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof to;
+    char payload[64] = {0};
+    uint64_t calls = 0, errors = 0, start, end, t;
+    int last_errno = 0, rcv = socket(AF_INET, SOCK_DGRAM, 0), s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (rcv < 0 || s < 0 || bind(rcv, (struct sockaddr *)&to, sizeof to) ||
+        getsockname(rcv, (struct sockaddr *)&to, &len)) { perror("receiver"); return 1; }
+    start = now_ns(CLOCK_MONOTONIC);
+    end = start + (uint64_t)atoll(argv[0]) * 1000000u;
+    do {
+        for (int i = 0; i < 256; i++) {
+            if (sendto(s, payload, sizeof payload, 0, (struct sockaddr *)&to, sizeof to) == sizeof payload) calls++;
+            else errors++, last_errno = errno;
+        }
+        t = now_ns(CLOCK_MONOTONIC);
+    } while (t < end);
+    printf("sendto calls %llu errors %llu elapsed_ns %llu errno %d\n", (unsigned long long)calls,
+           (unsigned long long)errors, (unsigned long long)(t - start), last_errno);
     return 0;
 }
 
@@ -245,7 +367,7 @@ static int timed(char **argv) {
 
 /* PROCS copies of the loop.  Each writes to a memfd of its own, copied to stdout once all have
  * exited: lines of copies that finish together would interleave in a shared pipe. */
-static int spawn(int procs, int argc, char **argv, int by_count, int kind) {
+static int spawn(int procs, int argc, char **argv, int by_count, int family, int kind) {
     int fds[MAX_PROCS], status, failed = 0;
     pid_t pids[MAX_PROCS];
     char buf[65536];
@@ -256,7 +378,7 @@ static int spawn(int procs, int argc, char **argv, int by_count, int kind) {
         if ((pids[i] = fork()) < 0) { perror("fork"); return 1; }
         if (pids[i] == 0) {
             dup2(fds[i], 1);
-            exit(client(argc, argv, by_count, kind));  /* exit, not _exit: stdio must flush */
+            exit(client(argc, argv, by_count, family, kind));  /* exit, not _exit: stdio must flush */
         }
     }
     for (int i = 0; i < procs; i++) {  /* "ready" once every copy is: it has printed its own */
@@ -279,15 +401,19 @@ static int spawn(int procs, int argc, char **argv, int by_count, int kind) {
 }
 
 int main(int argc, char **argv) {
-    if (argc > 2 && !strcmp(argv[1], "serve")) return serve(argc - 2, argv + 2);
-    if (argc > 2 && (!strcmp(argv[1], "connect") || !strcmp(argv[1], "count") || !strcmp(argv[1], "udp"))) {
-        int by_count = !strcmp(argv[1], "count"), kind = strcmp(argv[1], "udp") ? SOCK_STREAM : SOCK_DGRAM;
-        if (argc > 6) return spawn(atoi(argv[6]), 4, argv + 2, by_count, kind);
-        return client(argc - 2, argv + 2, by_count, kind);
+    const char *m = argc > 1 ? argv[1] : "";
+    if (argc > 2 && !strcmp(m, "serve")) return serve(argc - 2, argv + 2);
+    if (argc > 2 && (!strcmp(m, "connect") || !strcmp(m, "count") || !strcmp(m, "udp") || !strcmp(m, "unix"))) {
+        int by_count = !strcmp(m, "count"), kind = strcmp(m, "udp") ? SOCK_STREAM : SOCK_DGRAM;
+        int family = strcmp(m, "unix") ? AF_INET : AF_UNIX;
+        if (argc > 6) return spawn(atoi(argv[6]), 4, argv + 2, by_count, family, kind);
+        return client(argc - 2, argv + 2, by_count, family, kind);
     }
-    if (argc > 2 && !strcmp(argv[1], "time")) return timed(argv + 2);
-    fprintf(stderr, "usage: connbench serve ADDR:PORT... | connect ADDR PORT MS [GO [PROCS]] | "
-                    "count ADDR PORT N [GO [PROCS]] | udp ADDR PORT MS [GO [PROCS]] | time CMD...\n");
+    if (argc > 2 && !strcmp(m, "sendto")) return sendto_loop(argv + 2);
+    if (argc > 2 && !strcmp(m, "time")) return timed(argv + 2);
+    fprintf(stderr, "usage: connbench serve ENDPOINT... | connect ADDR PORTS MS [GO [PROCS]] | "
+                    "count ADDR PORTS N [GO [PROCS]] | udp ADDR PORTS MS [GO [PROCS]] | "
+                    "unix PATH - MS [GO [PROCS]] | sendto MS | time CMD...\n");
     return 2;
 }
 """
@@ -297,7 +423,8 @@ daemon off;
 worker_processes 1;
 error_log {dir}/error.log;
 pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     keepalive_timeout 0;
@@ -307,12 +434,116 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     server {{
-        listen {a}:{port_a} backlog=4096;
-        listen {b}:{port_b} backlog=4096;
+{listen}
         location / {{ return 200 "ok\\n"; }}
     }}
 }}
 """
+
+
+# nginx in front of php-fpm over a unix socket, both in the client's configuration (one container):
+# PHP_SCRIPT fills @RUN@ (a temp dir of its own), @SRC@ (these files) and @PORT@ in.
+PHP_NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+user root root;
+error_log @RUN@/error.log;
+pid @RUN@/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_timeout 0;
+    client_body_temp_path @RUN@/body;
+    proxy_temp_path @RUN@/proxy;
+    fastcgi_temp_path @RUN@/fastcgi;
+    uwsgi_temp_path @RUN@/uwsgi;
+    scgi_temp_path @RUN@/scgi;
+    server {
+        listen 127.0.0.1:@PORT@ backlog=4096;
+        location / {
+            fastcgi_pass unix:@RUN@/php.sock;
+            fastcgi_param SCRIPT_FILENAME @SRC@/index.php;
+            fastcgi_param SCRIPT_NAME /index.php;
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param REQUEST_URI $request_uri;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+        }
+    }
+}
+"""
+PHP_FPM_CONF = """
+[global]
+pid = @RUN@/php-fpm.pid
+error_log = @RUN@/php-fpm.log
+daemonize = no
+[www]
+user = root
+group = root
+listen = @RUN@/php.sock
+pm = static
+pm.max_children = 4
+"""
+PHP_PAGE = '<?php echo "ok\\n";\n'
+PHP_FPM = "/usr/sbin/php-fpm8.2"
+# $0: the files' dir, then the port, requests and concurrency.  php-fpm -n: no php.ini (the container has
+# not the host's /etc), the same in every configuration; -R: the container's root.
+PHP_SCRIPT = r"""
+src=$0 port=$1 n=$2 c=$3
+run=$(mktemp -d /tmp/b4ns-php-XXXXXX) || exit 1
+sed -e "s|@RUN@|$run|g" -e "s|@SRC@|$src|g" -e "s|@PORT@|$port|g" "$src/nginx.conf" > "$run/nginx.conf"
+sed -e "s|@RUN@|$run|g" "$src/php-fpm.conf" > "$run/php-fpm.conf"
+%(fpm)s -n -R -F -y "$run/php-fpm.conf" >"$run/fpm.out" 2>&1 &
+fpm=$!
+/usr/sbin/nginx -e "$run/error.log" -c "$run/nginx.conf" -p "$run" >"$run/nginx.out" 2>&1 &
+ngx=$!
+stop() { kill $ngx $fpm 2>/dev/null; wait; rm -rf "$run"; }
+url="http://127.0.0.1:$port/"
+i=0
+until ab -n 1 "$url" 2>/dev/null | grep -q "Document Length: *3 bytes"; do
+    i=$((i + 1))
+    if [ $i -gt 200 ]; then
+        echo "nginx and php-fpm did not answer: $(tail -n 3 "$run"/*.out "$run"/*.log 2>&1)" >&2
+        stop
+        exit 1
+    fi
+    sleep 0.05
+done
+ab -q -n 200 -c $c "$url" >/dev/null
+ab -r -n $n -c $c "$url"
+rc=$?
+stop
+exit $rc
+""" % {"fpm": PHP_FPM}
+
+
+# A Node.js client: a new HTTP connection for each request (agent: false), CONCURRENCY requests at a time,
+# for MS ms, to ADDR; at most CHUNK requests to each of PORTS in turn (see PORT_LIMIT).
+NODE_CLIENT = r"""
+const http = require("http");
+const [addr, ms, concurrency, chunk, ...ports] = process.argv.slice(2);
+const end = Date.now() + Number(ms);
+const t0 = process.hrtime.bigint();
+let started = 0, done = 0, failed = 0;
+function one() {
+    if (Date.now() >= end) return Promise.resolve(false);
+    const port = ports[Math.min(Math.floor(started++ / Number(chunk)), ports.length - 1)];
+    return new Promise((resolve) => {
+        const req = http.get({host: addr, port: Number(port), path: "/", agent: false}, (res) => {
+            res.resume();
+            res.on("end", () => { res.statusCode === 200 ? done++ : failed++; resolve(true); });
+        });
+        req.on("error", () => { failed++; resolve(true); });
+    });
+}
+async function loop() { while (await one()); }
+Promise.all(Array.from({length: Number(concurrency)}, loop)).then(() => {
+    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    console.log(`node requests ${done} failed ${failed} seconds ${seconds} ports ${Math.min(ports.length, Math.ceil(started / Number(chunk)))}`);
+});
+"""
+NODE_CONCURRENCY = 4
 
 
 def log(msg):
@@ -493,7 +724,8 @@ def start_engine(publish_port):
 class PeerDaemon(Daemon):
     """Another bypass4netns-compatible daemon: same flags, its own profile."""
 
-    def __init__(self, path, profile, publish_port):
+    def __init__(self, path, profile, publish_port, publish_off=None):
+        """publish_port: the host port of -p; publish_off: why not to pass -p at all (it publishes nothing)."""
         # Started its own way (the original tool has no --ready-fd); the readers are Daemon's.
         name = "b4ns-peer-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
         self.script = os.path.join(tb.WORKDIR, name + "-" + os.path.basename(path))
@@ -514,10 +746,10 @@ class PeerDaemon(Daemon):
             self.profile = generate_profile(self.socket)
         argv = (["python3"] if path.endswith(".py") else []) + [self.script]
         argv += ["--socket", self.socket, "--log-file", self.log_path, "--ignore", IGNORE]
-        self.publish_port, self.publish_off = publish_port, None
-        self.proc = self._start(argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)])
+        self.publish_port, self.publish_off = publish_port, publish_off
+        self.proc = None if publish_off else self._start(argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)])
         if self.proc is None:
-            self.publish_port, self.publish_off = None, "the peer did not start with -p"
+            self.publish_port, self.publish_off = None, publish_off or "the peer did not start with -p"
             self.proc = self._start(argv)
         if self.proc is None:
             raise RuntimeError("the peer daemon %s did not start: %s" % (path, self.log()[-500:]))
@@ -547,12 +779,21 @@ class PeerDaemon(Daemon):
 
 class Config:
     key = label = ""
-    target = ADDR_A  # the server address this configuration's clients use
+    target = ADDR_A  # the server address this configuration's clients use (and their DNS server)
     daemon = None
 
     def wrap(self, argv, publish=None, name=None):
         """argv run as this configuration's client; publish = (host port, container port)."""
         raise NotImplementedError
+
+    def wrap_dns(self, argv, resolv_conf):
+        """argv as wrap() runs it, resolving through self.target: resolv_conf (a file that says so) mounted
+        over /etc/resolv.conf in a mount namespace of its own, never the machine's resolvers.  Containers
+        override it (podman's --dns)."""
+        inner = self.wrap(argv)
+        assert inner[:2] == ["nsenter", "--net=" + tb.NETNS_PATH], inner
+        return inner[:2] + ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                            'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv_conf] + inner[2:]
 
     def path(self, host_path):
         """Where a file of the test bed's WORKDIR is seen by the client."""
@@ -589,8 +830,12 @@ class Container(Config):
     def __init__(self, key, label, runtime, daemon=None):
         self.key, self.label, self.runtime, self.daemon = key, label, runtime, daemon
 
+    def wrap_dns(self, argv, resolv_conf):
+        return self.wrap(argv)  # every container has --dns self.target
+
     def wrap(self, argv, publish=None, name=None):
-        extra = ["-v", "%s:/home:ro" % tb.WORKDIR]
+        # --dns: the container's resolv.conf names the test namespace's dnsmasq, never the machine's resolvers.
+        extra = ["-v", "%s:/home:ro" % tb.WORKDIR, "--dns", self.target]
         if publish and not self.daemon:
             extra += ["-p", "%d:%d" % publish]
         return tb.run_container(argv, runtime=self.runtime, seccomp=self.daemon.profile if self.daemon else None,
@@ -606,26 +851,126 @@ class Container(Config):
 
 
 # ---------------------------------------------------------------------------
+# Server ports: no port takes more than PORT_LIMIT connections a minute
+# ---------------------------------------------------------------------------
+
+def ports_needed(seconds, rate=RATE_CAP, per_port=PER_PORT):
+    """How many server ports a connect loop of `seconds` turns through: rate * seconds at per_port a port."""
+    return max(1, int(math.ceil(rate * seconds / per_port)))
+
+
+class PortRing:
+    """Contiguous runs of a block of server ports, handed out in turn; none again within REUSE_AFTER s.
+
+    take(n, seconds) -> (first, last): n ports for a measurement of `seconds`; if the ring has come
+    round to ports a measurement used less than REUSE_AFTER s ago, it waits (and says so).  clock and
+    sleep are injectable for the unit tests.
+    """
+
+    def __init__(self, base, size, reuse_after=REUSE_AFTER, clock=time.monotonic, sleep=time.sleep):
+        self.base, self.size, self.reuse_after = base, size, reuse_after
+        self.clock, self.sleep = clock, sleep
+        self.next = 0
+        self.free_at = {}  # index -> when its last measurement ends, plus reuse_after
+        self.waited = 0.0
+
+    def take(self, n, seconds):
+        n = max(1, min(n, self.size))
+        if self.next + n > self.size:
+            self.next = 0
+        indexes = range(self.next, self.next + n)
+        wait = max([self.free_at.get(i, 0.0) - self.clock() for i in indexes] + [0.0])
+        if wait > 0:
+            log("waiting %.0f s for server ports %d-%d to be %d s clear of their last use" % (
+                wait, self.base + indexes[0], self.base + indexes[-1], self.reuse_after))
+            self.sleep(wait)
+            self.waited += wait
+        until = self.clock() + seconds + self.reuse_after
+        for i in indexes:
+            self.free_at[i] = until
+        self.next += n
+        return self.base + indexes[0], self.base + indexes[-1]
+
+
+FREE_BLOCK = """
+import socket, sys
+addrs, size = sys.argv[1].split(","), int(sys.argv[2])
+for base in range(20000, 32768 - size, size):  # below the ephemeral range (32768-60999)
+    try:
+        held = []
+        for port in range(base, base + size):
+            for addr in addrs:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    held.append(s)
+                    s.bind((addr, port))
+    except OSError:
+        continue
+    finally:
+        for s in held:
+            s.close()
+    print(base)
+    break
+"""
+
+
+def free_block(addrs, size):
+    """The first port of `size` contiguous ports free (TCP and UDP) on every one of addrs, in the namespace."""
+    out = run(tb.in_netns([sys.executable, "-c", FREE_BLOCK, ",".join(addrs), str(size)]), 60,
+              "the search for free server ports").strip()
+    if not out:
+        raise RuntimeError("no block of %d free ports below 32768 on %s" % (size, ", ".join(addrs)))
+    return int(out)
+
+
+# ---------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------
+
+UNIX_SERVER = r"""
+b=$0 s=$1
+shift
+"$b" serve "unix:$s" >/dev/null 2>&1 &
+srv=$!
+i=0
+while [ ! -S "$s" ]; do
+    i=$((i + 1))
+    if [ $i -gt 1000 ]; then echo "the unix server did not start" >&2; kill $srv; exit 1; fi
+    sleep 0.01
+done
+"$b" unix "$s" - "$@"
+rc=$?
+kill $srv
+rm -f "$s"
+exit $rc
+"""
+
 
 class Clients:
     """C clients of one configuration, started and ready: go() starts their loops together.
 
-    mode and limit: "connect" or "udp" (UDP sockets) and milliseconds, or "count" and connections.  wrappers: how many
-    times cfg wraps a client (containers, for a container configuration); procs: loops in each (the
-    client forks them, so they share its container); pin: the clients on PINNED_CPU.  The accept
-    server has a port for each configuration and workload (see Bench.start_servers).
+    mode and limit: "connect", "udp" (UDP sockets) or "unix" (a unix stream socket, its accept server
+    started by the same shell, in the same container) and milliseconds, or "count" and connections.
+    wrappers: how many times cfg wraps a client (containers, for a container configuration); procs:
+    loops in each (the client forks them, so they share its container); pin: the clients on
+    PINNED_CPU.  The TCP and UDP loops turn through a fresh range of the accept server's ports (see
+    PortRing), .ports.
     """
 
     def __init__(self, bench, cfg, workload, mode, limit, wrappers=1, procs=1, pin=False):
         self.cfg = cfg
         self.go_path = os.path.join(tb.WORKDIR, "bench-go-%s" % uuid.uuid4().hex[:12])
         bench.files.append(self.go_path)
-        addr, port = bench.accept_ports[(cfg.key, workload)]
-        self.argv = (["taskset", "-c", str(PINNED_CPU)] if pin else []) + [
-            cfg.path(bench.client), mode, addr, str(port), str(limit), cfg.path(self.go_path)] + (
-            [str(procs)] if procs > 1 else [])
+        tail = [str(limit), cfg.path(self.go_path)] + ([str(procs)] if procs > 1 else [])
+        if mode == "unix":
+            self.ports = None
+            path = "/tmp/b4ns-bench-%s.sock" % uuid.uuid4().hex[:12]
+            self.argv = ["/bin/sh", "-c", UNIX_SERVER, cfg.path(bench.client), path] + tail
+        else:
+            seconds = limit / RATE_CAP if mode == "count" else limit / 1000
+            self.ports = bench.accept_rings[cfg.target].take(ports_needed(seconds), seconds)
+            self.argv = (["taskset", "-c", str(PINNED_CPU)] if pin else []) + [
+                cfg.path(bench.client), mode, cfg.target, "%d-%d" % self.ports] + tail
         self.wrappers = wrappers
         self.procs, self.names = [], []
 
@@ -688,6 +1033,12 @@ class Bench:
             "tar_passes": 2 if self.quick else 5,
             "crowd": 20,  # clients at once, in containers of their own or in one
             "syscalls_n": 2000,  # connections of the strace pass
+            "runlen_short_ms": 1000,  # the run-length check: the connect loop, short and long
+            "runlen_long_ms": 5000 if self.quick else 10000,
+            "sendto_ms": 500 if self.quick else 2000,
+            "getent_n": 100 if self.quick else 500,  # lookups, a process each
+            "dig_n": 30 if self.quick else 150,
+            "php_n": 2000 if self.quick else 10000,  # requests
         }
 
     # -- servers in the test namespace ------------------------------------
@@ -714,33 +1065,70 @@ class Bench:
         def ports():
             return {ADDR_A: tb.free_port(ADDR_A), ADDR_B: tb.free_port(ADDR_B)}
 
+        # Blocks of ports for the C clients' accept server and for nginx (see PORT_LIMIT), below the
+        # ephemeral range, the same numbers on both addresses.
+        base = free_block([ADDR_A, ADDR_B], ACCEPT_POOL + NGINX_POOL)
+        self.accept_rings = {addr: PortRing(base, ACCEPT_POOL) for addr in (ADDR_A, ADDR_B)}
+        self.nginx_rings = {addr: PortRing(base + ACCEPT_POOL, NGINX_POOL) for addr in (ADDR_A, ADDR_B)}
+
         quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.iperf_ports = ports()
         for addr, port in self.iperf_ports.items():
             self.start(["iperf3", "-s", "-B", addr, "-p", str(port)], **quiet)
-        self.nginx_ports = ports()
         conf = os.path.join(self.tmp, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(dir=self.tmp, a=ADDR_A, b=ADDR_B, port_a=self.nginx_ports[ADDR_A],
-                                      port_b=self.nginx_ports[ADDR_B]))
+            f.write(NGINX_CONF.format(dir=self.tmp, listen="\n".join(
+                "        listen %s:%d backlog=4096;" % (addr, port) for addr in (ADDR_A, ADDR_B)
+                for port in range(base + ACCEPT_POOL, base + ACCEPT_POOL + NGINX_POOL))))
         self.start(["nginx", "-c", conf, "-p", self.tmp], **quiet)
         self.redis_ports = ports()
         for addr, port in self.redis_ports.items():
             self.start(["redis-server", "--bind", addr, "--port", str(port), "--save", "", "--appendonly", "no",
                         "--protected-mode", "no", "--dir", self.tmp, "--logfile", ""], **quiet)
-        # The C clients' server: a port of its own for each configuration and workload.  slirp4netns
-        # and pasta close their outer socket first when the container's client resets the
-        # connection, so each of their connections leaves a client-side TIME_WAIT (60 s) towards
-        # this port; tens of thousands of those make the kernel's ephemeral-port search for the same
-        # destination cost milliseconds per connect() (perf: __inet_hash_connect,
-        # tcp_twsk_unique), and whatever configuration connected there next would pay for them.
-        self.accept_ports = {(c.key, w): (c.target, tb.free_port(c.target))
-                             for c in configs for w in CONNECT_WORKLOADS + ("syscalls",)}
-        self.start([self.client, "serve"] + ["%s:%d" % ep for ep in self.accept_ports.values()], **quiet)
-        endpoints = [ep for table in (self.iperf_ports, self.nginx_ports, self.redis_ports)
-                     for ep in table.items()] + list(self.accept_ports.values())
+        self.start([self.client, "serve"] + ["%s:%d-%d" % (addr, base, base + ACCEPT_POOL - 1)
+                                             for addr in (ADDR_A, ADDR_B)], **quiet)
+        endpoints = [ep for table in (self.iperf_ports, self.redis_ports) for ep in table.items()]
+        endpoints += [(addr, port) for addr in (ADDR_A, ADDR_B)
+                      for port in (base, base + ACCEPT_POOL - 1, base + ACCEPT_POOL, base + ACCEPT_POOL + NGINX_POOL - 1)]
         for addr, port in endpoints:
             tb.wait_port(addr, port, timeout=20)
+        self.start_dns()
+        self.write_php()
+
+    def start_dns(self):
+        """dnsmasq on both addresses, port 53, answering bench.test from its own table (no upstream)."""
+        self.dns_error = None
+        self.resolv = {}
+        for addr in (ADDR_A, ADDR_B):
+            self.resolv[addr] = os.path.join(self.tmp, "resolv-%s.conf" % addr)
+            with open(self.resolv[addr], "w") as f:
+                f.write("nameserver %s\noptions attempts:1 timeout:2\n" % addr)
+            os.chmod(self.resolv[addr], 0o644)
+        if not shutil.which("dnsmasq"):
+            apt_install(["dnsmasq-base"], "the DNS lookups")
+        self.dnsmasq = self.start(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+                                   "--no-hosts", "--bind-interfaces", "--listen-address=" + ADDR_A,
+                                   "--listen-address=" + ADDR_B, "--port=53", "--address=/bench.test/198.18.0.5",
+                                   "--cache-size=10000", "--pid-file=", "--user=root"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            for addr in (ADDR_A, ADDR_B):
+                tb.wait_port(addr, 53, timeout=10)
+        except Exception:  # noqa: BLE001 - the DNS rows are n/a, the rest runs
+            err = self.dnsmasq.stderr.read(300).decode(errors="replace") if self.dnsmasq.poll() is not None else ""
+            self.dns_error = "dnsmasq did not start on port 53: " + (err.strip() or "no answer")
+            log(self.dns_error)
+
+    def write_php(self):
+        """The php and node workloads' files, in WORKDIR (containers see it as /home)."""
+        self.php_dir = os.path.join(tb.WORKDIR, "b4ns-bench-php-%d" % os.getpid())
+        os.makedirs(self.php_dir, exist_ok=True)
+        for name, text in (("nginx.conf", PHP_NGINX_CONF), ("php-fpm.conf", PHP_FPM_CONF), ("index.php", PHP_PAGE),
+                           ("node-client.js", NODE_CLIENT)):
+            with open(os.path.join(self.php_dir, name), "w") as f:
+                f.write(text)
+            os.chmod(os.path.join(self.php_dir, name), 0o644)
+        os.chmod(self.php_dir, 0o755)
 
     def stop_servers(self):
         for proc in reversed(self.servers):
@@ -751,6 +1139,8 @@ class Bench:
             except FileNotFoundError:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if getattr(self, "php_dir", None):
+            shutil.rmtree(self.php_dir, ignore_errors=True)
 
     # -- the workloads -------------------------------------------------------
 
@@ -797,17 +1187,17 @@ class Bench:
             tb.stop_server(proc)
 
     def ab(self, cfg, concurrency):
-        url = "http://%s:%d/" % (cfg.target, self.nginx_ports[cfg.target])
-        argv = ["ab", "-r", "-t", str(self.t["ab"]), "-n", "10000000", "-c", str(concurrency), url]
-        out = run(cfg.wrap(argv), 120 + self.t["ab"], "ab")
-        rate = re.search(r"Requests per second:\s+([\d.]+)", out)
-        done = re.search(r"Complete requests:\s+(\d+)", out)
-        failed = re.search(r"Failed requests:\s+(\d+)", out)
-        if not rate or not done:
-            raise Failed("ab printed no rate: " + out[-300:])
-        self.made[cfg.key] = self.made.get(cfg.key, 0) + int(done.group(1))
-        return {"value": float(rate.group(1)), "requests": int(done.group(1)),
-                "failed": int(failed.group(1)) if failed else None}
+        """ab for t["ab"] s, AB_CHUNK requests at most to each of a fresh range of nginx's ports."""
+        seconds = self.t["ab"]
+        first, last = self.nginx_rings[cfg.target].take(ports_needed(seconds, AB_RATE_CAP, AB_CHUNK) + 1, seconds)
+        argv = ["/bin/sh", "-c", AB_LOOP, "ab-loop", str(seconds * 1000), str(concurrency), str(AB_CHUNK),
+                cfg.target] + [
+            str(port) for port in range(first, last + 1)]
+        out = run(cfg.wrap(argv), 120 + seconds, "ab")
+        result = ab_totals(out)
+        self.made[cfg.key] = self.made.get(cfg.key, 0) + result["requests"]
+        result["ports"] = last - first + 1
+        return result
 
     def redis(self, cfg):
         argv = ["redis-benchmark", "-h", cfg.target, "-p", str(self.redis_ports[cfg.target]), "-c", "1",
@@ -824,6 +1214,73 @@ class Bench:
         if "get" not in result or "set" not in result:
             raise Failed("redis-benchmark: no GET/SET line: " + out[-300:])
         return result
+
+    def sendto(self, cfg):
+        """ns per sendto() of 64 bytes on one unconnected UDP socket (a call the profile does not trap)."""
+        out = run(cfg.wrap([cfg.path(self.client), "sendto", str(self.t["sendto_ms"])]), 120, "sendto")
+        m = re.search(r"sendto calls (\d+) errors (\d+) elapsed_ns (\d+) errno (\d+)", out)
+        if not m or not int(m.group(1)):
+            raise Failed("sendto: " + (out[-300:] or "no output"))
+        if int(m.group(2)):
+            raise Failed("sendto: %s calls failed (errno %s)" % (m.group(2), m.group(4)))
+        return {"value": int(m.group(3)) / int(m.group(1)), "calls": int(m.group(1))}
+
+    def lookups(self, cfg, tool):
+        """Lookups of bench.test from dnsmasq, a process each (getent ahosts or dig), for a wall time."""
+        if self.dns_error:
+            raise Failed(self.dns_error)
+        if tool == "dig" and not shutil.which("dig"):
+            apt_install(["bind9-dnsutils"], "dig")
+        n = self.t[tool + "_n"]
+        one = {"getent": "getent ahosts bench.test",
+               "dig": "dig +short +tries=1 +time=2 @%s bench.test" % cfg.target}[tool]
+        # A lookup that fails (a query or answer lost: resolv.conf says attempts:1 timeout:2, and pasta
+        # drops one in a thousand or so here) is counted, and its timeout is in the wall time.
+        loop = "f=0; i=0; while [ $i -lt %d ]; do %s >/dev/null || f=$((f + 1)); i=$((i + 1)); done; " \
+               "echo failed $f" % (n, one)
+        # One lookup first, untimed, that must give dnsmasq's answer.
+        script = '%s | grep -q "^198\\.18\\.0\\.5\\b" || { echo "%s: no answer 198.18.0.5: $(%s 2>&1 | ' \
+                 'head -n 3)" >&2; exit 3; }; exec "$0" time /bin/sh -c "$1"' % (one, tool, one)
+        out = run(cfg.wrap_dns(["/bin/sh", "-c", script, cfg.path(self.client), loop], self.resolv[cfg.target]),
+                  300, tool)
+        m = re.search(r"failed (\d+)\s+elapsed_us (\d+) status (\d+)", out)
+        if not m or int(m.group(3)):
+            raise Failed("%s: no time: %s" % (tool, out[-300:]))
+        failed = int(m.group(1))
+        if failed * 10 > n:
+            raise Failed("%s: %d of %d lookups failed" % (tool, failed, n))
+        return {"value": (n - failed) / (int(m.group(2)) / 1e6), "lookups": n - failed, "failed": failed}
+
+    def php(self, cfg):
+        """ab -c 8 from inside the configuration against nginx + php-fpm (unix socket) there too."""
+        if not os.path.exists(PHP_FPM):
+            apt_install(["php-fpm"], "the nginx + php-fpm workload")
+        argv = ["/bin/sh", "-c", PHP_SCRIPT, cfg.path(self.php_dir), str(tb.free_port("127.0.0.1")),
+                str(self.t["php_n"]), "8"]
+        out = run(cfg.wrap(argv), 300, "nginx + php-fpm")
+        if "Non-2xx responses" in out:
+            raise Failed("php: " + re.search(r"Non-2xx responses:\s+\d+", out).group(0))
+        result = ab_totals(out)
+        if result["failed"]:
+            raise Failed("php: %d failed requests" % result["failed"])
+        return result
+
+    def node(self, cfg):
+        """A Node.js client, a new connection per request, against the namespace's nginx."""
+        if not shutil.which("node"):
+            apt_install(["nodejs"], "the Node.js client")
+        seconds = self.t["ab"]
+        first, last = self.nginx_rings[cfg.target].take(ports_needed(seconds, AB_RATE_CAP, AB_CHUNK) + 1, seconds)
+        argv = ["node", cfg.path(os.path.join(self.php_dir, "node-client.js")), cfg.target, str(seconds * 1000),
+                str(NODE_CONCURRENCY), str(AB_CHUNK)] + [str(port) for port in range(first, last + 1)]
+        out = run(cfg.wrap(argv), 120 + seconds, "node")
+        m = re.search(r"node requests (\d+) failed (\d+) seconds ([\d.e+-]+) ports (\d+)", out)
+        if not m or not int(m.group(1)):
+            raise Failed("node: " + (out[-300:] or "no output"))
+        if int(m.group(2)):
+            raise Failed("node: %s requests failed" % m.group(2))
+        self.made[cfg.key] = self.made.get(cfg.key, 0) + int(m.group(1))
+        return {"value": int(m.group(1)) / float(m.group(3)), "requests": int(m.group(1)), "ports": int(m.group(4))}
 
     def tar(self, cfg):
         """Archive /usr/share, passes times in a row, timed inside (container start-up excluded).
@@ -844,13 +1301,14 @@ class Bench:
             raise Failed("tar: no time: " + out[-300:])
         return {"value": int(m.group(1)) / 1e6 / passes, "passes": passes}
 
-    def connect_clients(self, cfg, workload, wrappers=1, procs=1, pin=False, mode="connect"):
+    def connect_clients(self, cfg, workload, wrappers=1, procs=1, pin=False, mode="connect", millis=None):
         """Timed connect/close clients of cfg started together: merged results and the daemon's cost.
 
         wrappers, procs, mode: as for Clients; pin: as for Clients, and it also pins the daemon (and its
-        workers) there.  With --py-spy, the daemon is recorded while the clients connect.
+        workers) there; millis: how long (default t["connect_ms"]).  With --py-spy, the daemon is
+        recorded while the clients connect.
         """
-        millis = self.t["connect_ms"]
+        millis = millis or self.t["connect_ms"]
         daemon, spy = cfg.daemon, None
         with Clients(self, cfg, workload, mode, millis, wrappers, procs, pin) as clients, \
                 pinned(daemon.pid if daemon and pin else None):
@@ -867,6 +1325,14 @@ class Bench:
                     self.finish_py_spy(*spy)
         total = result["connections"]
         self.made[cfg.key] = self.made.get(cfg.key, 0) + total
+        if clients.ports:
+            result["ports"] = clients.ports[1] - clients.ports[0] + 1
+            # Every client turns through the range one port a connection: none gets much more than its share.
+            result["most_to_one_port"] = int(math.ceil((total + result["errors"]) / result["ports"])) + len(
+                clients.procs) * procs
+            if result["most_to_one_port"] > PORT_LIMIT:
+                result["warning"] = "%d connections to one server port (limit %d): the port's TIME_WAITs may " \
+                                    "have slowed the loop down" % (result["most_to_one_port"], PORT_LIMIT)
         if before:
             time.sleep(0.5)  # the daemon learns of the clients' exits (pidfds) and frees what they held
             rss_exited, hwm = proc_status(daemon.pid)
@@ -944,13 +1410,41 @@ class Bench:
                 f.write(hot_spots(text))
 
 
+AB_LOOP = r"""
+ms=$1 c=$2 n=$3 addr=$4
+shift 4
+now() { echo $(( $(/usr/bin/date +%s%N) / 1000000 )); }  # coreutils: busybox has no %N
+end=$(( $(now) + ms ))
+for p in "$@"; do
+    ab -r -t $(( (end - $(now) + 999) / 1000 )) -n $n -c $c "http://$addr:$p/" || exit 1
+    [ $(now) -ge $end ] && exit 0
+done
+"""
+
+
+def ab_totals(out):
+    """Requests, failures and the rate of one or more ab reports in a row (AB_LOOP's chunks)."""
+    done = [int(n) for n in re.findall(r"Complete requests:\s+(\d+)", out)]
+    failed = [int(n) for n in re.findall(r"Failed requests:\s+(\d+)", out)]
+    taken = [float(t) for t in re.findall(r"Time taken for tests:\s+([\d.]+) seconds", out)]
+    if not done or len(done) != len(taken) or not sum(taken):
+        raise Failed("ab printed no rate: " + out[-300:])
+    return {"value": sum(done) / sum(taken), "requests": sum(done), "failed": sum(failed),
+            "chunks": len(done), "seconds": sum(taken), "most_to_one_port": max(done)}
+
+
 def merge_clients(outputs):
     """The C clients' printed results, merged: conn/s over the longest client's window, connect() times."""
     total = errors = sum_us = last_errno = 0
     elapsed = []
     hist = {}
-    for m in re.finditer(r"count (\d+) errors (\d+) elapsed_us (\d+) sum_us (\d+) errno (\d+)\nhist([^\n]*)",
-                         "\n".join(outputs)):
+    per_second = []
+    for m in re.finditer(r"count (\d+) errors (\d+) elapsed_us (\d+) sum_us (\d+) errno (\d+)\nhist([^\n]*)"
+                         r"(?:\npersec([^\n]*))?", "\n".join(outputs)):
+        for i, n in enumerate((m.group(7) or "").split()):
+            if i == len(per_second):
+                per_second.append(0)
+            per_second[i] += int(n)
         total += int(m.group(1))
         errors += int(m.group(2))
         elapsed.append(int(m.group(3)) / 1e6)
@@ -966,7 +1460,9 @@ def merge_clients(outputs):
         raise Failed("no connection succeeded (errno %d)" % last_errno)
     return {"value": total / max(elapsed), "connections": total, "errors": errors, "clients": len(elapsed),
             "mean_us": sum_us / total, "p50_us": percentile(hist, 0.50), "p99_us": percentile(hist, 0.99),
-            "max_us": max(hist)}
+            "max_us": max(hist),
+            # connections in each whole second of the loop (the clients start together: seconds line up)
+            "per_second": per_second[:int(max(elapsed))]}
 
 
 def strace_calls(table):
@@ -1032,9 +1528,30 @@ WORKLOADS = [
     ("udp_connect", "UDP lookups: a new connected socket, a 1-byte query and its echo, static C client",
      "queries/s", True,
      lambda b, c: b.connect_clients(c, "udp_connect", mode="udp")),
+    ("unix1", "unix connect/close loop in one container", "conn/s", True,
+     lambda b, c: b.connect_clients(c, "unix1", mode="unix")),
+    ("unix4", "unix connect/close loop, 4 processes of one container", "conn/s", True,
+     lambda b, c: b.connect_clients(c, "unix4", mode="unix", procs=4)),
+    ("sendto", "sendto() of 64 bytes on one unconnected UDP socket, to 127.0.0.1", "ns", False,
+     lambda b, c: b.sendto(c)),
+    ("getent", "getent ahosts bench.test in a loop (dnsmasq)", "lookups/s", True, lambda b, c: b.lookups(c, "getent")),
+    ("dig", "dig +short bench.test in a loop (dnsmasq)", "lookups/s", True, lambda b, c: b.lookups(c, "dig")),
+    ("php", "ab -c 8 against nginx + php-fpm (unix socket) in one container", "req/s", True,
+     lambda b, c: b.php(c)),
+    ("node", "Node.js HTTP client, a new connection per request, against nginx", "req/s", True,
+     lambda b, c: b.node(c)),
+    # The run-length check (--run-length; in the full run by default): the connect loop, short and long.
+    ("runlen_short", "connect/close loop, short run", "conn/s", True,
+     lambda b, c: b.connect_clients(c, "runlen_short", millis=b.t["runlen_short_ms"])),
+    ("runlen_long", "connect/close loop, long run", "conn/s", True,
+     lambda b, c: b.connect_clients(c, "runlen_long", millis=b.t["runlen_long_ms"])),
 ]
+RUN_LENGTH_WORKLOADS = ("runlen_short", "runlen_long")
 # The workloads of Bench.connect_clients, which sample the daemon's cost.
-CONNECT_WORKLOADS = ("connect", "connect_pinned", "crowd", "crowd1", "udp_connect")
+CONNECT_WORKLOADS = ("connect", "connect_pinned", "crowd", "crowd1", "udp_connect", "unix1", "unix4") + \
+    RUN_LENGTH_WORKLOADS
+NO_PROFILE = "slirp4netns"  # the base of the rows that compare with no profile: the same container without it
+RUN_LENGTH_TOLERANCE = 0.9  # the long run's rate may be this much of the short run's, no less
 
 # Rows of the table: (row key, label, unit, higher is better, workload key, path to the value).
 ROWS = [
@@ -1063,6 +1580,24 @@ ROWS = [
     ("udp_connect", "UDP lookups, a connected socket each (glibc's resolver does so): query and answer",
      "queries/s", True, "udp_connect", ("value",)),
     ("udp_connect_us", "UDP lookups: mean connect()", "us", False, "udp_connect", ("mean_us",)),
+    # Rows with a base: their ratio is to that configuration (no profile), not to the host.
+    ("unix1", "unix connect/close loop in one container (server in it too), static C client; ratio to "
+     "no profile", "conn/s", True, "unix1", ("value",), NO_PROFILE),
+    ("unix4", "the same, 4 processes of one container; ratio to no profile", "conn/s", True, "unix4",
+     ("value",), NO_PROFILE),
+    ("sendto", "sendto() of 64 bytes, one unconnected UDP socket to 127.0.0.1: per call; ratio to no "
+     "profile", "ns", False, "sendto", ("value",), NO_PROFILE),
+    ("getent", "DNS: getent ahosts, a process a lookup (dnsmasq on the test namespace); ratio to no profile",
+     "lookups/s", True, "getent", ("value",), NO_PROFILE),
+    ("dig", "DNS: dig +short @dnsmasq, a process a lookup; ratio to no profile", "lookups/s", True, "dig",
+     ("value",), NO_PROFILE),
+    ("php", "nginx + php-fpm (4 children, unix socket) in one container, ab -c 8 from inside it; ratio "
+     "to no profile", "req/s", True, "php", ("value",), NO_PROFILE),
+    ("node", "HTTP, new connection per request, Node.js client (http.get, agent: false, %d at a time; nginx)"
+     % NODE_CONCURRENCY, "req/s", True, "node", ("value",)),
+    ("runlen_short", "connect/close loop, short run (run-length check)", "conn/s", True, "runlen_short",
+     ("value",)),
+    ("runlen_long", "connect/close loop, long run (run-length check)", "conn/s", True, "runlen_long", ("value",)),
 ]
 
 # Daemon cost rows: (key, label, format of the value).
@@ -1083,6 +1618,9 @@ DAEMON_ROWS = [
     ("hwm_mib", "peak RSS (VmHWM), MiB", "%.1f"),
 ]
 CROWD_BEFORE = 13835  # conn/s: bypass4netns.py's 20-container storm in the run issue 9 quotes
+# The rows compared with the floor (--floor): every workload of connections the daemon serves.
+FLOOR_ROWS = ("ab1", "ab8", "node", "connect", "connect_pinned", "crowd", "crowd1", "udp_connect", "unix1", "unix4",
+              "php", "runlen_short", "runlen_long")
 CPU_PER_1000_TARGET = 0.035  # daemon CPU seconds per 1000 connections, issue 9's target
 MEMORY_GROWTH_LIMIT = 5.0  # KiB per 1000 connections: 5 bytes a connection, less than any Python object
 
@@ -1091,6 +1629,8 @@ def daemon_summary(raw, key):
     """The daemon's cost, from the connect workloads of one configuration."""
     out = {}
     for workload in CONNECT_WORKLOADS:
+        if workload not in raw:
+            continue
         runs = [r["daemon"] for r in raw[workload][key] if "daemon" in r]
         for name in ("cpu_s_per_1000", "cores"):
             values = [r[name] for r in runs]
@@ -1100,10 +1640,10 @@ def daemon_summary(raw, key):
             out["crowd.rss_mib_open"] = {"median": statistics.median(r["rss_kib_window_end"] for r in runs) / 1024}
     # Chronological samples taken once each connect workload's clients had exited.
     samples, warm = [], 0
-    rounds = max([r["round"] for w in CONNECT_WORKLOADS for r in raw[w][key]] + [-1]) + 1
+    rounds = max([r["round"] for w in CONNECT_WORKLOADS for r in raw.get(w, {}).get(key, [])] + [-1]) + 1
     for rnd in range(rounds):
         for workload in CONNECT_WORKLOADS:
-            for r in raw[workload][key]:
+            for r in raw.get(workload, {}).get(key, []):
                 if r["round"] == rnd and "daemon" in r:
                     samples.append(r["daemon"])
         if rnd == 0 and rounds > 1:
@@ -1190,10 +1730,74 @@ def machine_info():
     }
 
 
+def speed(value, base, higher):
+    """value's speed relative to base: value / base for rates, base / value for times."""
+    return value / base if higher else base / value
+
+
+def late_over_early(per_second):
+    """A loop's rate in the second half of its whole seconds over the first half's, its first second (the
+    warm-up: containers still starting, a daemon's workers waking) left out; None under 3 seconds."""
+    seconds = per_second[1:]
+    if len(seconds) < 2:
+        return None
+    half = len(seconds) // 2
+    early = sum(seconds[:half]) / half
+    late = sum(seconds[half:]) / (len(seconds) - half)
+    return late / early if early else None
+
+
+def run_length(summary, tolerance=RUN_LENGTH_TOLERANCE):
+    """Per configuration: the connect loop's short and long runs' medians, long / short, the long run's late
+    rate over its early one (late_over_early), and whether the figure holds.
+
+    It falls only if both ratios are below tolerance: a long run slower than the short one while its own
+    second half is as fast as its first is the machine's load between the two runs, not the run's length.
+    """
+    out = {}
+    if "runlen_short" not in summary or "runlen_long" not in summary:
+        return out
+    for key, short in summary["runlen_short"]["configs"].items():
+        long_entry = summary["runlen_long"]["configs"].get(key, {})
+        s, l = short["median"], long_entry.get("median")
+        ratio = l / s if s and l is not None else None
+        within = long_entry.get("late_over_early")
+        if ratio is None:
+            holds = None
+        else:
+            holds = ratio >= tolerance or (within is not None and within >= tolerance)
+        out[key] = {"short": s, "long": l, "ratio": ratio, "late_over_early": within, "holds": holds}
+    return out
+
+
+def floor_ratios(summary, key="bypass", floor="floor"):
+    """key's connect rate and daemon CPU per connect over the floor's, for every connect workload both have.
+
+    Returns [{workload, label, rate, floor_rate, rate_ratio, cpu_ms, floor_cpu_ms, cpu_ratio}] (CPU in ms
+    per connect: CPU s per 1000 connections; None where the daemon's CPU was not sampled, as for ab).
+    """
+    rows = []
+    daemon = summary.get("daemon", {})
+    for row_key in FLOOR_ROWS:
+        row = summary.get(row_key)
+        if not row:
+            continue
+        mine, theirs = (row["configs"].get(k, {}).get("median") for k in (key, floor))
+        if mine is None or theirs is None:
+            continue
+        cpu = [daemon.get(k, {}).get("%s.cpu_s_per_1000" % row_key, {}).get("median") for k in (key, floor)]
+        rows.append({"workload": row_key, "label": row["label"], "rate": mine, "floor_rate": theirs,
+                     "rate_ratio": mine / theirs if theirs else None, "cpu_ms": cpu[0], "floor_cpu_ms": cpu[1],
+                     "cpu_ratio": cpu[0] / cpu[1] if cpu[0] is not None and cpu[1] else None})
+    return rows
+
+
 def summarize(results):
     """Medians per configuration and row, speed relative to host."""
     summary = {}
-    for row_key, label, unit, higher, workload, path in ROWS:
+    for row_key, label, unit, higher, workload, path, *base in ROWS:
+        if workload not in results["raw"]:
+            continue  # not run (--only, --run-length, --quick)
         per_config = {}
         for cfg in results["configs"]:
             runs = results["raw"][workload][cfg["key"]]
@@ -1207,13 +1811,25 @@ def summarize(results):
             warnings = sorted({r["warning"] for r in runs if "warning" in r})
             if warnings:
                 entry["warnings"] = warnings
+            within = [late_over_early(r.get("per_second") or []) for r in runs if "error" not in r]
+            within = [w for w in within if w is not None]
+            if within and row_key == "runlen_long":
+                entry["late_over_early"] = statistics.median(within)
+            failed = sum(r.get("failed") or 0 for r in runs if "error" not in r)
+            if failed:
+                entry["failed"] = failed  # requests or lookups that failed, over the rounds
             per_config[cfg["key"]] = entry
         host = per_config.get("host", {}).get("median")
+        base_m = per_config.get(base[0], {}).get("median") if base else None
         for entry in per_config.values():
             m = entry["median"]
             if host and m:
-                entry["vs_host"] = m / host if higher else host / m
+                entry["vs_host"] = speed(m, host, higher)
+            if base_m and m:
+                entry["vs_base"] = speed(m, base_m, higher)
         summary[row_key] = {"label": label, "unit": unit, "higher_is_better": higher, "configs": per_config}
+        if base:
+            summary[row_key]["base"] = base[0]
     daemon = {}
     for cfg in results["configs"]:
         if cfg["daemon"]:
@@ -1242,13 +1858,15 @@ def targets(results, summary):
         return lines
 
     def med(row, cfg="bypass", what="vs_host"):
-        return summary[row]["configs"].get(cfg, {}).get(what)
+        return summary.get(row, {}).get("configs", {}).get(cfg, {}).get(what)
 
     def verdict(ok):
         return "n/a" if ok is None else ("met" if ok else "**missed**")
 
     for row, what in (("iperf1", "container -> host, 1 stream"), ("iperf4", "container -> host, 4 streams"),
                       ("iperf_pub", "host -> container (-p)")):
+        if row not in summary:
+            continue
         r = med(row)
         lines.append("| bulk TCP >= 0.95x host, %s | %s | %s |" % (
             what, "%.2fx" % r if r else "n/a (%s)" % "; ".join(
@@ -1257,6 +1875,8 @@ def targets(results, summary):
     for row, what in (("connect", "connect/close loop"), ("ab1", "ab -c 1"), ("ab8", "ab -c 8"),
                       ("crowd", "20 containers connecting at once"),
                       ("crowd1", "20 processes of one container connecting at once")):
+        if row not in summary:
+            continue
         b = med(row, what="median")
         others = {c: med(row, c, "median") for c in ("slirp4netns", "pasta") if c in cfgs}
         ahead = b is not None and all(o is not None and b > o for o in others.values())
@@ -1306,7 +1926,9 @@ def markdown(results, summary):
                ", runtime " + results["runtime"]),
            "",
            "Each cell: the median, then its speed relative to the host (higher is better: "
-           "for rates this / host, for times and latencies host / this).", "",
+           "for rates this / host, for times and latencies host / this); in the rows that say \"ratio to "
+           "no profile\", relative to the slirp4netns container instead (the same container without the "
+           "seccomp profile).", "",
            "| workload | unit | " + " | ".join(c["label"] for c in cfgs) + " |",
            "|---|---|" + "---:|" * len(cfgs)]
     for row_key, row in summary.items():
@@ -1317,6 +1939,9 @@ def markdown(results, summary):
             e = row["configs"][c["key"]]
             if e["median"] is None:
                 cells.append("n/a")
+            elif "base" in row:
+                cells.append(fmt(e["median"], row["unit"]) + (
+                    " (%.2fx)" % e["vs_base"] if "vs_base" in e and c["key"] != row["base"] else ""))
             elif "vs_host" in e and c["key"] != "host":
                 cells.append("%s (%.2fx)" % (fmt(e["median"], row["unit"]), e["vs_host"]))
             else:
@@ -1327,6 +1952,9 @@ def markdown(results, summary):
         if row_key == "daemon":
             continue
         for c in cfgs:
+            if row["configs"][c["key"]].get("failed"):
+                notes.append("%s, %s: %d request(s) or lookup(s) failed over the rounds (a lookup's timeout "
+                             "is in the wall time)" % (c["label"], row["label"], row["configs"][c["key"]]["failed"]))
             for error in row["configs"][c["key"]].get("errors", []) + row["configs"][c["key"]].get("warnings", []):
                 note = "%s, %s: %s" % (c["label"], row["label"], error)
                 if note not in notes:
@@ -1376,6 +2004,48 @@ def markdown(results, summary):
             if c.get("log_errors"):
                 out += ["", "%s's log had %d error line(s), e.g.: `%s`" % (
                     c["label"], c.get("log_error_count", len(c["log_errors"])), c["log_errors"][0][:200])]
+    checked = results.get("run_length") or {}
+    if checked:
+        d = results["durations"]
+        out += ["", "## Run length", "",
+                "The connect/close loop run for %g s and for %g s in each configuration (interleaved like the "
+                "other workloads; fresh server ports, see Setup): the figure must not fall with the run's length. "
+                "It falls if the long run is below %.2f of the short one and its own second half below %.2f of "
+                "its first (a long run slower than the short one but steady within itself met a busier "
+                "machine)." % (d["runlen_short_ms"] / 1000, d["runlen_long_ms"] / 1000, RUN_LENGTH_TOLERANCE,
+                               RUN_LENGTH_TOLERANCE), "",
+                "| | " + " | ".join(c["label"] for c in cfgs if c["key"] in checked) + " |",
+                "|---|" + "---:|" * sum(1 for c in cfgs if c["key"] in checked)]
+        for what, label in (("short", "%g s run, conn/s" % (d["runlen_short_ms"] / 1000)),
+                            ("long", "%g s run, conn/s" % (d["runlen_long_ms"] / 1000))):
+            out.append("| %s | %s |" % (label, " | ".join(
+                fmt(checked[c["key"]][what], "conn/s") for c in cfgs if c["key"] in checked)))
+        out.append("| long / short | %s |" % " | ".join(
+            "n/a" if checked[c["key"]]["ratio"] is None else "%.2f" % checked[c["key"]]["ratio"]
+            for c in cfgs if c["key"] in checked))
+        out.append("| long run: its second half / its first (first second left out) | %s |" % " | ".join(
+            "n/a" if checked[c["key"]]["late_over_early"] is None else
+            "%.2f" % checked[c["key"]]["late_over_early"] for c in cfgs if c["key"] in checked))
+        out.append("| the figure | %s |" % " | ".join(
+            "n/a" if checked[c["key"]]["holds"] is None else ("holds" if checked[c["key"]]["holds"] else "**falls**")
+            for c in cfgs if c["key"] in checked))
+    vs_floor = results.get("vs_floor")
+    if vs_floor:
+        out += ["", "## bypass4netns.py against the floor", "",
+                "The floor (`--floor %s`): a minimal, unsafe switcher, the mechanism's cost and nothing else. "
+                "Ratios are bypass4netns.py / floor: of the connect rate (below 1: slower than the floor) and of "
+                "the daemon's CPU per connect (above 1: more CPU a connect; CPU is sampled around the C "
+                "clients' loops only)." % results["floor"], "",
+                "| workload | bypass4netns.py | floor | rate ratio | CPU ms per connect, bypass4netns.py "
+                "| floor | CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in vs_floor:
+            unit = summary[r["workload"]]["unit"]
+            out.append("| %s | %s %s | %s | %s | %s | %s | %s |" % (
+                r["label"].replace("; ratio to no profile", ""), fmt(r["rate"], unit), unit, fmt(r["floor_rate"], unit),
+                "n/a" if r["rate_ratio"] is None else "%.2fx" % r["rate_ratio"],
+                "n/a" if r["cpu_ms"] is None else "%.3f" % r["cpu_ms"],
+                "n/a" if r["floor_cpu_ms"] is None else "%.3f" % r["floor_cpu_ms"],
+                "n/a" if r["cpu_ratio"] is None else "%.2fx" % r["cpu_ratio"]))
     lines = targets(results, summary)
     if lines:
         out += ["", "## Targets (issues 6 and 9)", "", "| target | measured | |", "|---|---|---|"] + lines
@@ -1389,17 +2059,30 @@ def markdown(results, summary):
             "`bypass4netns.py --ignore=%s -p HOSTPORT:%d` running (no --debug)." % (IGNORE, PUBLISHED_PORT)]
     if any(c["key"] == "peer" for c in cfgs):
         out.append("- peer: `%s` with the same flags." % results["peer"])
+    if any(c["key"] == "floor" for c in cfgs):
+        out.append("- floor: `%s` (outside the project) with the same flags and seccomp-gen.py's profile."
+                   % results["floor"])
     out += ["- Servers in the test namespace, as root: iperf3 -s, nginx (1 worker, keep-alive off), "
-            "redis-server, and the C client's accept-and-close server, with a port for each configuration and "
-            "connect workload (the client-side TIME_WAITs slirp4netns and pasta leave would otherwise slow "
-            "down the kernel's port search for whoever connects there next).",
+            "redis-server, and the C client's accept-and-close server; dnsmasq on 198.18.0.1 and 198.18.1.1 "
+            "port 53 (--no-resolv --no-hosts, address=/bench.test/198.18.0.5), every container given "
+            "`--dns 198.18.0.1`, the host's and pasta's clients a resolv.conf of their own (pasta's: "
+            "198.18.1.1, since 198.18.0.1 is its own address).",
+            "- Server ports: no server port takes more than %s connections a minute (slirp4netns and pasta "
+            "leave a client-side TIME_WAIT a connection, and past ~28,000 of them towards one port every "
+            "connect() there slows down in the kernel's ephemeral-port search).  The C clients connect to "
+            "each port of a range in turn, a range of one port for each %s connections the loop could make "
+            "at %s conn/s; ab moves to the next port every %s requests; a port is used again only %d s "
+            "after its last measurement." % ("{:,}".format(PORT_LIMIT), "{:,}".format(PER_PORT),
+                                             "{:,}".format(RATE_CAP), "{:,}".format(AB_CHUNK), REUSE_AFTER),
             "- Pinned connect loop: the client under `taskset -c {cpu}`, and for the daemon configurations "
             "every thread of the daemon and of its child processes on CPU {cpu} too while the client connects "
             "(their affinity restored afterwards); slirp4netns and pasta are not pinned.  20 clients at "
             "once: 20 containers (20 pastas, 20 processes for the host), or 20 processes forked by one client "
             "in one container (one pasta).".format(cpu=PINNED_CPU),
             "- Durations: iperf3 {iperf} s a test, ab {ab} s, connect loops {connect_ms} ms, redis-benchmark "
-            "{redis_n} requests a test, tar {tar_passes} passes in a row; each once per round.".format(
+            "{redis_n} requests a test, tar {tar_passes} passes in a row, sendto {sendto_ms} ms, {getent_n} getent "
+            "and {dig_n} dig lookups, nginx + php-fpm {php_n} requests, Node.js {ab} s; each once per round (the "
+            "run-length check: {runlen_short_ms} and {runlen_long_ms} ms).".format(
                 **results["durations"]),
             "- Tools: %s." % "; ".join("%s" % info[k] for k in ("podman", "runc", "crun", "slirp4netns", "pasta",
                                                                "iperf3", "nginx", "redis-benchmark")),
@@ -1520,6 +2203,14 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="every configuration once, short durations (CI)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; 1 with --quick)")
     p.add_argument("--peer", metavar="PATH", help="another bypass4netns-compatible daemon (same flags)")
+    p.add_argument("--floor", metavar="PATH",
+                   help="the floor: a minimal bypass4netns-compatible switcher (e.g. ../shared/floor/floor.py), "
+                        "one more column, \"floor\"; results.md gives bypass4netns.py's connect rates and daemon "
+                        "CPU per connect as ratios to its")
+    p.add_argument("--run-length", action="store_true",
+                   help="the run-length check: the connect loop short (1 s) and long (10 s; 5 s with --quick) "
+                        "in every configuration; alone, only that (with --only, those workloads too); the full "
+                        "run includes it")
     p.add_argument("--peer-profile", metavar="FILE",
                    help="the seccomp profile the peer needs (its listenerPath is rewritten); default: "
                         "seccomp-gen.py's")
@@ -1529,7 +2220,8 @@ def parse_args(argv):
     p.add_argument("--only", metavar="WORKLOAD[,...]",
                    help="run only these workloads: " + ",".join(known))
     p.add_argument("--configs", metavar="CONFIG[,...]",
-                   help="run only these configurations: host,slirp4netns,pasta,bypass,peer (host is always run)")
+                   help="run only these configurations: host,slirp4netns,pasta,bypass,peer,floor (host is "
+                        "always run)")
     p.add_argument("--py-spy", metavar="DIR",
                    help="record the daemons with py-spy (installed into the bench venv) during the connect loop; "
                         "raw stacks and a hot-spot summary go to DIR")
@@ -1543,7 +2235,16 @@ def parse_args(argv):
         p.error("--peer: no such file: %s" % args.peer)
     if args.peer_profile and not os.path.isfile(args.peer_profile):
         p.error("--peer-profile: no such file: %s" % args.peer_profile)
-    args.only = args.only.split(",") if args.only else known
+    if args.floor and not os.path.isfile(args.floor):
+        p.error("--floor: no such file: %s" % args.floor)
+    if args.only:
+        args.only = args.only.split(",") + (list(RUN_LENGTH_WORKLOADS) if args.run_length else [])
+    elif args.run_length:
+        args.only = list(RUN_LENGTH_WORKLOADS)
+    elif args.quick:
+        args.only = [w for w in known if w not in RUN_LENGTH_WORKLOADS]
+    else:
+        args.only = known
     for w in args.only:
         if w not in known:
             p.error("--only: unknown workload %r (one of %s)" % (w, ",".join(known)))
@@ -1565,7 +2266,7 @@ def main(argv=None):
     daemons, configs = [], []
     results = {"command": "sudo ./tests/bench " + " ".join(sys.argv[1:] if argv is None else argv),
                "quick": args.quick, "rounds": args.rounds, "runtime": args.runtime, "durations": bench.t,
-               "peer": args.peer, "machine": machine_info()}
+               "peer": args.peer, "floor": args.floor, "machine": machine_info()}
     try:
         bench.build_client()
         configs = [Host(), Container("slirp4netns", "slirp4netns", args.runtime), Pasta()]
@@ -1576,6 +2277,11 @@ def main(argv=None):
             peer = PeerDaemon(os.path.abspath(args.peer), args.peer_profile, tb.free_port())
             daemons.append(peer)
             configs.append(Container("peer", "peer: " + os.path.basename(args.peer), args.runtime, peer))
+        if args.floor:
+            floor = PeerDaemon(os.path.abspath(args.floor), None, None,
+                               publish_off="the floor publishes no port (it ignores -p)")
+            daemons.append(floor)
+            configs.append(Container("floor", "floor", args.runtime, floor))
         if args.configs:
             configs = [c for c in configs if c.key == "host" or c.key in args.configs]
         for d in daemons:
@@ -1583,7 +2289,7 @@ def main(argv=None):
         log("starting servers in the test namespace")
         bench.start_servers(configs)
         results["configs"] = [{"key": c.key, "label": c.label, "daemon": bool(c.daemon)} for c in configs]
-        raw = results["raw"] = {w[0]: {c.key: [] for c in configs} for w in WORKLOADS}
+        raw = results["raw"] = {w[0]: {c.key: [] for c in configs} for w in WORKLOADS if w[0] in args.only}
         # A warm page cache for tar, before any configuration is timed.
         subprocess.run(["/bin/sh", "-c", "/usr/bin/tar -cf /dev/zero /usr/share 2>/dev/null"])
         for rnd in range(args.rounds):
@@ -1620,6 +2326,9 @@ def main(argv=None):
             entry["log_errors"], entry["log_error_count"] = log_problems(c.daemon.log_path)
     results["machine"]["loadavg_end"] = loadavg()
     results["summary"] = summarize(results)
+    results["run_length"] = run_length(results["summary"])
+    if args.floor:
+        results["vs_floor"] = floor_ratios(results["summary"])
     results["seconds"] = round(time.monotonic() - started, 1)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")

@@ -45,6 +45,7 @@ PACKAGES = [
     "nginx-light", "apache2-utils", "python3-pytest", "python3-venv",
     "iproute2", "procps", "util-linux",
     "strace",  # the benchmark's syscalls-per-connect count
+    "dnsmasq-base", "bind9-dnsutils", "php-fpm",  # the benchmark's DNS and nginx + php-fpm workloads
     # static test clients, 64- and 32-bit (i386's socketcall path)
     "gcc", "libc6-dev", "gcc-multilib",
 ]

@@ -1,4 +1,4 @@
-"""The benchmark's summary of the daemon's memory: pure arithmetic over recorded samples."""
+"""The benchmark's summaries: pure arithmetic over recorded samples (memory, ports, ratios, run length)."""
 
 import pathlib
 import sys
@@ -34,3 +34,178 @@ def test_memory_growth_is_counted_from_the_end_of_the_first_round(rounds, first_
     assert summary["rss_last_mib"]["median"] == last_kib / 1024
     assert summary["made_between"]["median"] == made
     assert summary["rss_growth_kib_per_1000"]["median"] == pytest.approx(growth)
+
+
+# -- server ports: no port takes more than bench.PORT_LIMIT connections a minute ----------------------
+
+@pytest.mark.parametrize("seconds", [0.001, 1, 3, 5, 10, 20])
+def test_a_connect_loop_gets_ports_enough_for_the_rate_cap(seconds):
+    ports = bench.ports_needed(seconds)
+    assert ports >= 1
+    assert bench.RATE_CAP * seconds / ports <= bench.PER_PORT <= bench.PORT_LIMIT
+
+
+def test_ab_chunks_get_ports_enough_for_their_rate_cap():
+    assert bench.ports_needed(3, bench.AB_RATE_CAP, bench.AB_CHUNK) * bench.AB_CHUNK >= 3 * bench.AB_RATE_CAP
+
+
+class FakeClock:
+    def __init__(self):
+        self.now, self.slept = 1000.0, []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_port_ring_hands_out_fresh_runs_and_waits_before_coming_round_again():
+    clock = FakeClock()
+    ring = bench.PortRing(20000, 10, reuse_after=65, clock=clock, sleep=clock.sleep)
+    assert ring.take(4, 3) == (20000, 20003)
+    assert ring.take(4, 3) == (20004, 20007)
+    clock.now += 1
+    # 2 ports left at the end: a run is never split, the ring starts over, and waits for the first run's
+    # ports: 3 s of measurement + 65 s since it was handed out at 1000, now 1001.
+    assert ring.take(3, 1) == (20000, 20002)
+    assert clock.slept == [pytest.approx(67.0)]
+    clock.now += 100
+    assert ring.take(50, 1) == (20000, 20009)  # at most the whole ring
+    assert len(clock.slept) == 1
+
+
+# -- ab in chunks, one port each --------------------------------------------------------------------
+
+AB_REPORT = """Complete requests:      %d
+Failed requests:        %d
+Time taken for tests:   %s seconds
+Requests per second:    1.0 [#/sec] (mean)
+"""
+
+
+def test_ab_chunks_add_up_to_one_rate():
+    out = AB_REPORT % (10000, 0, "0.500") + AB_REPORT % (3000, 2, "0.250")
+    totals = bench.ab_totals(out)
+    assert totals["requests"] == 13000 and totals["failed"] == 2 and totals["chunks"] == 2
+    assert totals["value"] == pytest.approx(13000 / 0.75)
+    assert totals["most_to_one_port"] == 10000
+
+
+def test_ab_without_a_report_is_a_failure():
+    with pytest.raises(bench.Failed):
+        bench.ab_totals("apr_socket_connect(): Connection refused (111)")
+
+
+# -- rows against no profile, the run-length check, the floor ---------------------------------------
+
+def results_of(rows):
+    """results with raw numbers: rows maps workload -> {config: [values]}."""
+    configs = sorted({c for per in rows.values() for c in per})
+    raw = {w: {c: [{"round": i, "value": v} for i, v in enumerate(per.get(c, []))] for c in configs}
+           for w, per in rows.items()}
+    return {"configs": [{"key": c, "label": c, "daemon": c in ("bypass", "floor")} for c in configs], "raw": raw}
+
+
+def test_rows_with_a_base_are_compared_with_no_profile():
+    summary = bench.summarize(results_of({
+        "unix1": {"host": [100.0], "slirp4netns": [80.0], "bypass": [40.0]},
+        "sendto": {"host": [1000.0], "slirp4netns": [1000.0], "bypass": [1250.0]}}))
+    unix = summary["unix1"]
+    assert unix["base"] == "slirp4netns"
+    assert unix["configs"]["bypass"]["vs_base"] == pytest.approx(0.5)
+    assert unix["configs"]["bypass"]["vs_host"] == pytest.approx(0.4)
+    assert unix["configs"]["slirp4netns"]["vs_base"] == 1.0
+    # A time: lower is better, so the ratio is base / this.
+    assert summary["sendto"]["configs"]["bypass"]["vs_base"] == pytest.approx(0.8)
+    assert "connect" not in summary  # rows of workloads not run are left out
+
+
+def test_run_length_holds_unless_the_long_run_falls():
+    summary = bench.summarize(results_of({
+        "runlen_short": {"host": [100.0, 110.0, 90.0], "pasta": [100.0], "bypass": [100.0]},
+        "runlen_long": {"host": [100.0, 120.0, 95.0], "pasta": [50.0], "bypass": []}}))
+    checked = bench.run_length(summary)
+    assert checked["host"] == {"short": 100.0, "long": 100.0, "ratio": 1.0, "late_over_early": None,
+                               "holds": True}
+    assert checked["pasta"]["ratio"] == 0.5 and checked["pasta"]["holds"] is False
+    assert checked["bypass"]["holds"] is None and checked["bypass"]["ratio"] is None
+    assert bench.run_length(bench.summarize(results_of({"connect": {"host": [1.0]}}))) == {}
+
+
+def test_a_slower_long_run_that_is_steady_within_itself_holds():
+    results = results_of({"runlen_short": {"slirp4netns": [100.0], "pasta": [100.0]},
+                          "runlen_long": {"slirp4netns": [80.0], "pasta": [80.0]}})
+    results["raw"]["runlen_long"]["slirp4netns"][0]["per_second"] = [20, 80, 81, 79, 80]  # steady: load
+    results["raw"]["runlen_long"]["pasta"][0]["per_second"] = [50, 100, 90, 70, 60]  # decays: the run's length
+    checked = bench.run_length(bench.summarize(results))
+    assert checked["slirp4netns"]["late_over_early"] == pytest.approx(79.5 / 80.5)
+    assert checked["slirp4netns"]["holds"] is True
+    assert checked["pasta"]["late_over_early"] == pytest.approx(65 / 95) and checked["pasta"]["holds"] is False
+
+
+@pytest.mark.parametrize("per_second, ratio", [
+    ([], None), ([5, 10], None),  # under 3 seconds: none
+    ([1, 10, 20], 2.0),  # the first second is left out
+    ([1, 10, 10, 20, 20, 20], 2.0),  # halves of 5 seconds: 2 early, 3 late
+    ([1, 0, 5], None),
+])
+def test_late_over_early(per_second, ratio):
+    assert bench.late_over_early(per_second) == ratio
+
+
+def test_clients_per_second_counts_add_up_over_whole_seconds():
+    out = ["count 300 errors 0 elapsed_us 2500000 sum_us 3000 errno 0\nhist 10:300\npersec 100 150 50\n",
+           "count 200 errors 0 elapsed_us 2400000 sum_us 2000 errno 0\nhist 10:200\npersec 90 80 30\n"]
+    merged = bench.merge_clients(out)
+    assert merged["per_second"] == [190, 230]  # the third, partial second left out
+    assert merged["connections"] == 500 and merged["value"] == pytest.approx(200.0)
+    # A client of before (no persec line) still parses.
+    assert bench.merge_clients([out[0].split("\npersec")[0] + "\n"])["per_second"] == []
+
+
+def test_floor_ratios_take_rates_and_cpu_per_connect_where_both_have_them():
+    summary = {
+        "connect": {"label": "connect loop", "configs": {"bypass": {"median": 6000.0}, "floor": {"median": 8000.0}}},
+        "ab1": {"label": "ab -c 1", "configs": {"bypass": {"median": 3000.0}, "floor": {"median": 3000.0}}},
+        "crowd": {"label": "crowd", "configs": {"bypass": {"median": 5000.0}, "floor": {"median": None}}},
+        "daemon": {"bypass": {"connect.cpu_s_per_1000": {"median": 0.1}},
+                   "floor": {"connect.cpu_s_per_1000": {"median": 0.05}}},
+    }
+    rows = {r["workload"]: r for r in bench.floor_ratios(summary)}
+    assert set(rows) == {"connect", "ab1"}  # crowd: no floor figure
+    assert rows["connect"]["rate_ratio"] == pytest.approx(0.75)
+    assert rows["connect"]["cpu_ratio"] == pytest.approx(2.0)
+    assert rows["ab1"]["rate_ratio"] == 1.0 and rows["ab1"]["cpu_ratio"] is None
+
+
+def test_results_md_has_the_run_length_and_floor_sections():
+    results = results_of({
+        "connect": {"host": [30000.0], "slirp4netns": [3000.0], "bypass": [6000.0], "floor": [8000.0]},
+        "unix1": {"host": [60000.0], "slirp4netns": [50000.0], "bypass": [20000.0], "floor": [21000.0]},
+        "runlen_short": {"host": [30000.0], "slirp4netns": [3000.0], "bypass": [6000.0], "floor": [8000.0]},
+        "runlen_long": {"host": [29000.0], "slirp4netns": [2000.0], "bypass": [6100.0], "floor": [8000.0]}})
+    results["raw"]["runlen_long"]["slirp4netns"][0]["per_second"] = [2500, 2400, 2000, 1500, 1400]
+    bench_t = {"iperf": 1, "ab": 1, "connect_ms": 1000, "redis_n": 1, "tar_passes": 1, "crowd": 20, "syscalls_n": 1,
+               "runlen_short_ms": 1000, "runlen_long_ms": 5000, "sendto_ms": 1, "getent_n": 1, "dig_n": 1,
+               "php_n": 1}
+    machine = {k: "x" for k in ("date", "kernel", "cpu", "commit", "bypass4netns.py sha256", "loadavg_start",
+                                "loadavg_end", "podman", "runc", "crun", "slirp4netns", "pasta", "iperf3", "nginx",
+                                "redis-benchmark")}
+    machine["cpus"] = 2
+    results.update(quick=True, rounds=1, runtime="runc", durations=bench_t, machine=machine, floor="floor.py",
+                   peer=None, command="sudo ./tests/bench", seconds=1.0)
+    for c in results["configs"]:
+        c["label"] = {"bypass": "bypass4netns.py"}.get(c["key"], c["key"])
+    summary = results["summary"] = bench.summarize(results)
+    results["run_length"] = bench.run_length(summary)
+    results["vs_floor"] = bench.floor_ratios(summary)
+    md = bench.markdown(results, summary).splitlines()
+    assert "| long / short | 1.02 | 1.00 | 0.97 | 0.67 |" in md  # configs in key order: bypass floor host slirp
+    figure = next(line for line in md if line.startswith("| the figure |"))
+    assert figure == "| the figure | holds | holds | holds | **falls** |"
+    row = next(line for line in md if line.startswith("| connect/close loop, static C client | 6,000"))
+    assert row.endswith("| 0.75x | n/a | n/a | n/a |"), row  # no daemon CPU in these results: n/a
+    unix = next(line for line in md if line.startswith("| unix connect/close loop") and "conn/s |" in line)
+    assert "20,000 (0.40x)" in unix and "| 50,000 |" in unix  # ratio to no profile; the base without one
