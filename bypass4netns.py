@@ -4,11 +4,13 @@
 A container started with a seccomp profile whose listenerPath names this
 daemon's socket hands the daemon its seccomp user-notification fd.  The daemon
 then answers the few syscalls that decide where a socket goes (connect, bind,
-and the sends that carry a destination): for a destination that is not
-ignored it creates a socket in the host's network namespace, connects or binds
-it itself with the address it validated, and installs it at the container's
-fd number (SECCOMP_IOCTL_NOTIF_ADDFD).  From then on the data path is the host
-kernel's.  Everything else proceeds in the container's own network namespace.
+listen, and TCP Fast Open sends): for a destination that is not ignored it
+creates a socket in the host's network namespace, connects or binds it itself
+with the address it validated, pins it to its host interface, and installs it
+at the container's fd number (SECCOMP_IOCTL_NOTIF_ADDFD).  From then on the
+data path is the host kernel's.  Everything else proceeds in the container's
+own network namespace, and no trapped call is ever answered "continue": calls
+on sockets that are not IP are made by a helper in the container's namespaces.
 
 Single file, standard library only, Linux >= 5.9, Python >= 3.9.
 """
@@ -5131,9 +5133,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="bypass4netns.py",
         description="Host-speed networking for rootless containers: containers started with a "
-                    "seccomp profile whose listenerPath is --socket get their TCP sockets (and UDP "
-                    "ones, with a profile from seccomp-gen.py --udp) switched to the host network "
-                    "namespace.",
+                    "seccomp profile whose listenerPath is --socket get their TCP and UDP sockets "
+                    "switched to the host network namespace, each pinned to its host interface; no "
+                    "trapped call is ever run as the container made it.",
         epilog="`bypass4netns.py status [--socket PATH] [--json]` shows what a running daemon "
                "serves.  Signals: SIGUSR1 logs each container's counters (at warning level, so "
                "without --debug too); SIGHUP re-reads the 'auto' subnets; SIGUSR2 reloads: the "
