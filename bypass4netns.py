@@ -1853,8 +1853,6 @@ class Switcher:
             result = self.switch(call, sock, kind, proto, raw, own_service)
         except NotSwitched as why:
             return "container (%s)" % why
-        if call.installed:
-            call.container.counters[COUNT_BYPASSED] += 1
         if self.debug and result is not None:
             self.debug_decision(call, "connect", dest, "bypassed" if call.installed
                                 else "host connect failed, answered as is: %s" % os.strerror(-result))
@@ -1925,6 +1923,7 @@ class Switcher:
                 host.setblocking(True)
             if not self.install(call, host, flags):
                 return None
+            call.container.counters[COUNT_BYPASSED] += 1  # before the answer: its container may be gone after
             # Our references to the replaced socket and to the host one go
             # before the answer, so that the target's close() is the last one
             # and closes the connection itself, as natively (and on its CPU).
@@ -2182,11 +2181,10 @@ class Switcher:
         """Bind a host socket at the mapping's host side and install it at the target's fd.
 
         Returns 0 or -errno (the host's answer, EADDRINUSE as the kernel says
-        it), or None if the target went away.  A mapping on one of the host's
-        addresses that is not the loopback's is pinned to that address's
-        interface, where its clients reach it anyway; one on every address or
-        on the loopback cannot be (the host's own clients come over the
-        loopback): README says what such a socket can reach.
+        it), or None if the target went away.  The socket is not pinned: a
+        socket pinned to an interface hears only what comes in through it,
+        and a published port's clients come through any (the host's own, over
+        the loopback, bridges, ...).  README says what it can reach.
         """
         raw = encode_sockaddr(sock.family, mapping.host_ip, mapping.host_port)
         if raw is None:
@@ -2204,10 +2202,6 @@ class Switcher:
             result = sock_call(_libc.bind, host.fileno(), raw, len(raw))
             if result < 0:
                 return result
-            if mapping.host_ip is not None and not mapping.host_ip.is_loopback:
-                index = self.interfaces.index_of(mapping.host_ip.packed)
-                if index is not None:
-                    host.setsockopt(_SOL, SO_BINDTOIFINDEX, index)
             if flags & os.O_NONBLOCK:
                 host.setblocking(False)
             installed = self.install(call, host, flags)

@@ -833,8 +833,7 @@ OLD_PROFILE_SENDS = """
     connected.settimeout(2)
     connected.connect((host, udp_port))
     connected.sendmsg([b"y"])
-    out = {"echoed": echoed, "unconnected": unconnected.getsockname()[0], "connected": connected.getsockname()[0],
-           "answer": connected.recv(10).decode()}
+    out = {"echoed": echoed, "connected": connected.getsockname()[0], "answer": connected.recv(10).decode()}
     try:
         socket.socket().sendto(b"x", 0x20000000, (host, udp_port))  # MSG_FASTOPEN
     except OSError as e:
@@ -858,7 +857,7 @@ def test_a_profile_made_by_an_older_seccomp_gen_udp_keeps_working(testbed, tcp_d
         out = json.loads(run(argv, timeout=180, check=True).stdout)
     finally:
         os.unlink(profile)
-    assert out == {"echoed": 200, "unconnected": SLIRP_ADDRESS, "connected": testbed.HOST_IP4,
-                   "answer": "echo:y", "fastopen": "EOPNOTSUPP"}
+    assert out == {"echoed": 200, "connected": testbed.HOST_IP4, "answer": "echo:y",
+                   "fastopen": errno.errorcode[errno.EOPNOTSUPP]}  # ENOTSUP: the same number on Linux
     counters = gone_counters(tcp_daemon, gone_before)
     assert counters["notifications"] >= 400 and counters["bypassed"] == 1 and counters["errors"] == 0, counters
