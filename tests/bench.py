@@ -39,8 +39,11 @@ bytes on one unconnected UDP socket to 127.0.0.1 (a call the profile does not
 trap); real resolvers: `getent ahosts` and `dig` in a loop against dnsmasq
 (run here on 198.18.0.1 and 198.18.1.1, every client resolving through it,
 never through the machine's resolvers); nginx in front of php-fpm over a unix
-socket in one container, `ab -c 8` from inside it (the rows of these four give
-each configuration's ratio to the slirp4netns container: no profile); a Node.js
+socket in one container, `ab -c 8` from inside it, and the same container
+with its nginx port published by podman's own -p (not the daemon's), `ab -c 8`
+from the test namespace (each request then traps only nginx's unix connect; the
+rows of these five give each configuration's ratio to the slirp4netns
+container: no profile); a Node.js
 HTTP client, a new connection per request, against the namespace's nginx.
 The daemons' CPU time and memory are read from /proc around the connect
 workloads (--py-spy DIR also records their stacks).
@@ -442,7 +445,7 @@ http {{
 
 
 # nginx in front of php-fpm over a unix socket, both in the client's configuration (one container):
-# PHP_SCRIPT fills @RUN@ (a temp dir of its own), @SRC@ (these files) and @PORT@ in.
+# PHP_SCRIPT fills @RUN@ (a temp dir of its own), @SRC@ (these files), @LISTEN@ and @PORT@ in.
 PHP_NGINX_CONF = """
 daemon off;
 master_process off;
@@ -460,7 +463,7 @@ http {
     uwsgi_temp_path @RUN@/uwsgi;
     scgi_temp_path @RUN@/scgi;
     server {
-        listen 127.0.0.1:@PORT@ backlog=4096;
+        listen @LISTEN@:@PORT@ backlog=4096;
         location / {
             fastcgi_pass unix:@RUN@/php.sock;
             fastcgi_param SCRIPT_FILENAME @SRC@/index.php;
@@ -487,12 +490,15 @@ pm.max_children = 4
 """
 PHP_PAGE = '<?php echo "ok\\n";\n'
 PHP_FPM = "/usr/sbin/php-fpm8.2"
-# $0: the files' dir, then the port, requests and concurrency.  php-fpm -n: no php.ini (the container has
+# $0: the files' dir, then the port, requests and concurrency, and nginx's address (127.0.0.1 by default).
+# Requests "serve": no ab, the script says "php ready" once nginx and php-fpm answer and serves until it is
+# stopped (the published-port row: ab runs on the host).  php-fpm -n: no php.ini (the container has
 # not the host's /etc), the same in every configuration; -R: the container's root.
 PHP_SCRIPT = r"""
-src=$0 port=$1 n=$2 c=$3
+src=$0 port=$1 n=$2 c=$3 listen=${4:-127.0.0.1}
 run=$(mktemp -d /tmp/b4ns-php-XXXXXX) || exit 1
-sed -e "s|@RUN@|$run|g" -e "s|@SRC@|$src|g" -e "s|@PORT@|$port|g" "$src/nginx.conf" > "$run/nginx.conf"
+sed -e "s|@RUN@|$run|g" -e "s|@SRC@|$src|g" -e "s|@PORT@|$port|g" -e "s|@LISTEN@|$listen|g" \
+    "$src/nginx.conf" > "$run/nginx.conf"
 sed -e "s|@RUN@|$run|g" "$src/php-fpm.conf" > "$run/php-fpm.conf"
 %(fpm)s -n -R -F -y "$run/php-fpm.conf" >"$run/fpm.out" 2>&1 &
 fpm=$!
@@ -510,6 +516,11 @@ until ab -n 1 "$url" 2>/dev/null | grep -q "Document Length: *3 bytes"; do
     fi
     sleep 0.05
 done
+if [ "$n" = serve ]; then
+    echo "php ready"
+    wait
+    exit 0
+fi
 ab -q -n 200 -c $c "$url" >/dev/null
 ab -r -n $n -c $c "$url"
 rc=$?
@@ -833,10 +844,12 @@ class Container(Config):
     def wrap_dns(self, argv, resolv_conf):
         return self.wrap(argv)  # every container has --dns self.target
 
-    def wrap(self, argv, publish=None, name=None):
+    def wrap(self, argv, publish=None, name=None, podman_publish=False):
+        """publish goes to podman's -p, unless a daemon publishes it (its own -p); podman_publish: to podman's
+        -p even with a daemon (a container port the daemon does not publish)."""
         # --dns: the container's resolv.conf names the test namespace's dnsmasq, never the machine's resolvers.
         extra = ["-v", "%s:/home:ro" % tb.WORKDIR, "--dns", self.target]
-        if publish and not self.daemon:
+        if publish and (podman_publish or not self.daemon):
             extra += ["-p", "%d:%d" % publish]
         return tb.run_container(argv, runtime=self.runtime, seccomp=self.daemon.profile if self.daemon else None,
                                 name=name, extra=extra)
@@ -1265,6 +1278,49 @@ class Bench:
             raise Failed("php: %d failed requests" % result["failed"])
         return result
 
+    def php_published(self, cfg):
+        """ab -c 8 from the host (the test namespace) against nginx + php-fpm (unix socket) in the container,
+        through podman's own -p HOSTPORT:CONTAINERPORT (rootlessport), in every container configuration alike:
+        each request traps only nginx's connect() to php-fpm (accept() is not trapped, and the forwarder's
+        connect into the container is not the container's)."""
+        if not isinstance(cfg, Container):
+            raise Failed("no podman container, no podman -p: the %s client runs in the test namespace itself"
+                         % cfg.label if isinstance(cfg, Host) else
+                         "podman -p is a container's (standalone pasta: no podman; the pasta row is the php row)")
+        if not os.path.exists(PHP_FPM):
+            apt_install(["php-fpm"], "the nginx + php-fpm workload")
+        host_port = tb.free_port()
+        container_port = PUBLISHED_PORT
+        while container_port in (PUBLISHED_PORT, host_port):  # 5201: the daemons' own -p, never podman's here
+            container_port = tb.free_port("127.0.0.1")
+        name = "b4ns-bench-php-%s" % uuid.uuid4().hex[:8]
+        server = cfg.wrap(["/bin/sh", "-c", PHP_SCRIPT, cfg.path(self.php_dir), str(container_port), "serve", "8",
+                           "0.0.0.0"], publish=(host_port, container_port), name=name, podman_publish=True)
+        proc = tb.start_server(server, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            if not read_line_matching(proc, r"php ready", 120):
+                err = ""
+                if proc.poll() is not None:
+                    err = ": " + proc.stderr.read().decode(errors="replace")[-300:]
+                raise Failed("nginx + php-fpm did not start in the container" + err)
+            # podman 4's forwarder (rootlessport) listens on *:HOSTPORT in the test namespace: 198.18.0.1 is one.
+            url = "http://%s:%d/" % (ADDR_A, host_port)
+            # Until podman's forwarder answers, then a warm-up, as the php row's script does, then the timed run.
+            script = ('i=0; until ab -n 1 "$0" 2>/dev/null | grep -q "Document Length: *3 bytes"; do i=$((i + 1)); '
+                      'if [ $i -gt 200 ]; then echo "no answer through the published port" >&2; exit 1; fi; '
+                      'sleep 0.05; done; ab -q -n 200 -c 8 "$0" >/dev/null; exec ab -r -n "$1" -c 8 "$0"')
+            out = run(tb.as_user(["/bin/sh", "-c", script, url, str(self.t["php_n"])]), 300,
+                      "ab to nginx + php-fpm through the published port")
+            if "Non-2xx responses" in out:
+                raise Failed("php_pub: " + re.search(r"Non-2xx responses:\s+\d+", out).group(0))
+            result = ab_totals(out)
+            if result["failed"]:
+                raise Failed("php_pub: %d failed requests" % result["failed"])
+            result["host_port"], result["container_port"] = host_port, container_port
+            return result
+        finally:
+            cfg.stop_detached(proc, name)  # podman rm -f by name
+
     def node(self, cfg):
         """A Node.js client, a new connection per request, against the namespace's nginx."""
         if not shutil.which("node"):
@@ -1538,6 +1594,8 @@ WORKLOADS = [
     ("dig", "dig +short bench.test in a loop (dnsmasq)", "lookups/s", True, lambda b, c: b.lookups(c, "dig")),
     ("php", "ab -c 8 against nginx + php-fpm (unix socket) in one container", "req/s", True,
      lambda b, c: b.php(c)),
+    ("php_pub", "ab -c 8 from the host through podman's -p to nginx + php-fpm (unix socket) in a container",
+     "req/s", True, lambda b, c: b.php_published(c)),
     ("node", "Node.js HTTP client, a new connection per request, against nginx", "req/s", True,
      lambda b, c: b.node(c)),
     # The run-length check (--run-length; in the full run by default): the connect loop, short and long.
@@ -1593,6 +1651,8 @@ ROWS = [
      ("value",), NO_PROFILE),
     ("php", "nginx + php-fpm (4 children, unix socket) in one container, ab -c 8 from inside it; ratio "
      "to no profile", "req/s", True, "php", ("value",), NO_PROFILE),
+    ("php_pub", "nginx + php-fpm, ab from the host through a published port (podman -p; ab -c 8 in the test "
+     "namespace); ratio to no profile", "req/s", True, "php_pub", ("value",), NO_PROFILE),
     ("node", "HTTP, new connection per request, Node.js client (http.get, agent: false, %d at a time; nginx)"
      % NODE_CONCURRENCY, "req/s", True, "node", ("value",)),
     ("runlen_short", "connect/close loop, short run (run-length check)", "conn/s", True, "runlen_short",
@@ -1620,7 +1680,7 @@ DAEMON_ROWS = [
 CROWD_BEFORE = 13835  # conn/s: bypass4netns.py's 20-container storm in the run issue 9 quotes
 # The rows compared with the floor (--floor): every workload of connections the daemon serves.
 FLOOR_ROWS = ("ab1", "ab8", "node", "connect", "connect_pinned", "crowd", "crowd1", "udp_connect", "unix1", "unix4",
-              "php", "runlen_short", "runlen_long")
+              "php", "php_pub", "runlen_short", "runlen_long")
 CPU_PER_1000_TARGET = 0.035  # daemon CPU seconds per 1000 connections, issue 9's target
 MEMORY_GROWTH_LIMIT = 5.0  # KiB per 1000 connections: 5 bytes a connection, less than any Python object
 
@@ -2081,7 +2141,7 @@ def markdown(results, summary):
             "in one container (one pasta).".format(cpu=PINNED_CPU),
             "- Durations: iperf3 {iperf} s a test, ab {ab} s, connect loops {connect_ms} ms, redis-benchmark "
             "{redis_n} requests a test, tar {tar_passes} passes in a row, sendto {sendto_ms} ms, {getent_n} getent "
-            "and {dig_n} dig lookups, nginx + php-fpm {php_n} requests, Node.js {ab} s; each once per round (the "
+            "and {dig_n} dig lookups, nginx + php-fpm {php_n} requests (from inside and from the host), Node.js {ab} s; each once per round (the "
             "run-length check: {runlen_short_ms} and {runlen_long_ms} ms).".format(
                 **results["durations"]),
             "- Tools: %s." % "; ".join("%s" % info[k] for k in ("podman", "runc", "crun", "slirp4netns", "pasta",
