@@ -722,12 +722,12 @@ def start_engine(publish_port):
     """
     args = ["--ignore", IGNORE]
     try:
-        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False, udp=False)
+        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False)
         daemon.publish_port, daemon.publish_off = publish_port, None
     except Exception as exc:  # noqa: BLE001 - any failure: run without -p, say why
         why = "the daemon did not start with -p: %s" % (str(exc).strip().splitlines() or ["?"])[-1][:200]
         log(why)
-        daemon = Daemon(args, debug=False, udp=False)
+        daemon = Daemon(args, debug=False)
         daemon.publish_port, daemon.publish_off = None, why
     return daemon
 

@@ -87,7 +87,7 @@ def main(seconds=5.0, rounds=3):
     nodes, removes = [], []
     try:
         nodes = [Daemon(["--multinode", "--multinode-etcd-address", url, "--multinode-host-address", host,
-                         "--ignore", "10.0.0.0/8"], udp=False, debug=False, user=user)
+                         "--ignore", "10.0.0.0/8"], debug=False, user=user)
                  for user, host in ((tb.USER, tb.HOST_IP4), (tb.USER_B, tb.HOST_IP4_B))]
         a, b = nodes
         iperf_host, loop_host = tb.free_port(), tb.free_port()

@@ -65,7 +65,7 @@ def main(rounds=3):
     tb.up()
     port = tb.free_port()
     echo = tb.start_server([sys.executable, "-c", ECHO, tb.HOST_IP4, str(port)], stdout=subprocess.PIPE)
-    daemons = {"the profile": Daemon(["--ignore", "10.0.0.0/8"], debug=False, udp=False)}
+    daemons = {"the profile": Daemon(["--ignore", "10.0.0.0/8"], debug=False)}
     results = {}
     try:
         echo.stdout.readline()

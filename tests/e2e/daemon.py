@@ -46,7 +46,7 @@ def generate_profile(socket_path, base="podman", extra=()):
 class Daemon:
     """bypass4netns.py started as the test user; stop() ends it by pid."""
 
-    def __init__(self, args=(), base="podman", debug=True, udp=True, prefix=(), take_over=None, env=None,
+    def __init__(self, args=(), base="podman", debug=True, prefix=(), take_over=None, env=None,
                  user=tb.USER):
         serial = next(_serial)
         if serial == 0:
@@ -66,10 +66,7 @@ class Daemon:
             args = ["--take-over", *args]
         else:
             self.socket = os.path.join(tb.runtime_dir(user), name + ".sock")
-            # udp: a profile made with --udp (UDP switching, every send with a
-            # destination trapped), which the tests written before the default
-            # profile became TCP-only assume; udp=False for the default profile.
-            self.profile = generate_profile(self.socket, base, ["--udp"] if udp else [])
+            self.profile = generate_profile(self.socket, base)
         # prefix: a command that execs the rest (prlimit ...), so the pid stays the daemon's.
         self.args = list(args)
         argv = [*prefix, "python3", self.script, "--socket", self.socket, "--log-file", self.log_path, *args]

@@ -56,7 +56,7 @@ def api_daemon(testbed):
     os.mkdir(socket_dir, 0o700)
     os.chown(socket_dir, testbed.user_uid(), testbed.user_gid())
     api_socket = os.path.join(testbed.runtime_dir(), "b4ns-api-%s.sock" % uuid.uuid4().hex[:8])
-    d = Daemon(["--ignore", "10.0.0.0/8", "--api-socket", api_socket], udp=False)
+    d = Daemon(["--ignore", "10.0.0.0/8", "--api-socket", api_socket])
     d.api_socket, d.socket_dir = api_socket, socket_dir
     yield d
     assert d.stop() == 0

@@ -721,7 +721,7 @@ def test_host_loopback_is_never_reached_under_a_racing_rewrite(testbed, daemon, 
 @pytest.fixture(scope="module")
 def tcp_daemon(testbed):
     """A daemon with the default profile (seccomp-gen.py without --udp)."""
-    d = Daemon(["--ignore", "10.0.0.0/8"], udp=False)
+    d = Daemon(["--ignore", "10.0.0.0/8"])
     yield d
     assert d.stop() == 0
     assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]

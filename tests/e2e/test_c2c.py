@@ -48,7 +48,7 @@ def networks(testbed):
 
 @pytest.fixture(scope="module")
 def daemon(testbed, networks):
-    d = Daemon(["--handle-c2c-connections", "--ignore", "10.0.0.0/8"], udp=False)
+    d = Daemon(["--handle-c2c-connections", "--ignore", "10.0.0.0/8"])
     yield d
     assert d.stop() == 0
     assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
@@ -109,7 +109,7 @@ def test_a_container_whose_network_does_not_reach_the_peer_is_refused_as_without
 
 
 def test_no_policy_check_lets_every_container_through(testbed, networks, peer):
-    d = Daemon(["--handle-c2c-connections", "--no-policy-check", "--ignore", "10.0.0.0/8"], udp=False)
+    d = Daemon(["--handle-c2c-connections", "--no-policy-check", "--ignore", "10.0.0.0/8"])
     try:
         _cid, address, host_port, body = peer(d)
         assert fetch(testbed, d, "none", address) == {"body": body + "\n"}

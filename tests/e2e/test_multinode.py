@@ -52,7 +52,7 @@ def keys(testbed, url):
 
 def node(url, host, user, extra=()):
     return Daemon(["--multinode", "--multinode-etcd-address", url, "--multinode-host-address", host,
-                   "--ignore", "10.0.0.0/8", *extra], udp=False, user=user)
+                   "--ignore", "10.0.0.0/8", *extra], user=user)
 
 
 @pytest.fixture

@@ -48,17 +48,7 @@ def published_port(testbed):
 
 @pytest.fixture(scope="module")
 def daemon(testbed, bed, published_port):
-    d = Daemon([IGNORE, "-p", "%s:%d:80" % (testbed.HOST_IP4, published_port)], base=bed.default_profile_base(),
-               udp=False)
-    yield d
-    assert d.stop() == 0
-    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
-
-
-@pytest.fixture(scope="module")
-def udp_daemon(testbed, bed):
-    """The same daemon with a --udp profile (UDP sockets switched too)."""
-    d = Daemon([IGNORE], base=bed.default_profile_base(), udp=True)
+    d = Daemon([IGNORE, "-p", "%s:%d:80" % (testbed.HOST_IP4, published_port)], base=bed.default_profile_base())
     yield d
     assert d.stop() == 0
     assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
@@ -280,12 +270,11 @@ def answer_address(answer):
     return socket.inet_ntoa(answer[-4:])
 
 
-@pytest.mark.parametrize("profile", ["default", "--udp"])
 @pytest.mark.parametrize("proto", ["udp", "tcp"])
-def test_dns_through_pastas_forwarder(testbed, bed, request, dns_server, proto, profile):
-    """A query to 169.254.1.1:53 is answered (pasta forwards it to the host's nameserver), with the
-    default (TCP) profile and with a --udp one."""
-    daemon = request.getfixturevalue("daemon" if profile == "default" else "udp_daemon")
+def test_dns_through_pastas_forwarder(testbed, bed, daemon, dns_server, proto):
+    """A query to 169.254.1.1:53 is answered (pasta forwards it to the host's nameserver): the
+    link-local address is never bypassed, over UDP (whose connected sockets are switched
+    elsewhere) and TCP."""
     out = container_python(bed, daemon, DNS_PROBE, [GUEST_DNS, proto, dns_query(DNS_NAME).hex()],
                            timeout=60)
     assert out.strip(), ("no answer", daemon.decisions()[-3:])
@@ -377,7 +366,7 @@ def test_podmans_own_publish_and_the_daemons_collide_and_the_daemon_says_what_to
     --no-reserve-ports pasta takes it, the container's bind gets EADDRINUSE, and the daemon logs
     which port and that it should be published one way only."""
     port = testbed.free_port()
-    reserved = Daemon([IGNORE, "-p", "%d:80" % port], base=bed.default_profile_base(), udp=False)
+    reserved = Daemon([IGNORE, "-p", "%d:80" % port], base=bed.default_profile_base())
     try:
         argv = bed.run_container(["python3", "-c", textwrap.dedent(BIND_80)], seccomp=reserved.profile,
                                  extra=["-p", "%d:80" % port])
@@ -385,8 +374,7 @@ def test_podmans_own_publish_and_the_daemons_collide_and_the_daemon_says_what_to
         assert result.returncode != 0 and "Address already in use" in result.stderr, result.stderr[-1000:]
     finally:
         assert reserved.stop() == 0
-    shared = Daemon([IGNORE, "--no-reserve-ports", "-p", "%d:80" % port], base=bed.default_profile_base(),
-                    udp=False)
+    shared = Daemon([IGNORE, "--no-reserve-ports", "-p", "%d:80" % port], base=bed.default_profile_base())
     try:
         out = container_python(bed, shared, BIND_80, extra=["-p", "%d:80" % port])
         assert out.strip() == "EADDRINUSE"

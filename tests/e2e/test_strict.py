@@ -21,7 +21,7 @@ from e2e.daemon import Daemon, run
 
 @pytest.fixture(scope="module")
 def daemon(testbed):
-    d = Daemon(["-p", "%d:80" % testbed.free_port()], udp=False)
+    d = Daemon(["-p", "%d:80" % testbed.free_port()])
     yield d
     assert d.stop() == 0
     assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
@@ -148,7 +148,7 @@ def test_tcp_connects_are_bypassed_as_without_strict(testbed, daemon, acceptor):
 
 @pytest.mark.parametrize("strict", [False, True], ids=["default", "--strict"])
 def test_calls_on_what_is_not_a_socket_get_the_kernels_answer(testbed, strict):
-    d = Daemon(["--strict"] if strict else [], udp=False)
+    d = Daemon(["--strict"] if strict else [])
     try:
         out = json.loads(in_container(testbed, d, """
             import ctypes, errno, json, os, socket, struct
@@ -199,7 +199,7 @@ def test_the_fd_swap_race_never_reaches_the_hosts_loopback(testbed, daemon, vect
 def test_strict_is_accepted_and_changes_nothing(testbed):
     """--strict, which asked for what is now the only mode, still starts the daemon, which then
     serves as without it: a unix socket's bind is made by the helper."""
-    d = Daemon(["--strict"], udp=False)
+    d = Daemon(["--strict"])
     try:
         in_container(testbed, d, """
             import socket
