@@ -565,6 +565,10 @@ class Failed(Exception):
     """A workload that could not be measured in one configuration (reported as n/a)."""
 
 
+class NotApplicable(Failed):
+    """A workload that means nothing in one configuration, by design (n/a, and not a failure)."""
+
+
 def run(argv, timeout, what):
     try:
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1284,7 +1288,7 @@ class Bench:
         each request traps only nginx's connect() to php-fpm (accept() is not trapped, and the forwarder's
         connect into the container is not the container's)."""
         if not isinstance(cfg, Container):
-            raise Failed("no podman container, no podman -p: the %s client runs in the test namespace itself"
+            raise NotApplicable("no podman container, no podman -p: the %s client runs in the test namespace itself"
                          % cfg.label if isinstance(cfg, Host) else
                          "podman -p is a container's (standalone pasta: no podman; the pasta row is the php row)")
         if not os.path.exists(PHP_FPM):
@@ -2244,6 +2248,8 @@ def attempt(measure, bench, cfg):
         signal_tree(cfg.daemon.pid, signal.SIGCONT)
     try:
         result = measure(bench, cfg)
+    except NotApplicable as exc:
+        result = {"error": str(exc), "not_applicable": True}
     except Failed as exc:
         result = {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one failed measurement, not the whole run
