@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: bypass4netns.py side by side with the host, slirp4netns and pasta.
 
-    sudo ./tests/bench [--quick] [--peer PATH] [--floor PATH] [--run-length] [--rounds N] [--out DIR]
+    sudo ./tests/bench [--quick] [--unguarded] [--peer PATH] [--floor PATH] [--run-length] [--rounds N]
+                       [--out DIR]
 
 Every configuration runs the same workloads, with widely known tools, on the
 test bed (tests/testbed.py): all traffic stays inside the test namespace
@@ -16,6 +17,8 @@ Configurations (the client is the only thing that changes):
                 to the namespace's second address, 198.18.1.1;
   bypass4netns.py  a rootless podman container on slirp4netns with the
                 generated seccomp profile and the daemon running;
+  unguarded     (--unguarded) the same with the daemon's --no-fd-swap-guard
+                (the kernel runs unix and netlink calls as made);
   peer          (--peer PATH) any bypass4netns-compatible daemon, same flags,
                 with the profile from --peer-profile (listenerPath rewritten)
                 or else the one seccomp-gen.py writes.
@@ -718,13 +721,14 @@ def log_problems(path, keep=20):
     return kept, count
 
 
-def start_engine(publish_port):
-    """bypass4netns.py as the e2e tests run it, quiet (no --debug), publishing publish_port.
+def start_engine(publish_port, flags=()):
+    """bypass4netns.py as the e2e tests run it, quiet (no --debug), publishing publish_port, with
+    these flags added.
 
     The daemon gets .publish_port, and .publish_off: why host -> container cannot be measured (the
     daemon refused -p), or None.
     """
-    args = ["--ignore", IGNORE]
+    args = ["--ignore", IGNORE, *flags]
     try:
         daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False)
         daemon.publish_port, daemon.publish_off = publish_port, None
@@ -2121,6 +2125,8 @@ def markdown(results, summary):
             "copies 198.18.0.1 into its namespace).",
             "- bypass4netns.py: the same container with the profile from seccomp-gen.py and "
             "`bypass4netns.py --ignore=%s -p HOSTPORT:%d` running (no --debug)." % (IGNORE, PUBLISHED_PORT)]
+    if any(c["key"] == "unguarded" for c in cfgs):
+        out.append("- unguarded: the bypass4netns.py configuration with `--no-fd-swap-guard` added.")
     if any(c["key"] == "peer" for c in cfgs):
         out.append("- peer: `%s` with the same flags." % results["peer"])
     if any(c["key"] == "floor" for c in cfgs):
@@ -2268,6 +2274,8 @@ def parse_args(argv):
                                 epilog=textwrap.dedent(__doc__.split("\n\n", 2)[2]))
     p.add_argument("--quick", action="store_true", help="every configuration once, short durations (CI)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; 1 with --quick)")
+    p.add_argument("--unguarded", action="store_true",
+                   help="one more column: bypass4netns.py with --no-fd-swap-guard")
     p.add_argument("--peer", metavar="PATH", help="another bypass4netns-compatible daemon (same flags)")
     p.add_argument("--floor", metavar="PATH",
                    help="the floor: a minimal bypass4netns-compatible switcher (e.g. ../shared/floor/floor.py), "
@@ -2286,7 +2294,7 @@ def parse_args(argv):
     p.add_argument("--only", metavar="WORKLOAD[,...]",
                    help="run only these workloads: " + ",".join(known))
     p.add_argument("--configs", metavar="CONFIG[,...]",
-                   help="run only these configurations: host,slirp4netns,pasta,bypass,peer,floor (host is "
+                   help="run only these configurations: host,slirp4netns,pasta,bypass,unguarded,peer,floor (host is "
                         "always run)")
     p.add_argument("--py-spy", metavar="DIR",
                    help="record the daemons with py-spy (installed into the bench venv) during the connect loop; "
@@ -2339,6 +2347,10 @@ def main(argv=None):
         engine = start_engine(tb.free_port())
         daemons.append(engine)
         configs.append(Container("bypass", "bypass4netns.py", args.runtime, engine))
+        if args.unguarded:
+            unguarded = start_engine(tb.free_port(), ["--no-fd-swap-guard"])
+            daemons.append(unguarded)
+            configs.append(Container("unguarded", "bypass4netns.py --no-fd-swap-guard", args.runtime, unguarded))
         if args.peer:
             peer = PeerDaemon(os.path.abspath(args.peer), args.peer_profile, tb.free_port())
             daemons.append(peer)

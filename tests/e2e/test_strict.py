@@ -182,15 +182,7 @@ def test_the_fd_swap_race_never_reaches_the_hosts_loopback(testbed, daemon, vect
     bound one; a bypassed connection, disconnected before each attempt) and a unix socket in turn
     at one fd number while another connects that fd to a server that listens on 127.0.0.1 of the
     test bed's namespace (the daemon's host)."""
-    secret, bypassed = testbed.free_port(host="127.0.0.1"), testbed.free_port()
-    server = testbed.start_server(["python3", "-c", fd_swap.LOOPBACK_SERVER, str(secret), str(bypassed)],
-                                  stdout=subprocess.PIPE, universal_newlines=True)
-    try:
-        assert server.stdout.readline().strip() == "listening"
-        out = in_container(testbed, daemon, fd_swap.SWAPPER, args=(secret, 8, vector, bypassed))
-    finally:
-        testbed.stop_server(server)
-    accepted = server.stdout.read()
+    out, accepted = swap_race(testbed, daemon, vector)
     attempts = int(out.split()[0])
     assert "never connected" in out and not accepted, (out, accepted)
     assert attempts > 1000, out     # the race was run, many times
@@ -208,3 +200,68 @@ def test_strict_is_accepted_and_changes_nothing(testbed):
         assert "namespace helper pid" in d.log()
     finally:
         assert d.stop() == 0
+
+
+PEER_PID = """
+    import json, os, socket, struct
+    server = socket.socket(socket.AF_UNIX)
+    server.bind("\\0b4ns-guard")
+    server.listen(1)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect("\\0b4ns-guard")
+    conn, _ = server.accept()
+    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    print(json.dumps({"peer_pid": pid, "own_pid": os.getpid()}))
+"""
+
+
+def test_the_helper_makes_unix_calls_by_default(testbed, daemon):
+    """The peer reads the helper's pid, which the container's pid namespace does not see (0)."""
+    out = json.loads(in_container(testbed, daemon, PEER_PID))
+    assert out["peer_pid"] == 0 and out["own_pid"] > 0, out
+
+
+@pytest.fixture(scope="module")
+def unguarded(testbed):
+    d = Daemon(["--no-fd-swap-guard", "-p", "%d:80" % testbed.free_port()])
+    yield d
+    assert d.stop() == 0
+    assert "Traceback" not in d.log(), d.log()[-3000:]
+
+
+def test_no_fd_swap_guard_lets_the_kernel_make_unix_calls(testbed, unguarded):
+    """--no-fd-swap-guard: the kernel makes the call (CONTINUE), so the peer reads the caller's
+    own pid and no helper starts; the daemon says what that gives up."""
+    out = json.loads(in_container(testbed, unguarded, PEER_PID))
+    assert out["peer_pid"] == out["own_pid"] > 0, out
+    assert "namespace helper pid" not in unguarded.log()
+    assert "--no-fd-swap-guard: " in unguarded.log() and "loopback" in unguarded.log()
+
+
+def swap_race(testbed, daemon, vector, seconds=8):
+    """(the container's output, what the loopback server accepted) of tests/fd_swap.py's race."""
+    secret, bypassed = testbed.free_port(host="127.0.0.1"), testbed.free_port()
+    server = testbed.start_server(["python3", "-c", fd_swap.LOOPBACK_SERVER, str(secret), str(bypassed)],
+                                  stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        out = in_container(testbed, daemon, fd_swap.SWAPPER, args=(secret, seconds, vector, bypassed))
+    finally:
+        testbed.stop_server(server)
+    return out, server.stdout.read()
+
+
+def test_without_the_guard_pinned_connections_still_never_reach_the_loopback(testbed, unguarded):
+    """The race's connect vector (a bypassed connection, disconnected before each attempt) with
+    the guard off: the kernel runs the connect on whatever the fd holds, and a bypassed
+    connection's host socket is pinned to its interface, off the host's loopback."""
+    out, accepted = swap_race(testbed, unguarded, "connect")
+    assert "never connected" in out and not accepted, (out, accepted)
+    assert int(out.split()[0]) > 1000, out
+
+
+def test_without_the_guard_the_race_reaches_through_a_published_socket(testbed, unguarded):
+    """What --no-fd-swap-guard gives up, as README says: a published port's bound host socket,
+    which cannot be pinned, swapped in under a unix connect, reaches the host's loopback."""
+    out, accepted = swap_race(testbed, unguarded, "bind")
+    assert "accepted a connection" in accepted, (out, accepted)
