@@ -2366,17 +2366,24 @@ def namespace_inodes(tid):
     return tuple(os.stat("/proc/%s/ns/%s" % (tid, name)).st_ino for name, _nstype in NAMESPACES)
 
 
+def read_proc_net(pid, parsers):
+    """What parse(text) finds in /proc/PID/net/NAME, for each (NAME, parse) of `parsers`, in one
+    list: process `pid`'s network namespace.  A file that cannot be read (the process is gone)
+    or parsed adds nothing."""
+    found = []
+    for name, parse in parsers:
+        try:
+            with open("/proc/%d/net/%s" % (int(pid), name)) as f:
+                found.extend(parse(f.read()))
+        except (OSError, TypeError, ValueError):
+            pass
+    return found
+
+
 def container_addresses(pid):
     """A container's own IP addresses, read from its network namespace through process `pid`'s
     /proc (no address if the process is gone)."""
-    addresses = []
-    for name, parse in (("fib_trie", parse_fib_trie_addresses), ("if_inet6", parse_if_inet6_addresses)):
-        try:
-            with open("/proc/%d/net/%s" % (int(pid), name)) as f:
-                addresses.extend(parse(f.read()))
-        except (OSError, TypeError, ValueError):
-            pass
-    return addresses
+    return read_proc_net(pid, (("fib_trie", parse_fib_trie_addresses), ("if_inet6", parse_if_inet6_addresses)))
 
 
 # /proc/TID/status's umask, effective uid and gid, and groups, as bytes (one search, no decoding).
@@ -2498,7 +2505,8 @@ class NamespaceHelper:
                 with open("/proc/%d/%s" % (tid, name)) as f:
                     maps.append(parse_id_map(f.read()))
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = fork_child(lambda: serve_in_namespaces(theirs, ns_fds, cells), "a namespace helper")
+            pid = fork_child(lambda: serve_in_namespaces(theirs, ns_fds, cells), "a namespace helper",
+                             keep=[theirs.fileno(), *(fd for fd, _nstype in ns_fds)], signals=signal.SIG_DFL)
             theirs.close()
             theirs = None
             ours.settimeout(cls.START_TIMEOUT)
@@ -2717,10 +2725,6 @@ def make_call(request, fds, identity, notify_fds, top):
 def serve_in_namespaces(channel, ns_fds, cells):
     """A NamespaceHelper's life: join the namespaces, then make the daemon's calls and answer
     them till it hangs up.  `cells`: the worker's Inflight row, whose slots it frees."""
-    signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_DFL)
-    close_other_fds({0, 1, 2, channel.fileno()} | {fd for fd, _nstype in ns_fds})
     # Before joining: ptrace and /proc/PID/mem then need CAP_SYS_PTRACE in the
     # host's user namespace, where this process's memory was made.
     _retry(_libc.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -2967,13 +2971,7 @@ class Container:
         now = time.monotonic()
         if now - self.auto_read > self.AUTO_REFRESH:
             self.auto_read = now
-            subnets = []
-            for name, parse in (("route", parse_proc_route), ("if_inet6", parse_proc_if_inet6)):
-                try:
-                    with open("/proc/%d/net/%s" % (tid, name)) as f:
-                        subnets.extend(parse(f.read()))
-                except OSError:
-                    pass
+            subnets = read_proc_net(tid, (("route", parse_proc_route), ("if_inet6", parse_proc_if_inet6)))
             self.auto_nets = compile_networks(auto_ignored(subnets, container_addresses(tid), is_host_address))
         return self.auto_nets
 
@@ -3850,13 +3848,9 @@ class Routes:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         url, host = self.multinode
 
-        def agent():
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(signum, signal.SIG_IGN)  # the daemon's to act on; it hangs up to end us
-            close_other_fds({0, 1, 2, theirs.fileno()})
-            MultinodeAgent(theirs, url, host).run()
-        pid = fork_child(agent, "the multinode agent")
+        # Signals are the daemon's to act on (SIG_IGN here): it hangs up to end the agent.
+        pid = fork_child(lambda: MultinodeAgent(theirs, url, host).run(), "the multinode agent",
+                         keep=[theirs.fileno()], signals=signal.SIG_IGN)
         theirs.close()
         self.agent = (pid, ours)
         self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
@@ -4553,7 +4547,8 @@ class Daemon:
     def spawn_worker(self, index):
         handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         requests, requests_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = fork_child(lambda: self.become_worker(index, handoff_end, requests_end), "worker %d" % index)
+        pid = fork_child(lambda: self.become_worker(index, handoff_end, requests_end), "worker %d" % index,
+                         keep=[handoff_end.fileno(), requests_end.fileno()])
         handoff_end.close()
         requests_end.close()
         worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
@@ -4563,9 +4558,7 @@ class Daemon:
         return worker
 
     def become_worker(self, index, handoff, requests):
-        """In a forked worker: drop what is the parent's, then serve what the parent hands over."""
-        signal.set_wakeup_fd(-1)
-        close_other_fds({0, 1, 2, handoff.fileno(), requests.fileno()})
+        """In a forked worker (holding only its two channels): serve what the parent hands over."""
         WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
 
     def on_worker_exit(self, worker):
@@ -4792,7 +4785,7 @@ class Keeper:
 
     def start(self):
         link, link_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = fork_child(lambda: self.become_daemon(link, link_end), "the daemon")
+        pid = fork_child(lambda: self.become_daemon(link, link_end), "the daemon", signals=signal.SIG_DFL)
         link_end.close()
         self.child = self.last_child = pid
         self.link = link
@@ -4803,8 +4796,7 @@ class Keeper:
     def become_daemon(self, link, link_end):
         """In the forked daemon: drop what is the keeper's, then serve; the exit status."""
         close_signal_pipe(self.signal_pipe)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the others: fork_child
         self.events.close()
         link.close()
         if self.ready_fd is not None:
@@ -5000,9 +4992,18 @@ def sd_notify(message):
         log.warning("cannot notify systemd on %s: %s", os.environ["NOTIFY_SOCKET"], e.strerror)
 
 
-def fork_child(child, what):
+ACTED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # the daemon's
+
+
+def fork_child(child, what, keep=None, signals=None):
     """Fork a process that dies with this one (PR_SET_PDEATHSIG) and exits with child()'s
-    status (None: 0); the pid.  The child never returns from here."""
+    status (None: 0); the pid.  The child never returns from here.
+
+    Every child of the tree is started here, so that none keeps what is its
+    parent's: the signal wake-up fd (the parent's pipe) goes; `signals`, if
+    given, becomes the disposition of the signals a parent acts on
+    (ACTED_ON); with `keep` (fds), every fd but 0, 1, 2 and those is closed.
+    """
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
@@ -5010,6 +5011,11 @@ def fork_child(child, what):
         try:
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() == parent:  # else the parent died before the prctl: nothing to serve
+                signal.set_wakeup_fd(-1)
+                for signum in ACTED_ON if signals is not None else ():
+                    signal.signal(signum, signals)
+                if keep is not None:
+                    close_other_fds({0, 1, 2, *keep})
                 status = child() or 0
         except BaseException:
             log.exception("%s failed", what)
@@ -5067,11 +5073,12 @@ def receive_state(conn, sender):
     state = json.loads(exactly(length))
     fds = []
     while len(fds) < state["fd_count"]:
-        data, ancillary, flags, _addr = conn.recvmsg(1, socket.CMSG_SPACE(FDS_PER_MESSAGE * 4))
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", payload[:len(payload) // 4 * 4]))
-        if not data or flags & socket.MSG_CTRUNC:
+        try:
+            data, got = recv_with_fds(conn, FDS_PER_MESSAGE, 1)
+        except OSError:  # fds dropped (out of fds here), or the sender gone
+            data, got = b"", []
+        fds.extend(got)
+        if not data:
             for fd in fds:
                 os.close(fd)
             raise Error("%s broke off after %d fds" % (sender, len(fds)))
