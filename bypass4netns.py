@@ -10,7 +10,39 @@ with the address it validated, pins it to its host interface, and installs it
 at the container's fd number (SECCOMP_IOCTL_NOTIF_ADDFD).  From then on the
 data path is the host kernel's.  Everything else proceeds in the container's
 own network namespace, and no trapped call is ever answered "continue": calls
-on sockets that are not IP are made by a helper in the container's namespaces.
+on sockets that are not IP are made by a helper in the container's namespaces
+(unless --no-fd-swap-guard).
+
+The processes, each forked by the one above it (fork_child: it dies with
+its parent and keeps nothing of its parent's but what it is given):
+
+    Keeper          holds the counter and in-flight tables and the fds the
+     |              daemon gives it; restarts a dead daemon, answers its
+     |              calls under way (EINTR), hands the next one its state
+     |              (KeeperLink: length-prefixed JSON snapshots + SCM_RIGHTS)
+     +- Daemon      the runtimes' socket and the bypass4netnsd API, the
+         |          container registry, the published ports, hand-over
+         +- Worker x N   a Server and its Switcher for the filters handed to
+         |    |          it (Worker.hand: JSON + the notify fd over SCM_RIGHTS;
+         |    |          ParentChannel: its few requests back, JSON)
+         |    +- NamespaceHelper   one per container and set of namespaces:
+         |                         makes the calls on unix and netlink sockets
+         |                         as the caller and answers them itself
+         |                         (REQUEST/REPLY structs + SCM_RIGHTS)
+         +- MultinodeAgent   --multinode's etcd client (JSON both ways)
+
+With --workers 1 the daemon serves its filters itself (LocalWorker).
+
+One notification's path: the container's thread traps; the kernel queues
+it on the filter's notify fd; the worker's Server.on_notify receives it
+(SECCOMP_IOCTL_NOTIF_RECV) into a Call, and Switcher.handle looks the (arch,
+syscall number) up in its dispatch table, built from TRAPS and
+Switcher.HANDLERS.  on_connect, for one, takes the target's socket
+(pidfd_getfd), reads the address once, checks the notification is still
+valid, decides (Settings, address policy), and either switches (a host
+socket connected, pinned, ADDFD'ed) or makes the call on the container's own
+socket; on a unix socket, Switcher.other_family hands it to the container's
+NamespaceHelper.  Exactly one answer goes back (Call.result, fail, let_run).
 
 Single file, standard library only, Linux >= 5.9, Python >= 3.9.
 """
@@ -38,6 +70,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -1527,12 +1560,13 @@ class Switcher:
         self.memory = MemoryReader()
         self.limit = LogLimit()
         self.inflight = inflight    # Inflight: what the daemon answers for if this process dies
-        self.dispatch = {}          # (arch, nr) -> (handler, pointer size)
+        handlers = {name: types.MethodType(handler, self) for name, handler in self.HANDLERS.items()}
+        self.dispatch = {}          # (arch, nr) -> (bound handler, pointer size)
         for arch, (numbers, ptr) in SYSCALL_NUMBERS.items():
             for name, nr in numbers.items():
-                self.dispatch[(arch, nr)] = (getattr(self, "on_" + name), ptr)
+                self.dispatch[(arch, nr)] = (handlers[name], ptr)
         for name, nr in X32_NUMBERS.items():
-            self.dispatch[(AUDIT_ARCH_X86_64, nr | X32_SYSCALL_BIT)] = (getattr(self, "on_" + name), 4)
+            self.dispatch[(AUDIT_ARCH_X86_64, nr | X32_SYSCALL_BIT)] = (handlers[name], 4)
 
     def handle(self, call, arch, nr):
         """Answer one notification, exactly once, whatever happens in its handler."""
@@ -2356,6 +2390,14 @@ class Switcher:
             call.fail(errno.EOPNOTSUPP)
         else:
             self.let_run(call)
+
+    # The handler of each trapped call, by its TRAPS name: __init__ builds the
+    # dispatch table, (arch, nr) -> bound handler, from TRAPS and this.
+    HANDLERS = {CONNECT: on_connect, BIND: on_bind, LISTEN: on_listen,
+                SENDTO: on_sendto, SENDMSG: on_sendmsg, SENDMMSG: on_sendmmsg}
+
+
+assert set(Switcher.HANDLERS) == {row[0] for row in TRAPS}, "a trapped call without a handler"
 
 
 NAMESPACES = (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS), ("net", CLONE_NEWNET))  # joined in this order
