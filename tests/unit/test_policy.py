@@ -1,10 +1,8 @@
 """Address policy and command line of bypass4netns.py: pure logic, no root needed."""
 
-import importlib.util
 import ipaddress
 import json
 import os
-import pathlib
 import socket
 import struct
 import subprocess
@@ -12,10 +10,9 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bypass4netns", ROOT / "bypass4netns.py")
-b4ns = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(b4ns)
+from . import ROOT, load
+
+b4ns = load("bypass4netns.py", "bypass4netns")
 
 
 def sockaddr_in(ip, port):

@@ -1,7 +1,6 @@
 """seccomp-gen.py and test/seccomp.json.sh: pure logic and CLI, no root needed."""
 
 import ast
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,7 +11,8 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from . import ROOT, load
+
 SCRIPT = ROOT / "seccomp-gen.py"
 WRAPPER = ROOT / "test" / "seccomp.json.sh"
 PODMAN_DEFAULT = pathlib.Path("/usr/share/containers/seccomp.json")
@@ -26,17 +26,8 @@ FLAGS_ARG = {"sendto": 3, "sendmsg": 2, "sendmmsg": 3}
 UDP = ["--udp"]
 UDP_TOKEN = "bypass4netns:udp"  # earlier --udp profiles' listenerMetadata token
 
-spec = importlib.util.spec_from_file_location("seccomp_gen", SCRIPT)
-gen = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gen)
-
-
-def load_daemon():
-    """bypass4netns.py from the repository root, imported as a file."""
-    daemon_spec = importlib.util.spec_from_file_location("bypass4netns_for_test", ROOT / "bypass4netns.py")
-    daemon = importlib.util.module_from_spec(daemon_spec)
-    daemon_spec.loader.exec_module(daemon)
-    return daemon
+gen = load("seccomp-gen.py", "seccomp_gen")
+b4ns = load("bypass4netns.py", "bypass4netns")
 
 
 def run(args, cwd=None, env=None, stdin=None, argv0=None):
@@ -150,14 +141,13 @@ def trapped_by(name, call_args):
 # -- one source of truth ----------------------------------------------------
 
 def test_embedded_rules_match_the_daemon():
-    assert load_daemon().SECCOMP_NOTIFY_RULES == gen.EMBEDDED_NOTIFY_RULES
+    assert b4ns.SECCOMP_NOTIFY_RULES == gen.EMBEDDED_NOTIFY_RULES
 
 
 def test_the_daemon_has_one_profile_and_no_udp_token():
     """Why --udp changes nothing and the token is dropped: the daemon has
     neither a second set of rules nor the token any more."""
-    daemon = load_daemon()
-    assert not hasattr(daemon, "SECCOMP_NOTIFY_RULES_UDP") and not hasattr(daemon, "UDP_METADATA")
+    assert not hasattr(b4ns, "SECCOMP_NOTIFY_RULES_UDP") and not hasattr(b4ns, "UDP_METADATA")
     assert not hasattr(gen, "EMBEDDED_NOTIFY_RULES_UDP") and not hasattr(gen, "NOTIFY_RULES")
     assert gen.OLD_UDP_METADATA == UDP_TOKEN
 
