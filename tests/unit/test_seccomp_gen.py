@@ -207,13 +207,24 @@ def test_malformed_rules_are_rejected(rules):
         gen.validate_notify_rules(rules)
 
 
-@pytest.mark.parametrize("filters", [
-    (masked(MSG_FASTOPEN, MSG_FASTOPEN),),
-    (masked(MSG_FASTOPEN, 0, index=3), {"index": 4, "value": 0, "op": "SCMP_CMP_NE"}),
-    ({"index": 4, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_NE"},),
+@pytest.mark.parametrize("filters, opposites", [
+    ((masked(MSG_FASTOPEN, MSG_FASTOPEN),), [masked(MSG_FASTOPEN, 0)]),
+    ((masked(MSG_FASTOPEN, 0, index=3), {"index": 4, "value": 0, "op": "SCMP_CMP_NE"}),
+     [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3), {"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}]),
+    (({"index": 4, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_NE"},),
+     [{"index": 4, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]),
 ])
-def test_supported_filters_are_accepted(filters):
-    gen.validate_notify_rules((("sendto", filters),))
+def test_supported_filters_are_accepted(filters, opposites):
+    """Accepted because a profile can carry them: under a base that denies by default, the calls
+    they match are trapped and the others stay allowed, one rule per filter with its opposite."""
+    rules = (("sendto", filters),)
+    gen.validate_notify_rules(rules)
+    base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["sendto"], "action": "SCMP_ACT_ALLOW"}]}
+    profile = gen.build_profile(base, rules, LISTENER)
+    untrapped = [{"names": ["sendto"], "action": "SCMP_ACT_ALLOW", "args": [cmp_], "comment": gen.UNTRAPPED_COMMENT}
+                 for cmp_ in opposites]
+    assert [rule for rule in profile["syscalls"] if "sendto" in rule["names"]] == [
+        notify(["sendto"], list(filters))] + untrapped
 
 
 def copy_beside(tmp_path, daemon_source):
@@ -266,7 +277,9 @@ def test_runs_piped_without_a_file(tmp_path, options):
 
 
 def test_source_is_python39_syntax():
-    ast.parse(SCRIPT.read_text(), feature_version=(3, 9))
+    """Python 3.9's grammar takes the file, and reads it as this interpreter does."""
+    source = SCRIPT.read_text()
+    assert ast.dump(ast.parse(source, feature_version=(3, 9))) == ast.dump(ast.parse(source))
 
 
 def test_vermin_finds_nothing_newer_than_python39():
