@@ -4,18 +4,15 @@ that it ignores proxy settings."""
 
 import base64
 import http.server
-import importlib.util
 import json
 import os
-import pathlib
 import threading
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bypass4netns", ROOT / "bypass4netns.py")
-b4ns = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(b4ns)
+from . import load
+
+b4ns = load("bypass4netns.py", "bypass4netns")
 
 
 def b64(text):

@@ -2,17 +2,14 @@
 wire format (hand-over and keeper link), what the keeper holds as the daemon's snapshots change,
 and systemd's notify socket."""
 
-import importlib.util
 import os
-import pathlib
 import socket
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bypass4netns", ROOT / "bypass4netns.py")
-b4ns = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(b4ns)
+from . import load
+
+b4ns = load("bypass4netns.py", "bypass4netns")
 
 
 def same_file(fd_a, fd_b):

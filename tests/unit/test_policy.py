@@ -1,10 +1,8 @@
 """Address policy and command line of bypass4netns.py: pure logic, no root needed."""
 
-import importlib.util
 import ipaddress
 import json
 import os
-import pathlib
 import socket
 import struct
 import subprocess
@@ -12,10 +10,9 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bypass4netns", ROOT / "bypass4netns.py")
-b4ns = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(b4ns)
+from . import ROOT, load
+
+b4ns = load("bypass4netns.py", "bypass4netns")
 
 
 def sockaddr_in(ip, port):
@@ -195,10 +192,25 @@ def test_auto_reads_on_link_routes_and_global_v6_prefixes():
 
 
 def test_auto_reads_this_machines_own_tables():
+    """This kernel's real files give what proc(5) says they hold, read here another way: the
+    route table's columns found by its header's names, if_inet6's addresses kept by their
+    scope column (0x10 host, 0x20 link) rather than by their kind."""
     with open("/proc/self/net/route") as f:
-        b4ns.parse_proc_route(f.read())
+        route = f.read()
+    header, *rows = (line.split() for line in route.splitlines())
+    dest, gateway, mask = (header.index(name) for name in ("Destination", "Gateway", "Mask"))
+    on_link = [ipaddress.ip_network((ipaddress.IPv4Address(bytes.fromhex(row[dest])[::-1]),
+                                     bin(int(row[mask], 16)).count("1")))
+               for row in rows if int(row[gateway], 16) == 0 and int(row[mask], 16) != 0]
+    assert b4ns.parse_proc_route(route) == on_link
+
     with open("/proc/self/net/if_inet6") as f:
-        b4ns.parse_proc_if_inet6(f.read())
+        if_inet6 = f.read()
+    global_networks = [
+        ipaddress.ip_network((ipaddress.IPv6Address(bytes.fromhex(address)), int(prefix, 16)), strict=False)
+        for address, _index, prefix, scope, _flags, device in (line.split() for line in if_inet6.splitlines())
+        if device != "lo" and int(scope, 16) not in (0x10, 0x20)]
+    assert b4ns.parse_proc_if_inet6(if_inet6) == global_networks
 
 
 # -- where switched sockets are pinned ------------------------------------------

@@ -1,7 +1,6 @@
 """seccomp-gen.py and test/seccomp.json.sh: pure logic and CLI, no root needed."""
 
 import ast
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,7 +11,8 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from . import ROOT, load
+
 SCRIPT = ROOT / "seccomp-gen.py"
 WRAPPER = ROOT / "test" / "seccomp.json.sh"
 PODMAN_DEFAULT = pathlib.Path("/usr/share/containers/seccomp.json")
@@ -26,17 +26,8 @@ FLAGS_ARG = {"sendto": 3, "sendmsg": 2, "sendmmsg": 3}
 UDP = ["--udp"]
 UDP_TOKEN = "bypass4netns:udp"  # earlier --udp profiles' listenerMetadata token
 
-spec = importlib.util.spec_from_file_location("seccomp_gen", SCRIPT)
-gen = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gen)
-
-
-def load_daemon():
-    """bypass4netns.py from the repository root, imported as a file."""
-    daemon_spec = importlib.util.spec_from_file_location("bypass4netns_for_test", ROOT / "bypass4netns.py")
-    daemon = importlib.util.module_from_spec(daemon_spec)
-    daemon_spec.loader.exec_module(daemon)
-    return daemon
+gen = load("seccomp-gen.py", "seccomp_gen")
+b4ns = load("bypass4netns.py", "bypass4netns")
 
 
 def run(args, cwd=None, env=None, stdin=None, argv0=None):
@@ -150,14 +141,13 @@ def trapped_by(name, call_args):
 # -- one source of truth ----------------------------------------------------
 
 def test_embedded_rules_match_the_daemon():
-    assert load_daemon().SECCOMP_NOTIFY_RULES == gen.EMBEDDED_NOTIFY_RULES
+    assert b4ns.SECCOMP_NOTIFY_RULES == gen.EMBEDDED_NOTIFY_RULES
 
 
 def test_the_daemon_has_one_profile_and_no_udp_token():
     """Why --udp changes nothing and the token is dropped: the daemon has
     neither a second set of rules nor the token any more."""
-    daemon = load_daemon()
-    assert not hasattr(daemon, "SECCOMP_NOTIFY_RULES_UDP") and not hasattr(daemon, "UDP_METADATA")
+    assert not hasattr(b4ns, "SECCOMP_NOTIFY_RULES_UDP") and not hasattr(b4ns, "UDP_METADATA")
     assert not hasattr(gen, "EMBEDDED_NOTIFY_RULES_UDP") and not hasattr(gen, "NOTIFY_RULES")
     assert gen.OLD_UDP_METADATA == UDP_TOKEN
 
@@ -217,13 +207,24 @@ def test_malformed_rules_are_rejected(rules):
         gen.validate_notify_rules(rules)
 
 
-@pytest.mark.parametrize("filters", [
-    (masked(MSG_FASTOPEN, MSG_FASTOPEN),),
-    (masked(MSG_FASTOPEN, 0, index=3), {"index": 4, "value": 0, "op": "SCMP_CMP_NE"}),
-    ({"index": 4, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_NE"},),
+@pytest.mark.parametrize("filters, opposites", [
+    ((masked(MSG_FASTOPEN, MSG_FASTOPEN),), [masked(MSG_FASTOPEN, 0)]),
+    ((masked(MSG_FASTOPEN, 0, index=3), {"index": 4, "value": 0, "op": "SCMP_CMP_NE"}),
+     [masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3), {"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}]),
+    (({"index": 4, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_NE"},),
+     [{"index": 4, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]),
 ])
-def test_supported_filters_are_accepted(filters):
-    gen.validate_notify_rules((("sendto", filters),))
+def test_supported_filters_are_accepted(filters, opposites):
+    """Accepted because a profile can carry them: under a base that denies by default, the calls
+    they match are trapped and the others stay allowed, one rule per filter with its opposite."""
+    rules = (("sendto", filters),)
+    gen.validate_notify_rules(rules)
+    base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["sendto"], "action": "SCMP_ACT_ALLOW"}]}
+    profile = gen.build_profile(base, rules, LISTENER)
+    untrapped = [{"names": ["sendto"], "action": "SCMP_ACT_ALLOW", "args": [cmp_], "comment": gen.UNTRAPPED_COMMENT}
+                 for cmp_ in opposites]
+    assert [rule for rule in profile["syscalls"] if "sendto" in rule["names"]] == [
+        notify(["sendto"], list(filters))] + untrapped
 
 
 def copy_beside(tmp_path, daemon_source):
@@ -276,7 +277,9 @@ def test_runs_piped_without_a_file(tmp_path, options):
 
 
 def test_source_is_python39_syntax():
-    ast.parse(SCRIPT.read_text(), feature_version=(3, 9))
+    """Python 3.9's grammar takes the file, and reads it as this interpreter does."""
+    source = SCRIPT.read_text()
+    assert ast.dump(ast.parse(source, feature_version=(3, 9))) == ast.dump(ast.parse(source))
 
 
 def test_vermin_finds_nothing_newer_than_python39():

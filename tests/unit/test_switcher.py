@@ -9,10 +9,8 @@ so these tests reach "the host" through -p 127.0.0.1:HOSTPORT:CONTAINERPORT.
 
 import errno
 import json
-import importlib.util
 import logging
 import os
-import pathlib
 import resource
 import select
 import signal
@@ -24,12 +22,9 @@ import time
 
 import pytest
 
-from . import notify_target
+from . import load, notify_target
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bypass4netns", ROOT / "bypass4netns.py")
-b4ns = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(b4ns)
+b4ns = load("bypass4netns.py", "bypass4netns")
 
 CONTAINER_PORT = 80
 
