@@ -699,22 +699,24 @@ def proc_cpu_seconds(pid):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def log_problems(path, keep=20):
-    """(the first `keep` ERROR and Traceback lines of a daemon's log, how many there were).
+def log_problems(paths, keep=20):
+    """(the first `keep` ERROR and Traceback lines of a daemon's logs, how many there were).
 
-    Read line by line: a log can be gigabytes (the Go tool logs an error for
-    every failed RECV, in a loop, once a container is gone).
+    paths: its logs (a peer's --log-file and its stderr).  Read line by
+    line: a log can be gigabytes (the Go tool logs an error for every failed
+    RECV, in a loop, once a container is gone).
     """
     kept, count = [], 0
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                if "ERROR" in line or "level=error" in line or "Traceback" in line:
-                    count += 1
-                    if len(kept) < keep:
-                        kept.append(line.rstrip("\n"))
-    except FileNotFoundError:
-        pass
+    for path in paths:
+        try:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    if "ERROR" in line or "level=error" in line or "Traceback" in line:
+                        count += 1
+                        if len(kept) < keep:
+                            kept.append(line.rstrip("\n"))
+        except FileNotFoundError:
+            pass
     return kept, count
 
 
@@ -749,6 +751,8 @@ class PeerDaemon(Daemon):
         os.chown(self.script, tb.user_uid(), tb.user_gid())
         self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
         self.log_path = os.path.join(tb.WORKDIR, name + ".log")
+        # Its stderr (a traceback, for one): the floor writes nothing to --log-file.
+        self.stderr_path = os.path.join(tb.WORKDIR, name + ".stderr")
         if profile:
             with open(profile) as f:
                 data = json.load(f)
@@ -769,8 +773,17 @@ class PeerDaemon(Daemon):
         if self.proc is None:
             raise RuntimeError("the peer daemon %s did not start: %s" % (path, self.log()[-500:]))
 
+    def log(self):
+        """Its --log-file, then what it wrote to stdout and stderr."""
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return super().log() + f.read()
+        except FileNotFoundError:
+            return super().log()
+
     def _start(self, argv):
-        proc = tb.start_server(argv, user=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.stderr_path, "ab") as err:
+            proc = tb.start_server(argv, user=True, stdout=err, stderr=err)
         for _ in range(300):  # no --ready-fd in the original tool: wait for its socket
             if os.path.exists(self.socket):
                 return proc
@@ -2389,7 +2402,8 @@ def main(argv=None):
     for c in configs:
         if c.daemon:
             entry = next(e for e in results["configs"] if e["key"] == c.key)
-            entry["log_errors"], entry["log_error_count"] = log_problems(c.daemon.log_path)
+            entry["log_errors"], entry["log_error_count"] = log_problems(
+                [c.daemon.log_path, getattr(c.daemon, "stderr_path", "")])
     results["machine"]["loadavg_end"] = loadavg()
     results["summary"] = summarize(results)
     results["run_length"] = run_length(results["summary"])
