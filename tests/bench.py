@@ -23,7 +23,9 @@ Configurations (the client is the only thing that changes):
                 outside the project) a minimal switcher, the mechanism's cost
                 and nothing more, run like a peer; results.md then gives
                 bypass4netns.py's connect rates and daemon CPU per connect as
-                ratios to the floor's.
+                ratios to the floor's.  A peer that has died (the floor
+                exits on any connection that is not a runtime's) is started
+                again before the next measurement; results.md says why.
 
 Workloads: iperf3 container -> host (1 and 4 streams) and host -> container
 through a published port; ab -c 1 and -c 8 against nginx, one connection per
@@ -738,6 +740,9 @@ def start_engine(publish_port):
     return daemon
 
 
+PEER_SETTLE = 0.2  # seconds a peer runs after SIGCONT before attempt() looks whether it is still there
+
+
 class PeerDaemon(Daemon):
     """Another bypass4netns-compatible daemon: same flags, its own profile."""
 
@@ -766,9 +771,15 @@ class PeerDaemon(Daemon):
         argv = (["python3"] if path.endswith(".py") else []) + [self.script]
         argv += ["--socket", self.socket, "--log-file", self.log_path, "--ignore", IGNORE]
         self.publish_port, self.publish_off = publish_port, publish_off
-        self.proc = None if publish_off else self._start(argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)])
+        self.name = os.path.basename(path)
+        self.restarts = []  # why it had to be started again, once for each time
+        self.proc = None
+        if not publish_off:
+            self.argv = argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)]
+            self.proc = self._start(self.argv)
         if self.proc is None:
             self.publish_port, self.publish_off = None, publish_off or "the peer did not start with -p"
+            self.argv = argv
             self.proc = self._start(argv)
         if self.proc is None:
             raise RuntimeError("the peer daemon %s did not start: %s" % (path, self.log()[-500:]))
@@ -780,6 +791,32 @@ class PeerDaemon(Daemon):
                 return super().log() + f.read()
         except FileNotFoundError:
             return super().log()
+
+    def exited(self):
+        """None while it runs; else how it ended: its exit status and the last line it wrote."""
+        if self.proc.poll() is None:
+            return None
+        status = self.proc.returncode
+        lines = [line for line in self.log().splitlines() if line.strip()]
+        return "%s %s%s" % (self.name, "killed by signal %d" % -status if status < 0 else "exited %d" % status,
+                            ": " + lines[-1].strip()[:300] if lines else "")
+
+    def revive(self):
+        """Started again if it is gone (the floor dies on one malformed message, for one): None if it
+        ran, else how it had ended.  Raises Failed if it does not start again."""
+        gone = self.exited()
+        if gone is None:
+            return None
+        self.restarts.append(gone)
+        tb.stop_server(self.proc)  # reaped, its pid file removed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)  # stale: _start waits for the socket to appear
+        proc = self._start(self.argv)
+        if proc is None:
+            raise Failed("%s; it did not start again: %s" % (gone, self.log()[-300:]))
+        self.proc = proc
+        log("%s had ended (%s): started again, pid %d" % (self.name, gone, proc.pid))
+        return gone
 
     def _start(self, argv):
         with open(self.stderr_path, "ab") as err:
@@ -2036,6 +2073,10 @@ def markdown(results, summary):
                 note = "%s, %s: %s" % (c["label"], row["label"], error)
                 if note not in notes:
                     notes.append(note)
+    for c in cfgs:
+        for why in c.get("restarts", []):
+            notes.append("%s: the daemon had ended (%s) and was started again before the next measurement"
+                         % (c["label"], why))
     if notes:
         out += ["", "Not measured (n/a) or failed in some rounds:", ""] + ["- " + n for n in notes]
     outliers = []
@@ -2257,9 +2298,17 @@ def attempt(measure, bench, cfg):
     CPU from the others (the Go tool spins on RECV once a container is gone).
     """
     t0 = time.monotonic()
+    peer = cfg.daemon if isinstance(cfg.daemon, PeerDaemon) else None
+    revived = None
     if cfg.daemon:
         signal_tree(cfg.daemon.pid, signal.SIGCONT)
     try:
+        if peer:
+            # Gone since its last measurement, or about to go: a connection that reached its socket while
+            # it was stopped is accepted first, and one that is not a runtime's ends the floor at once.
+            # Started again here, either costs no measurement.
+            time.sleep(PEER_SETTLE)
+            revived = peer.revive()
         result = measure(bench, cfg)
     except NotApplicable as exc:
         result = {"error": str(exc), "not_applicable": True}
@@ -2270,6 +2319,13 @@ def attempt(measure, bench, cfg):
     finally:
         if cfg.daemon:
             signal_tree(cfg.daemon.pid, signal.SIGSTOP)
+    gone = peer.exited() if peer else None
+    if gone and not result.get("not_applicable"):
+        # What the client saw (runc's "connection refused", a client that never started) says less than why.
+        result["error"] = "%s, during this measurement%s" % (
+            gone, " (%s)" % result["error"][:200] if "error" in result else "")
+    if revived:
+        result["restarted"] = revived  # it had ended after the previous measurement, or between them
     result["seconds"] = round(time.monotonic() - t0, 2)
     return result
 
@@ -2404,6 +2460,8 @@ def main(argv=None):
             entry = next(e for e in results["configs"] if e["key"] == c.key)
             entry["log_errors"], entry["log_error_count"] = log_problems(
                 [c.daemon.log_path, getattr(c.daemon, "stderr_path", "")])
+            if getattr(c.daemon, "restarts", None):
+                entry["restarts"] = c.daemon.restarts
     results["machine"]["loadavg_end"] = loadavg()
     results["summary"] = summarize(results)
     results["run_length"] = run_length(results["summary"])
