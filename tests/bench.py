@@ -80,6 +80,7 @@ import math
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
@@ -819,8 +820,13 @@ class PeerDaemon(Daemon):
         return gone
 
     def _start(self, argv):
+        # RLIMIT_NOFILE's soft limit at the hard one, as bypass4netns.py and Go's runtime raise their own: the
+        # floor keeps a pidfd of every thread that ever connected (~700 after one full round), so under a
+        # soft limit of 1024, a login shell's usual one, it dies with EMFILE in the second round.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         with open(self.stderr_path, "ab") as err:
-            proc = tb.start_server(argv, user=True, stdout=err, stderr=err)
+            proc = tb.start_server(argv, user=True, stdout=err, stderr=err,
+                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
         for _ in range(300):  # no --ready-fd in the original tool: wait for its socket
             if os.path.exists(self.socket):
                 return proc
