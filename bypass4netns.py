@@ -25,10 +25,11 @@ its parent and keeps nothing of its parent's but what it is given):
          +- Worker x N   a Server and its Switcher for the filters handed to
          |    |          it (Worker.hand: JSON + the notify fd over SCM_RIGHTS;
          |    |          ParentChannel: its few requests back, JSON)
-         |    +- NamespaceHelper   one per container and set of namespaces:
-         |                         makes the calls on unix and netlink sockets
-         |                         as the caller and answers them itself
-         |                         (REQUEST/REPLY structs + SCM_RIGHTS)
+         |    +- HelperProcess   one per container and set of namespaces:
+         |                       makes the calls on unix and netlink sockets
+         |                       as the caller and answers them itself
+         |                       (HelperWire: REQUEST/REPLY structs +
+         |                       SCM_RIGHTS; the worker's end: NamespaceHelper)
          +- MultinodeAgent   --multinode's etcd client (JSON both ways)
 
 With --workers 1 the daemon serves its filters itself (LocalWorker).
@@ -2570,10 +2571,75 @@ def close_other_fds(keep):
                 pass  # the listing's own fd
 
 
-class NamespaceHelper:
+class HelperWire:
+    """The wire between a worker and a namespace helper, declared once for both ends: the
+    daemon's (NamespaceHelper) and the helper's (HelperProcess).
+
+    A SOCK_SEQPACKET pair; one message per request, one per answer.
+    - READY: the helper's first words, once it has joined the namespaces: its
+      root's (st_dev, st_ino), so that the daemon knows whether a caller's
+      root is the helper's.
+    - A request: REQUEST, the caller's groups (`count` of them, 4 bytes
+      each), then the sockaddr (none for LISTEN) -- encode_call(),
+      encode_ask(), decode().  SCM_RIGHTS: the socket, the caller's root if
+      WITH_ROOT, its working directory if WITH_CWD, and the filter's notify
+      fd if WITH_NOTIFY_FD (the first time a filter is named: the helper
+      keeps it by the filter key); at most MAX_FDS.
+    - A request with a notification id is a call (OPS): the helper makes it
+      as the caller, answers the notification itself and sends nothing back;
+      then it frees the call's Inflight slot (if not 0) by zeroing the slot's
+      first cell, in memory shared with the daemon.
+    - A request with none is an ask (PROBE, STAND_IN, END_STAND_IN; no
+      caller's ids): the helper sends back a REPLY, 0 or -errno.  Asks are
+      answered in the order they were sent.
+    """
+
+    __slots__ = ()
+
+    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}  # a call on the socket, as the caller, by the trapped call's name
+    PROBE = 4               # a TCP connect from the container's network, to see that it gets through
+    STAND_IN = 5            # a listener at an address and port of the container's, for a probe
+    END_STAND_IN = 6
+    WITH_ROOT, WITH_CWD, WITH_NOTIFY_FD = 1, 2, 4   # REQUEST's flags: which fds ride along
+    # op, flags, Inflight slot, filter key, notification id, euid, egid, umask, backlog, group count
+    REQUEST = struct.Struct("=BBxxIQQIIIiH")
+    REPLY = struct.Struct("=i")         # an ask's answer: 0 or -errno
+    READY = struct.Struct("=QQ")        # the helper's first words: its root's st_dev and st_ino
+    MAX_GROUPS = 4096
+    MAX_FDS = 4                         # the socket, the caller's root and working directory, a notify fd
+    REQUEST_MAX = REQUEST.size + 4 * MAX_GROUPS + MAX_SOCKADDR
+
+    @staticmethod
+    def pack_groups(groups):
+        """A caller's groups as a request carries them (encode_call's ids)."""
+        return struct.pack("=%dI" % len(groups), *groups)
+
+    @classmethod
+    def encode_call(cls, op, flags, slot, key, notif_id, ids, backlog, raw):
+        """The request for call `op` (a trapped call's name) as ids (euid, egid, umask, groups
+        packed) would make it."""
+        euid, egid, umask, groups = ids
+        return (cls.REQUEST.pack(cls.OPS[op], flags, slot, key, notif_id, euid, egid, umask, backlog,
+                                 len(groups) // 4) + groups + raw)
+
+    @classmethod
+    def encode_ask(cls, op, raw):
+        """The request for ask `op` about sockaddr `raw`."""
+        return cls.REQUEST.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, 0) + raw
+
+    @classmethod
+    def decode(cls, data):
+        """A request -> (REQUEST's fields, the groups, the sockaddr)."""
+        fields = cls.REQUEST.unpack_from(data)
+        start = cls.REQUEST.size
+        count = fields[-1]
+        return fields, struct.unpack_from("=%dI" % count, data, start), data[start + 4 * count:]
+
+
+class NamespaceHelper(HelperWire):
     """A process in a container's user, mount and network namespaces that makes the calls on its
     sockets that are not IP (connect, bind and listen on unix sockets above all), and answers
-    the container's notification itself.
+    the container's notification itself: the daemon's side of it.
 
     What such a call does depends on who makes it (the credentials a peer
     reads with SO_PEERCRED, the permissions on a socket file, the owner and
@@ -2595,28 +2661,12 @@ class NamespaceHelper:
     instead of the caller's.  For --handle-c2c-connections it also probes,
     from the container's network, whether a peer is reachable (ask()).
 
-    This is the daemon's side of the helper; serve_in_namespaces() is the
-    helper's.  The wire: one SEQPACKET message per request, REQUEST, the
-    groups, then the sockaddr; SCM_RIGHTS: the socket, the caller's root if
-    it is not the helper's, its working directory if the sockaddr is a
-    relative path, and the notify fd the first time a filter is named.
-    An ask() gets a REPLY back; a request for a call gets none.
+    This class is what the daemon keeps of a helper: its pid, its end of the
+    channel (HelperWire), the container's id maps and the calls and asks it
+    has not answered yet.  The helper process itself is HelperProcess.
     """
 
-    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}  # a call on the socket, as the caller, by the trapped call's name
-    PROBE = 4               # a TCP connect from the container's network, to see that it gets through
-    STAND_IN = 5            # a listener at an address and port of the container's, for a probe
-    END_STAND_IN = 6
-    WITH_ROOT, WITH_CWD, WITH_NOTIFY_FD = 1, 2, 4   # REQUEST's flags: which fds ride along
-    PROBE_TIMEOUT = 0.2     # seconds
-    # op, flags, Inflight slot, filter key, notification id, euid, egid, umask, backlog, group count
-    REQUEST = struct.Struct("=BBxxIQQIIIiH")
-    REPLY = struct.Struct("=i")         # an ask()'s answer: 0 or -errno
-    READY = struct.Struct("=QQ")        # the helper's first words: its root's st_dev and st_ino
-    MAX_GROUPS = 4096
-    REQUEST_MAX = REQUEST.size + 4 * MAX_GROUPS + MAX_SOCKADDR
     START_TIMEOUT = 10.0    # seconds a new helper has to join the namespaces
-
     IDENTITIES_KEPT = 256   # callers' ids mapped into the container, by status_id_fields()
 
     __slots__ = ("pid", "channel", "uid_map", "gid_map", "root", "filters", "answering", "asked", "identities")
@@ -2644,7 +2694,7 @@ class NamespaceHelper:
                 with open("/proc/%d/%s" % (tid, name)) as f:
                     maps.append(parse_id_map(f.read()))
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = fork_child(lambda: serve_in_namespaces(theirs, ns_fds, cells), "a namespace helper",
+            pid = fork_child(lambda: HelperProcess.serve(theirs, ns_fds, cells), "a namespace helper",
                              keep=[theirs.fileno(), *(fd for fd, _nstype in ns_fds)], signals=signal.SIG_DFL)
             theirs.close()
             theirs = None
@@ -2692,9 +2742,7 @@ class NamespaceHelper:
             if key not in self.filters:
                 flags |= self.WITH_NOTIFY_FD
                 fds.append(call.notify_fd)
-            euid, egid, umask, groups = ids
-            request = (self.REQUEST.pack(self.OPS[op], flags, slot, key, call.id, euid, egid, umask,
-                                         ctypes.c_int(call.args[1]).value, len(groups) // 4) + groups + raw)
+            request = self.encode_call(op, flags, slot, key, call.id, ids, ctypes.c_int(call.args[1]).value, raw)
             self.channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         finally:
             for fd in opened:
@@ -2714,7 +2762,7 @@ class NamespaceHelper:
             raise OSError(errno.EPERM, "the caller's ids are not the container's")
         if len(self.identities) >= self.IDENTITIES_KEPT:
             self.identities.clear()
-        ids = self.identities[fields] = (inside[0], inside[1], umask, struct.pack("=%dI" % len(groups), *inside[2:]))
+        ids = self.identities[fields] = (inside[0], inside[1], umask, self.pack_groups(inside[2:]))
         return ids
 
     def reclaim(self, inflight):
@@ -2727,7 +2775,7 @@ class NamespaceHelper:
         """Ask for PROBE (does a TCP connect to `raw` from the container's network get through?),
         STAND_IN (a listener at `raw` in that network) or END_STAND_IN; on_result(0 or -errno)
         when it answers.  No caller's ids needed."""
-        self.channel.send(self.REQUEST.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, 0) + raw)
+        self.channel.send(self.encode_ask(op, raw))
         self.asked.append(on_result)
 
     def stop(self, inflight, error):
@@ -2753,40 +2801,9 @@ class NamespaceHelper:
         while self.asked:
             self.asked.popleft()(-errno.EIO)
 
-    # -- in the helper ---------------------------------------------------------
-
-    @classmethod
-    def make_stand_in(cls, raw, stand_ins):
-        """Listen at sockaddr `raw` (kept in `stand_ins`); 0 or -errno."""
-        listener = socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM)
-        result = sock_call(_libc.bind, listener.fileno(), raw, len(raw))
-        if result == 0:
-            listener.listen(8)
-            old = stand_ins.pop(raw, None)
-            if old is not None:
-                old.close()
-            stand_ins[raw] = listener
-        else:
-            listener.close()
-        return result
-
-    @classmethod
-    def make_probe(cls, raw):
-        """0 if a TCP connect to sockaddr `raw` succeeds within PROBE_TIMEOUT, else -errno."""
-        try:
-            with socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
-                result = sock_call(_libc.connect, probe.fileno(), raw, len(raw))
-                if result == -errno.EINPROGRESS:
-                    if not select.select([], [probe], [], cls.PROBE_TIMEOUT)[1]:
-                        return -errno.ETIMEDOUT
-                    result = -probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                return result
-        except OSError as e:
-            return -(e.errno or errno.EIO)
-
 
 class Identity:
-    """The ids a NamespaceHelper makes its calls with: its own, or its last caller's.
+    """The ids a HelperProcess makes its calls with: its own, or its last caller's.
 
     It keeps a caller's effective ids after a call (its real and saved ids
     stay its own, so it can always take its own back) and changes them only
@@ -2826,89 +2843,135 @@ class Identity:
             self.umask = umask
 
 
-def make_call(request, fds, identity, notify_fds, top):
-    """In a NamespaceHelper: one call as its caller; 0 or -errno."""
-    op, flags, _slot, _key, _notif_id, euid, egid, umask, backlog, count = NamespaceHelper.REQUEST.unpack_from(request)
-    groups = struct.unpack_from("=%dI" % count, request, NamespaceHelper.REQUEST.size)
-    raw = request[NamespaceHelper.REQUEST.size + 4 * count:]
-    fds = iter(fds)
-    sock = next(fds)
-    root = next(fds) if flags & NamespaceHelper.WITH_ROOT else None
-    cwd = next(fds) if flags & NamespaceHelper.WITH_CWD else None
-    chrooted = False
-    try:
-        try:
-            if root is not None:
-                identity.become(identity.own)  # chroot takes the helper's own capabilities
-                os.fchdir(root)
-                os.chroot(".")
-                chrooted = True
-            if cwd is not None:
-                os.fchdir(cwd)
-            identity.become((euid, egid, tuple(sorted(groups))))
-            identity.set_umask(umask)
-        except OSError as e:
-            return -(e.errno or errno.EPERM)
-        if op == NamespaceHelper.OPS[CONNECT]:
-            return sock_call(_libc.connect, sock, raw, len(raw))
-        if op == NamespaceHelper.OPS[BIND]:
-            return sock_call(_libc.bind, sock, raw, len(raw))
-        return sock_call(_libc.listen, sock, ctypes.c_int(backlog))
-    finally:
-        if chrooted:
-            identity.become(identity.own)
-            os.fchdir(top)
-            os.chroot(".")
+class HelperProcess(HelperWire):
+    """A namespace helper's own side, in the process NamespaceHelper.start forks: it joins the
+    namespaces, then makes the daemon's calls as their callers and answers them, and its asks
+    (stand-ins and probes), till the daemon hangs up (serve())."""
 
+    PROBE_TIMEOUT = 0.2     # seconds
 
-def serve_in_namespaces(channel, ns_fds, cells):
-    """A NamespaceHelper's life: join the namespaces, then make the daemon's calls and answer
-    them till it hangs up.  `cells`: the worker's Inflight row, whose slots it frees."""
-    # Before joining: ptrace and /proc/PID/mem then need CAP_SYS_PTRACE in the
-    # host's user namespace, where this process's memory was made.
-    _retry(_libc.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0)
-    for fd, nstype in ns_fds:
-        setns(fd, nstype)
-        os.close(fd)
-    channel.setblocking(True)
-    top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    top_stat = os.fstat(top)
-    identity = Identity()
-    notify_fds = {}         # filter key -> our duplicate of its notify fd
-    stand_ins = {}          # sockaddr -> listener (--handle-c2c-connections' probes)
-    channel.sendall(NamespaceHelper.READY.pack(top_stat.st_dev, top_stat.st_ino))
-    size = NamespaceHelper.REQUEST.size
-    while True:
-        data, fds = recv_with_fds(channel, 4, NamespaceHelper.REQUEST_MAX)
-        if not data:
-            return 0
-        op, flags, slot, key, notif_id = NamespaceHelper.REQUEST.unpack_from(data)[:5]
-        if flags & NamespaceHelper.WITH_NOTIFY_FD:
-            notify_fds[key] = fds.pop()
+    __slots__ = ("channel", "cells", "top", "identity", "notify_fds", "stand_ins")
+
+    def __init__(self, channel, cells, top):
+        self.channel = channel
+        self.cells = cells              # the worker's Inflight row, whose slots it frees
+        self.top = top                  # its own root (O_PATH), to go back to after a chroot
+        self.identity = Identity()
+        self.notify_fds = {}            # filter key -> our duplicate of its notify fd
+        self.stand_ins = {}             # sockaddr -> listener (--handle-c2c-connections' probes)
+
+    @classmethod
+    def serve(cls, channel, ns_fds, cells):
+        """A helper's life: join the namespaces ns_fds ((fd, CLONE_NEW*), ...), say READY, then
+        answer the requests on `channel` till the daemon hangs up; 0."""
+        # Before joining: ptrace and /proc/PID/mem then need CAP_SYS_PTRACE in the
+        # host's user namespace, where this process's memory was made.
+        _retry(_libc.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0)
+        for fd, nstype in ns_fds:
+            setns(fd, nstype)
+            os.close(fd)
+        channel.setblocking(True)
+        top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        top_stat = os.fstat(top)
+        helper = cls(channel, cells, top)
+        channel.sendall(cls.READY.pack(top_stat.st_dev, top_stat.st_ino))
+        return helper.answer_requests()
+
+    def answer_requests(self):
+        channel, cells, notify_fds = self.channel, self.cells, self.notify_fds
+        while True:
+            data, fds = recv_with_fds(channel, self.MAX_FDS, self.REQUEST_MAX)
+            if not data:
+                return 0
+            request, groups, raw = self.decode(data)
+            op, flags, slot, key, notif_id = request[:5]
+            if flags & self.WITH_NOTIFY_FD:
+                notify_fds[key] = fds.pop()
+            try:
+                if op == self.PROBE:
+                    result = self.make_probe(raw)
+                elif op == self.STAND_IN:
+                    result = self.make_stand_in(raw)
+                elif op == self.END_STAND_IN:
+                    stand_in = self.stand_ins.pop(raw, None)
+                    result = 0 if stand_in is None else stand_in.close() or 0
+                elif fds and key in notify_fds:
+                    result = self.make_call(request, groups, raw, fds)
+                else:
+                    result = -errno.EINVAL
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if not notif_id:
+                channel.sendall(self.REPLY.pack(result))
+                continue
+            try:
+                notif_send(notify_fds[key], notif_id, 0 if result < 0 else result, min(result, 0), 0)
+            except (OSError, KeyError):
+                pass  # gone, or never named: the daemon answers what is left
+            if slot:
+                cells[slot * InflightTable.FIELDS] = 0
+
+    def make_call(self, request, groups, raw, fds):
+        """One call as its caller (decode()'s request, groups and sockaddr; the fds that came with
+        it); 0 or -errno."""
+        op, flags, _slot, _key, _notif_id, euid, egid, umask, backlog, _count = request
+        identity = self.identity
+        fds = iter(fds)
+        sock = next(fds)
+        root = next(fds) if flags & self.WITH_ROOT else None
+        cwd = next(fds) if flags & self.WITH_CWD else None
+        chrooted = False
         try:
-            if op == NamespaceHelper.PROBE:
-                result = NamespaceHelper.make_probe(data[size:])
-            elif op == NamespaceHelper.STAND_IN:
-                result = NamespaceHelper.make_stand_in(data[size:], stand_ins)
-            elif op == NamespaceHelper.END_STAND_IN:
-                stand_in = stand_ins.pop(data[size:], None)
-                result = 0 if stand_in is None else stand_in.close() or 0
-            elif fds and key in notify_fds:
-                result = make_call(data, fds, identity, notify_fds, top)
-            else:
-                result = -errno.EINVAL
+            try:
+                if root is not None:
+                    identity.become(identity.own)  # chroot takes the helper's own capabilities
+                    os.fchdir(root)
+                    os.chroot(".")
+                    chrooted = True
+                if cwd is not None:
+                    os.fchdir(cwd)
+                identity.become((euid, egid, tuple(sorted(groups))))
+                identity.set_umask(umask)
+            except OSError as e:
+                return -(e.errno or errno.EPERM)
+            if op == self.OPS[CONNECT]:
+                return sock_call(_libc.connect, sock, raw, len(raw))
+            if op == self.OPS[BIND]:
+                return sock_call(_libc.bind, sock, raw, len(raw))
+            return sock_call(_libc.listen, sock, ctypes.c_int(backlog))
         finally:
-            for fd in fds:
-                os.close(fd)
-        if not notif_id:
-            channel.sendall(NamespaceHelper.REPLY.pack(result))
-            continue
+            if chrooted:
+                identity.become(identity.own)
+                os.fchdir(self.top)
+                os.chroot(".")
+
+    def make_stand_in(self, raw):
+        """Listen at sockaddr `raw` (kept in stand_ins); 0 or -errno."""
+        listener = socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM)
+        result = sock_call(_libc.bind, listener.fileno(), raw, len(raw))
+        if result == 0:
+            listener.listen(8)
+            old = self.stand_ins.pop(raw, None)
+            if old is not None:
+                old.close()
+            self.stand_ins[raw] = listener
+        else:
+            listener.close()
+        return result
+
+    def make_probe(self, raw):
+        """0 if a TCP connect to sockaddr `raw` succeeds within PROBE_TIMEOUT, else -errno."""
         try:
-            notif_send(notify_fds[key], notif_id, 0 if result < 0 else result, min(result, 0), 0)
-        except (OSError, KeyError):
-            pass  # gone, or never named: the daemon answers what is left
-        if slot:
-            cells[slot * InflightTable.FIELDS] = 0
+            with socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+                result = sock_call(_libc.connect, probe.fileno(), raw, len(raw))
+                if result == -errno.EINPROGRESS:
+                    if not select.select([], [probe], [], self.PROBE_TIMEOUT)[1]:
+                        return -errno.ETIMEDOUT
+                    result = -probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return result
+        except OSError as e:
+            return -(e.errno or errno.EIO)
 
 
 # ---------------------------------------------------------------------------
