@@ -1709,6 +1709,65 @@ class PendingConnects:
             pending.call.fail(errno.EINTR)
 
 
+class NamespaceHelpers:
+    """The NamespaceHelpers this process starts: one per container and set of namespaces of
+    its callers (kept in Container.helpers), and the peers' stand-ins (PeerRoutes).  Each
+    helper's replies come through `events`; the calls it had not answered when it ends fail
+    (their Inflight slots in `inflight`)."""
+
+    def __init__(self, events, inflight):
+        self.events, self.inflight = events, inflight
+        self.own_namespaces = namespace_inodes("self")
+
+    def for_call(self, call, namespaces):
+        """The container's helper in the calling thread's `namespaces` (inodes), started if need be."""
+        container = call.container
+        helper = container.helpers.get(namespaces)
+        if helper is None:
+            helper = container.helpers[namespaces] = self.start(
+                call.tid, container.short_id, lambda: self.end(container, namespaces, errno.EIO), namespaces)
+        return helper
+
+    def start(self, tid, short_id, on_end, key=None):
+        """A NamespaceHelper in thread `tid`'s namespaces (their inodes: `key`, if known);
+        on_end() when it is found gone."""
+        key = key or namespace_inodes(tid)
+        joins = [(name, nstype) for (name, nstype), inode, own in zip(NAMESPACES, key, self.own_namespaces)
+                 if inode != own]
+        helper = NamespaceHelper.start(tid, joins, self.inflight.cells)
+        self.events.watch(helper.channel.fileno(), select.EPOLLIN,
+                          lambda _events: self.on_reply(helper, short_id, on_end))
+        log.info("container %s: namespace helper pid %d", short_id, helper.pid)
+        return helper
+
+    def on_reply(self, helper, short_id, on_end):
+        """The answer to the oldest ask() sent to `helper`, or its end."""
+        try:
+            reply = helper.channel.recv(NamespaceHelper.REPLY.size)
+        except BlockingIOError:
+            return
+        except OSError:
+            reply = b""
+        if len(reply) != NamespaceHelper.REPLY.size or not helper.asked:
+            log.error("container %s: namespace helper pid %d is gone", short_id, helper.pid)
+            on_end()
+            return
+        helper.asked.popleft()(NamespaceHelper.REPLY.unpack(reply)[0])
+
+    def end(self, container, key, error):
+        """Stop a container's helper (ours: by its pid), failing the calls it had not answered
+        with `error`."""
+        self.stop(container.helpers.pop(key), error)
+
+    def stop(self, helper, error):
+        self.events.unwatch(helper.channel.fileno())
+        helper.stop(self.inflight, error)
+
+    def end_all(self, container, error=errno.EIO):
+        for key in list(container.helpers):
+            self.end(container, key, error)
+
+
 # Another served container's published port (--handle-c2c-connections): its host side
 # (host_ip None: the host's loopback), and whose it is (a process of it: pid).
 PeerRoute = collections.namedtuple("PeerRoute", "host_ip host_port cid pid")
@@ -1720,12 +1779,11 @@ class PeerRoutes:
     port)), both keyed (version, address, port); and the NamespaceHelpers that stand in for
     peers during the policy check (PeerProbe).
 
-    `start_helper(pid, short id, on_end)` and `stop_helper(helper, error)` are the
-    Switcher's.
+    `helpers` is the Switcher's NamespaceHelpers.
     """
 
-    def __init__(self, start_helper, stop_helper):
-        self.start_helper, self.stop_helper = start_helper, stop_helper
+    def __init__(self, helpers):
+        self.namespace_helpers = helpers
         self.peers = {}             # (version, address, port) -> PeerRoute
         self.nodes = {}             # (version, address, port) -> (host IP, host port)
         self.probe = True           # a peer is reached only where the caller's own network reaches it
@@ -1750,12 +1808,12 @@ class PeerRoutes:
         """A NamespaceHelper in the namespaces of `peer`'s container."""
         helper = self.helpers.get(peer.cid)
         if helper is None:
-            helper = self.helpers[peer.cid] = self.start_helper(peer.pid, peer.cid[:12],
-                                                                lambda: self.end_helper(peer.cid))
+            helper = self.helpers[peer.cid] = self.namespace_helpers.start(peer.pid, peer.cid[:12],
+                                                                           lambda: self.end_helper(peer.cid))
         return helper
 
     def end_helper(self, cid):
-        self.stop_helper(self.helpers.pop(cid), errno.EIO)
+        self.namespace_helpers.stop(self.helpers.pop(cid), errno.EIO)
 
     def close(self):
         for cid in list(self.helpers):
@@ -1825,8 +1883,8 @@ class PeerProbe:
 class Switcher:
     """The handlers of the trapped syscalls, one per syscall, and the parts they share: the
     target (TargetAccess), host sockets (HostSockets), blocking connects under way
-    (PendingConnects), routes to peers and other nodes (PeerRoutes), and the containers'
-    NamespaceHelpers.
+    (PendingConnects), routes to peers and other nodes (PeerRoutes), and the
+    NamespaceHelpers it starts.
 
     `events` is the loop's Events, where the parts watch what they wait for.
     """
@@ -1840,8 +1898,8 @@ class Switcher:
         self.targets = TargetAccess(events)
         self.hosts = HostSockets(events)
         self.pending = PendingConnects(events, inflight)
-        self.routes = PeerRoutes(self.start_helper, self.stop_helper)
-        self.own_namespaces = namespace_inodes("self")
+        self.helpers = NamespaceHelpers(events, inflight)
+        self.routes = PeerRoutes(self.helpers)
         self.limit = LogLimit()
         handlers = {name: types.MethodType(handler, self) for name, handler in self.HANDLERS.items()}
         self.dispatch = {}          # (arch, nr) -> (bound handler, pointer size)
@@ -2033,7 +2091,7 @@ class Switcher:
     def close(self, containers):
         """End what the parts hold: helpers, connects under way (EINTR), threads, interfaces."""
         for container in containers:
-            self.end_helpers(container, errno.EINTR)  # first: a probe's call may connect, and wait
+            self.helpers.end_all(container, errno.EINTR)  # first: a probe's call may connect, and wait
         self.routes.close()
         self.pending.close()
         self.targets.close()
@@ -2231,7 +2289,8 @@ class Switcher:
             return
         probe = PeerProbe(call, raw, dest, self.inflight,
                           lambda reachable: self.reach_peer(call, raw, dest, peer, reachable))
-        probe.start(lambda: self.routes.helper(peer), lambda: self.helper_for(call))
+        probe.start(lambda: self.routes.helper(peer),
+                    lambda: self.helpers.for_call(call, self.targets.namespaces(call.tid)))
 
     def reach_peer(self, call, raw, dest, peer, reachable):
         """Connect to the peer's host side if `reachable`, else where the caller is: its own
@@ -2404,7 +2463,7 @@ class Switcher:
                 return
         with call.hand_over() as sock:
             try:
-                helper = self.helper_for(call)
+                helper = self.helpers.for_call(call, self.targets.namespaces(call.tid))
                 helper.reclaim(self.inflight)
                 slot = self.inflight.add_pending(call.filter.key, call.id)
                 helper.request(op, call, raw, sock.fileno(), self.targets.threads.get(call.tid), slot)
@@ -2413,54 +2472,6 @@ class Switcher:
                 call.fail(e.errno or errno.EIO)
                 return
         call.deferred = True
-
-    def helper_for(self, call):
-        """The container's NamespaceHelper for the namespaces of the calling thread, started if need be."""
-        key = self.targets.namespaces(call.tid)
-        container = call.container
-        helper = container.helpers.get(key)
-        if helper is None:
-            helper = container.helpers[key] = self.start_helper(
-                call.tid, container.short_id, lambda: self.end_helper(container, key, errno.EIO), key)
-        return helper
-
-    def start_helper(self, tid, short_id, on_end, key=None):
-        """A NamespaceHelper in thread `tid`'s namespaces (their inodes: `key`, if known);
-        on_end() when it is found gone."""
-        key = key or namespace_inodes(tid)
-        joins = [(name, nstype) for (name, nstype), inode, own in zip(NAMESPACES, key, self.own_namespaces)
-                 if inode != own]
-        helper = NamespaceHelper.start(tid, joins, self.inflight.cells)
-        self.events.watch(helper.channel.fileno(), select.EPOLLIN,
-                          lambda _events: self.on_helper_reply(helper, short_id, on_end))
-        log.info("container %s: namespace helper pid %d", short_id, helper.pid)
-        return helper
-
-    def on_helper_reply(self, helper, short_id, on_end):
-        """The answer to the oldest ask() sent to `helper`, or its end."""
-        try:
-            reply = helper.channel.recv(NamespaceHelper.REPLY.size)
-        except BlockingIOError:
-            return
-        except OSError:
-            reply = b""
-        if len(reply) != NamespaceHelper.REPLY.size or not helper.asked:
-            log.error("container %s: namespace helper pid %d is gone", short_id, helper.pid)
-            on_end()
-            return
-        helper.asked.popleft()(NamespaceHelper.REPLY.unpack(reply)[0])
-
-    def end_helper(self, container, key, error):
-        """Stop a helper (ours: by its pid), failing the calls it had not answered with `error`."""
-        self.stop_helper(container.helpers.pop(key), error)
-
-    def stop_helper(self, helper, error):
-        self.events.unwatch(helper.channel.fileno())
-        helper.stop(self.inflight, error)
-
-    def end_helpers(self, container, error=errno.EIO):
-        for key in list(container.helpers):
-            self.end_helper(container, key, error)
 
     # -- sends ---------------------------------------------------------------
 
@@ -3488,7 +3499,7 @@ class Server:
         os.close(notify_fd)
         container.notify_fds.discard(notify_fd)
         if not container.notify_fds:
-            self.switcher.end_helpers(container)
+            self.switcher.helpers.end_all(container)
             del self.containers[container.id]
 
     def on_notify(self, notify_fd, events):
