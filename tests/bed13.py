@@ -429,21 +429,11 @@ def status():
         checks.append(("podman", out.returncode == 0, out.stderr.strip()[-200:]))
         if out.returncode == 0:
             checks[-1] = ("podman " + out.stdout.strip(), True, "")
-    ok = True
-    for name, good, why in checks:
-        print("%-28s %s" % (name, "ok" if good else why))
-        ok = ok and good
-    return ok
+    return tb.print_checks(checks, 28)
 
 
 def main(argv):
-    if len(argv) != 1 or argv[0] not in ("up", "down", "status"):
-        print("usage: bed13.py up|down|status", file=sys.stderr)
-        return 2
-    if argv[0] == "status":
-        return 0 if status() else 1
-    up() if argv[0] == "up" else down()
-    return 0
+    return tb.cli(argv, "bed13.py", up, down, status)  # up() says how long it took
 
 
 if __name__ == "__main__":
