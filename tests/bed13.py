@@ -133,6 +133,18 @@ def _in_chroot(argv, env=None):
                 + list(argv), env=full_env, stdin=subprocess.DEVNULL)
 
 
+def _install(packages, stamp, stamp_text):
+    """apt-get install packages into the root (no recommends), then write stamp_text to stamp."""
+    _log("installing into %s: %s" % (ROOT, " ".join(packages)))
+    apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600"]
+    _in_chroot(apt + ["update"])
+    _in_chroot(apt + ["install", "-y", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confold"]
+               + packages)
+    _in_chroot(["apt-get", "clean"])
+    with open(stamp, "w") as f:
+        f.write(stamp_text)
+
+
 def ensure_root():
     """debootstrap the root (once), then install PACKAGES into it (when the stamp differs)."""
     if _stamp_ok():
@@ -154,14 +166,7 @@ def ensure_root():
     with open(policy, "w") as f:
         f.write("#!/bin/sh\nexit 101\n")
     os.chmod(policy, 0o755)
-    _log("installing into %s: %s" % (ROOT, " ".join(PACKAGES)))
-    apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600"]
-    _in_chroot(apt + ["update"])
-    _in_chroot(apt + ["install", "-y", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confold"]
-               + PACKAGES)
-    _in_chroot(["apt-get", "clean"])
-    with open(STAMP, "w") as f:
-        f.write(_stamp_text())
+    _install(PACKAGES, STAMP, _stamp_text())
     return True
 
 
@@ -175,14 +180,7 @@ def ensure_docker():
         pass
     if os.geteuid() != 0:
         raise PermissionError("installing Docker into the root needs root")
-    _log("installing into %s: %s" % (ROOT, " ".join(DOCKER_PACKAGES)))
-    apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600"]
-    _in_chroot(apt + ["update"])
-    _in_chroot(apt + ["install", "-y", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confold"]
-               + DOCKER_PACKAGES)
-    _in_chroot(["apt-get", "clean"])
-    with open(DOCKER_STAMP, "w") as f:
-        f.write(text)
+    _install(DOCKER_PACKAGES, DOCKER_STAMP, text)
     return True
 
 
@@ -431,21 +429,11 @@ def status():
         checks.append(("podman", out.returncode == 0, out.stderr.strip()[-200:]))
         if out.returncode == 0:
             checks[-1] = ("podman " + out.stdout.strip(), True, "")
-    ok = True
-    for name, good, why in checks:
-        print("%-28s %s" % (name, "ok" if good else why))
-        ok = ok and good
-    return ok
+    return tb.print_checks(checks, 28)
 
 
 def main(argv):
-    if len(argv) != 1 or argv[0] not in ("up", "down", "status"):
-        print("usage: bed13.py up|down|status", file=sys.stderr)
-        return 2
-    if argv[0] == "status":
-        return 0 if status() else 1
-    up() if argv[0] == "up" else down()
-    return 0
+    return tb.cli(argv, "bed13.py", up, down, status)  # up() says how long it took
 
 
 if __name__ == "__main__":

@@ -592,29 +592,37 @@ def status():
     checks.append(("netns " + NETNS, subprocess.run(
         ["mountpoint", "-q", NETNS_PATH]).returncode == 0, "absent"))
     checks.append(("rootfs", os.path.exists(ROOTFS + "/bin/busybox"), "absent"))
-    ok = True
-    for name, good, why in checks:
-        print("%-20s %s" % (name, "ok" if good else why))
-        ok = ok and good
+    ok = print_checks(checks, 20)
     if os.path.isdir(PIDS_DIR):
         for name in sorted(os.listdir(PIDS_DIR)):
             print("%-20s pid %s" % ("server", name))
     return ok
 
 
-def main(argv):
+def print_checks(checks, width):
+    """Print each (name, good, why) of checks on a line of its own; True when all are good."""
+    for name, good, why in checks:
+        print("%-*s %s" % (width, name, "ok" if good else why))
+    return all(good for _, good, _ in checks)
+
+
+def cli(argv, prog, up, down, status, log=None):
+    """`prog up|down|status` of a test bed (this one, tests/bed13.py): the exit status.
+    With log, how long up or down took goes to it."""
     if len(argv) != 1 or argv[0] not in ("up", "down", "status"):
-        print("usage: testbed.py up|down|status", file=sys.stderr)
+        print("usage: %s up|down|status" % prog, file=sys.stderr)
         return 2
     if argv[0] == "status":
         return 0 if status() else 1
     started = time.monotonic()
-    if argv[0] == "up":
-        up()
-    else:
-        down()
-    _log("%s done in %.1fs" % (argv[0], time.monotonic() - started))
+    up() if argv[0] == "up" else down()
+    if log:
+        log("%s done in %.1fs" % (argv[0], time.monotonic() - started))
     return 0
+
+
+def main(argv):
+    return cli(argv, "testbed.py", up, down, status, _log)
 
 
 if __name__ == "__main__":

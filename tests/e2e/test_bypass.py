@@ -4,8 +4,9 @@ Every server listens inside the test namespace (198.18.0.0/15, 2001:db8::/32)
 or on loopback; bypass4netns.py runs as the unprivileged test user there too.
 """
 
-import json
 import errno
+import functools
+import json
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import uuid
 import pytest
 
 from e2e.daemon import Daemon, run
+from e2e.fileserver import serve_file
 
 RUNTIMES = ["runc", "crun"]
 SLIRP_ADDRESS = "10.0.2.100"  # the container's address on slirp4netns
@@ -34,15 +36,7 @@ def daemon(testbed, request):
 @pytest.fixture
 def http(testbed, server, tmp_path):
     """serve(host) -> (port, body) of a file served by python3 -m http.server."""
-    def serve(host):
-        body = "b4ns-" + uuid.uuid4().hex
-        (tmp_path / "index.txt").write_text(body)
-        port = testbed.free_port(host)
-        server(["python3", "-m", "http.server", "--bind", host, "--directory", str(tmp_path), str(port)],
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        testbed.wait_port(host, port)
-        return port, body
-    return serve
+    return functools.partial(serve_file, testbed, server, tmp_path)
 
 
 def container_python(testbed, daemon, code, runtime="runc", args=(), extra=(), check=True, timeout=180):
@@ -83,22 +77,27 @@ HOLD_CONNECTION = """
 """
 
 
+def held_connection(testbed, argv):
+    """Run argv, a container (-i) of HOLD_CONNECTION, and read the test namespace's TCP table while
+    it holds its connection: (what the container printed, that table)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        return json.loads(line), netns_tcp_table(testbed)
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("host_ip", ["198.18.0.1", "2001:db8::1"])
 def test_tcp_connection_lives_in_the_host_namespace(testbed, daemon, http, runtime, host_ip):
     port, body = http(host_ip)
     argv = testbed.run_container(["python3", "-c", textwrap.dedent(HOLD_CONNECTION), host_ip, str(port)],
                                  runtime=runtime, seccomp=daemon.profile, extra=["-i"])
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
-    try:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        seen = json.loads(line)
-        host_table = netns_tcp_table(testbed)
-    finally:
-        proc.stdin.close()
-        proc.wait(60)
+    seen, host_table = held_connection(testbed, argv)
     local_ip, local_port = seen["sockname"]
     assert local_ip == host_ip, "the socket should have the host's address, not slirp4netns' %s" % SLIRP_ADDRESS
     assert seen["peername"] == [host_ip, port]

@@ -19,21 +19,20 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
-import time
-import uuid
 
 import pytest
 
-from e2e.daemon import ROOT, Daemon, generate_profile
+pytest.register_assert_rewrite("e2e.rootless_docker")  # its checks report as this module's do
+
+from e2e import rootless_docker  # noqa: E402
+from e2e.daemon import ROOT  # noqa: E402
+from e2e.fileserver import serve_file  # noqa: E402
+from e2e.rootless_docker import (  # noqa: E402
+    assert_fetch_bypassed, assert_fetch_left_alone, docker_run, exec_fetch, probe_denials)
 
 GENERATOR = ROOT / "seccomp-gen.py"
-# Debian's CLI, whatever else is first on PATH (another docker CLI may be).
-DOCKER = "/usr/bin/docker"
-DOCKERD_ROOTLESS = "/usr/share/docker.io/contrib/dockerd-rootless.sh"
 RUNTIME_NAME = "bypass4netns"
 # Per-run state: ~/PREFIX<pid> (data root, settings, wrapper) and
 # $XDG_RUNTIME_DIR/PREFIX<pid> (dockerd's runtime dir: sockets, pid file).
@@ -202,15 +201,15 @@ def test_help_explains_the_wrapper():
 
 # -- rootless Docker -------------------------------------------------------------
 
-class Dockerd:
+class Dockerd(rootless_docker.Dockerd):
     """A rootless dockerd of the test user, in the test namespace, with the wrapper."""
 
     def __init__(self, testbed, listener_path):
-        self.tb = testbed
         self.home = os.path.join(testbed.user_home(), PREFIX + str(os.getpid()))
         self.xdg = os.path.join(testbed.runtime_dir(), PREFIX + str(os.getpid()))
+        self.host_dirs = [self.home, self.xdg]
         self.remove_dirs()
-        for d in (self.home, self.xdg):
+        for d in self.host_dirs:
             os.mkdir(d, 0o700)
             os.chown(d, testbed.user_uid(), testbed.user_gid())
         self.wrapper = os.path.join(self.home, "bypass4netns-runc")
@@ -218,54 +217,8 @@ class Dockerd:
         subprocess.run(testbed.as_user(["python3", "-", "--docker-runtime-wrapper", self.wrapper,
                                         "--listener-path", listener_path], netns=False),
                        input=GENERATOR.read_text(), universal_newlines=True, check=True, timeout=60)
-        settings = os.path.join(self.home, "daemon.json")
-        with open(settings, "w") as f:
-            f.write("{}\n")  # not ~/.config/docker/daemon.json, which may say anything
-        os.chown(settings, testbed.user_uid(), testbed.user_gid())
-        self.env = {"XDG_RUNTIME_DIR": self.xdg, "DOCKER_HOST": "unix://%s/docker.sock" % self.xdg,
-                    "DOCKER_CONFIG": os.path.join(self.home, "cli")}
-        self.log_path = os.path.join(self.home, "dockerd.log")
-        self.log_file = open(self.log_path, "w")
-        env = dict(self.env, DOCKERD_ROOTLESS_ROOTLESSKIT_NET="slirp4netns",
-                   DOCKERD_ROOTLESS_ROOTLESSKIT_MTU="65520",
-                   DOCKERD_ROOTLESS_ROOTLESSKIT_FLAGS="--state-dir=%s/rootlesskit" % self.xdg)
-        # dockerd-rootless.sh execs rootlesskit (the pid we hold), which runs
-        # dockerd and its containerd in a user+mount+network namespace.
-        self.proc = testbed.start_server(
-            [DOCKERD_ROOTLESS, "--storage-driver", "vfs", "--data-root", os.path.join(self.home, "data"),
-             "--config-file", settings, "--add-runtime", "%s=%s" % (RUNTIME_NAME, self.wrapper)],
-            user=True, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while True:
-            res = self.docker(["info", "--format", "{{.ServerVersion}} {{.DockerRootDir}}"], timeout=30)
-            if res.returncode == 0 and self.home in res.stdout:
-                self.version = res.stdout.split()[0]
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("rootless dockerd did not start:\n" + self.log()[-4000:])
-            time.sleep(0.2)
-
-    def docker(self, args, timeout=120, **kwargs):
-        argv = self.tb.as_user([DOCKER] + list(args), env=self.env)
-        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                              timeout=timeout, **kwargs)
-
-    def log(self):
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self):
-        """SIGTERM rootlesskit by pid (dockerd stops its containers and
-        containerd), then remove this run's directories."""
-        status = self.tb.stop_server(self.proc, timeout=30)
-        self.log_file.close()
-        self.remove_dirs()
-        return status
-
-    def remove_dirs(self):
-        for d in (self.home, self.xdg):
-            shutil.rmtree(d, ignore_errors=True)
+        self.start(testbed, testbed.as_user, os.path.join(self.home, "dockerd.log"),
+                   ["--add-runtime", "%s=%s" % (RUNTIME_NAME, self.wrapper)])
 
 
 def remove_stale_runs(testbed):
@@ -287,87 +240,22 @@ def remove_stale_runs(testbed):
 
 @pytest.fixture(scope="module")
 def b4ns(testbed):
-    d = Daemon(["--ignore", "10.0.0.0/8,172.16.0.0/12"])
-    d.profiles = {"podman": d.profile, "none": generate_profile(d.socket, base="none")}
-    yield d
-    assert d.stop() == 0
-    assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
-    os.unlink(d.profiles["none"])
+    yield from rootless_docker.b4ns_daemon("podman")
 
 
 @pytest.fixture(scope="module")
 def dockerd(testbed, b4ns):
     testbed.ensure_docker()  # docker.io and rootlesskit, on first use
     remove_stale_runs(testbed)
-    started = time.monotonic()
-    daemon = Dockerd(testbed, b4ns.socket)
-    print("rootless dockerd %s up in %.1fs" % (daemon.version, time.monotonic() - started))
     # The busybox root filesystem of the test bed, imported (never pulled).
-    daemon.image = "b4ns-busybox:%d" % os.getpid()
-    tar = subprocess.Popen(["tar", "-C", testbed.ROOTFS, "--numeric-owner", "--owner=0", "--group=0",
-                            "-c", "."], stdout=subprocess.PIPE)
-    res = daemon.docker(["import", "-", daemon.image], stdin=tar.stdout)
-    tar.stdout.close()
-    assert tar.wait() == 0 and res.returncode == 0, res.stderr
-    yield daemon
-    leftover = daemon.docker(["ps", "-aq"]).stdout.split()
-    status = daemon.stop()
-    assert status in (0, -signal.SIGTERM), daemon.log()[-3000:]
-    assert not os.path.exists(daemon.home) and not os.path.exists(daemon.xdg)
-    assert not leftover, "containers left behind: %s" % leftover
+    yield from rootless_docker.run_dockerd(lambda: Dockerd(testbed, b4ns.socket), testbed.ROOTFS,
+                                           "b4ns-busybox:%d" % os.getpid())
 
 
 @pytest.fixture
 def http(testbed, server, tmp_path):
     """(port, body) of a file served by python3 -m http.server at 198.18.0.1."""
-    body = "b4ns-docker-" + uuid.uuid4().hex
-    (tmp_path / "index.txt").write_text(body)
-    port = testbed.free_port(testbed.HOST_IP4)
-    server(["python3", "-m", "http.server", "--bind", testbed.HOST_IP4, "--directory", str(tmp_path), str(port)],
-           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    testbed.wait_port(testbed.HOST_IP4, port)
-    return port, body
-
-
-FETCH = """
-    import json, socket, sys
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
-    s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
-    data = s.makefile("rb").read()
-    print(json.dumps({"sockname": s.getsockname()[0], "peername": list(s.getpeername()),
-                      "body": data.split(b"\\r\\n\\r\\n", 1)[1].decode()}))
-"""
-
-# Syscalls Docker's default profile denies and the kernel would answer
-# otherwise (x86_64 numbers); prints "name result" per line.
-DENIAL_PROBE = """
-    import ctypes, errno
-    libc = ctypes.CDLL(None, use_errno=True)
-    key_type, desc = ctypes.create_string_buffer(b"user"), ctypes.create_string_buffer(b"b4ns")
-    calls = {
-        "add_key": (248, ctypes.addressof(key_type), ctypes.addressof(desc), 0, 0, -2),
-        "request_key": (249, ctypes.addressof(key_type), ctypes.addressof(desc), 0, 0),
-        "userfaultfd": (323, 1),  # UFFD_USER_MODE_ONLY: allowed to unprivileged users
-        "personality": (135, 0x0040000),  # ADDR_COMPAT_LAYOUT
-    }
-    for name, (nr, *args) in calls.items():
-        ret = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
-        print(name, "ok" if ret >= 0 else errno.errorcode[ctypes.get_errno()])
-"""
-
-
-def docker_run(dockerd, cmd, runtime=None, profile=None, extra=()):
-    """docker run --rm of cmd in the imported busybox image, the host's /usr mounted read-only."""
-    args = ["run", "--rm", "--pull", "never", "-v", "/usr:/usr:ro"]
-    if runtime:
-        args += ["--runtime", runtime]
-    if profile:
-        args += ["--security-opt", "seccomp=" + profile]
-    return dockerd.docker(args + list(extra) + [dockerd.image] + list(cmd))
-
-
-def python(code, *args):
-    return ["python3", "-c", textwrap.dedent(code)] + [str(a) for a in args]
+    return serve_file(testbed, server, tmp_path, testbed.HOST_IP4, "b4ns-docker-")
 
 
 def version_tuple(version):
@@ -376,14 +264,7 @@ def version_tuple(version):
 
 @pytest.mark.parametrize("base", ["podman", "none"])
 def test_wrapper_makes_the_bypass_work_under_rootless_docker(testbed, b4ns, dockerd, http, base):
-    port, body = http
-    res = docker_run(dockerd, python(FETCH, testbed.HOST_IP4, port), RUNTIME_NAME, b4ns.profiles[base])
-    assert res.returncode == 0, res.stderr
-    seen = json.loads(res.stdout)
-    assert seen["body"] == body
-    assert seen["peername"] == [testbed.HOST_IP4, port]
-    assert seen["sockname"] == testbed.HOST_IP4, "not bypassed: the socket is on Docker's bridge"
-    assert ("198.18.0.1:%d" % port, "bypassed") in b4ns.decisions()
+    assert_fetch_bypassed(testbed, b4ns, dockerd, http, b4ns.profiles[base], RUNTIME_NAME)
 
 
 @pytest.mark.parametrize("base", ["podman", "none"])
@@ -398,25 +279,12 @@ def test_without_the_wrapper_docker_drops_the_listener_and_runc_refuses(testbed,
 def test_wrapper_leaves_containers_without_the_profile_alone(testbed, b4ns, dockerd, http):
     """Docker's own default profile traps nothing: the wrapper changes nothing
     and the connection goes through Docker's bridge and slirp4netns."""
-    port, body = http
-    res = docker_run(dockerd, python(FETCH, testbed.HOST_IP4, port), RUNTIME_NAME)
-    assert res.returncode == 0, res.stderr
-    seen = json.loads(res.stdout)
-    assert seen["body"] == body
-    assert seen["sockname"].startswith("172.17."), seen
-    assert not [d for d in b4ns.decisions() if d[0] == "198.18.0.1:%d" % port]
+    assert_fetch_left_alone(testbed, b4ns, dockerd, http, RUNTIME_NAME)
 
 
 def test_docker_exec_is_bypassed_too(testbed, b4ns, dockerd, http):
     port, body = http
-    name = "b4ns-exec-%d" % os.getpid()
-    res = docker_run(dockerd, ["sleep", "60"], RUNTIME_NAME, b4ns.profiles["podman"],
-                     extra=["-d", "--name", name])
-    assert res.returncode == 0, res.stderr
-    try:
-        res = dockerd.docker(["exec", name] + python(FETCH, testbed.HOST_IP4, port))
-    finally:
-        removed = dockerd.docker(["rm", "--force", name])
+    res, removed = exec_fetch(testbed, dockerd, port, b4ns.profiles["podman"], RUNTIME_NAME)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["sockname"] == testbed.HOST_IP4
     assert ("198.18.0.1:%d" % port, "bypassed") in b4ns.decisions()
@@ -427,11 +295,7 @@ def test_merged_profile_denies_what_dockers_default_denies(testbed, b4ns, docker
     """Merged into podman's default profile, the trap keeps Docker's denials
     (Docker 20.10 drops defaultErrnoRet, so both answer EPERM); the
     allow-all profile (--base none) gives them away."""
-    results = {}
-    for kind, profile in (("docker", None), ("merged", b4ns.profiles["podman"]), ("allow-all", b4ns.profiles["none"])):
-        res = docker_run(dockerd, python(DENIAL_PROBE), RUNTIME_NAME, profile)
-        assert res.returncode == 0, res.stderr
-        results[kind] = dict(line.split() for line in res.stdout.splitlines())
+    results = probe_denials(dockerd, b4ns.profiles["podman"], b4ns.profiles["none"], RUNTIME_NAME)
     assert results["merged"] == results["docker"]
     assert set(results["docker"].values()) == {"EPERM"}, results
     for name, denied in results["docker"].items():

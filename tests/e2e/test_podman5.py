@@ -13,6 +13,7 @@ and the default (TCP) profile, merged into podman 5's own seccomp.json.
 Each test checks what a user expects, not what today's daemon does.
 """
 
+import functools
 import json
 import re
 import socket
@@ -26,7 +27,8 @@ import pytest
 
 import bed13
 from e2e.daemon import Daemon, run
-from e2e.test_bypass import HOLD_CONNECTION, local_ports, netns_tcp_table
+from e2e.fileserver import serve_file
+from e2e.test_bypass import HOLD_CONNECTION, held_connection, local_ports
 
 IGNORE = "--ignore=127.0.0.0/8,10.0.0.0/8,auto"
 DNS_NAME = "peer.b4ns.test"
@@ -90,15 +92,7 @@ def container_python(bed, daemon, code, args=(), extra=(), timeout=120, runtime=
 @pytest.fixture
 def http(testbed, server, tmp_path):
     """serve(host) -> (port, body) of a file served by python3 -m http.server in the test namespace."""
-    def serve(host):
-        body = "b4ns-" + uuid.uuid4().hex
-        (tmp_path / "index.txt").write_text(body)
-        port = testbed.free_port(host)
-        server(["python3", "-m", "http.server", "--bind", host, "--directory", str(tmp_path), str(port)],
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        testbed.wait_port(host, port)
-        return port, body
-    return serve
+    return functools.partial(serve_file, testbed, server, tmp_path)
 
 
 FETCH = """
@@ -200,16 +194,7 @@ def test_tcp_connection_lives_in_the_host_namespace(testbed, bed, daemon, http):
     port, body = http(host_ip)
     argv = bed.run_container(["python3", "-c", textwrap.dedent(HOLD_CONNECTION), host_ip, str(port)],
                              seccomp=daemon.profile, extra=["-i"])
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
-    try:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        seen = json.loads(line)
-        host_table = netns_tcp_table(testbed)
-    finally:
-        proc.stdin.close()
-        proc.wait(60)
+    seen, host_table = held_connection(testbed, argv)
     local_ip, local_port = seen["sockname"]
     assert local_ip == host_ip and seen["peername"] == [host_ip, port] and "200 OK" in seen["response"]
     assert local_port in local_ports(host_table), "not in the host namespace's socket table"
