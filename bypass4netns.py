@@ -183,9 +183,10 @@ for _struct, _size in ((SeccompData, 64), (SeccompNotif, 80), (SeccompNotifResp,
                        (SeccompNotifAddfd, 24), (SeccompNotifSizes, 6)):
     assert ctypes.sizeof(_struct) == _size, _struct.__name__
 
-# The trapped syscalls, one row each: the dispatch tables, the i386
-# socketcall(2) numbers and the profile's rules (seccomp-gen.py reads
-# SECCOMP_NOTIFY_RULES) all derive from it.  A notification of any other arch
+# The trapped syscalls, one row each: the dispatch tables (with
+# Switcher.HANDLERS), the i386 socketcall(2) numbers, the profile's rules
+# (SECCOMP_NOTIFY_RULES, of which seccomp-gen.py holds a generated copy) and
+# the namespace helper's operations (HelperWire.OPS) all derive from it.  A notification of any other arch
 # or number is never decoded: it continues untouched (it acts on nothing of
 # ours: no such call is in the profile).
 CONNECT, BIND, LISTEN, SENDTO, SENDMSG, SENDMMSG = "connect", "bind", "listen", "sendto", "sendmsg", "sendmmsg"
@@ -201,25 +202,28 @@ def _flag_set(index, flag):
 # The profile traps no send but TCP Fast Open's, which connect too (they are
 # refused: Switcher.send).  Switched sockets, UDP ones included, are pinned
 # to an interface (HostInterfaces), so their sends need no check.
-TRAPS = (
-    # name      x86_64  i386  x32  generic  arm  socketcall  argc  the profile's argument filters
-    (CONNECT,       42,  362,  42,     203, 283,          3,    3, ()),
-    (BIND,          49,  361,  49,     200, 282,          2,    3, ()),
-    (LISTEN,        50,  363,  50,     201, 284,          4,    2, ()),
-    (SENDTO,        44,  369,  44,     206, 290,         11,    6, _flag_set(3, MSG_FASTOPEN)),
-    (SENDMSG,       46,  370, 518,     211, 296,         16,    3, _flag_set(2, MSG_FASTOPEN)),
-    (SENDMMSG,     307,  345, 538,     269, 374,         20,    4, _flag_set(3, MSG_FASTOPEN)),
-)
-_TRAP_COLUMNS = {AUDIT_ARCH_X86_64: (1, 8), AUDIT_ARCH_I386: (2, 4), AUDIT_ARCH_AARCH64: (4, 8),
-                 AUDIT_ARCH_RISCV64: (4, 8), AUDIT_ARCH_ARM: (5, 4)}
+# helper_op: the code by which a worker asks a NamespaceHelper to make the call on a
+# socket that is not IP (HelperWire.OPS; 0: never asked).
+Trap = collections.namedtuple("Trap", "name x86_64 i386 x32 generic arm socketcall argc helper_op filters")
+TRAPS = tuple(Trap(*row) for row in (
+    # name      x86_64  i386  x32  generic  arm  socketcall  argc  helper  the profile's argument filters
+    (CONNECT,       42,  362,  42,     203, 283,          3,    3,     1, ()),
+    (BIND,          49,  361,  49,     200, 282,          2,    3,     2, ()),
+    (LISTEN,        50,  363,  50,     201, 284,          4,    2,     3, ()),
+    (SENDTO,        44,  369,  44,     206, 290,         11,    6,     0, _flag_set(3, MSG_FASTOPEN)),
+    (SENDMSG,       46,  370, 518,     211, 296,         16,    3,     0, _flag_set(2, MSG_FASTOPEN)),
+    (SENDMMSG,     307,  345, 538,     269, 374,         20,    4,     0, _flag_set(3, MSG_FASTOPEN)),
+))
+_TRAP_COLUMNS = {AUDIT_ARCH_X86_64: ("x86_64", 8), AUDIT_ARCH_I386: ("i386", 4), AUDIT_ARCH_AARCH64: ("generic", 8),
+                 AUDIT_ARCH_RISCV64: ("generic", 8), AUDIT_ARCH_ARM: ("arm", 4)}
 # arch -> ({name: nr}, pointer size of the ABI)
-SYSCALL_NUMBERS = {arch: ({row[0]: row[column] for row in TRAPS}, ptr)
+SYSCALL_NUMBERS = {arch: ({trap.name: getattr(trap, column) for trap in TRAPS}, ptr)
                    for arch, (column, ptr) in _TRAP_COLUMNS.items()}
-X32_NUMBERS = {row[0]: row[3] for row in TRAPS}
-SOCKETCALLS = {row[6]: (row[0], row[7]) for row in TRAPS}   # call number -> (name, argc)
+X32_NUMBERS = {trap.name: trap.x32 for trap in TRAPS}
+SOCKETCALLS = {trap.socketcall: (trap.name, trap.argc) for trap in TRAPS}   # call number -> (name, argc)
 _SOCKETCALL_RULE = ((SOCKETCALL, ()),)  # i386 only: its calls carry their arguments in memory
-SECCOMP_NOTIFY_RULES = tuple((row[0], row[8]) for row in TRAPS) + _SOCKETCALL_RULE
-SEND_FLAGS_ARG = {row[0]: row[8][0]["index"] for row in TRAPS if row[8]}   # send name -> its flags' index
+SECCOMP_NOTIFY_RULES = tuple((trap.name, trap.filters) for trap in TRAPS) + _SOCKETCALL_RULE
+SEND_FLAGS_ARG = {trap.name: trap.filters[0]["index"] for trap in TRAPS if trap.filters}  # send -> its flags' arg
 
 # seccomp(2) itself, for SECCOMP_GET_NOTIF_SIZES, by `uname -m`.
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "i686": 354,
@@ -2506,7 +2510,7 @@ class Switcher:
                 SENDTO: on_sendto, SENDMSG: on_sendmsg, SENDMMSG: on_sendmmsg}
 
 
-assert set(Switcher.HANDLERS) == {row[0] for row in TRAPS}, "a trapped call without a handler"
+assert set(Switcher.HANDLERS) == {trap.name for trap in TRAPS}, "a trapped call without a handler"
 
 
 NAMESPACES = (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS), ("net", CLONE_NEWNET))  # joined in this order
@@ -2607,7 +2611,7 @@ class HelperWire:
 
     __slots__ = ()
 
-    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}  # a call on the socket, as the caller, by the trapped call's name
+    OPS = {trap.name: trap.helper_op for trap in TRAPS if trap.helper_op}  # a call on the socket, as the caller
     PROBE = 4               # a TCP connect from the container's network, to see that it gets through
     STAND_IN = 5            # a listener at an address and port of the container's, for a probe
     END_STAND_IN = 6
