@@ -31,7 +31,8 @@ its parent and keeps nothing of its parent's but what it is given):
          |                         (REQUEST/REPLY structs + SCM_RIGHTS)
          +- MultinodeAgent   --multinode's etcd client (JSON both ways)
 
-With --workers 1 the daemon serves its filters itself (LocalWorker).
+With --workers 1 the daemon serves its filters itself (LocalPool: one Server
+on its own loop, behind the same WorkerPool contract as the worker processes).
 
 One notification's path: the container's thread traps; the kernel queues
 it on the filter's notify fd; the worker's Server.on_notify receives it
@@ -4648,6 +4649,62 @@ class ApiFrontEnd:
             self.runtime.close_listener(self.listener)
 
 
+def send_state(conn, state, fds):
+    """A daemon's snapshot() and the fds it names, on stream socket `conn` (blocking)."""
+    state = dict(state, fd_count=len(fds))
+    payload = json.dumps(state).encode()
+    conn.sendall(_U32.pack(len(payload)) + payload)
+    for start in range(0, len(fds), FDS_PER_MESSAGE):
+        batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
+        conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+
+
+def receive_state(conn, sender):
+    """What send_state() sent on `conn`: (state, [fd]); Error if `sender` breaks off, None at
+    end of file before anything."""
+    def exactly(count):
+        data = b""
+        while len(data) < count:
+            chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
+            if not chunk:
+                if not data and count == _U32.size:
+                    return None
+                raise Error("%s broke off what it was sending" % sender)
+            data += chunk
+        return data
+    header = exactly(_U32.size)
+    if header is None:
+        return None
+    length, = _U32.unpack(header)
+    state = json.loads(exactly(length))
+    fds = []
+    while len(fds) < state["fd_count"]:
+        try:
+            data, got = recv_with_fds(conn, FDS_PER_MESSAGE, 1)
+        except OSError:  # fds dropped (out of fds here), or the sender gone
+            data, got = b"", []
+        fds.extend(got)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise Error("%s broke off after %d fds" % (sender, len(fds)))
+    return state, fds
+
+
+def receive_hand_over(path):
+    """--take-over: everything the daemon serving `path` hands over, (state, fds); OSError if
+    no daemon answers there, Error if it does not hand over."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(60)
+        conn.connect(path)
+        conn.sendall(TAKE_OVER_REQUEST)
+        handed = receive_state(conn, "the daemon on %s" % path)
+        if handed is None:
+            raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
+        conn.sendall(b"ok")
+    return handed
+
+
 class KeeperLink:
     """The daemon's side of its keeper: a stream socket (None without a keeper, --no-keeper,
     or once it took no more), and the fds the keeper holds.  Whatever changes what
@@ -5334,62 +5391,6 @@ def answer_orphans(inflight, server, notify_fds):
             except OSError as e:
                 log.error("cannot answer a call a dead process left: %s", e.strerror)
     return answered, anew
-
-
-def send_state(conn, state, fds):
-    """A daemon's snapshot() and the fds it names, on stream socket `conn` (blocking)."""
-    state = dict(state, fd_count=len(fds))
-    payload = json.dumps(state).encode()
-    conn.sendall(_U32.pack(len(payload)) + payload)
-    for start in range(0, len(fds), FDS_PER_MESSAGE):
-        batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
-        conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
-
-
-def receive_state(conn, sender):
-    """What send_state() sent on `conn`: (state, [fd]); Error if `sender` breaks off, None at
-    end of file before anything."""
-    def exactly(count):
-        data = b""
-        while len(data) < count:
-            chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
-            if not chunk:
-                if not data and count == _U32.size:
-                    return None
-                raise Error("%s broke off what it was sending" % sender)
-            data += chunk
-        return data
-    header = exactly(_U32.size)
-    if header is None:
-        return None
-    length, = _U32.unpack(header)
-    state = json.loads(exactly(length))
-    fds = []
-    while len(fds) < state["fd_count"]:
-        try:
-            data, got = recv_with_fds(conn, FDS_PER_MESSAGE, 1)
-        except OSError:  # fds dropped (out of fds here), or the sender gone
-            data, got = b"", []
-        fds.extend(got)
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise Error("%s broke off after %d fds" % (sender, len(fds)))
-    return state, fds
-
-
-def receive_hand_over(path):
-    """--take-over: everything the daemon serving `path` hands over, (state, fds); OSError if
-    no daemon answers there, Error if it does not hand over."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(60)
-        conn.connect(path)
-        conn.sendall(TAKE_OVER_REQUEST)
-        handed = receive_state(conn, "the daemon on %s" % path)
-        if handed is None:
-            raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
-        conn.sendall(b"ok")
-    return handed
 
 
 def watch_signals(events, on_signal, more=()):
