@@ -25,10 +25,11 @@ its parent and keeps nothing of its parent's but what it is given):
          +- Worker x N   a Server and its Switcher for the filters handed to
          |    |          it (Worker.hand: JSON + the notify fd over SCM_RIGHTS;
          |    |          ParentChannel: its few requests back, JSON)
-         |    +- NamespaceHelper   one per container and set of namespaces:
-         |                         makes the calls on unix and netlink sockets
-         |                         as the caller and answers them itself
-         |                         (REQUEST/REPLY structs + SCM_RIGHTS)
+         |    +- HelperProcess   one per container and set of namespaces:
+         |                       makes the calls on unix and netlink sockets
+         |                       as the caller and answers them itself
+         |                       (HelperWire: REQUEST/REPLY structs +
+         |                       SCM_RIGHTS; the worker's end: NamespaceHelper)
          +- MultinodeAgent   --multinode's etcd client (JSON both ways)
 
 With --workers 1 the daemon serves its filters itself (LocalPool: one Server
@@ -1381,16 +1382,23 @@ class AnswerError(RuntimeError):
 
 
 class Call:
-    """One notification: who asks what, and its one answer.
+    """One notification: who asks what, what the daemon holds for it, and its one answer.
 
     A call gets exactly one answer (a value, an error or CONTINUE), or none
-    when the target stopped waiting; a PendingConnect answers it later.  A
-    call whose pointers were followed never continues: the kernel would
-    reread memory that another thread may have changed since the check.
+    when the target stopped waiting; a PendingConnect, a NamespaceHelper or
+    a PeerProbe answers it later.  A call whose pointers were followed never
+    continues: the kernel would reread memory that another thread may have
+    changed since the check.
+
+    `sock` is the daemon's duplicate of the target's socket while the call
+    holds it (Switcher.target_socket).  The call closes it just before its
+    answer, so that the target's own close() is always the last one (and
+    closes a connection itself, as natively); whoever answers later takes it
+    with hand_over().
     """
 
     __slots__ = ("filter", "notify_fd", "container", "id", "tid", "args", "fd", "ptr", "answered", "deferred",
-                 "read_memory", "args_in_memory", "installed", "retried")
+                 "read_memory", "args_in_memory", "installed", "retried", "sock")
 
     def __init__(self, seccomp_filter, notif_id, tid, args):
         self.filter, self.notify_fd, self.container = seccomp_filter, seccomp_filter.notify_fd, seccomp_filter.container
@@ -1402,6 +1410,7 @@ class Call:
         self.args_in_memory = False  # i386 socketcall: the kernel reads the arguments again
         self.installed = False       # a host socket is at the target's fd
         self.retried = False         # a dead process had it under way (Server.handle_anew)
+        self.sock = None             # SharedSocket: the daemon's duplicate of the target's socket
 
     def set_args(self, args):
         """The syscall's six arguments; `fd`, the first as the int the target passed, with them."""
@@ -1409,10 +1418,17 @@ class Call:
         fd = args[0] & 0xFFFFFFFF
         self.fd = fd - (1 << 32) if fd & 0x80000000 else fd
 
+    def hand_over(self):
+        """The call's socket, now the caller's to close (it answers the call, or has it answered)."""
+        sock, self.sock = self.sock, None
+        return sock
+
     def _answer(self, val, error, flags):
         if self.answered:
             raise AnswerError("notification %#x answered twice" % self.id)
         self.answered = True
+        if self.sock is not None:
+            self.hand_over().close()
         notif_send(self.notify_fd, self.id, val, error, flags)
 
     def reply(self, val=0):
@@ -1448,68 +1464,164 @@ class Call:
     def abandon(self):
         """The target stopped waiting (interrupted, or gone): there is nobody to answer."""
         self.answered = True
+        if self.sock is not None:
+            self.hand_over().close()
 
 
-# Another served container's published port (--handle-c2c-connections): its host side
-# (host_ip None: the host's loopback), and whose it is (a process of it: pid).
-PeerRoute = collections.namedtuple("PeerRoute", "host_ip host_port cid pid")
+# ---------------------------------------------------------------------------
+# The Switcher's parts: the target, host sockets, connects under way, routes
+# ---------------------------------------------------------------------------
 
+class TargetAccess:
+    """What the daemon reads of a call's target: its thread (a pidfd, kept while the thread
+    lives), its fds and their flags, its memory.
 
-class PeerProbe:
-    """A connect to a peer (--handle-c2c-connections) waiting for the policy check: the peer's
-    NamespaceHelper listens at the peer's address and port in the peer's network (a stand-in:
-    the peer's own server listens on the host), then the caller's connects there from the
-    caller's network.  `sock`, the daemon's duplicate of the caller's socket, is kept till
-    the call is answered; the call has a pending slot in the Inflight row meanwhile.
+    `events` is the loop's Events, where kept threads' pidfds are watched.
     """
 
-    __slots__ = ("switcher", "call", "sock", "raw", "dest", "peer", "stand_in", "slot")
+    THREADS_KEPT = 1024     # ThreadHandles at most, each 1 + up to FDINFO_FILES fds...
+    FD_SHARE = 16           # ...and at most 1/16 of the fd limit's worth of them
 
-    def __init__(self, switcher, call, sock, raw, dest, peer):
-        self.switcher, self.call, self.sock = switcher, call, sock
-        self.raw, self.dest, self.peer = raw, dest, peer
-        self.stand_in = None
-        self.slot = 0
+    def __init__(self, events):
+        self.events = events
+        self.threads = {}           # tid -> ThreadHandle, while the thread lives (the oldest evicted)
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.threads_kept = min(self.THREADS_KEPT, max(16, fd_limit // self.FD_SHARE))
+        self.pidfd_flags = PIDFD_THREAD
+        self.memory = MemoryReader()
 
-    def start(self):
-        call = self.call
-        self.slot = self.switcher.inflight.add_pending(call.filter.key, call.id)
-        call.deferred = True
+    def fd(self, tid, fd):
+        """pidfd_getfd of the target's `fd`, through the thread's kept pidfd if any."""
+        thread = self.threads.get(tid)
+        if thread is not None:
+            try:
+                return pidfd_getfd(thread.pidfd, fd)
+            except ProcessLookupError:
+                self.forget_thread(tid)  # that thread exited; `tid` is another one's now
+        thread = self.open_thread(tid)
         try:
-            self.stand_in = self.switcher.peer_helper(self.peer)
-            self.stand_in.ask(NamespaceHelper.STAND_IN, self.raw, self.stood_in)
+            return pidfd_getfd(thread.pidfd, fd)
+        finally:
+            if tid not in self.threads:
+                thread.close()
+
+    def open_thread(self, tid):
+        """A ThreadHandle for `tid`, kept until the thread exits where the kernel allows."""
+        if self.pidfd_flags:
+            try:
+                pidfd = os.pidfd_open(tid, self.pidfd_flags)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.pidfd_flags = 0  # kernel < 6.9: no thread pidfds
+            else:
+                if len(self.threads) >= self.threads_kept:
+                    self.forget_thread(next(iter(self.threads)))  # the longest kept
+                thread = self.threads[tid] = ThreadHandle(tid, pidfd)
+                self.events.watch(pidfd, select.EPOLLIN, lambda _events: self.forget_thread(tid))
+                return thread
+        try:
+            return ThreadHandle(tid, os.pidfd_open(tid))  # only a thread-group leader has one
         except OSError as e:
-            self.give_up(e)
+            if e.errno != errno.EINVAL:
+                raise
+        return ThreadHandle(tid, os.pidfd_open(thread_group_id(tid)))
 
-    def stood_in(self, result):
-        # EADDRINUSE: the peer listens there itself, in its network.
-        if result not in (0, -errno.EADDRINUSE):
-            self.give_up("no stand-in: %s" % os.strerror(-result))
-            return
+    def forget_thread(self, tid):
+        thread = self.threads.pop(tid, None)
+        if thread is not None:
+            self.events.unwatch(thread.pidfd)
+            thread.close()
+
+    def fd_flags(self, call):
+        """The file flags of the target's fd, O_CLOEXEC included (only /proc tells that one)."""
+        thread = self.threads.get(call.tid)
+        if thread is not None:
+            return thread.fd_flags(call.fd)
+        with open("/proc/%d/fdinfo/%d" % (call.tid, call.fd), "rb") as f:
+            return parse_fdinfo_flags(f.read())
+
+    def namespaces(self, tid):
+        """The inodes of thread `tid`'s NAMESPACES."""
+        thread = self.threads.get(tid)
+        return namespace_inodes(tid) if thread is None else thread.namespace_inodes()
+
+    def read(self, call, address, length):
+        """`length` bytes of the target's memory at `address`; from now on the call never continues."""
+        call.read_memory = True
+        return self.memory.read(call.tid, address, length)
+
+    def read_sockaddr(self, call, addr_arg, len_arg):
+        """The sockaddr the call names, or None once the call is failed (EINVAL, EFAULT)."""
+        length = call.args[len_arg] & 0xFFFFFFFF
+        if length > MAX_SOCKADDR:
+            call.fail(errno.EINVAL)
+            return None
         try:
-            self.switcher.helper_for(self.call).ask(NamespaceHelper.PROBE, self.raw, self.probed)
+            return self.read(call, call.args[addr_arg], length)
         except OSError as e:
-            self.give_up(e)
+            call.fail(e.errno or errno.EFAULT)
+            return None
 
-    def probed(self, result):
-        self.call.container.remember_probe(self.dest, result == 0)
-        try:
-            self.stand_in.ask(NamespaceHelper.END_STAND_IN, self.raw, lambda _result: None)
-        except OSError:
-            pass
-        self.answer(result == 0)
+    def close(self):
+        for tid in list(self.threads):
+            self.forget_thread(tid)
 
-    def give_up(self, why):
-        log.error("container %s: cannot probe %s: %s", self.call.container.short_id,
-                  format_destination(self.dest), why)
-        self.answer(False)
 
-    def answer(self, reachable):
-        self.switcher.inflight.end_pending(self.slot)
-        if self.call.still_valid():
-            self.switcher.reach_peer(self.call, self.sock, self.raw, self.dest, self.peer, reachable)
+class HostSockets:
+    """Sockets in the host's network namespace for the containers: made like a container's
+    socket (its options carried where they differ from a fresh one's: Template), pinned to
+    the interface of their source address (HostInterfaces), installed at the target's fd."""
+
+    def __init__(self, events):
+        self.interfaces = HostInterfaces(events)  # where switched client sockets are pinned
+        self.templates = {}         # (family, type, proto) -> Template
+        self.own_netns = own_netns_id()
+
+    def is_host_socket(self, sock):
+        """Whether `sock` lives in the daemon's (the host's) network namespace: switched already."""
+        return in_netns(sock, self.own_netns)
+
+    def differences(self, sock, kind, proto):
+        """The options of `sock` that differ from a fresh socket's of its kind (Template)."""
+        key = (sock.family, kind, proto)
+        template = self.templates.get(key)
+        if template is None:
+            template = self.templates[key] = Template(*key)
+        return template.differences(sock)
+
+    def pin(self, host):
+        """SO_BINDTOIFINDEX: `host` (connected, or connecting) to the interface that holds the source
+        address its connect chose; NotSwitched, the connection aborted, where that is the loopback."""
+        source = host.getsockname()[0]
+        if host.family == socket.AF_INET:
+            packed = socket.inet_pton(socket.AF_INET, source)
         else:
-            self.sock.close()
+            packed = socket.inet_pton(socket.AF_INET6, source.split("%")[0])
+            if packed[:12] == _MAPPED_PREFIX:
+                packed = packed[12:]
+        index = self.interfaces.index_of(packed)
+        if index is None:
+            host.setsockopt(_SOL, socket.SO_LINGER, _LINGER.pack(1, 0))  # a reset, not a goodbye
+            raise NotSwitched("its host source address %s is on the loopback" % source)
+        host.setsockopt(_SOL, SO_BINDTOIFINDEX, index)
+
+    @staticmethod
+    def install(call, host, flags):
+        """ADDFD: `host` at the target's fd, close-on-exec as that fd was.  False when the target
+        is gone (the call is abandoned); NotSwitched when the kernel refuses (the fd is past the
+        target's RLIMIT_NOFILE, say): the socket then stays in the container."""
+        try:
+            if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
+                call.abandon()
+                return False
+        except OSError as e:
+            raise NotSwitched("ADDFD failed: %s" % e.strerror) from None
+        call.installed = True
+        return True
+
+    def close(self):
+        self.interfaces.close()
 
 
 class PendingConnect:
@@ -1530,37 +1642,208 @@ class PendingConnect:
         self.slot = 0                   # its Inflight slot (0: none)
 
 
-class Switcher:
-    """The handlers of the trapped syscalls, one per syscall, and what they share.
+class PendingConnects:
+    """The blocking connects under way (PendingConnect), each answered when it ends, never
+    blocking the loop; each has a pending slot in the Inflight row meanwhile."""
 
-    `events` is the loop's Events: the switcher watches thread pidfds and
-    pending connects there.
+    def __init__(self, events, inflight):
+        self.events, self.inflight = events, inflight
+        self.pending = set()
+
+    def __bool__(self):
+        return bool(self.pending)
+
+    def wait(self, call, sock, raw, host_socket):
+        """Answer the blocking connect under way on `sock` (taken over) when it ends."""
+        seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
+        pending = PendingConnect(call, sock, raw, host_socket)
+        pending.slot = self.inflight.add_pending(call.filter.key, call.id)
+        call.deferred = True
+        self.pending.add(pending)
+        self.events.watch(sock.fileno(), select.EPOLLOUT | select.EPOLLONESHOT,
+                          lambda _events: self.finish(pending))
+        if seconds or micros:
+            pending.timer = self.events.call_at(time.monotonic() + seconds + micros / 1e6,
+                                                lambda: self.finish(pending, timed_out=True))
+
+    def finish(self, pending, timed_out=False):
+        """The handshake ended (or SO_SNDTIMEO ran out): answer as the kernel's blocking connect would."""
+        if pending not in self.pending:
+            return
+        sock = self.forget(pending)
+        with sock:
+            fd = sock.fileno()
+            if timed_out:
+                result = -errno.EINPROGRESS  # as natively: the connect goes on
+            else:
+                # Connecting once more ends it as a blocking connect does (0 and
+                # connected, or the error), and waits for nothing: it is over.
+                result = sock_call(_libc.connect, fd, pending.raw, len(pending.raw))
+            if pending.host_socket:
+                os.set_blocking(fd, True)  # the target's flags from now on: its connect blocks
+        pending.call.result(result)
+
+    def forget(self, pending):
+        """Stop waiting for `pending`; returns its socket, now the caller's to close."""
+        self.pending.discard(pending)
+        self.inflight.end_pending(pending.slot)
+        self.events.unwatch(pending.sock.fileno())
+        if pending.timer is not None:
+            pending.timer.cancel()
+        return pending.sock
+
+    def sweep(self):
+        """Forget blocking connects whose caller was interrupted: the connect goes on, as natively."""
+        for pending in list(self.pending):
+            if not notif_id_valid(pending.call.notify_fd, pending.call.id):
+                self.forget(pending).close()
+
+    def forget_notify_fd(self, notify_fd):
+        """Forget the pending connects of a filter whose processes all exited."""
+        for pending in [p for p in self.pending if p.call.notify_fd == notify_fd]:
+            self.forget(pending).close()
+
+    def close(self):
+        for pending in list(self.pending):
+            self.forget(pending).close()
+            # As a signal would: the connection goes on (POSIX), no thread waits for this process.
+            pending.call.fail(errno.EINTR)
+
+
+# Another served container's published port (--handle-c2c-connections): its host side
+# (host_ip None: the host's loopback), and whose it is (a process of it: pid).
+PeerRoute = collections.namedtuple("PeerRoute", "host_ip host_port cid pid")
+
+
+class PeerRoutes:
+    """Where a connect may go other than its destination: --handle-c2c-connections' served
+    containers' published ports (PeerRoute), --multinode's other nodes' ((host IP, host
+    port)), both keyed (version, address, port); and the NamespaceHelpers that stand in for
+    peers during the policy check (PeerProbe).
+
+    `start_helper(pid, short id, on_end)` and `stop_helper(helper, error)` are the
+    Switcher's.
     """
 
-    THREADS_KEPT = 1024     # ThreadHandles at most, each 1 + up to FDINFO_FILES fds...
-    FD_SHARE = 16           # ...and at most 1/16 of the fd limit's worth of them
+    def __init__(self, start_helper, stop_helper):
+        self.start_helper, self.stop_helper = start_helper, stop_helper
+        self.peers = {}             # (version, address, port) -> PeerRoute
+        self.nodes = {}             # (version, address, port) -> (host IP, host port)
+        self.probe = True           # a peer is reached only where the caller's own network reaches it
+        self.helpers = {}           # peer container id -> its NamespaceHelper, for stand-ins
+
+    def __bool__(self):
+        return bool(self.peers or self.nodes)
+
+    def set(self, rows, probe, nodes):
+        """The daemon's Routes.peer_rows(), whether a peer is probed for first, and the other
+        nodes' multinode_routes() rows."""
+        self.nodes = {(version, address, port): (ipaddress.ip_address(host_ip), host_port)
+                      for version, address, port, host_ip, host_port in nodes}
+        self.peers = {(version, address, port): PeerRoute(None if host_ip is None else ipaddress.ip_address(host_ip),
+                                                          host_port, cid, pid)
+                      for version, address, port, host_ip, host_port, cid, pid in rows}
+        self.probe = probe
+        for cid in set(self.helpers) - {peer.cid for peer in self.peers.values()}:
+            self.end_helper(cid)
+
+    def helper(self, peer):
+        """A NamespaceHelper in the namespaces of `peer`'s container."""
+        helper = self.helpers.get(peer.cid)
+        if helper is None:
+            helper = self.helpers[peer.cid] = self.start_helper(peer.pid, peer.cid[:12],
+                                                                lambda: self.end_helper(peer.cid))
+        return helper
+
+    def end_helper(self, cid):
+        self.stop_helper(self.helpers.pop(cid), errno.EIO)
+
+    def close(self):
+        for cid in list(self.helpers):
+            self.end_helper(cid)
+
+
+class PeerProbe:
+    """A connect to a peer (--handle-c2c-connections) waiting for the policy check: the peer's
+    NamespaceHelper listens at the peer's address and port in the peer's network (a stand-in:
+    the peer's own server listens on the host), then the caller's connects there from the
+    caller's network.  The call keeps its socket till it is answered, and has a pending slot
+    in the Inflight row meanwhile; `done(reachable)` goes on with it, if it is still valid.
+    """
+
+    __slots__ = ("call", "raw", "dest", "inflight", "done", "stand_in", "prober", "slot")
+
+    def __init__(self, call, raw, dest, inflight, done):
+        self.call, self.raw, self.dest, self.inflight, self.done = call, raw, dest, inflight, done
+        self.stand_in = self.prober = None
+        self.slot = 0
+
+    def start(self, stand_in, prober):
+        """stand_in(), prober(): the peer's and the caller's NamespaceHelper (OSError: none)."""
+        call = self.call
+        self.slot = self.inflight.add_pending(call.filter.key, call.id)
+        call.deferred = True
+        self.prober = prober
+        try:
+            self.stand_in = stand_in()
+            self.stand_in.ask(NamespaceHelper.STAND_IN, self.raw, self.stood_in)
+        except OSError as e:
+            self.give_up(e)
+
+    def stood_in(self, result):
+        # EADDRINUSE: the peer listens there itself, in its network.
+        if result not in (0, -errno.EADDRINUSE):
+            self.give_up("no stand-in: %s" % os.strerror(-result))
+            return
+        try:
+            self.prober().ask(NamespaceHelper.PROBE, self.raw, self.probed)
+        except OSError as e:
+            self.give_up(e)
+
+    def probed(self, result):
+        self.call.container.remember_probe(self.dest, result == 0)
+        try:
+            self.stand_in.ask(NamespaceHelper.END_STAND_IN, self.raw, lambda _result: None)
+        except OSError:
+            pass
+        self.answer(result == 0)
+
+    def give_up(self, why):
+        log.error("container %s: cannot probe %s: %s", self.call.container.short_id,
+                  format_destination(self.dest), why)
+        self.answer(False)
+
+    def answer(self, reachable):
+        self.inflight.end_pending(self.slot)
+        if self.call.still_valid():
+            self.done(reachable)
+
+
+# ---------------------------------------------------------------------------
+# The Switcher: one handler per trapped syscall
+# ---------------------------------------------------------------------------
+
+class Switcher:
+    """The handlers of the trapped syscalls, one per syscall, and the parts they share: the
+    target (TargetAccess), host sockets (HostSockets), blocking connects under way
+    (PendingConnects), routes to peers and other nodes (PeerRoutes), and the containers'
+    NamespaceHelpers.
+
+    `events` is the loop's Events, where the parts watch what they wait for.
+    """
 
     def __init__(self, events, base, ports, inflight, debug=False):
         self.events = events
         self.base = base            # Settings: the daemon's flags, to which a container's add
         self.ports = ports          # Reservations, or a worker's ParentChannel: lend(), end_loan()
-        self.interfaces = HostInterfaces(events)  # where switched client sockets are pinned
         self.debug = debug
-        self.threads = {}           # tid -> ThreadHandle, while the thread lives (the oldest evicted)
-        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.threads_kept = min(self.THREADS_KEPT, max(16, fd_limit // self.FD_SHARE))
-        self.pending = set()        # PendingConnect
-        self.templates = {}         # (family, type, proto) -> Template
-        self.pidfd_flags = PIDFD_THREAD
-        self.own_netns = own_netns_id()
-        self.own_namespaces = namespace_inodes("self")
-        self.peers = {}             # (version, address, port) -> PeerRoute: --handle-c2c-connections'
-        self.peer_helpers = {}      # peer container id -> its NamespaceHelper, for stand-ins
-        self.nodes = {}             # (version, address, port) -> (host IP, host port): --multinode's
-        self.probe_peers = True     # a peer is reached only where the caller's own network reaches it
-        self.memory = MemoryReader()
-        self.limit = LogLimit()
         self.inflight = inflight    # Inflight: what the daemon answers for if this process dies
+        self.targets = TargetAccess(events)
+        self.hosts = HostSockets(events)
+        self.pending = PendingConnects(events, inflight)
+        self.routes = PeerRoutes(self.start_helper, self.stop_helper)
+        self.own_namespaces = namespace_inodes("self")
+        self.limit = LogLimit()
         handlers = {name: types.MethodType(handler, self) for name, handler in self.HANDLERS.items()}
         self.dispatch = {}          # (arch, nr) -> (bound handler, pointer size)
         for arch, (numbers, ptr) in SYSCALL_NUMBERS.items():
@@ -1613,7 +1896,7 @@ class Switcher:
             return None
         name, count = name_count
         try:
-            raw = self.memory.read(call.tid, call.args[1], 4 * count)
+            raw = self.targets.memory.read(call.tid, call.args[1], 4 * count)
         except OSError as e:
             call.fail(e.errno or errno.EFAULT)
             return None
@@ -1638,60 +1921,40 @@ class Switcher:
             return
         call.let_run()
 
-    def read(self, call, address, length):
-        """`length` bytes of the target's memory at `address`; from now on the call never continues."""
-        call.read_memory = True
-        return self.memory.read(call.tid, address, length)
-
-    def read_sockaddr(self, call, addr_arg, len_arg):
-        """The sockaddr the call names, or None once the call is failed (EINVAL, EFAULT)."""
-        length = call.args[len_arg] & 0xFFFFFFFF
-        if length > MAX_SOCKADDR:
-            call.fail(errno.EINVAL)
-            return None
-        try:
-            return self.read(call, call.args[addr_arg], length)
-        except OSError as e:
-            call.fail(e.errno or errno.EFAULT)
-            return None
-
-    def is_host_socket(self, sock):
-        """Whether `sock` lives in the daemon's (the host's) network namespace: switched already."""
-        return in_netns(sock, self.own_netns)
-
     def target_socket(self, call, op):
-        """A socket object on the daemon's duplicate of the target's fd if that is an IP socket.
+        """Whether the target's fd is an IP socket, the call then holding the daemon's duplicate
+        of it (call.sock).
 
-        Anything else is answered here, and None returned: an fd that is not
-        open gets EBADF and one that is not a socket ENOTSOCK, as from the
-        kernel; a socket of another family goes to other_family().  The
-        family comes from the getsockname() Python makes anyway to check the
-        fd; the object's type and proto are placeholders, so that Python asks
-        the kernel for nothing more.
+        Anything else is answered here: an fd that is not open gets EBADF and
+        one that is not a socket ENOTSOCK, as from the kernel; a socket of
+        another family goes to other_family().  The family comes from the
+        getsockname() Python makes anyway to check the fd; the object's type
+        and proto are placeholders, so that Python asks the kernel for
+        nothing more.
         """
         try:
-            dup = self.target_fd(call.tid, call.fd)
+            dup = self.targets.fd(call.tid, call.fd)
         except OSError as e:
             if e.errno == errno.EBADF:
                 call.fail(errno.EBADF)
-                return None
+                return False
             if out_of_fds(e):
                 self.note_out_of_fds(call, e)
             # The thread is gone, or the daemon is out of fds: never CONTINUE.
             call.fail(errno.ENOBUFS if out_of_fds(e) else e.errno or errno.EIO)
-            return None
+            return False
         try:
-            sock = SharedSocket(-1, socket.SOCK_STREAM, 0, dup)
+            call.sock = SharedSocket(-1, socket.SOCK_STREAM, 0, dup)
         except OSError as e:  # ENOTSOCK: Python leaves the fd to us
             os.close(dup)
             call.fail(e.errno or errno.ENOTSOCK)
-            return None
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            return sock
-        self.other_family(call, sock, op)
-        return None
+            return False
+        if call.sock.family in (socket.AF_INET, socket.AF_INET6):
+            return True
+        self.other_family(call, op)
+        return False
 
-    def other_family(self, call, sock, op):
+    def other_family(self, call, op):
         """connect, bind or listen on a socket neither IPv4 nor IPv6 (unix, netlink...), which
         stays the container's.
 
@@ -1709,24 +1972,21 @@ class Switcher:
         of a port id would take the caller's pid from.
 
         With --no-fd-swap-guard, the kernel runs them all (CONTINUE): about
-        five times faster here, and the race open again (README: swapping
+        four times faster here, and the race open again (README: swapping
         the fd).
         """
         if not call.container.settings.swap_guard:
-            sock.close()
             call.let_run()
             return
         raw = None
-        if op == BIND and sock.family == socket.AF_NETLINK:
-            raw = self.read_sockaddr(call, 1, 2)
+        if op == BIND and call.sock.family == socket.AF_NETLINK:
+            raw = self.targets.read_sockaddr(call, 1, 2)
             if raw is None or not call.still_valid():
-                sock.close()
                 return
             if len(raw) >= _SOCKADDR_NL.size and _SOCKADDR_NL.unpack_from(raw)[2] == 0:
-                with sock:
-                    call.result(sock_call(_libc.bind, sock.fileno(), raw, len(raw)))
+                call.result(sock_call(_libc.bind, call.sock.fileno(), raw, len(raw)))
                 return
-        self.delegate(call, sock, op, raw)
+        self.delegate(call, op, raw)
 
     def note_out_of_fds(self, call, error):
         """The daemon could not take an fd: the call fails (ENOBUFS) or stays in the container's
@@ -1735,15 +1995,16 @@ class Switcher:
         self.limit.log(logging.ERROR, "container %s: the daemon is out of file descriptors (%s): a call failed "
                        "with ENOBUFS or stayed in the container's network", call.container.short_id, error.strerror)
 
-    def host_twin(self, call, family, kind, proto):
-        """(the target fd's file flags, a new socket in the host's namespace) for a switch.
+    def host_twin(self, call, kind, proto):
+        """(the target fd's file flags, a new socket in the host's namespace of call.sock's
+        family) for a switch.
 
         None once the call is failed with EBADF: another thread closed the
         fd, as the kernel would answer.  NotSwitched when the daemon is out
         of fds or the host makes no such socket.
         """
         try:
-            flags = self.fd_flags(call)
+            flags = self.targets.fd_flags(call)
         except OSError as e:
             if out_of_fds(e):
                 self.note_out_of_fds(call, e)
@@ -1751,69 +2012,11 @@ class Switcher:
             call.fail(errno.EBADF)
             return None
         try:
-            return flags, SharedSocket(family, kind, proto)
+            return flags, SharedSocket(call.sock.family, kind, proto)
         except OSError as e:
             if out_of_fds(e):
                 self.note_out_of_fds(call, e)
             raise NotSwitched("no host socket: %s" % e.strerror) from None
-
-    def target_fd(self, tid, fd):
-        """pidfd_getfd of the target's `fd`, through the thread's cached pidfd if any."""
-        thread = self.threads.get(tid)
-        if thread is not None:
-            try:
-                return pidfd_getfd(thread.pidfd, fd)
-            except ProcessLookupError:
-                self.forget_thread(tid)  # that thread exited; `tid` is another one's now
-        thread = self.open_thread(tid)
-        try:
-            return pidfd_getfd(thread.pidfd, fd)
-        finally:
-            if tid not in self.threads:
-                thread.close()
-
-    def open_thread(self, tid):
-        """A ThreadHandle for `tid`, cached until the thread exits where the kernel allows."""
-        if self.pidfd_flags:
-            try:
-                pidfd = os.pidfd_open(tid, self.pidfd_flags)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.pidfd_flags = 0  # kernel < 6.9: no thread pidfds
-            else:
-                if len(self.threads) >= self.threads_kept:
-                    self.forget_thread(next(iter(self.threads)))  # the longest kept
-                thread = self.threads[tid] = ThreadHandle(tid, pidfd)
-                self.events.watch(pidfd, select.EPOLLIN, lambda _events: self.forget_thread(tid))
-                return thread
-        try:
-            return ThreadHandle(tid, os.pidfd_open(tid))  # only a thread-group leader has one
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-        return ThreadHandle(tid, os.pidfd_open(thread_group_id(tid)))
-
-    def forget_thread(self, tid):
-        thread = self.threads.pop(tid, None)
-        if thread is not None:
-            self.events.unwatch(thread.pidfd)
-            thread.close()
-
-    def fd_flags(self, call):
-        """The file flags of the target's fd, O_CLOEXEC included (only /proc tells that one)."""
-        thread = self.threads.get(call.tid)
-        if thread is not None:
-            return thread.fd_flags(call.fd)
-        with open("/proc/%d/fdinfo/%d" % (call.tid, call.fd), "rb") as f:
-            return parse_fdinfo_flags(f.read())
-
-    def template(self, family, kind, proto):
-        key = (family, kind, proto)
-        template = self.templates.get(key)
-        if template is None:
-            template = self.templates[key] = Template(family, kind, proto)
-        return template
 
     def judge(self, call, dest):
         """(reason, network) why `dest` stays in the container, or (None, None) to bypass it."""
@@ -1821,12 +2024,21 @@ class Switcher:
             return NOT_IP, None
         settings = call.container.settings
         return destination_reason(dest, settings.networks,
-                                  call.container.auto_networks(call.tid, self.interfaces.is_host_address)
+                                  call.container.auto_networks(call.tid, self.hosts.interfaces.is_host_address)
                                   if settings.auto else ())
 
     def debug_decision(self, call, what, dest, outcome):
         log.debug("container %s pid %d fd %d %s %s: %s", call.container.short_id, call.tid, call.fd, what,
                   format_destination(dest), outcome)
+
+    def close(self, containers):
+        """End what the parts hold: helpers, connects under way (EINTR), threads, interfaces."""
+        for container in containers:
+            self.end_helpers(container, errno.EINTR)  # first: a probe's call may connect, and wait
+        self.routes.close()
+        self.pending.close()
+        self.targets.close()
+        self.hosts.close()
 
     # -- connect -----------------------------------------------------------
 
@@ -1836,67 +2048,62 @@ class Switcher:
         The sockaddr is read once, checked, and used by the daemon's own
         connect: never CONTINUE after reading it.
         """
-        sock = self.target_socket(call, CONNECT)
-        if sock is None:
+        if not self.target_socket(call, CONNECT):
             return
-        try:
-            raw = self.read_sockaddr(call, 1, 2)
-            if raw is None or not call.still_valid():
+        raw = self.targets.read_sockaddr(call, 1, 2)
+        if raw is None or not call.still_valid():
+            return
+        dest = parse_sockaddr(raw)
+        routes = self.routes
+        if routes.peers or routes.nodes:
+            node = routes.nodes.get(dest)
+            if node is not None:
+                self.reach_host_side(call, raw, dest, node[0], node[1], "another node's published port")
                 return
-            dest = parse_sockaddr(raw)
-            if self.peers or self.nodes:
-                node = self.nodes.get(dest)
-                if node is not None:
-                    self.reach_host_side(call, sock, raw, dest, node[0], node[1], "another node's published port")
-                    sock = None
-                    return
-                peer = self.peers.get(dest)
-                if peer is not None and peer.cid != call.container.id:
-                    self.connect_to_peer(call, sock, raw, dest, peer)
-                    sock = None
-                    return
-            reason, network = self.judge(call, dest)
-            kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-            own_service = False
-            if reason is LOOPBACK:
-                rewritten = self.own_published_service(call.container.settings, sock.family, kind, dest)
-                if rewritten is not None:
-                    raw, dest = rewritten
-                    reason, own_service = None, True
-            if self.is_host_socket(sock):
-                # Switched already: it can only go where the host goes, and
-                # only with the address validated here.
-                if reason is not None and dest is not None:
-                    call.container.counters[COUNT_REFUSED] += 1
-                    if self.debug:
-                        self.debug_decision(call, "connect", dest, "refused: switched (%s)"
-                                            % describe_reason(reason, network))
-                    call.fail(errno.ENETUNREACH)
-                    return
-                outcome = "switched already"
-            elif reason is None:
-                outcome = self.bypass_connect(call, sock, kind, raw, dest, own_service)
-                if outcome is None:
-                    return
-                call.container.counters[COUNT_CONTAINER] += 1
-            else:
-                call.container.counters[COUNT_CONTAINER] += 1
-                outcome = "container (%s)" % describe_reason(reason, network)
-            if self.debug:
-                self.debug_decision(call, "connect", dest, outcome)
-            self.connect_in_place(call, sock, raw, kind)
-            sock = None
-        finally:
-            if sock is not None:
-                sock.close()
+            peer = routes.peers.get(dest)
+            if peer is not None and peer.cid != call.container.id:
+                self.connect_to_peer(call, raw, dest, peer)
+                return
+        reason, network = self.judge(call, dest)
+        sock = call.sock
+        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
+        own_service = False
+        if reason is LOOPBACK:
+            rewritten = self.own_published_service(call.container.settings, sock.family, kind, dest)
+            if rewritten is not None:
+                raw, dest = rewritten
+                reason, own_service = None, True
+        if self.hosts.is_host_socket(sock):
+            # Switched already: it can only go where the host goes, and
+            # only with the address validated here.
+            if reason is not None and dest is not None:
+                call.container.counters[COUNT_REFUSED] += 1
+                if self.debug:
+                    self.debug_decision(call, "connect", dest, "refused: switched (%s)"
+                                        % describe_reason(reason, network))
+                call.fail(errno.ENETUNREACH)
+                return
+            outcome = "switched already"
+        elif reason is None:
+            outcome = self.bypass_connect(call, kind, raw, dest, own_service)
+            if outcome is None:
+                return
+            call.container.counters[COUNT_CONTAINER] += 1
+        else:
+            call.container.counters[COUNT_CONTAINER] += 1
+            outcome = "container (%s)" % describe_reason(reason, network)
+        if self.debug:
+            self.debug_decision(call, "connect", dest, outcome)
+        self.connect_in_place(call, raw, kind)
 
-    def bypass_connect(self, call, sock, kind, raw, dest, own_service):
-        """Connect a host socket for the call and install it; None once answered, else why it stays."""
-        proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
+    def bypass_connect(self, call, kind, raw, dest, own_service):
+        """Connect a host socket to `raw` for the call and install it; None once answered, else
+        why the socket stays."""
+        proto = call.sock.getsockopt(_SOL, socket.SO_PROTOCOL)
         if (kind, proto) not in _BYPASSABLE:
             return "container (not TCP or UDP)"
         try:
-            result = self.switch(call, sock, kind, proto, raw, own_service)
+            result = self.switch(call, kind, proto, raw, own_service)
         except NotSwitched as why:
             return "container (%s)" % why
         if self.debug and result is not None:
@@ -1918,8 +2125,9 @@ class Switcher:
         raw = encode_sockaddr(family, host_ip, mapping.host_port)
         return None if raw is None else (raw, parse_sockaddr(raw))
 
-    def switch(self, call, sock, kind, proto, raw, own_service):
-        """Connect a new host socket like `sock` to `raw`, pin it, and install it at the target's fd.
+    def switch(self, call, kind, proto, raw, own_service):
+        """Connect a new host socket like call.sock to `raw`, pin it, and install it at the
+        target's fd.
 
         The call is answered here: the connect's result, which is the
         destination's own answer when it fails at once (nothing is
@@ -1934,19 +2142,19 @@ class Switcher:
         without a trapped call.  Raises NotSwitched when the socket must stay
         in the container.
         """
-        family = sock.family
+        sock, hosts = call.sock, self.hosts
         dest = parse_sockaddr(raw)
         packed = dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")
         pin = not (own_service and is_loopback_address(packed))
         if not pin and kind != socket.SOCK_STREAM:
             raise NotSwitched("a UDP socket on the host's loopback could send anywhere there")
-        if pin and self.interfaces.on_loopback(packed):
+        if pin and hosts.interfaces.on_loopback(packed):
             raise NotSwitched("an address of the host's loopback interface")
         bound_ip, bound_port = sock.getsockname()[:2]
         if bound_ip not in ("0.0.0.0", "::"):
             raise NotSwitched("bound to a container address")
-        diffs = self.template(family, kind, proto).differences(sock)
-        twin = self.host_twin(call, family, kind | socket.SOCK_NONBLOCK, proto)
+        diffs = hosts.differences(sock, kind, proto)
+        twin = self.host_twin(call, kind | socket.SOCK_NONBLOCK, proto)
         if twin is None:
             return None
         flags, host = twin
@@ -1963,20 +2171,20 @@ class Switcher:
                 call.result(result)  # the destination's answer, as the host's kernel gives it
                 return result
             if pin:
-                self.pin(host)
+                hosts.pin(host)
             nonblocking = bool(flags & os.O_NONBLOCK)
             if result == 0 and not nonblocking:
                 host.setblocking(True)
-            if not self.install(call, host, flags):
+            if not hosts.install(call, host, flags):
                 return None
             call.container.counters[COUNT_BYPASSED] += 1  # before the answer: its container may be gone after
-            # Our references to the replaced socket and to the host one go
-            # before the answer, so that the target's close() is the last one
-            # and closes the connection itself, as natively (and on its CPU).
-            sock.close_unconnected()
+            # The replaced socket never got a connection: its close waits for nothing.
+            call.hand_over().close_unconnected()
             if result == -errno.EINPROGRESS and not nonblocking:
-                self.wait_for_connect(call, host, raw, host_socket=True)
+                self.pending.wait(call, host, raw, host_socket=True)
             else:
+                # Our reference to the host socket goes before the answer too, so
+                # that the target's close() is the last one, as natively.
                 host.close()
                 call.result(result)
             host = None
@@ -1985,172 +2193,65 @@ class Switcher:
             if host is not None:
                 host.close()
 
-    def pin(self, host):
-        """SO_BINDTOIFINDEX: `host` (connected, or connecting) to the interface that holds the source
-        address its connect chose; NotSwitched, the connection aborted, where that is the loopback."""
-        source = host.getsockname()[0]
-        if host.family == socket.AF_INET:
-            packed = socket.inet_pton(socket.AF_INET, source)
-        else:
-            packed = socket.inet_pton(socket.AF_INET6, source.split("%")[0])
-            if packed[:12] == _MAPPED_PREFIX:
-                packed = packed[12:]
-        index = self.interfaces.index_of(packed)
-        if index is None:
-            host.setsockopt(_SOL, socket.SO_LINGER, _LINGER.pack(1, 0))  # a reset, not a goodbye
-            raise NotSwitched("its host source address %s is on the loopback" % source)
-        host.setsockopt(_SOL, SO_BINDTOIFINDEX, index)
-
-    def install(self, call, host, flags):
-        """ADDFD: `host` at the target's fd, close-on-exec as that fd was.  False when the target
-        is gone (the call is abandoned); NotSwitched when the kernel refuses (the fd is past the
-        target's RLIMIT_NOFILE, say): the socket then stays in the container."""
-        try:
-            if not notif_addfd(call.notify_fd, call.id, host.fileno(), call.fd, flags & O_CLOEXEC):
-                call.abandon()
-                return False
-        except OSError as e:
-            raise NotSwitched("ADDFD failed: %s" % e.strerror) from None
-        call.installed = True
-        return True
-
-    def connect_in_place(self, call, sock, raw, kind=socket.SOCK_STREAM):
-        """Connect the target's own socket (our duplicate `sock`, taken over) to the validated `raw`.
+    def connect_in_place(self, call, raw, kind=socket.SOCK_STREAM):
+        """Connect the target's own socket (call.sock) to the validated `raw`, and answer.
 
         A datagram socket's connect only records the address, so its O_NONBLOCK
         is not read (nor switched off and on): a resolver's lookup connects one.
         """
-        fd = sock.fileno()
-        try:
-            blocking = kind != socket.SOCK_DGRAM and os.get_blocking(fd)
-            if blocking:
-                os.set_blocking(fd, False)  # the file is shared with the target: restored below
-                try:
-                    result = start_connect(fd, raw)
-                finally:
-                    os.set_blocking(fd, True)
-            else:
+        fd = call.sock.fileno()
+        blocking = kind != socket.SOCK_DGRAM and os.get_blocking(fd)
+        if blocking:
+            os.set_blocking(fd, False)  # the file is shared with the target: restored below
+            try:
                 result = start_connect(fd, raw)
-            if call.retried:
-                # The dead process's connect got there first: its outcome is this call's.
-                result = {-errno.EISCONN: 0, -errno.EALREADY: -errno.EINPROGRESS}.get(result, result)
-            if result == -errno.EINPROGRESS and blocking:
-                self.wait_for_connect(call, sock, raw, host_socket=False)
-            else:
-                sock.close()  # before the answer: the target's close() must be the last one
-                call.result(result)
-            sock = None
-        finally:
-            if sock is not None:
-                sock.close()
-
-    def wait_for_connect(self, call, sock, raw, host_socket):
-        """Answer a blocking connect under way on `sock` (taken over) when it ends, never blocking the loop."""
-        seconds, micros = _TIMEVAL.unpack(sock.getsockopt(_SOL, socket.SO_SNDTIMEO, 16))
-        pending = PendingConnect(call, sock, raw, host_socket)
-        pending.slot = self.inflight.add_pending(call.filter.key, call.id)
-        call.deferred = True
-        self.pending.add(pending)
-        self.events.watch(sock.fileno(), select.EPOLLOUT | select.EPOLLONESHOT,
-                          lambda _events: self.finish_connect(pending))
-        if seconds or micros:
-            pending.timer = self.events.call_at(time.monotonic() + seconds + micros / 1e6,
-                                                lambda: self.finish_connect(pending, timed_out=True))
-
-    def finish_connect(self, pending, timed_out=False):
-        """The handshake ended (or SO_SNDTIMEO ran out): answer as the kernel's blocking connect would."""
-        if pending not in self.pending:
-            return
-        sock = self.forget_pending(pending)
-        with sock:
-            fd = sock.fileno()
-            if timed_out:
-                result = -errno.EINPROGRESS  # as natively: the connect goes on
-            else:
-                # Connecting once more ends it as a blocking connect does (0 and
-                # connected, or the error), and waits for nothing: it is over.
-                result = sock_call(_libc.connect, fd, pending.raw, len(pending.raw))
-            if pending.host_socket:
-                os.set_blocking(fd, True)  # the target's flags from now on: its connect blocks
-        pending.call.result(result)
-
-    def forget_pending(self, pending):
-        """Stop waiting for `pending`; returns its socket, now the caller's to close."""
-        self.pending.discard(pending)
-        self.inflight.end_pending(pending.slot)
-        self.events.unwatch(pending.sock.fileno())
-        if pending.timer is not None:
-            pending.timer.cancel()
-        return pending.sock
-
-    def sweep_pending(self):
-        """Forget blocking connects whose caller was interrupted: the connect goes on, as natively."""
-        for pending in list(self.pending):
-            if not notif_id_valid(pending.call.notify_fd, pending.call.id):
-                self.forget_pending(pending).close()
-
-    def forget_notify_fd(self, notify_fd):
-        """Forget the pending connects of a filter whose processes all exited."""
-        for pending in [p for p in self.pending if p.call.notify_fd == notify_fd]:
-            self.forget_pending(pending).close()
+            finally:
+                os.set_blocking(fd, True)
+        else:
+            result = start_connect(fd, raw)
+        if call.retried:
+            # The dead process's connect got there first: its outcome is this call's.
+            result = {-errno.EISCONN: 0, -errno.EALREADY: -errno.EINPROGRESS}.get(result, result)
+        if result == -errno.EINPROGRESS and blocking:
+            self.pending.wait(call, call.hand_over(), raw, host_socket=False)
+        else:
+            call.result(result)
 
     # -- another container's published port (--handle-c2c-connections) -----
 
     def set_peers(self, rows, probe, nodes):
-        """The daemon's Routes.peer_rows(), whether a peer is probed for first, and the other
-        nodes' multinode_routes() rows."""
-        self.nodes = {(version, address, port): (ipaddress.ip_address(host_ip), host_port)
-                      for version, address, port, host_ip, host_port in nodes}
-        self.peers = {(version, address, port): PeerRoute(None if host_ip is None else ipaddress.ip_address(host_ip),
-                                                          host_port, cid, pid)
-                      for version, address, port, host_ip, host_port, cid, pid in rows}
-        self.probe_peers = probe
-        for cid in set(self.peer_helpers) - {peer.cid for peer in self.peers.values()}:
-            self.end_peer_helper(cid)
+        self.routes.set(rows, probe, nodes)
 
-    def connect_to_peer(self, call, sock, raw, dest, peer):
+    def connect_to_peer(self, call, raw, dest, peer):
         """A connect to a served container's address and published port goes to the port's host
         side, where the caller's own network reaches that container too (asked once in a while:
         Container.probed)."""
-        if not self.probe_peers:
-            self.reach_peer(call, sock, raw, dest, peer, True)
-            return
-        container = call.container
-        reachable = container.probed(dest)
+        reachable = call.container.probed(dest) if self.routes.probe else True
         if reachable is not None:
-            self.reach_peer(call, sock, raw, dest, peer, reachable)
+            self.reach_peer(call, raw, dest, peer, reachable)
             return
-        PeerProbe(self, call, sock, raw, dest, peer).start()
+        probe = PeerProbe(call, raw, dest, self.inflight,
+                          lambda reachable: self.reach_peer(call, raw, dest, peer, reachable))
+        probe.start(lambda: self.routes.helper(peer), lambda: self.helper_for(call))
 
-    def peer_helper(self, peer):
-        """A NamespaceHelper in the namespaces of `peer`'s container."""
-        helper = self.peer_helpers.get(peer.cid)
-        if helper is None:
-            helper = self.peer_helpers[peer.cid] = self.start_helper(peer.pid, peer.cid[:12],
-                                                                     lambda: self.end_peer_helper(peer.cid))
-        return helper
-
-    def end_peer_helper(self, cid):
-        self.stop_helper(self.peer_helpers.pop(cid), errno.EIO)
-
-    def reach_peer(self, call, sock, raw, dest, peer, reachable):
-        """Connect to the peer's host side if `reachable` (sock taken over), else where the
-        caller is: its own network answers as it would without the daemon."""
+    def reach_peer(self, call, raw, dest, peer, reachable):
+        """Connect to the peer's host side if `reachable`, else where the caller is: its own
+        network answers as it would without the daemon."""
         if reachable:
-            self.reach_host_side(call, sock, raw, dest, peer.host_ip or (_LOOPBACK_IP4 if dest[0] == 4
-                                                                          else _LOOPBACK_IP6),
+            self.reach_host_side(call, raw, dest, peer.host_ip or (_LOOPBACK_IP4 if dest[0] == 4
+                                                                   else _LOOPBACK_IP6),
                                  peer.host_port, "a peer's published port")
             return
         call.container.counters[COUNT_CONTAINER] += 1
         if self.debug:
             self.debug_decision(call, "connect", dest, "container (a peer its network does not reach)")
-        self.connect_in_place(call, sock, raw)
+        self.connect_in_place(call, raw)
 
-    def reach_host_side(self, call, sock, raw, dest, host_ip, host_port, what):
-        """Connect a host socket to the host side of a published port (sock taken over) for a
-        connect to `dest`; where that cannot be, connect where the caller is."""
-        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-        host_raw = encode_sockaddr(sock.family, host_ip, host_port)
+    def reach_host_side(self, call, raw, dest, host_ip, host_port, what):
+        """Connect a host socket to the host side of a published port for a connect to `dest`;
+        where that cannot be, connect where the caller is."""
+        kind = call.sock.getsockopt(_SOL, socket.SO_TYPE)
+        host_raw = encode_sockaddr(call.sock.family, host_ip, host_port)
         if kind != socket.SOCK_STREAM:
             outcome = "container (%s, not TCP)" % what
         elif host_raw is None:
@@ -2159,71 +2260,69 @@ class Switcher:
             if self.debug:
                 self.debug_decision(call, "connect", dest, "%s, at %s" % (what, format_destination(
                     parse_sockaddr(host_raw))))
-            outcome = self.bypass_connect(call, sock, kind, host_raw, parse_sockaddr(host_raw), True)
+            outcome = self.bypass_connect(call, kind, host_raw, parse_sockaddr(host_raw), True)
             if outcome is None:
-                sock.close()
                 return
         call.container.counters[COUNT_CONTAINER] += 1
         if self.debug:
             self.debug_decision(call, "connect", dest, outcome)
-        self.connect_in_place(call, sock, raw)
+        self.connect_in_place(call, raw)
 
     # -- bind --------------------------------------------------------------
 
     def on_bind(self, call):
         """Bind a published port on the host, anything else where the socket is."""
-        sock = self.target_socket(call, BIND)
-        if sock is None:
+        if not self.target_socket(call, BIND):
             return
-        with sock:
-            raw = self.read_sockaddr(call, 1, 2)
-            if raw is None or not call.still_valid():
+        raw = self.targets.read_sockaddr(call, 1, 2)
+        if raw is None or not call.still_valid():
+            return
+        sock = call.sock
+        if self.hosts.is_host_socket(sock):
+            # A switched socket is bound already (by this very call, if a dead process
+            # published it); binding it anew on the host would let the container pick
+            # host addresses.
+            call.result(0 if call.retried else -errno.EINVAL)
+            return
+        dest = parse_sockaddr(raw)
+        kind = sock.getsockopt(_SOL, socket.SO_TYPE)
+        mapping, outcome = None, "container"
+        if dest is not None and destination_reason(dest, ())[0] is not LOOPBACK:
+            key = (_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2])
+            if key in call.container.settings.in_use:
+                if self.debug:
+                    self.debug_decision(call, "bind", dest, "refused: another container published its host port")
+                call.fail(errno.EADDRINUSE)
                 return
-            if self.is_host_socket(sock):
-                # A switched socket is bound already (by this very call, if a dead process
-                # published it); binding it anew on the host would let the container pick
-                # host addresses.
-                call.result(0 if call.retried else -errno.EINVAL)
-                return
-            dest = parse_sockaddr(raw)
-            kind = sock.getsockopt(_SOL, socket.SO_TYPE)
-            mapping, outcome = None, "container"
-            if dest is not None and destination_reason(dest, ())[0] is not LOOPBACK:
-                key = (_TCP if kind == socket.SOCK_STREAM else _UDP, dest[2])
-                if key in call.container.settings.in_use:
-                    if self.debug:
-                        self.debug_decision(call, "bind", dest, "refused: another container published its host port")
-                    call.fail(errno.EADDRINUSE)
+            mapping = call.container.settings.publish.get(key)
+        if mapping is not None:
+            proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
+            if (kind, proto) in _BYPASSABLE:
+                try:
+                    result = self.publish_bind(call, kind, proto, mapping)
+                except NotSwitched as why:
+                    outcome = "container (%s)" % why
+                else:
+                    if result is not None:
+                        call.container.counters[COUNT_PUBLISHED] += result == 0
+                        if result == -errno.EADDRINUSE:
+                            self.limit.log(logging.WARNING, "container %s: %r: host port %d/%s is taken by "
+                                           "another process, so the container's bind of port %d fails "
+                                           "(EADDRINUSE); if that is the runtime's own -p for the same "
+                                           "port (pasta, rootlesskit), publish it one way only: the "
+                                           "runtime's -p or this daemon's", call.container.short_id,
+                                           mapping, mapping.host_port, mapping.proto, mapping.container_port)
+                        if self.debug:
+                            self.debug_decision(call, "bind", dest, "published as %r: %s"
+                                                % (mapping, os.strerror(-result) if result else "ok"))
+                        call.result(result)
                     return
-                mapping = call.container.settings.publish.get(key)
-            if mapping is not None:
-                proto = sock.getsockopt(_SOL, socket.SO_PROTOCOL)
-                if (kind, proto) in _BYPASSABLE:
-                    try:
-                        result = self.publish_bind(call, sock, kind, proto, mapping)
-                    except NotSwitched as why:
-                        outcome = "container (%s)" % why
-                    else:
-                        if result is not None:
-                            call.container.counters[COUNT_PUBLISHED] += result == 0
-                            if result == -errno.EADDRINUSE:
-                                self.limit.log(logging.WARNING, "container %s: %r: host port %d/%s is taken by "
-                                               "another process, so the container's bind of port %d fails "
-                                               "(EADDRINUSE); if that is the runtime's own -p for the same "
-                                               "port (pasta, rootlesskit), publish it one way only: the "
-                                               "runtime's -p or this daemon's", call.container.short_id,
-                                               mapping, mapping.host_port, mapping.proto, mapping.container_port)
-                            if self.debug:
-                                self.debug_decision(call, "bind", dest, "published as %r: %s"
-                                                    % (mapping, os.strerror(-result) if result else "ok"))
-                            call.result(result)
-                        return
-            result = sock_call(_libc.bind, sock.fileno(), raw, len(raw))
-            if self.debug:
-                self.debug_decision(call, "bind", dest, outcome)
-            call.result(result)
+        result = sock_call(_libc.bind, sock.fileno(), raw, len(raw))
+        if self.debug:
+            self.debug_decision(call, "bind", dest, outcome)
+        call.result(result)
 
-    def publish_bind(self, call, sock, kind, proto, mapping):
+    def publish_bind(self, call, kind, proto, mapping):
         """Bind a host socket at the mapping's host side and install it at the target's fd.
 
         Returns 0 or -errno (the host's answer, EADDRINUSE as the kernel says
@@ -2232,11 +2331,12 @@ class Switcher:
         and a published port's clients come through any (the host's own, over
         the loopback, bridges, ...).  README says what it can reach.
         """
+        sock = call.sock
         raw = encode_sockaddr(sock.family, mapping.host_ip, mapping.host_port)
         if raw is None:
             raise NotSwitched("%r cannot be bound by an IPv4 socket" % mapping)
-        diffs = self.template(sock.family, kind, proto).differences(sock)
-        twin = self.host_twin(call, sock.family, kind, proto)
+        diffs = self.hosts.differences(sock, kind, proto)
+        twin = self.host_twin(call, kind, proto)
         if twin is None:
             return None
         flags, host = twin
@@ -2250,7 +2350,7 @@ class Switcher:
                 return result
             if flags & os.O_NONBLOCK:
                 host.setblocking(False)
-            installed = self.install(call, host, flags)
+            installed = self.hosts.install(call, host, flags)
             return 0 if installed else None
         finally:
             host.close()
@@ -2267,18 +2367,17 @@ class Switcher:
         port the kernel picks.  That is refused (EOPNOTSUPP).  Any other
         socket listens, the daemon doing it on the very socket it checked.
         """
-        sock = self.target_socket(call, LISTEN)
-        if sock is None:
+        if not self.target_socket(call, LISTEN):
             return
-        with sock:
-            settings = call.container.settings
-            if not self.is_host_socket(sock) or self.published_at(settings, *sock.getsockname()[:2]):
-                call.result(sock_call(_libc.listen, sock.fileno(), ctypes.c_int(call.args[1] & 0xFFFFFFFF)))
-                return
-            call.container.counters[COUNT_REFUSED] += 1
-            if self.debug:
-                self.debug_decision(call, "listen", None, "refused: switched, not a published port")
-            call.fail(errno.EOPNOTSUPP)
+        sock = call.sock
+        if not self.hosts.is_host_socket(sock) or self.published_at(call.container.settings,
+                                                                    *sock.getsockname()[:2]):
+            call.result(sock_call(_libc.listen, sock.fileno(), ctypes.c_int(call.args[1] & 0xFFFFFFFF)))
+            return
+        call.container.counters[COUNT_REFUSED] += 1
+        if self.debug:
+            self.debug_decision(call, "listen", None, "refused: switched, not a published port")
+        call.fail(errno.EOPNOTSUPP)
 
     @staticmethod
     def published_at(settings, host_ip, host_port):
@@ -2290,26 +2389,26 @@ class Switcher:
 
     # -- calls on sockets that are not IP: made by a NamespaceHelper ---------
 
-    def delegate(self, call, sock, op, raw=None):
-        """Have the container's NamespaceHelper make `op` on `sock` (taken over) as the calling
-        thread would, and answer the call itself.  `raw`: the sockaddr, if read already.
+    def delegate(self, call, op, raw=None):
+        """Have the container's NamespaceHelper make `op` on call.sock (taken over) as the
+        calling thread would, and answer the call itself.  `raw`: the sockaddr, if read already.
 
         Until it has answered, the call has a pending slot in the Inflight
         row (the helper frees it), so that a dead daemon's calls get EINTR.
         """
         slot = 0
-        with sock:
-            if op == LISTEN:
-                raw = b""
-            elif raw is None:
-                raw = self.read_sockaddr(call, 1, 2)
-                if raw is None or not call.still_valid():
-                    return
+        if op == LISTEN:
+            raw = b""
+        elif raw is None:
+            raw = self.targets.read_sockaddr(call, 1, 2)
+            if raw is None or not call.still_valid():
+                return
+        with call.hand_over() as sock:
             try:
                 helper = self.helper_for(call)
                 helper.reclaim(self.inflight)
                 slot = self.inflight.add_pending(call.filter.key, call.id)
-                helper.request(op, call, raw, sock.fileno(), self.threads.get(call.tid), slot)
+                helper.request(op, call, raw, sock.fileno(), self.targets.threads.get(call.tid), slot)
             except OSError as e:
                 self.inflight.end_pending(slot)
                 call.fail(e.errno or errno.EIO)
@@ -2318,8 +2417,7 @@ class Switcher:
 
     def helper_for(self, call):
         """The container's NamespaceHelper for the namespaces of the calling thread, started if need be."""
-        thread = self.threads.get(call.tid)
-        key = namespace_inodes(call.tid) if thread is None else thread.namespace_inodes()
+        key = self.targets.namespaces(call.tid)
         container = call.container
         helper = container.helpers.get(key)
         if helper is None:
@@ -2474,10 +2572,75 @@ def close_other_fds(keep):
                 pass  # the listing's own fd
 
 
-class NamespaceHelper:
+class HelperWire:
+    """The wire between a worker and a namespace helper, declared once for both ends: the
+    daemon's (NamespaceHelper) and the helper's (HelperProcess).
+
+    A SOCK_SEQPACKET pair; one message per request, one per answer.
+    - READY: the helper's first words, once it has joined the namespaces: its
+      root's (st_dev, st_ino), so that the daemon knows whether a caller's
+      root is the helper's.
+    - A request: REQUEST, the caller's groups (`count` of them, 4 bytes
+      each), then the sockaddr (none for LISTEN) -- encode_call(),
+      encode_ask(), decode().  SCM_RIGHTS: the socket, the caller's root if
+      WITH_ROOT, its working directory if WITH_CWD, and the filter's notify
+      fd if WITH_NOTIFY_FD (the first time a filter is named: the helper
+      keeps it by the filter key); at most MAX_FDS.
+    - A request with a notification id is a call (OPS): the helper makes it
+      as the caller, answers the notification itself and sends nothing back;
+      then it frees the call's Inflight slot (if not 0) by zeroing the slot's
+      first cell, in memory shared with the daemon.
+    - A request with none is an ask (PROBE, STAND_IN, END_STAND_IN; no
+      caller's ids): the helper sends back a REPLY, 0 or -errno.  Asks are
+      answered in the order they were sent.
+    """
+
+    __slots__ = ()
+
+    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}  # a call on the socket, as the caller, by the trapped call's name
+    PROBE = 4               # a TCP connect from the container's network, to see that it gets through
+    STAND_IN = 5            # a listener at an address and port of the container's, for a probe
+    END_STAND_IN = 6
+    WITH_ROOT, WITH_CWD, WITH_NOTIFY_FD = 1, 2, 4   # REQUEST's flags: which fds ride along
+    # op, flags, Inflight slot, filter key, notification id, euid, egid, umask, backlog, group count
+    REQUEST = struct.Struct("=BBxxIQQIIIiH")
+    REPLY = struct.Struct("=i")         # an ask's answer: 0 or -errno
+    READY = struct.Struct("=QQ")        # the helper's first words: its root's st_dev and st_ino
+    MAX_GROUPS = 4096
+    MAX_FDS = 4                         # the socket, the caller's root and working directory, a notify fd
+    REQUEST_MAX = REQUEST.size + 4 * MAX_GROUPS + MAX_SOCKADDR
+
+    @staticmethod
+    def pack_groups(groups):
+        """A caller's groups as a request carries them (encode_call's ids)."""
+        return struct.pack("=%dI" % len(groups), *groups)
+
+    @classmethod
+    def encode_call(cls, op, flags, slot, key, notif_id, ids, backlog, raw):
+        """The request for call `op` (a trapped call's name) as ids (euid, egid, umask, groups
+        packed) would make it."""
+        euid, egid, umask, groups = ids
+        return (cls.REQUEST.pack(cls.OPS[op], flags, slot, key, notif_id, euid, egid, umask, backlog,
+                                 len(groups) // 4) + groups + raw)
+
+    @classmethod
+    def encode_ask(cls, op, raw):
+        """The request for ask `op` about sockaddr `raw`."""
+        return cls.REQUEST.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, 0) + raw
+
+    @classmethod
+    def decode(cls, data):
+        """A request -> (REQUEST's fields, the groups, the sockaddr)."""
+        fields = cls.REQUEST.unpack_from(data)
+        start = cls.REQUEST.size
+        count = fields[-1]
+        return fields, struct.unpack_from("=%dI" % count, data, start), data[start + 4 * count:]
+
+
+class NamespaceHelper(HelperWire):
     """A process in a container's user, mount and network namespaces that makes the calls on its
     sockets that are not IP (connect, bind and listen on unix sockets above all), and answers
-    the container's notification itself.
+    the container's notification itself: the daemon's side of it.
 
     What such a call does depends on who makes it (the credentials a peer
     reads with SO_PEERCRED, the permissions on a socket file, the owner and
@@ -2499,28 +2662,12 @@ class NamespaceHelper:
     instead of the caller's.  For --handle-c2c-connections it also probes,
     from the container's network, whether a peer is reachable (ask()).
 
-    This is the daemon's side of the helper; serve_in_namespaces() is the
-    helper's.  The wire: one SEQPACKET message per request, REQUEST, the
-    groups, then the sockaddr; SCM_RIGHTS: the socket, the caller's root if
-    it is not the helper's, its working directory if the sockaddr is a
-    relative path, and the notify fd the first time a filter is named.
-    An ask() gets a REPLY back; a request for a call gets none.
+    This class is what the daemon keeps of a helper: its pid, its end of the
+    channel (HelperWire), the container's id maps and the calls and asks it
+    has not answered yet.  The helper process itself is HelperProcess.
     """
 
-    OPS = {CONNECT: 1, BIND: 2, LISTEN: 3}  # a call on the socket, as the caller, by the trapped call's name
-    PROBE = 4               # a TCP connect from the container's network, to see that it gets through
-    STAND_IN = 5            # a listener at an address and port of the container's, for a probe
-    END_STAND_IN = 6
-    WITH_ROOT, WITH_CWD, WITH_NOTIFY_FD = 1, 2, 4   # REQUEST's flags: which fds ride along
-    PROBE_TIMEOUT = 0.2     # seconds
-    # op, flags, Inflight slot, filter key, notification id, euid, egid, umask, backlog, group count
-    REQUEST = struct.Struct("=BBxxIQQIIIiH")
-    REPLY = struct.Struct("=i")         # an ask()'s answer: 0 or -errno
-    READY = struct.Struct("=QQ")        # the helper's first words: its root's st_dev and st_ino
-    MAX_GROUPS = 4096
-    REQUEST_MAX = REQUEST.size + 4 * MAX_GROUPS + MAX_SOCKADDR
     START_TIMEOUT = 10.0    # seconds a new helper has to join the namespaces
-
     IDENTITIES_KEPT = 256   # callers' ids mapped into the container, by status_id_fields()
 
     __slots__ = ("pid", "channel", "uid_map", "gid_map", "root", "filters", "answering", "asked", "identities")
@@ -2548,7 +2695,7 @@ class NamespaceHelper:
                 with open("/proc/%d/%s" % (tid, name)) as f:
                     maps.append(parse_id_map(f.read()))
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = fork_child(lambda: serve_in_namespaces(theirs, ns_fds, cells), "a namespace helper",
+            pid = fork_child(lambda: HelperProcess.serve(theirs, ns_fds, cells), "a namespace helper",
                              keep=[theirs.fileno(), *(fd for fd, _nstype in ns_fds)], signals=signal.SIG_DFL)
             theirs.close()
             theirs = None
@@ -2596,9 +2743,7 @@ class NamespaceHelper:
             if key not in self.filters:
                 flags |= self.WITH_NOTIFY_FD
                 fds.append(call.notify_fd)
-            euid, egid, umask, groups = ids
-            request = (self.REQUEST.pack(self.OPS[op], flags, slot, key, call.id, euid, egid, umask,
-                                         ctypes.c_int(call.args[1]).value, len(groups) // 4) + groups + raw)
+            request = self.encode_call(op, flags, slot, key, call.id, ids, ctypes.c_int(call.args[1]).value, raw)
             self.channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         finally:
             for fd in opened:
@@ -2618,7 +2763,7 @@ class NamespaceHelper:
             raise OSError(errno.EPERM, "the caller's ids are not the container's")
         if len(self.identities) >= self.IDENTITIES_KEPT:
             self.identities.clear()
-        ids = self.identities[fields] = (inside[0], inside[1], umask, struct.pack("=%dI" % len(groups), *inside[2:]))
+        ids = self.identities[fields] = (inside[0], inside[1], umask, self.pack_groups(inside[2:]))
         return ids
 
     def reclaim(self, inflight):
@@ -2631,7 +2776,7 @@ class NamespaceHelper:
         """Ask for PROBE (does a TCP connect to `raw` from the container's network get through?),
         STAND_IN (a listener at `raw` in that network) or END_STAND_IN; on_result(0 or -errno)
         when it answers.  No caller's ids needed."""
-        self.channel.send(self.REQUEST.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, 0) + raw)
+        self.channel.send(self.encode_ask(op, raw))
         self.asked.append(on_result)
 
     def stop(self, inflight, error):
@@ -2657,40 +2802,9 @@ class NamespaceHelper:
         while self.asked:
             self.asked.popleft()(-errno.EIO)
 
-    # -- in the helper ---------------------------------------------------------
-
-    @classmethod
-    def make_stand_in(cls, raw, stand_ins):
-        """Listen at sockaddr `raw` (kept in `stand_ins`); 0 or -errno."""
-        listener = socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM)
-        result = sock_call(_libc.bind, listener.fileno(), raw, len(raw))
-        if result == 0:
-            listener.listen(8)
-            old = stand_ins.pop(raw, None)
-            if old is not None:
-                old.close()
-            stand_ins[raw] = listener
-        else:
-            listener.close()
-        return result
-
-    @classmethod
-    def make_probe(cls, raw):
-        """0 if a TCP connect to sockaddr `raw` succeeds within PROBE_TIMEOUT, else -errno."""
-        try:
-            with socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
-                result = sock_call(_libc.connect, probe.fileno(), raw, len(raw))
-                if result == -errno.EINPROGRESS:
-                    if not select.select([], [probe], [], cls.PROBE_TIMEOUT)[1]:
-                        return -errno.ETIMEDOUT
-                    result = -probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                return result
-        except OSError as e:
-            return -(e.errno or errno.EIO)
-
 
 class Identity:
-    """The ids a NamespaceHelper makes its calls with: its own, or its last caller's.
+    """The ids a HelperProcess makes its calls with: its own, or its last caller's.
 
     It keeps a caller's effective ids after a call (its real and saved ids
     stay its own, so it can always take its own back) and changes them only
@@ -2730,89 +2844,135 @@ class Identity:
             self.umask = umask
 
 
-def make_call(request, fds, identity, notify_fds, top):
-    """In a NamespaceHelper: one call as its caller; 0 or -errno."""
-    op, flags, _slot, _key, _notif_id, euid, egid, umask, backlog, count = NamespaceHelper.REQUEST.unpack_from(request)
-    groups = struct.unpack_from("=%dI" % count, request, NamespaceHelper.REQUEST.size)
-    raw = request[NamespaceHelper.REQUEST.size + 4 * count:]
-    fds = iter(fds)
-    sock = next(fds)
-    root = next(fds) if flags & NamespaceHelper.WITH_ROOT else None
-    cwd = next(fds) if flags & NamespaceHelper.WITH_CWD else None
-    chrooted = False
-    try:
-        try:
-            if root is not None:
-                identity.become(identity.own)  # chroot takes the helper's own capabilities
-                os.fchdir(root)
-                os.chroot(".")
-                chrooted = True
-            if cwd is not None:
-                os.fchdir(cwd)
-            identity.become((euid, egid, tuple(sorted(groups))))
-            identity.set_umask(umask)
-        except OSError as e:
-            return -(e.errno or errno.EPERM)
-        if op == NamespaceHelper.OPS[CONNECT]:
-            return sock_call(_libc.connect, sock, raw, len(raw))
-        if op == NamespaceHelper.OPS[BIND]:
-            return sock_call(_libc.bind, sock, raw, len(raw))
-        return sock_call(_libc.listen, sock, ctypes.c_int(backlog))
-    finally:
-        if chrooted:
-            identity.become(identity.own)
-            os.fchdir(top)
-            os.chroot(".")
+class HelperProcess(HelperWire):
+    """A namespace helper's own side, in the process NamespaceHelper.start forks: it joins the
+    namespaces, then makes the daemon's calls as their callers and answers them, and its asks
+    (stand-ins and probes), till the daemon hangs up (serve())."""
 
+    PROBE_TIMEOUT = 0.2     # seconds
 
-def serve_in_namespaces(channel, ns_fds, cells):
-    """A NamespaceHelper's life: join the namespaces, then make the daemon's calls and answer
-    them till it hangs up.  `cells`: the worker's Inflight row, whose slots it frees."""
-    # Before joining: ptrace and /proc/PID/mem then need CAP_SYS_PTRACE in the
-    # host's user namespace, where this process's memory was made.
-    _retry(_libc.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0)
-    for fd, nstype in ns_fds:
-        setns(fd, nstype)
-        os.close(fd)
-    channel.setblocking(True)
-    top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    top_stat = os.fstat(top)
-    identity = Identity()
-    notify_fds = {}         # filter key -> our duplicate of its notify fd
-    stand_ins = {}          # sockaddr -> listener (--handle-c2c-connections' probes)
-    channel.sendall(NamespaceHelper.READY.pack(top_stat.st_dev, top_stat.st_ino))
-    size = NamespaceHelper.REQUEST.size
-    while True:
-        data, fds = recv_with_fds(channel, 4, NamespaceHelper.REQUEST_MAX)
-        if not data:
-            return 0
-        op, flags, slot, key, notif_id = NamespaceHelper.REQUEST.unpack_from(data)[:5]
-        if flags & NamespaceHelper.WITH_NOTIFY_FD:
-            notify_fds[key] = fds.pop()
+    __slots__ = ("channel", "cells", "top", "identity", "notify_fds", "stand_ins")
+
+    def __init__(self, channel, cells, top):
+        self.channel = channel
+        self.cells = cells              # the worker's Inflight row, whose slots it frees
+        self.top = top                  # its own root (O_PATH), to go back to after a chroot
+        self.identity = Identity()
+        self.notify_fds = {}            # filter key -> our duplicate of its notify fd
+        self.stand_ins = {}             # sockaddr -> listener (--handle-c2c-connections' probes)
+
+    @classmethod
+    def serve(cls, channel, ns_fds, cells):
+        """A helper's life: join the namespaces ns_fds ((fd, CLONE_NEW*), ...), say READY, then
+        answer the requests on `channel` till the daemon hangs up; 0."""
+        # Before joining: ptrace and /proc/PID/mem then need CAP_SYS_PTRACE in the
+        # host's user namespace, where this process's memory was made.
+        _retry(_libc.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0)
+        for fd, nstype in ns_fds:
+            setns(fd, nstype)
+            os.close(fd)
+        channel.setblocking(True)
+        top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        top_stat = os.fstat(top)
+        helper = cls(channel, cells, top)
+        channel.sendall(cls.READY.pack(top_stat.st_dev, top_stat.st_ino))
+        return helper.answer_requests()
+
+    def answer_requests(self):
+        channel, cells, notify_fds = self.channel, self.cells, self.notify_fds
+        while True:
+            data, fds = recv_with_fds(channel, self.MAX_FDS, self.REQUEST_MAX)
+            if not data:
+                return 0
+            request, groups, raw = self.decode(data)
+            op, flags, slot, key, notif_id = request[:5]
+            if flags & self.WITH_NOTIFY_FD:
+                notify_fds[key] = fds.pop()
+            try:
+                if op == self.PROBE:
+                    result = self.make_probe(raw)
+                elif op == self.STAND_IN:
+                    result = self.make_stand_in(raw)
+                elif op == self.END_STAND_IN:
+                    stand_in = self.stand_ins.pop(raw, None)
+                    result = 0 if stand_in is None else stand_in.close() or 0
+                elif fds and key in notify_fds:
+                    result = self.make_call(request, groups, raw, fds)
+                else:
+                    result = -errno.EINVAL
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if not notif_id:
+                channel.sendall(self.REPLY.pack(result))
+                continue
+            try:
+                notif_send(notify_fds[key], notif_id, 0 if result < 0 else result, min(result, 0), 0)
+            except (OSError, KeyError):
+                pass  # gone, or never named: the daemon answers what is left
+            if slot:
+                cells[slot * InflightTable.FIELDS] = 0
+
+    def make_call(self, request, groups, raw, fds):
+        """One call as its caller (decode()'s request, groups and sockaddr; the fds that came with
+        it); 0 or -errno."""
+        op, flags, _slot, _key, _notif_id, euid, egid, umask, backlog, _count = request
+        identity = self.identity
+        fds = iter(fds)
+        sock = next(fds)
+        root = next(fds) if flags & self.WITH_ROOT else None
+        cwd = next(fds) if flags & self.WITH_CWD else None
+        chrooted = False
         try:
-            if op == NamespaceHelper.PROBE:
-                result = NamespaceHelper.make_probe(data[size:])
-            elif op == NamespaceHelper.STAND_IN:
-                result = NamespaceHelper.make_stand_in(data[size:], stand_ins)
-            elif op == NamespaceHelper.END_STAND_IN:
-                stand_in = stand_ins.pop(data[size:], None)
-                result = 0 if stand_in is None else stand_in.close() or 0
-            elif fds and key in notify_fds:
-                result = make_call(data, fds, identity, notify_fds, top)
-            else:
-                result = -errno.EINVAL
+            try:
+                if root is not None:
+                    identity.become(identity.own)  # chroot takes the helper's own capabilities
+                    os.fchdir(root)
+                    os.chroot(".")
+                    chrooted = True
+                if cwd is not None:
+                    os.fchdir(cwd)
+                identity.become((euid, egid, tuple(sorted(groups))))
+                identity.set_umask(umask)
+            except OSError as e:
+                return -(e.errno or errno.EPERM)
+            if op == self.OPS[CONNECT]:
+                return sock_call(_libc.connect, sock, raw, len(raw))
+            if op == self.OPS[BIND]:
+                return sock_call(_libc.bind, sock, raw, len(raw))
+            return sock_call(_libc.listen, sock, ctypes.c_int(backlog))
         finally:
-            for fd in fds:
-                os.close(fd)
-        if not notif_id:
-            channel.sendall(NamespaceHelper.REPLY.pack(result))
-            continue
+            if chrooted:
+                identity.become(identity.own)
+                os.fchdir(self.top)
+                os.chroot(".")
+
+    def make_stand_in(self, raw):
+        """Listen at sockaddr `raw` (kept in stand_ins); 0 or -errno."""
+        listener = socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM)
+        result = sock_call(_libc.bind, listener.fileno(), raw, len(raw))
+        if result == 0:
+            listener.listen(8)
+            old = self.stand_ins.pop(raw, None)
+            if old is not None:
+                old.close()
+            self.stand_ins[raw] = listener
+        else:
+            listener.close()
+        return result
+
+    def make_probe(self, raw):
+        """0 if a TCP connect to sockaddr `raw` succeeds within PROBE_TIMEOUT, else -errno."""
         try:
-            notif_send(notify_fds[key], notif_id, 0 if result < 0 else result, min(result, 0), 0)
-        except (OSError, KeyError):
-            pass  # gone, or never named: the daemon answers what is left
-        if slot:
-            cells[slot * InflightTable.FIELDS] = 0
+            with socket.socket(_FAMILY.unpack_from(raw)[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+                result = sock_call(_libc.connect, probe.fileno(), raw, len(raw))
+                if result == -errno.EINPROGRESS:
+                    if not select.select([], [probe], [], self.PROBE_TIMEOUT)[1]:
+                        return -errno.ETIMEDOUT
+                    result = -probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return result
+        except OSError as e:
+            return -(e.errno or errno.EIO)
 
 
 # ---------------------------------------------------------------------------
@@ -3325,7 +3485,7 @@ class Server:
         del self.keys[seccomp_filter.key]
         container = seccomp_filter.container
         self.events.unwatch(notify_fd)
-        self.switcher.forget_notify_fd(notify_fd)
+        self.switcher.pending.forget_notify_fd(notify_fd)
         os.close(notify_fd)
         container.notify_fds.discard(notify_fd)
         if not container.notify_fds:
@@ -3400,23 +3560,12 @@ class Server:
             container.auto_read = -1e9
 
     def close(self):
-        switcher = self.switcher
-        for container in self.containers.values():
-            switcher.end_helpers(container, errno.EINTR)  # first: a probe's call may connect, and wait
-        for cid in list(switcher.peer_helpers):
-            switcher.end_peer_helper(cid)
-        for pending in list(switcher.pending):
-            switcher.forget_pending(pending).close()
-            # As a signal would: the connection goes on (POSIX), no thread waits for this process.
-            pending.call.fail(errno.EINTR)
+        self.switcher.close(self.containers.values())  # first: its calls under way are answered
         for fd in list(self.filters):
             self.events.unwatch(fd)
             os.close(fd)
         self.filters.clear()
         self.keys.clear()
-        for tid in list(switcher.threads):
-            switcher.forget_thread(tid)
-        switcher.interfaces.close()
 
 
 class ParentChannel:
@@ -3605,7 +3754,7 @@ class WorkerProcess:
         switcher = self.server.switcher
         self.requests.send(WORKER_READY)  # every fd it holds at rest is open now
         try:
-            run_loop(self.events, lambda: self.running, switcher.sweep_pending, lambda: bool(switcher.pending))
+            run_loop(self.events, lambda: self.running, switcher.pending.sweep, lambda: bool(switcher.pending))
         finally:
             if not self.orphaned:
                 self.server.close()
@@ -3681,7 +3830,7 @@ class LocalPool(WorkerPool):
         return bool(self.server.switcher.pending)
 
     def sweep(self):
-        self.server.switcher.sweep_pending()  # interrupted connects left waiting in this loop
+        self.server.switcher.pending.sweep()  # interrupted connects left waiting in this loop
 
     def index_of(self, worker):
         return None

@@ -26,7 +26,9 @@ Configurations (the client is the only thing that changes):
                 outside the project) a minimal switcher, the mechanism's cost
                 and nothing more, run like a peer; results.md then gives
                 bypass4netns.py's connect rates and daemon CPU per connect as
-                ratios to the floor's.
+                ratios to the floor's.  A peer that has died (the floor
+                exits on any connection that is not a runtime's) is started
+                again before the next measurement; results.md says why.
 
 Workloads: iperf3 container -> host (1 and 4 streams) and host -> container
 through a published port; ab -c 1 and -c 8 against nginx, one connection per
@@ -81,6 +83,7 @@ import math
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
@@ -702,22 +705,24 @@ def proc_cpu_seconds(pid):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def log_problems(path, keep=20):
-    """(the first `keep` ERROR and Traceback lines of a daemon's log, how many there were).
+def log_problems(paths, keep=20):
+    """(the first `keep` ERROR and Traceback lines of a daemon's logs, how many there were).
 
-    Read line by line: a log can be gigabytes (the Go tool logs an error for
-    every failed RECV, in a loop, once a container is gone).
+    paths: its logs (a peer's --log-file and its stderr).  Read line by
+    line: a log can be gigabytes (the Go tool logs an error for every failed
+    RECV, in a loop, once a container is gone).
     """
     kept, count = [], 0
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                if "ERROR" in line or "level=error" in line or "Traceback" in line:
-                    count += 1
-                    if len(kept) < keep:
-                        kept.append(line.rstrip("\n"))
-    except FileNotFoundError:
-        pass
+    for path in paths:
+        try:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    if "ERROR" in line or "level=error" in line or "Traceback" in line:
+                        count += 1
+                        if len(kept) < keep:
+                            kept.append(line.rstrip("\n"))
+        except FileNotFoundError:
+            pass
     return kept, count
 
 
@@ -740,6 +745,9 @@ def start_engine(publish_port, flags=()):
     return daemon
 
 
+PEER_SETTLE = 0.2  # seconds a peer runs after SIGCONT before attempt() looks whether it is still there
+
+
 class PeerDaemon(Daemon):
     """Another bypass4netns-compatible daemon: same flags, its own profile."""
 
@@ -753,6 +761,8 @@ class PeerDaemon(Daemon):
         os.chown(self.script, tb.user_uid(), tb.user_gid())
         self.socket = os.path.join(tb.runtime_dir(), name + ".sock")
         self.log_path = os.path.join(tb.WORKDIR, name + ".log")
+        # Its stderr (a traceback, for one): the floor writes nothing to --log-file.
+        self.stderr_path = os.path.join(tb.WORKDIR, name + ".stderr")
         if profile:
             with open(profile) as f:
                 data = json.load(f)
@@ -766,15 +776,61 @@ class PeerDaemon(Daemon):
         argv = (["python3"] if path.endswith(".py") else []) + [self.script]
         argv += ["--socket", self.socket, "--log-file", self.log_path, "--ignore", IGNORE]
         self.publish_port, self.publish_off = publish_port, publish_off
-        self.proc = None if publish_off else self._start(argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)])
+        self.name = os.path.basename(path)
+        self.restarts = []  # why it had to be started again, once for each time
+        self.proc = None
+        if not publish_off:
+            self.argv = argv + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)]
+            self.proc = self._start(self.argv)
         if self.proc is None:
             self.publish_port, self.publish_off = None, publish_off or "the peer did not start with -p"
+            self.argv = argv
             self.proc = self._start(argv)
         if self.proc is None:
             raise RuntimeError("the peer daemon %s did not start: %s" % (path, self.log()[-500:]))
 
+    def log(self):
+        """Its --log-file, then what it wrote to stdout and stderr."""
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return super().log() + f.read()
+        except FileNotFoundError:
+            return super().log()
+
+    def exited(self):
+        """None while it runs; else how it ended: its exit status and the last line it wrote."""
+        if self.proc.poll() is None:
+            return None
+        status = self.proc.returncode
+        lines = [line for line in self.log().splitlines() if line.strip()]
+        return "%s %s%s" % (self.name, "killed by signal %d" % -status if status < 0 else "exited %d" % status,
+                            ": " + lines[-1].strip()[:300] if lines else "")
+
+    def revive(self):
+        """Started again if it is gone (the floor dies on one malformed message, for one): None if it
+        ran, else how it had ended.  Raises Failed if it does not start again."""
+        gone = self.exited()
+        if gone is None:
+            return None
+        self.restarts.append(gone)
+        tb.stop_server(self.proc)  # reaped, its pid file removed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)  # stale: _start waits for the socket to appear
+        proc = self._start(self.argv)
+        if proc is None:
+            raise Failed("%s; it did not start again: %s" % (gone, self.log()[-300:]))
+        self.proc = proc
+        log("%s had ended (%s): started again, pid %d" % (self.name, gone, proc.pid))
+        return gone
+
     def _start(self, argv):
-        proc = tb.start_server(argv, user=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # RLIMIT_NOFILE's soft limit at the hard one, as bypass4netns.py and Go's runtime raise their own: the
+        # floor keeps a pidfd of every thread that ever connected (~700 after one full round), so under a
+        # soft limit of 1024, a login shell's usual one, it dies with EMFILE in the second round.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        with open(self.stderr_path, "ab") as err:
+            proc = tb.start_server(argv, user=True, stdout=err, stderr=err,
+                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
         for _ in range(300):  # no --ready-fd in the original tool: wait for its socket
             if os.path.exists(self.socket):
                 return proc
@@ -2027,6 +2083,10 @@ def markdown(results, summary):
                 note = "%s, %s: %s" % (c["label"], row["label"], error)
                 if note not in notes:
                     notes.append(note)
+    for c in cfgs:
+        for why in c.get("restarts", []):
+            notes.append("%s: the daemon had ended (%s) and was started again before the next measurement"
+                         % (c["label"], why))
     if notes:
         out += ["", "Not measured (n/a) or failed in some rounds:", ""] + ["- " + n for n in notes]
     outliers = []
@@ -2250,9 +2310,17 @@ def attempt(measure, bench, cfg):
     CPU from the others (the Go tool spins on RECV once a container is gone).
     """
     t0 = time.monotonic()
+    peer = cfg.daemon if isinstance(cfg.daemon, PeerDaemon) else None
+    revived = None
     if cfg.daemon:
         signal_tree(cfg.daemon.pid, signal.SIGCONT)
     try:
+        if peer:
+            # Gone since its last measurement, or about to go: a connection that reached its socket while
+            # it was stopped is accepted first, and one that is not a runtime's ends the floor at once.
+            # Started again here, either costs no measurement.
+            time.sleep(PEER_SETTLE)
+            revived = peer.revive()
         result = measure(bench, cfg)
     except NotApplicable as exc:
         result = {"error": str(exc), "not_applicable": True}
@@ -2263,6 +2331,13 @@ def attempt(measure, bench, cfg):
     finally:
         if cfg.daemon:
             signal_tree(cfg.daemon.pid, signal.SIGSTOP)
+    gone = peer.exited() if peer else None
+    if gone and not result.get("not_applicable"):
+        # What the client saw (runc's "connection refused", a client that never started) says less than why.
+        result["error"] = "%s, during this measurement%s" % (
+            gone, " (%s)" % result["error"][:200] if "error" in result else "")
+    if revived:
+        result["restarted"] = revived  # it had ended after the previous measurement, or between them
     result["seconds"] = round(time.monotonic() - t0, 2)
     return result
 
@@ -2401,7 +2476,10 @@ def main(argv=None):
     for c in configs:
         if c.daemon:
             entry = next(e for e in results["configs"] if e["key"] == c.key)
-            entry["log_errors"], entry["log_error_count"] = log_problems(c.daemon.log_path)
+            entry["log_errors"], entry["log_error_count"] = log_problems(
+                [c.daemon.log_path, getattr(c.daemon, "stderr_path", "")])
+            if getattr(c.daemon, "restarts", None):
+                entry["restarts"] = c.daemon.restarts
     results["machine"]["loadavg_end"] = loadavg()
     results["summary"] = summarize(results)
     results["run_length"] = run_length(results["summary"])

@@ -257,7 +257,9 @@ def test_without_the_guard_pinned_connections_still_never_reach_the_loopback(tes
     connection's host socket is pinned to its interface, off the host's loopback."""
     out, accepted = swap_race(testbed, unguarded, "connect")
     assert "never connected" in out and not accepted, (out, accepted)
-    assert int(out.split()[0]) > 1000, out
+    # Fewer attempts than with the guard: where the kernel runs the connect on the pinned
+    # host socket, it waits for an answer from the interface's side (164 in 8 s, 3,848 in 30 s).
+    assert int(out.split()[0]) > 50, out
 
 
 def test_without_the_guard_the_race_reaches_through_a_published_socket(testbed, unguarded):

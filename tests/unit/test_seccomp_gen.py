@@ -999,3 +999,50 @@ def test_udp_applies_to_the_profile_not_the_wrapper(tmp_path):
     assert_one_line_error(run(["--docker-runtime-wrapper", str(tmp_path / "w"), "--udp"]),
                           "--udp applies to the profile")
     assert os.listdir(str(tmp_path)) == []
+
+
+# -- the embedded copy is generated from the daemon's table ---------------------
+
+def regenerator():
+    """tests/regenerate_seccomp_rules.py, the tool that writes seccomp-gen.py's generated block."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("regenerate_seccomp_rules",
+                                                  str(ROOT / "tests" / "regenerate_seccomp_rules.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_checked_in_block_is_what_the_daemons_table_generates():
+    tool = regenerator()
+    _before, block, _after = tool.split(SCRIPT.read_text())
+    assert block == tool.daemon_block(b4ns), "stale: run python3 tests/regenerate_seccomp_rules.py"
+
+
+def test_regenerating_a_stale_copy_gives_back_the_checked_in_file(tmp_path, capsys):
+    tool = regenerator()
+    before, block, after = tool.split(SCRIPT.read_text())
+    stale = tmp_path / "seccomp-gen.py"
+    stale.write_text(before + block.replace('    ("listen", ()),\n', "") + after)
+    argv = ["--daemon", str(ROOT / "bypass4netns.py"), "--generator", str(stale)]
+    assert tool.main(argv + ["--check"]) == 1
+    assert '+    ("listen", ()),' in capsys.readouterr().out
+    assert tool.main(argv) == 0
+    assert stale.read_text() == SCRIPT.read_text()
+    assert tool.main(argv + ["--check"]) == 0
+
+
+@pytest.mark.parametrize("rules", [
+    (("connect", ()), ("sendto", (masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3),))),
+    (("sendmsg", (masked(0x40, 0x40), masked(MSG_FASTOPEN, MSG_FASTOPEN, index=3))),),
+    (("bind", ({"index": 0, "value": 3, "op": "SCMP_CMP_NE"}, masked(0x40, 0, index=1))),),
+])
+def test_a_generated_block_is_the_table_it_was_made_of(rules):
+    """Whatever filters a trapped call has, the block evaluates, in seccomp-gen.py, to the table."""
+    tool = regenerator()
+    block = tool.render(rules, {MSG_FASTOPEN: "MSG_FASTOPEN"})
+    assert tool.split(block)[1] == block
+    namespace = dict(vars(gen))
+    exec(compile(block, "block", "exec"), namespace)
+    assert namespace["EMBEDDED_NOTIFY_RULES"] == rules
+    gen.validate_notify_rules(namespace["EMBEDDED_NOTIFY_RULES"])

@@ -145,7 +145,7 @@ def test_continue_after_reading_memory_is_refused_by_the_call_itself(target, hos
     bind_entry = next(key for key, (handler, _ptr) in switcher.dispatch.items() if handler.__name__ == "on_bind")
 
     def reads_then_continues(call):
-        switcher.read(call, call.args[1], 16)
+        switcher.targets.read(call, call.args[1], 16)
         call.let_run()
     switcher.dispatch[bind_entry] = (reads_then_continues, 8)
     got = t.run("""
