@@ -32,7 +32,8 @@ its parent and keeps nothing of its parent's but what it is given):
          |                       SCM_RIGHTS; the worker's end: NamespaceHelper)
          +- MultinodeAgent   --multinode's etcd client (JSON both ways)
 
-With --workers 1 the daemon serves its filters itself (LocalWorker).
+With --workers 1 the daemon serves its filters itself (LocalPool: one Server
+on its own loop, behind the same WorkerPool contract as the worker processes).
 
 One notification's path: the container's thread traps; the kernel queues
 it on the filter's notify fd; the worker's Server.on_notify receives it
@@ -713,7 +714,7 @@ class Settings:
         self.swap_guard = swap_guard
 
     def with_container(self, added):
-        """These settings plus what Daemon.container_settings() found (JSON, or None for nothing)."""
+        """These settings plus what ContainerRegistry.container_settings() found (JSON, or None for nothing)."""
         if added is None:
             return self
         return self.for_container(added["ignore"], map(mapping_from_json, added["publish"]),
@@ -3347,7 +3348,7 @@ class Bypass:
 
     def __init__(self, spec, settings):
         self.spec = spec            # as posted, for GET
-        self.settings = settings    # as Daemon.container_settings() gives them
+        self.settings = settings    # as ContainerRegistry.container_settings() gives them
         self.listener = None
 
 
@@ -3454,7 +3455,7 @@ class Server:
         """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`.
 
         `settings`: what the daemon found in the container's annotations
-        (Daemon.container_settings), None for nothing.
+        (ContainerRegistry.container_settings), None for nothing.
         """
         container = self.containers.get(cid)
         if container is None:
@@ -3624,7 +3625,7 @@ class Hosted:
 
     def __init__(self, cid, slot, home, settings, pid=None):
         self.cid, self.slot, self.home = cid, slot, home
-        self.settings = settings    # Daemon.container_settings()
+        self.settings = settings    # ContainerRegistry.container_settings()
         self.pid = pid              # its first process, as the runtime named it (an int, or None)
         self.addresses = ()         # its own IP addresses (Routes: --handle-c2c-connections, --multinode)
         self.shared = False         # served by every worker, not just its home
@@ -3663,21 +3664,34 @@ class Worker:
         os.close(self.pidfd)
 
 
-class LocalPorts:
-    """A single-process daemon's published ports as its Switcher borrows them, as a worker's
-    ParentChannel asks for them."""
+class PortLoans:
+    """The published ports the daemon holds, as its servers borrow them for a container's bind:
+    a LocalPool's Switcher calls lend() and end_loan() directly, a worker's ParentChannel
+    asks through its ProcessPool (answer()).  A container that bound a port or let it go
+    changes the keeper's snapshot and Routes' rows: `on_bound()` tells them
+    (Daemon.ports_changed)."""
 
-    __slots__ = ("daemon",)
+    __slots__ = ("reservations", "on_bound")
 
-    def __init__(self, daemon):
-        self.daemon = daemon
+    def __init__(self, reservations, on_bound):
+        self.reservations, self.on_bound = reservations, on_bound
 
     def lend(self, mapping):
-        self.daemon.reservations.lend(mapping)
+        self.reservations.lend(mapping)
 
-    def end_loan(self, mapping, bound, binder):
-        self.daemon.reservations.end_loan(mapping, bound, binder)
-        self.daemon.changed()  # a container's address and this port: Routes
+    def end_loan(self, mapping, bound, binder=None):
+        self.reservations.end_loan(mapping, bound, binder)
+        self.on_bound()
+
+    def answer(self, what, argument, *binder):
+        """A worker's request ("lend", "bound" or "unbound", a mapping as JSON, the binder):
+        a worker is lent only what is published."""
+        mapping = mapping_from_json(argument)
+        if self.reservations.key(mapping) in self.reservations.claims:
+            if what == "lend":
+                self.lend(mapping)
+            else:
+                self.end_loan(mapping, what == "bound", *binder)
 
 
 class LocalWorker:
@@ -3760,6 +3774,185 @@ class WorkerProcess:
             if not self.orphaned:
                 self.server.close()
             close_signal_pipe(signal_pipe)
+
+
+class WorkerPool:
+    """Who serves the containers' filters: the contract the daemon's parts rely on.
+
+    `workers` are the servers, each with `index`, `containers` (the OCI ids
+    it is home to) and hand(Handed, Hosted), drop(key), handle_anew(key,
+    notif), set_peers(rows, probe, nodes).  A LocalPool is one Server on the
+    daemon's own loop (--workers 1), a ProcessPool forked worker processes:
+    nothing outside a pool asks which it is.  `registry` is the
+    ContainerRegistry whose filters it serves (the Daemon sets it once both
+    exist): a pool whose worker dies asks it what to hand the next one.
+    """
+
+    workers = ()
+    registry = None
+
+    def least_busy(self):
+        """The server a new container's filters go to: its home."""
+        return min(self.workers, key=lambda w: len(w.containers))
+
+    def start(self):
+        """Serve: before the first container, and again after stop() (a hand-over that failed)."""
+        raise NotImplementedError
+
+    def stop(self):
+        """Serve nothing more (a hand-over, the end): no filter kept, no call left waiting here."""
+        raise NotImplementedError
+
+    def refresh_auto(self):
+        """SIGHUP: every server reads the containers' `auto` subnets anew."""
+        raise NotImplementedError
+
+    def due(self):
+        """Whether sweep() has something to do: the loop's housekeeping runs while it has."""
+        raise NotImplementedError
+
+    def sweep(self):
+        """Housekeeping, every HOUSEKEEPING seconds while due()."""
+        raise NotImplementedError
+
+    def index_of(self, worker):
+        """A container's home as `status` names it: the worker's index, None in one process."""
+        raise NotImplementedError
+
+    def pids(self):
+        """The worker processes' pids: none in one process."""
+        raise NotImplementedError
+
+
+class LocalPool(WorkerPool):
+    """--workers 1: one Server on the daemon's own loop, its Switcher borrowing published ports
+    from the PortLoans directly."""
+
+    def __init__(self, events, base, table, inflight, loans, debug):
+        self.server = Server(events, Switcher(events, base, loans, inflight.writer(0), debug), table)
+        self.workers = [LocalWorker(self.server)]
+
+    def start(self):
+        pass  # the server serves from the start: nothing to fork
+
+    def stop(self):
+        self.server.close()
+
+    def refresh_auto(self):
+        self.server.refresh_auto()
+
+    def due(self):
+        return bool(self.server.switcher.pending)
+
+    def sweep(self):
+        self.server.switcher.pending.sweep()  # interrupted connects left waiting in this loop
+
+    def index_of(self, worker):
+        return None
+
+    def pids(self):
+        return []
+
+
+class ProcessPool(WorkerPool):
+    """--workers N: N forked WorkerProcesses.  It answers their ParentChannel requests (a busy
+    container: registry.share(); a published port: PortLoans) and replaces one that dies,
+    answering what it left under way; the registry hands the new one its filters."""
+
+    def __init__(self, events, base, table, inflight, count, loans, debug, running):
+        self.events, self.base, self.table, self.inflight = events, base, table, inflight
+        self.count, self.loans, self.debug = count, loans, debug
+        self.running = running      # callable: False once the daemon stops (a dead worker stays dead)
+        self.workers = []           # Worker
+
+    def start(self):
+        """Fork the workers and wait till each has dropped what is the parent's."""
+        self.workers = [self.spawn(index) for index in range(self.count)]
+        for worker in self.workers:
+            if select.select([worker.requests], [], [], WORKER_START_TIMEOUT)[0]:
+                worker.requests.recv(64)  # WORKER_READY, or nothing: a dead one is replaced
+
+    def spawn(self, index):
+        handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        requests, requests_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = fork_child(lambda: self.become_worker(index, handoff_end, requests_end), "worker %d" % index,
+                         keep=[handoff_end.fileno(), requests_end.fileno()])
+        handoff_end.close()
+        requests_end.close()
+        worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
+        self.events.watch(worker.pidfd, select.EPOLLIN, lambda _events: self.on_worker_exit(worker))
+        self.events.watch(requests.fileno(), select.EPOLLIN, lambda _events: self.on_worker_request(worker))
+        log.info("worker %d: pid %d", index, pid)
+        return worker
+
+    def become_worker(self, index, handoff, requests):
+        """In a forked worker (holding only its two channels): serve what the parent hands over."""
+        WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
+
+    def on_worker_exit(self, worker):
+        """A worker died: reap it and, unless stopping, have a new one serve what it served."""
+        _pid, status = os.waitpid(worker.pid, 0)
+        self.forget(worker)
+        if not self.running():
+            return
+        log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
+        answered, anew = answer_orphans(self.inflight, worker.index, self.registry.notify_fds())
+        if answered:
+            log.warning("worker %d: %d call(s) it left under way answered EINTR", worker.index, answered)
+        new = self.workers[worker.index] = self.spawn(worker.index)
+        new.containers = worker.containers
+        self.registry.worker_replaced(worker, new, anew)
+
+    def on_worker_request(self, worker):
+        """A worker's ParentChannel: a published port to lend it or take back, a busy container."""
+        try:
+            data = worker.requests.recv(4096)
+        except OSError:
+            return
+        if not data:
+            return  # the worker is gone: its pidfd says so
+        if data == WORKER_READY:
+            return  # a replacement's: nobody waits for it
+        what, argument, *binder = json.loads(data)
+        if what == "share":
+            self.registry.share(argument)
+        else:
+            self.loans.answer(what, argument, *binder)
+        worker.requests.send(b"ok")
+
+    def forget(self, worker):
+        self.events.unwatch(worker.pidfd)
+        self.events.unwatch(worker.requests.fileno())
+        worker.close()
+
+    def stop(self):
+        for worker in self.workers:
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for worker in self.workers:
+            if not select.select([worker.pidfd], [], [], 5)[0]:
+                os.kill(worker.pid, signal.SIGKILL)
+            os.waitpid(worker.pid, 0)
+            self.forget(worker)
+        self.workers = []
+
+    def refresh_auto(self):
+        for worker in self.workers:
+            os.kill(worker.pid, signal.SIGHUP)
+
+    def due(self):
+        return False  # a worker sweeps its own loop
+
+    def sweep(self):
+        pass
+
+    def index_of(self, worker):
+        return worker.index
+
+    def pids(self):
+        return [worker.pid for worker in self.workers]
 
 
 class EtcdClient:
@@ -3963,212 +4156,37 @@ class RuntimeMessage:
         self.timer = None
 
 
-class Routes:
-    """Where the containers' own published ports are: for the servers (--handle-c2c-connections:
-    peer_rows(); --multinode: the other nodes' rows, from the MultinodeAgent) and for etcd
-    (this node's keys, through the agent).
+class RuntimeListener:
+    """The daemon's sockets and the clients' connections to them: the runtimes' socket, and the
+    API's and each Bypass's (ApiFrontEnd), accepted and read here.
 
-    `containers` is the daemon's (OCI id -> Hosted), `workers()` its current servers.
+    A connection has MESSAGE_TIMEOUT seconds to send its whole message (and
+    its fds); out of fds, the oldest unfinished ones make room.  On a
+    runtimes' socket a message is a container's process (the OCI seccomp
+    agent's: state JSON and SCM_RIGHTS fds), given to on_container(data,
+    fds, bypass); or one of the two requests of this program itself:
+    TAKE_OVER_REQUEST, given to on_take_over(RuntimeMessage), and
+    STATUS_REQUEST, answered here with status().
     """
 
-    ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses
-
-    def __init__(self, events, containers, workers, bound, c2c, probe_peers, multinode):
-        self.events, self.containers, self.workers = events, containers, workers
-        self.bound = bound          # Reservations.bound_by
-        self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
-        self.multinode = multinode  # (etcd URL, this node's host address), or None
-        self.peers = []             # peer_rows() as the servers have them
-        self.nodes = []             # multinode_routes(), from the agent
-        self.agent = None           # (pid, channel) of the MultinodeAgent
-        self.registered = {}        # etcd key -> value: this node's, as the agent was sent them
-        self.limit = LogLimit()
-
-    def peer_rows(self):
-        """[version, address, container port, host IP or None, host port, container id, pid] of
-        the TCP ports each container publishes itself (its annotations, the API), and of the
-        daemon's -p ports a container has bound (as the Go tool registers them), at each of its
-        addresses."""
-        published = [(hosted, mapping) for hosted in self.containers.values()
-                     for mapping in map(mapping_from_json, (hosted.settings or {}).get("publish", ()))]
-        published += [(self.containers[cid], mapping) for mapping, cid in self.bound()
-                      if cid in self.containers]
-        return [[address.version, int(address), mapping.container_port,
-                 None if mapping.host_ip is None else str(mapping.host_ip), mapping.host_port, hosted.cid,
-                 hosted.pid]
-                for hosted, mapping in published if mapping.proto == _TCP and isinstance(hosted.pid, int)
-                for address in hosted.addresses]
-
-    def update(self):
-        """Tell the servers the containers' published ports at their addresses, and the agent
-        this node's keys, where those have changed."""
-        rows = self.peer_rows()
-        if self.c2c and rows != self.peers:
-            self.peers = rows
-            self.send(self.workers())
-        if self.agent is not None:
-            host = self.multinode[1]
-            registered = {MULTINODE_PREFIX + format_host_port(ipaddress.IPv4Address(address) if version == 4
-                                                              else ipaddress.IPv6Address(address), port):
-                          format_host_port(host, host_port)
-                          for version, address, port, _host_ip, host_port, _cid, _pid in rows}
-            if registered != self.registered:
-                self.registered = registered
-                try:
-                    self.agent[1].send(json.dumps(registered).encode())
-                except OSError as e:  # EMSGSIZE past some thousands of keys
-                    self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
-                                   len(registered), e.strerror)
-
-    def status(self):
-        """For `bypass4netns.py status`: what is routed, and to which etcd."""
-        return {"peers": len(self.peers) if self.c2c else None,
-                "nodes": len(self.nodes) if self.multinode else None,
-                "registered": len(self.registered) if self.multinode else None,
-                "etcd": self.multinode[0] if self.multinode else None,
-                "host_address": str(self.multinode[1]) if self.multinode else None,
-                "agent": self.agent[0] if self.agent else None}
-
-    def send(self, workers):
-        for worker in workers:
-            try:
-                worker.set_peers(self.peers, self.probe_peers, self.nodes)
-            except OSError as e:  # EMSGSIZE past some thousands of routes
-                self.limit.log(logging.ERROR, "cannot send worker %d the routes to %d peers and %d other nodes' "
-                               "ports: %s", worker.index, len(self.peers), len(self.nodes), e.strerror)
-
-    def refresh_addresses(self):
-        """Read the containers' addresses again (`podman network connect` adds one, say), every
-        ADDRESS_REFRESH seconds: their routes and keys follow."""
-        for hosted in self.containers.values():
-            hosted.addresses = container_addresses(hosted.pid)
-        self.update()
-        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
-
-    def start(self):
-        """Fork the MultinodeAgent if --multinode (the daemon's workers are forked already, and
-        no thread runs: a plain fork), and read the addresses again now and then."""
-        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
-        if self.multinode is None:
-            return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        url, host = self.multinode
-
-        # Signals are the daemon's to act on (SIG_IGN here): it hangs up to end the agent.
-        pid = fork_child(lambda: MultinodeAgent(theirs, url, host).run(), "the multinode agent",
-                         keep=[theirs.fileno()], signals=signal.SIG_IGN)
-        theirs.close()
-        self.agent = (pid, ours)
-        self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
-        log.info("multinode agent: pid %d, etcd at %s, this node at %s", pid, url, host)
-
-    def on_agent_message(self):
-        pid, channel = self.agent
-        try:
-            data = channel.recv(1 << 20)
-        except OSError:
-            data = b""
-        if not data:
-            log.error("the multinode agent (pid %d) is gone: connects to other nodes' containers go their "
-                      "normal way", pid)
-            self.stop()
-            self.nodes = []
-        else:
-            self.nodes = json.loads(data)
-        self.send(self.workers())
-
-    def stop(self, wait=0.0, end=False):
-        """Stop the agent and reap it, waiting up to `wait` seconds for it to end before SIGKILL.
-        With `end` it revokes its lease first, so this node's keys go; without, they stay till
-        the lease runs out (a daemon that takes over puts them again before)."""
-        if self.agent is None:
-            return
-        pid, channel = self.agent
-        self.agent = None
-        self.events.unwatch(channel.fileno())
-        if end:
-            try:
-                channel.send(MultinodeAgent.END)
-            except OSError:
-                pass
-        channel.close()
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
-            time.sleep(0.05)
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-
-
-class Daemon:
-    """Accepts the runtimes' messages and has their notifications served.
-
-    With one worker, by a Server on its own loop; with more, by forked
-    worker processes.  Either way the daemon keeps every notify fd and the
-    containers' counters, hands each container to one worker (its home) or,
-    once it is busy, to all, and holds the published ports for them all; a
-    worker that dies is replaced and the new one is handed the same filters.
-    Under a Keeper, it tells the keeper what it serves each time that changes.
-    """
-
-    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
-                 table=None, inflight=None, keeper=None, c2c=False, probe_peers=True,
-                 multinode=None, swap_guard=True):
-        self.socket_path = socket_path
-        self.debug = debug
-        self.events = Events()
-        self.reservations = Reservations(publish.values(), reserve_ports)
-        self.base = Settings(compile_networks(ignore), auto, publish, swap_guard=swap_guard)  # every container's
-        # A keeper's tables, when it has one: it reads them after this process dies.
-        self.table = CounterTable(workers) if table is None else table
-        self.inflight = InflightTable(workers) if inflight is None else inflight
-        self.keeper = keeper        # KeeperLink, or None with --no-keeper
-        self.exit_status = 0
-        self.worker_count = workers
-        self.workers = []           # Worker, or one LocalWorker
-        self.filters = {}           # notify fd -> Handed
-        self.containers = {}        # OCI id -> Hosted
-        self.routes = None          # Routes, with --handle-c2c-connections or --multinode
-        if c2c or multinode is not None:
-            self.routes = Routes(self.events, self.containers, lambda: self.workers, self.reservations.bound_by, c2c,
-                                 probe_peers, multinode)
-        self.serial = 0             # the last Handed.key
-        self.server = None
-        if workers == 1:
-            switcher = Switcher(self.events, self.base, LocalPorts(self), self.inflight.writer(0), debug)
-            self.server = Server(self.events, switcher, self.table)
-            self.workers = [LocalWorker(self.server)]
-        self.running = True
-        self.listener = None
-        self.signal_pipe = None
-        self.api_listener = None
-        self.handed_over = False
-        self.bypasses = {}          # BypassSpec id -> Bypass (the API's)
-        self.limit = LogLimit()
+    def __init__(self, events, socket_path, on_container, on_take_over, status):
+        self.events, self.socket_path = events, socket_path
+        self.on_container, self.on_take_over, self.status = on_container, on_take_over, status
+        self.listener = None        # the runtimes' socket's Listener
         self.messages = {}          # connection fd -> RuntimeMessage, oldest first
         self.out_of_fds = 0         # times the daemon had no fd for a runtime's connection or fds
+        self.limit = LogLimit()
 
-    def check_kernel(self):
-        sizes = get_notif_sizes()
-        if sizes is None:
-            return
-        for struct_type, got in ((SeccompNotif, sizes.seccomp_notif),
-                                 (SeccompNotifResp, sizes.seccomp_notif_resp),
-                                 (SeccompData, sizes.seccomp_data)):
-            if got != ctypes.sizeof(struct_type):
-                raise Error("kernel's struct %s is %d bytes, this daemon knows %d"
-                            % (struct_type.__name__, got, ctypes.sizeof(struct_type)))
-
-    def listen(self, api_path=None):
-        """The runtimes' socket, and the bypass4netnsd API's if asked for."""
+    def listen(self):
         self.listener = self.add_listener(self.socket_path, self.on_runtime_data)
-        if api_path is not None:
-            self.api_listener = self.add_listener(api_path, self.on_api_data)
 
     def add_listener(self, path, on_data, bypass=None):
-        listener = Listener(bind_unix_listener(path), path, on_data, bypass)
+        """A new socket at `path`; each client's RuntimeMessage goes to on_data."""
+        return self.adopt(bind_unix_listener(path), path, on_data, bypass)
+
+    def adopt(self, sock, path, on_data, bypass=None):
+        """A listening socket (a previous daemon's, or just bound) served from now on."""
+        listener = Listener(sock, path, on_data, bypass)
         self.watch_listener(listener)
         return listener
 
@@ -4180,7 +4198,10 @@ class Daemon:
         except FileNotFoundError:
             pass
 
-    # -- runtimes' messages ------------------------------------------------
+    def pause(self, listeners):
+        """Accept nothing more on `listeners` (a hand-over) until watch_listener()."""
+        for listener in listeners:
+            self.events.unwatch(listener.sock.fileno())
 
     def on_accept(self, listener):
         while True:
@@ -4247,7 +4268,8 @@ class Daemon:
             return
         request = message.data.strip()
         if not message.fds and request == TAKE_OVER_REQUEST:
-            self.hand_over(message)
+            self.take(message)
+            self.on_take_over(message.conn)
             return
         if not message.fds and request == STATUS_REQUEST:
             self.answer_status(message.conn)
@@ -4255,203 +4277,9 @@ class Daemon:
             return
         self.end_message(message, None)
         if message.data or message.fds:
-            self.on_container_process(bytes(message.data), message.fds, message.listener.bypass)
+            self.on_container(bytes(message.data), message.fds, message.listener.bypass)
         else:
             log.debug("a client of %s closed without a message", self.socket_path)
-
-    # -- hand-over (--take-over) ----------------------------------------------
-
-    def listeners(self):
-        return [listener for listener in [self.listener, self.api_listener] + [
-            bypass.listener for bypass in self.bypasses.values()] if listener is not None]
-
-    def hand_over(self, message):
-        """A new daemon asks for everything: stop serving, send it every socket, notify fd, held
-        port and container, then exit leaving all of them to it.  A blocking connect under way
-        is answered EINTR (the connection goes on); other calls wait in the kernel meanwhile."""
-        message.timer.cancel()
-        del self.messages[message.conn.fileno()]
-        self.events.unwatch(message.conn.fileno())
-        conn = message.conn
-        log.warning("handing over to a new daemon")
-        listeners = self.stop_everything()
-        fds = []
-
-        def ref(fd, _ident):
-            fds.append(fd)
-            return len(fds) - 1
-        try:
-            conn.settimeout(30)
-            send_state(conn, self.snapshot(ref), fds)
-            if conn.recv(2) != b"ok":
-                raise OSError(errno.EPIPE, "the new daemon did not confirm")
-        except OSError as e:
-            log.error("hand-over failed (%s): serving on", e.strerror or e)
-            conn.close()
-            self.resume_serving(listeners)
-            return
-        conn.close()
-        log.warning("handed over: %d containers, %d sockets and ports; exiting", len(self.containers), len(fds))
-        self.handed_over = True
-        self.stop()
-
-    def stop_everything(self):
-        """Before a hand-over: accept nothing more and answer nothing more; returns the listeners."""
-        listeners = self.listeners()
-        for listener in listeners:
-            self.events.unwatch(listener.sock.fileno())
-        self.stop_serving()
-        return listeners
-
-    def snapshot(self, ref, for_keeper=False):
-        """What a next daemon needs to serve on, as JSON-able values; each fd in it is
-        ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  For the
-        keeper, the published ports held are named, not their sockets (a duplicate of one
-        would keep it bound when a container is lent it), and the counters are left to the
-        table it shares."""
-        def ref_socket(sock):
-            return ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)  # an inode per socket
-        return {
-            "listeners": [{"fd": ref_socket(listener.sock), "path": listener.path,
-                           "api": listener is self.api_listener, "bypass": None if listener.bypass is None else {
-                               "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
-                          for listener in self.listeners()],
-            "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "key": handed.key, "cid": handed.cid,
-                         "pid": handed.pid, "metadata": handed.metadata}
-                        for notify_fd, handed in self.filters.items()],
-            "containers": {cid: {"settings": hosted.settings, "slot": hosted.slot,
-                                 "counters": None if for_keeper else self.table.totals(hosted.slot)}
-                           for cid, hosted in self.containers.items()},
-            "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
-                        "binder": self.reservations.bound.get(self.reservations.key(mapping)),
-                        "fd": ref_socket(sock) if sock is not None and not for_keeper else None}
-                       for mapping, owner, sock in self.reservations.export()],
-        }
-
-    # -- the keeper ----------------------------------------------------------
-
-    def changed(self):
-        """What snapshot() gives has changed: the keeper learns it once this turn of the loop ends,
-        and the Routes their changes."""
-        if self.keeper is not None and self.keeper.timer is None:
-            self.keeper.timer = self.events.call_at(0, self.sync_keeper)
-        if self.routes is not None:
-            self.routes.update()
-
-    def sync_keeper(self):
-        """Send the keeper a snapshot(), with the fds it does not hold yet."""
-        link = self.keeper
-        if link is None:
-            return
-        if link.timer is not None:
-            link.timer.cancel()
-            link.timer = None
-        fds, new, held = [], [], set()
-
-        def ref(fd, ident):
-            held.add(ident)
-            if ident not in link.held:
-                fds.append(fd)
-                new.append(ident)
-            return ident
-        state = self.snapshot(ref, for_keeper=True)
-        state["new"] = new
-        try:
-            send_state(link.sock, state, fds)
-        except OSError as e:
-            log.error("the keeper takes no more of the daemon's state (%s): if this process dies now, "
-                      "its containers are not served on", e.strerror or e)
-            link.sock.close()
-            self.keeper = None
-            return
-        link.held = held
-
-    def hand_back(self):
-        """SIGUSR2: stop serving and leave everything to the keeper, which runs the script anew."""
-        if self.keeper is None:
-            log.error("SIGUSR2: nothing to reload to: this daemon runs without a keeper (--no-keeper); "
-                      "start the new version with --take-over")
-            return
-        log.warning("reloading: handing everything to the keeper")
-        listeners = self.stop_everything()
-        self.sync_keeper()
-        if self.keeper is None:
-            self.resume_serving(listeners)
-            return
-        self.handed_over = True
-        self.exit_status = EXIT_RELOAD
-        self.stop()
-
-    def stop_serving(self):
-        if self.server is not None:
-            self.server.close()
-        else:
-            self.stop_workers()
-
-    def resume_serving(self, listeners):
-        """After a failed hand-over: serve again, as if the workers had died."""
-        self.start_workers()
-        for worker in self.workers:
-            worker.containers.clear()
-        for hosted in self.containers.values():
-            hosted.home, hosted.shared = min(self.workers, key=lambda w: len(w.containers)), False
-            hosted.home.containers.add(hosted.cid)
-            for notify_fd in hosted.filters:
-                hosted.home.hand(self.filters[notify_fd], hosted)
-        for listener in listeners:
-            self.watch_listener(listener)
-
-    def adopt_sockets(self, state, fds, api_path):
-        """--take-over, before the workers start: the previous daemon's sockets and ports."""
-        for entry in state["listeners"]:
-            sock = socket.socket(fileno=fds[entry["fd"]])
-            sock.setblocking(False)
-            bypass = entry["bypass"]
-            if bypass is not None:
-                self.bypasses[bypass["spec"]["id"]] = adopted = Bypass(bypass["spec"], bypass["settings"])
-                adopted.listener = Listener(sock, entry["path"], self.on_runtime_data, adopted)
-                self.watch_listener(adopted.listener)
-            elif entry["api"] and entry["path"] != api_path:
-                sock.close()  # this daemon serves no API there
-                try:
-                    os.unlink(entry["path"])
-                except FileNotFoundError:
-                    pass
-            else:
-                listener = Listener(sock, entry["path"], self.on_api_data if entry["api"] else self.on_runtime_data,
-                                    None)
-                setattr(self, "api_listener" if entry["api"] else "listener", listener)
-                self.watch_listener(listener)
-        reservations = self.reservations
-        adopted = set()
-        for entry in state["claims"]:
-            sock = None if entry["fd"] is None else socket.socket(fileno=fds[entry["fd"]])
-            mapping = mapping_from_json(entry["mapping"])
-            reservations.adopt(mapping, entry["owner"], sock, entry.get("binder"))
-            adopted.add(reservations.key(mapping))
-        for mapping in reservations.wanted:
-            key = reservations.key(mapping)
-            reservations.take(mapping)  # an adopted port a container has bound is not free: fine
-            if key not in reservations.held and key not in adopted:
-                log.warning("cannot reserve published port %r yet: retried every second", mapping)
-        if self.listener is None:
-            self.listener = self.add_listener(self.socket_path, self.on_runtime_data)
-        if api_path is not None and self.api_listener is None:
-            self.api_listener = self.add_listener(api_path, self.on_api_data)
-
-    def adopt_containers(self, state, fds):
-        """--take-over, once the workers run: the previous daemon's containers and their counters."""
-        containers = state["containers"]
-        keys = {}           # the previous daemon's filter keys -> this one's
-        for entry in state["filters"]:
-            container = containers[entry["cid"]]
-            self.host_filter(fds[entry["fd"]], entry["cid"], entry["pid"], entry["metadata"],
-                             lambda c=container: c["settings"], container["counters"])
-            keys[entry["key"]] = self.serial
-        for key, notif in state.get("anew", ()):
-            if key in keys:
-                self.handle_anew(keys[key], base64.b64decode(notif))
-        log.warning("took over %d containers from the previous daemon", len(containers))
 
     def answer_status(self, conn):
         """`bypass4netns.py status`: the answer is written without waiting, or cut."""
@@ -4465,159 +4293,196 @@ class Daemon:
         if sent < len(reply):
             self.limit.log(logging.WARNING, "a status answer was cut: %s", why)
 
-    # -- the bypass4netnsd API -------------------------------------------------
-
-    def on_api_data(self, message):
-        """An HTTP request on the API socket: answered once complete, then the connection closed."""
-        ended = False
-        try:
-            while not ended:
-                data = message.conn.recv(1 << 16)
-                ended = not data
-                message.data += data
-                if len(message.data) > API_HEAD_MAX + API_BODY_MAX:
-                    raise ApiError(413, "a request longer than %d bytes" % (API_HEAD_MAX + API_BODY_MAX))
-        except (BlockingIOError, InterruptedError):
-            pass
-        except ApiError as e:
-            self.answer_api(message, e.status, {"message": str(e)})
-            return
-        except OSError as e:
-            self.end_message(message, "API client: %s" % e.strerror)
-            return
-        try:
-            request = parse_http_request(message.data)
-            if request is None:
-                if not ended:
-                    return  # more to come
-                if not message.data:
-                    self.end_message(message, None)  # connected and said nothing
-                    return
-                raise ApiError(400, "the request ended before it was complete")
-            status, payload = self.api_call(*request)
-        except ApiError as e:
-            status, payload = e.status, {"message": str(e)}
-        except Exception as e:  # a bug: this request fails, the daemon serves on
-            log.exception("API request failed")
-            status, payload = 500, {"message": "internal error: %s" % e}
-        self.answer_api(message, status, payload)
-
-    def answer_api(self, message, status, payload):
-        reply = format_http_response(status, payload)
-        try:
-            sent = message.conn.send(reply)
-        except OSError:
-            sent = 0
-        self.end_message(message, None if sent == len(reply) else "API client: the answer was cut")
-
-    def api_call(self, method, path, body):
-        """(HTTP status, JSON payload or None) of one API request."""
-        if path == "/v1/bypass":
-            if method == "GET":
-                return 200, [self.bypass_status(bypass) for bypass in self.bypasses.values()]
-            if method == "POST":
-                return 201, self.bypass_status(self.start_bypass(*parse_bypass_spec(body)))
-            raise ApiError(405, "%s %s: GET or POST" % (method, path))
-        if path.startswith("/v1/bypass/"):
-            if method != "DELETE":
-                raise ApiError(405, "%s %s: DELETE" % (method, path))
-            sid = path[len("/v1/bypass/"):]
-            if sid not in self.bypasses:
-                raise ApiError(400, "no bypass with id %r" % sid)
-            self.stop_bypass(sid)
-            return 200, None
-        raise ApiError(404, "no such path: %s" % path)
-
-    @property
-    def main_pid(self):
-        """The process to signal, whose pid the pid files hold: the keeper's if there is one."""
-        return os.getpid() if self.keeper is None else os.getppid()
-
-    def bypass_status(self, bypass):
-        return {"id": bypass.spec["id"], "pid": self.main_pid, "spec": bypass.spec}
-
-    def start_bypass(self, spec, ignore, publish, ignore_bind):
-        """A BypassSpec's socket, listening before this returns (the runtime connects at once):
-        containers that come through it get its ports and subnets, held until it is stopped."""
-        sid = spec["id"]
-        if sid in self.bypasses:
-            raise ApiError(400, "a bypass with id %r exists" % sid)
-        directory = os.path.dirname(spec["socketPath"])
-        if not os.path.isdir(directory):
-            raise ApiError(400, "socketPath: no directory %s" % directory)
-        owner = "bypass " + sid
-        own, in_use, unreserved = self.reservations.claim(owner, [m for p in publish for m in parse_publish(p)])
-        if in_use:
-            self.reservations.release(owner)
-            raise ApiError(400, "portMapping: host port %s published already" % ", ".join(
-                "%d/%s" % (m.host_port, m.proto) for m, _holder in in_use))
-        for mapping, why in unreserved:
-            log.warning("bypass %s: %r: host port cannot be reserved yet (%s): retried every second", sid, mapping, why)
-        bypass = Bypass(spec, {"ignore": ignore, "publish": [mapping_to_json(m) for m in own], "in_use": [],
-                               "ignore_bind": ignore_bind})
-        try:
-            bypass.listener = self.add_listener(spec["socketPath"], self.on_runtime_data, bypass)
-            if spec.get("pidFilePath"):
-                with open(spec["pidFilePath"], "w") as f:
-                    f.write("%d\n" % self.main_pid)
-        except (OSError, Error) as e:
-            if bypass.listener is not None:
-                self.close_listener(bypass.listener)
-            self.reservations.release(owner)
-            raise ApiError(400, "socketPath %s: %s" % (spec["socketPath"], getattr(e, "strerror", None) or e)) from None
-        self.bypasses[sid] = bypass
-        self.changed()
-        log.info("bypass %s: listening on %s%s", sid, spec["socketPath"],
-                 "; publishing " + ", ".join(map(repr, own)) if own else "")
-        return bypass
-
-    def stop_bypass(self, sid):
-        """Close a Bypass's socket, remove its pid file, free its ports; its containers' calls
-        go on being answered (the daemon holds their notify fds already)."""
-        bypass = self.bypasses.pop(sid)
-        self.close_listener(bypass.listener)
-        if bypass.spec.get("pidFilePath"):
-            try:
-                os.unlink(bypass.spec["pidFilePath"])
-            except FileNotFoundError:
-                pass
-        self.reservations.release("bypass " + sid)
-        self.changed()
-        log.info("bypass %s: stopped", sid)
-
-    def status(self):
-        """The daemon, its workers and every container it serves, as JSON-able values."""
-        containers = []
-        for hosted in self.containers.values():
-            settings = hosted.settings or {}
-            published = self.base.with_container(hosted.settings).publish.values()
-            containers.append({
-                "id": hosted.cid,
-                "processes": [self.filters[fd].pid for fd in hosted.filters],
-                "worker": None if self.server is not None else hosted.home.index,
-                "shared": hosted.shared,
-                "published": [repr(m) for m in published],
-                "port_in_use": ["%d/%s" % (port, proto) for proto, port in settings.get("in_use", ())],
-                "ignore": settings.get("ignore", []),
-                "counters": dict(zip(COUNTERS, self.table.totals(hosted.slot))),
-            })
-        return {"pid": self.main_pid, "daemon": os.getpid(),
-                "version": __version__, "socket": self.socket_path,
-                "workers": [worker.pid for worker in self.workers if isinstance(worker, Worker)],
-                "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.out_of_fds,
-                "routes": None if self.routes is None else self.routes.status(),
-                "containers": containers}
-
-    def end_message(self, message, error):
-        """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
+    def take(self, message):
+        """Stop reading `message`: its connection is the caller's now."""
         message.timer.cancel()
         del self.messages[message.conn.fileno()]
         self.events.unwatch(message.conn.fileno())
+
+    def end_message(self, message, error):
+        """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
+        self.take(message)
         message.conn.close()
         if error is not None:
             for fd in message.fds:
                 os.close(fd)
             self.limit.log(logging.ERROR, "dropping a runtime message: %s", error)
+
+    def close(self):
+        if self.listener is not None:
+            self.close_listener(self.listener)
+
+
+class Routes:
+    """Where the containers' own published ports are: for the servers (--handle-c2c-connections:
+    peer_rows(); --multinode: the other nodes' rows, from the MultinodeAgent) and for etcd
+    (this node's keys, through the agent).  Without either it is idle: nothing is read, sent
+    or started.
+
+    `containers()` are the daemon's (OCI id -> Hosted), `workers()` its current servers;
+    the ContainerRegistry and PortLoans tell it when they change (update()).
+    """
+
+    ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses
+
+    def __init__(self, events, containers, workers, bound, c2c, probe_peers, multinode):
+        self.events, self.containers, self.workers = events, containers, workers
+        self.bound = bound          # Reservations.bound_by
+        self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
+        self.multinode = multinode  # (etcd URL, this node's host address), or None
+        self.active = c2c or multinode is not None
+        self.peers = []             # peer_rows() as the servers have them
+        self.nodes = []             # multinode_routes(), from the agent
+        self.agent = None           # (pid, channel) of the MultinodeAgent
+        self.registered = {}        # etcd key -> value: this node's, as the agent was sent them
+        self.limit = LogLimit()
+
+    def peer_rows(self):
+        """[version, address, container port, host IP or None, host port, container id, pid] of
+        the TCP ports each container publishes itself (its annotations, the API), and of the
+        daemon's -p ports a container has bound (as the Go tool registers them), at each of its
+        addresses."""
+        containers = self.containers()
+        published = [(hosted, mapping) for hosted in containers.values()
+                     for mapping in map(mapping_from_json, (hosted.settings or {}).get("publish", ()))]
+        published += [(containers[cid], mapping) for mapping, cid in self.bound()
+                      if cid in containers]
+        return [[address.version, int(address), mapping.container_port,
+                 None if mapping.host_ip is None else str(mapping.host_ip), mapping.host_port, hosted.cid,
+                 hosted.pid]
+                for hosted, mapping in published if mapping.proto == _TCP and isinstance(hosted.pid, int)
+                for address in hosted.addresses]
+
+    def update(self):
+        """Tell the servers the containers' published ports at their addresses, and the agent
+        this node's keys, where those have changed."""
+        if not self.active:
+            return
+        rows = self.peer_rows()
+        if self.c2c and rows != self.peers:
+            self.peers = rows
+            self.send(self.workers())
+        if self.agent is not None:
+            host = self.multinode[1]
+            registered = {MULTINODE_PREFIX + format_host_port(ipaddress.IPv4Address(address) if version == 4
+                                                              else ipaddress.IPv6Address(address), port):
+                          format_host_port(host, host_port)
+                          for version, address, port, _host_ip, host_port, _cid, _pid in rows}
+            if registered != self.registered:
+                self.registered = registered
+                try:
+                    self.agent[1].send(json.dumps(registered).encode())
+                except OSError as e:  # EMSGSIZE past some thousands of keys
+                    self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
+                                   len(registered), e.strerror)
+
+    def status(self):
+        """For `bypass4netns.py status`: what is routed, and to which etcd; None if idle."""
+        if not self.active:
+            return None
+        return {"peers": len(self.peers) if self.c2c else None,
+                "nodes": len(self.nodes) if self.multinode else None,
+                "registered": len(self.registered) if self.multinode else None,
+                "etcd": self.multinode[0] if self.multinode else None,
+                "host_address": str(self.multinode[1]) if self.multinode else None,
+                "agent": self.agent[0] if self.agent else None}
+
+    def send(self, workers):
+        if not self.active:
+            return
+        for worker in workers:
+            try:
+                worker.set_peers(self.peers, self.probe_peers, self.nodes)
+            except OSError as e:  # EMSGSIZE past some thousands of routes
+                self.limit.log(logging.ERROR, "cannot send worker %d the routes to %d peers and %d other nodes' "
+                               "ports: %s", worker.index, len(self.peers), len(self.nodes), e.strerror)
+
+    def refresh_addresses(self):
+        """Read the containers' addresses again (`podman network connect` adds one, say), every
+        ADDRESS_REFRESH seconds: their routes and keys follow."""
+        for hosted in self.containers().values():
+            hosted.addresses = container_addresses(hosted.pid)
+        self.update()
+        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
+
+    def start(self):
+        """Fork the MultinodeAgent if --multinode (the daemon's workers are forked already, and
+        no thread runs: a plain fork), and read the addresses again now and then."""
+        if not self.active:
+            return
+        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
+        if self.multinode is None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        url, host = self.multinode
+
+        # Signals are the daemon's to act on (SIG_IGN here): it hangs up to end the agent.
+        pid = fork_child(lambda: MultinodeAgent(theirs, url, host).run(), "the multinode agent",
+                         keep=[theirs.fileno()], signals=signal.SIG_IGN)
+        theirs.close()
+        self.agent = (pid, ours)
+        self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
+        log.info("multinode agent: pid %d, etcd at %s, this node at %s", pid, url, host)
+
+    def addresses(self, pid):
+        """A new container's own addresses (its first process `pid`), if they are routed."""
+        return container_addresses(pid) if self.active else ()
+
+    def on_agent_message(self):
+        pid, channel = self.agent
+        try:
+            data = channel.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            log.error("the multinode agent (pid %d) is gone: connects to other nodes' containers go their "
+                      "normal way", pid)
+            self.stop()
+            self.nodes = []
+        else:
+            self.nodes = json.loads(data)
+        self.send(self.workers())
+
+    def stop(self, wait=0.0, end=False):
+        """Stop the agent and reap it, waiting up to `wait` seconds for it to end before SIGKILL.
+        With `end` it revokes its lease first, so this node's keys go; without, they stay till
+        the lease runs out (a daemon that takes over puts them again before)."""
+        if self.agent is None:
+            return
+        pid, channel = self.agent
+        self.agent = None
+        self.events.unwatch(channel.fileno())
+        if end:
+            try:
+                channel.send(MultinodeAgent.END)
+            except OSError:
+                pass
+        channel.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
+            time.sleep(0.05)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+class ContainerRegistry:
+    """The containers the daemon serves (OCI id -> Hosted) and their filters (notify fd ->
+    Handed): it adopts a container's processes as a runtime sends them, works out what the
+    container's annotations add to the daemon's flags, hands each filter to the pool's
+    workers (its home's, or every worker's once it is busy) and frees a filter once every
+    process of it has exited.  A container come or gone changes the keeper's snapshot and
+    Routes' rows: both are told where it happens."""
+
+    def __init__(self, events, base, table, reservations, pool, keeper, routes):
+        self.events, self.base, self.table, self.reservations = events, base, table, reservations
+        self.pool, self.keeper, self.routes = pool, keeper, routes
+        self.containers = {}        # OCI id -> Hosted
+        self.filters = {}           # notify fd -> Handed
+        self.serial = 0             # the last Handed.key
+        self.limit = LogLimit()
 
     def on_container_process(self, data, fds, bypass=None):
         """A runtime's message: container state JSON + SCM_RIGHTS fds; through the socket of
@@ -4658,10 +4523,9 @@ class Daemon:
                 return
             if counters:
                 self.table.row(0, slot)[:] = array.array("q", counters)
-            home = min(self.workers, key=lambda w: len(w.containers))
+            home = self.pool.least_busy()
             hosted = self.containers[cid] = Hosted(cid, slot, home, settings(), pid)
-            if self.routes is not None:
-                hosted.addresses = container_addresses(pid)
+            hosted.addresses = self.routes.addresses(pid)
             home.containers.add(cid)
         self.serial += 1
         handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, pid, metadata)
@@ -4671,7 +4535,8 @@ class Daemon:
         self.events.watch(notify_fd, 0, lambda _events: self.on_filter_gone(notify_fd))
         for worker in self.servers_of(hosted):
             worker.hand(handed, hosted)
-        self.changed()
+        self.keeper.changed()       # a filter to hold, maybe a container
+        self.routes.update()        # a container's addresses and ports
 
     def container_settings(self, cid, state):
         """What container `cid`'s annotations add to the daemon's flags, as its servers are
@@ -4700,7 +4565,12 @@ class Daemon:
                 "in_use": [[m.proto, m.container_port] for m, _holder in in_use], "ignore_bind": ignore_bind}
 
     def servers_of(self, hosted):
-        return self.workers if hosted.shared else (hosted.home,)
+        return self.pool.workers if hosted.shared else (hosted.home,)
+
+    def hand(self, hosted, worker):
+        """Every filter of `hosted` to `worker`."""
+        for notify_fd in hosted.filters:
+            worker.hand(self.filters[notify_fd], hosted)
 
     def on_filter_gone(self, notify_fd):
         """A filter every process of which has exited: free it here and in its servers."""
@@ -4708,7 +4578,7 @@ class Daemon:
         handed = self.filters.pop(notify_fd)
         hosted = self.containers[handed.cid]
         if hosted.shared:
-            for worker in self.workers:
+            for worker in self.pool.workers:
                 worker.drop(handed.key)
         os.close(notify_fd)
         hosted.filters.discard(notify_fd)
@@ -4718,7 +4588,8 @@ class Daemon:
             log.info("container %s: gone (%s)", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
             self.table.release(hosted.slot)
             self.reservations.release(hosted.cid)
-        self.changed()
+        self.keeper.changed()       # a filter not to hold, maybe a container and its ports
+        self.routes.update()        # maybe a container's addresses and ports
 
     def share(self, cid):
         """A worker found container `cid` busy, and receives on its filters as one of several now."""
@@ -4726,72 +4597,10 @@ class Daemon:
         if hosted is None or hosted.shared:
             return
         hosted.shared = True
-        for worker in self.workers:
+        for worker in self.pool.workers:
             if worker is not hosted.home:
-                for notify_fd in hosted.filters:
-                    worker.hand(self.filters[notify_fd], hosted)
-        log.info("container %s: busy, now served by %d workers", cid[:12], len(self.workers))
-
-    def log_counters(self):
-        if not self.containers:
-            log.warning("no containers")
-        for hosted in self.containers.values():
-            log.warning("container %s: %s", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
-        if self.out_of_fds:
-            log.warning("daemon: out of file descriptors %d times (runtimes' connections and fds)", self.out_of_fds)
-
-    # -- workers -------------------------------------------------------------
-
-    def start_workers(self):
-        """Fork the workers and wait till each has dropped what is the parent's."""
-        if self.server is None:
-            self.workers = [self.spawn_worker(index) for index in range(self.worker_count)]
-            for worker in self.workers:
-                if select.select([worker.requests], [], [], WORKER_START_TIMEOUT)[0]:
-                    worker.requests.recv(64)  # WORKER_READY, or nothing: a dead one is replaced
-
-    def spawn_worker(self, index):
-        handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        requests, requests_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = fork_child(lambda: self.become_worker(index, handoff_end, requests_end), "worker %d" % index,
-                         keep=[handoff_end.fileno(), requests_end.fileno()])
-        handoff_end.close()
-        requests_end.close()
-        worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
-        self.events.watch(worker.pidfd, select.EPOLLIN, lambda _events: self.on_worker_exit(worker))
-        self.events.watch(requests.fileno(), select.EPOLLIN, lambda _events: self.on_worker_request(worker))
-        log.info("worker %d: pid %d", index, pid)
-        return worker
-
-    def become_worker(self, index, handoff, requests):
-        """In a forked worker (holding only its two channels): serve what the parent hands over."""
-        WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
-
-    def on_worker_exit(self, worker):
-        """A worker died: reap it and, unless stopping, hand its filters to a new one."""
-        _pid, status = os.waitpid(worker.pid, 0)
-        self.events.unwatch(worker.pidfd)
-        self.events.unwatch(worker.requests.fileno())
-        worker.close()
-        if not self.running:
-            return
-        log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
-        answered, anew = answer_orphans(self.inflight, worker.index,
-                                        {handed.key: handed.notify_fd for handed in self.filters.values()})
-        if answered:
-            log.warning("worker %d: %d call(s) it left under way answered EINTR", worker.index, answered)
-        new = self.workers[worker.index] = self.spawn_worker(worker.index)
-        new.containers = worker.containers
-        if self.routes is not None:
-            self.routes.send([new])
-        for hosted in self.containers.values():
-            if hosted.home is worker:
-                hosted.home = new
-            if hosted.home is new or hosted.shared:
-                for notify_fd in hosted.filters:
-                    new.hand(self.filters[notify_fd], hosted)
-        for key, notif in anew:
-            self.handle_anew(key, notif)
+                self.hand(hosted, worker)
+        log.info("container %s: busy, now served by %d workers", cid[:12], len(self.pool.workers))
 
     def handle_anew(self, key, notif):
         """A notification a dead process had taken and not answered: to the container's home
@@ -4800,46 +4609,572 @@ class Daemon:
         if handed is not None:
             self.containers[handed.cid].home.handle_anew(key, notif)
 
-    def on_worker_request(self, worker):
-        """A worker's ParentChannel: a published port to lend it or take back, a busy container."""
-        try:
-            data = worker.requests.recv(4096)
-        except OSError:
-            return
-        if not data:
-            return  # the worker is gone: its pidfd says so
-        if data == WORKER_READY:
-            return  # a replacement's: nobody waits for it
-        what, argument, *binder = json.loads(data)
-        if what == "share":
-            self.share(argument)
-        else:
-            reservations = self.reservations
-            mapping = mapping_from_json(argument)
-            if reservations.key(mapping) in reservations.claims:  # a worker lends only what is published
-                if what == "lend":
-                    reservations.lend(mapping)
-                else:
-                    reservations.end_loan(mapping, what == "bound", *binder)
-                    self.changed()  # a container's address and this port: Routes
-        worker.requests.send(b"ok")
+    def notify_fds(self):
+        """{filter key: notify fd}, to answer what a dead worker left (answer_orphans)."""
+        return {handed.key: handed.notify_fd for handed in self.filters.values()}
 
-    def stop_workers(self):
-        if self.server is not None:
+    def worker_replaced(self, old, new, anew):
+        """Worker `new` took dead `old`'s place: it gets the routes, and every filter `old` served,
+        and handles `anew` what `old` had taken."""
+        self.routes.send([new])
+        for hosted in self.containers.values():
+            if hosted.home is old:
+                hosted.home = new
+            if hosted.home is new or hosted.shared:
+                self.hand(hosted, new)
+        for key, notif in anew:
+            self.handle_anew(key, notif)
+
+    def rehome(self):
+        """After a hand-over that failed, the pool serving anew: each container to one worker."""
+        for worker in self.pool.workers:
+            worker.containers.clear()
+        for hosted in self.containers.values():
+            hosted.home, hosted.shared = self.pool.least_busy(), False
+            hosted.home.containers.add(hosted.cid)
+            self.hand(hosted, hosted.home)
+
+    def status(self):
+        """Every container served, for `bypass4netns.py status`."""
+        containers = []
+        for hosted in self.containers.values():
+            settings = hosted.settings or {}
+            published = self.base.with_container(hosted.settings).publish.values()
+            containers.append({
+                "id": hosted.cid,
+                "processes": [self.filters[fd].pid for fd in hosted.filters],
+                "worker": self.pool.index_of(hosted.home),
+                "shared": hosted.shared,
+                "published": [repr(m) for m in published],
+                "port_in_use": ["%d/%s" % (port, proto) for proto, port in settings.get("in_use", ())],
+                "ignore": settings.get("ignore", []),
+                "counters": dict(zip(COUNTERS, self.table.totals(hosted.slot))),
+            })
+        return containers
+
+    def log_counters(self):
+        if not self.containers:
+            log.warning("no containers")
+        for hosted in self.containers.values():
+            log.warning("container %s: %s", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
+
+    def close(self):
+        for notify_fd in self.filters:
+            os.close(notify_fd)
+        self.filters.clear()
+
+
+class ApiFrontEnd:
+    """The bypass4netnsd API (nerdctl's: HTTP/1.1 over a unix socket, above): its socket, and
+    the Bypasses it started, each a runtimes' socket whose containers get its ports and
+    subnets.  Its sockets are accepted and read by the RuntimeListener.  A Bypass started or
+    stopped changes the keeper's snapshot (a socket, claimed ports): the keeper link is told.
+    Routes are not: a Bypass's ports are its containers' settings, routed as theirs."""
+
+    def __init__(self, runtime, reservations, keeper):
+        self.runtime, self.reservations, self.keeper = runtime, reservations, keeper
+        self.listener = None        # the API socket's Listener, once it listens
+        self.bypasses = {}          # BypassSpec id -> Bypass
+
+    def listen(self, api_path):
+        self.listener = self.runtime.add_listener(api_path, self.on_api_data)
+
+    def adopt(self, sock, path):
+        """A previous daemon's API socket (--take-over)."""
+        self.listener = self.runtime.adopt(sock, path, self.on_api_data)
+
+    def adopt_bypass(self, sock, path, spec, settings):
+        """A previous daemon's Bypass, its socket listening (--take-over)."""
+        self.bypasses[spec["id"]] = bypass = Bypass(spec, settings)
+        bypass.listener = self.runtime.adopt(sock, path, self.runtime.on_runtime_data, bypass)
+
+    def listeners(self):
+        return [listener for listener in [self.listener] + [bypass.listener for bypass in self.bypasses.values()]
+                if listener is not None]
+
+    def on_api_data(self, message):
+        """An HTTP request on the API socket: answered once complete, then the connection closed."""
+        ended = False
+        try:
+            while not ended:
+                data = message.conn.recv(1 << 16)
+                ended = not data
+                message.data += data
+                if len(message.data) > API_HEAD_MAX + API_BODY_MAX:
+                    raise ApiError(413, "a request longer than %d bytes" % (API_HEAD_MAX + API_BODY_MAX))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ApiError as e:
+            self.answer_api(message, e.status, {"message": str(e)})
             return
-        for worker in self.workers:
+        except OSError as e:
+            self.runtime.end_message(message, "API client: %s" % e.strerror)
+            return
+        try:
+            request = parse_http_request(message.data)
+            if request is None:
+                if not ended:
+                    return  # more to come
+                if not message.data:
+                    self.runtime.end_message(message, None)  # connected and said nothing
+                    return
+                raise ApiError(400, "the request ended before it was complete")
+            status, payload = self.api_call(*request)
+        except ApiError as e:
+            status, payload = e.status, {"message": str(e)}
+        except Exception as e:  # a bug: this request fails, the daemon serves on
+            log.exception("API request failed")
+            status, payload = 500, {"message": "internal error: %s" % e}
+        self.answer_api(message, status, payload)
+
+    def answer_api(self, message, status, payload):
+        reply = format_http_response(status, payload)
+        try:
+            sent = message.conn.send(reply)
+        except OSError:
+            sent = 0
+        self.runtime.end_message(message, None if sent == len(reply) else "API client: the answer was cut")
+
+    def api_call(self, method, path, body):
+        """(HTTP status, JSON payload or None) of one API request."""
+        if path == "/v1/bypass":
+            if method == "GET":
+                return 200, [self.bypass_status(bypass) for bypass in self.bypasses.values()]
+            if method == "POST":
+                return 201, self.bypass_status(self.start_bypass(*parse_bypass_spec(body)))
+            raise ApiError(405, "%s %s: GET or POST" % (method, path))
+        if path.startswith("/v1/bypass/"):
+            if method != "DELETE":
+                raise ApiError(405, "%s %s: DELETE" % (method, path))
+            sid = path[len("/v1/bypass/"):]
+            if sid not in self.bypasses:
+                raise ApiError(400, "no bypass with id %r" % sid)
+            self.stop_bypass(sid)
+            return 200, None
+        raise ApiError(404, "no such path: %s" % path)
+
+    def bypass_status(self, bypass):
+        return {"id": bypass.spec["id"], "pid": self.keeper.main_pid, "spec": bypass.spec}
+
+    def start_bypass(self, spec, ignore, publish, ignore_bind):
+        """A BypassSpec's socket, listening before this returns (the runtime connects at once):
+        containers that come through it get its ports and subnets, held until it is stopped."""
+        sid = spec["id"]
+        if sid in self.bypasses:
+            raise ApiError(400, "a bypass with id %r exists" % sid)
+        directory = os.path.dirname(spec["socketPath"])
+        if not os.path.isdir(directory):
+            raise ApiError(400, "socketPath: no directory %s" % directory)
+        owner = "bypass " + sid
+        own, in_use, unreserved = self.reservations.claim(owner, [m for p in publish for m in parse_publish(p)])
+        if in_use:
+            self.reservations.release(owner)
+            raise ApiError(400, "portMapping: host port %s published already" % ", ".join(
+                "%d/%s" % (m.host_port, m.proto) for m, _holder in in_use))
+        for mapping, why in unreserved:
+            log.warning("bypass %s: %r: host port cannot be reserved yet (%s): retried every second", sid, mapping, why)
+        bypass = Bypass(spec, {"ignore": ignore, "publish": [mapping_to_json(m) for m in own], "in_use": [],
+                               "ignore_bind": ignore_bind})
+        try:
+            bypass.listener = self.runtime.add_listener(spec["socketPath"], self.runtime.on_runtime_data, bypass)
+            if spec.get("pidFilePath"):
+                with open(spec["pidFilePath"], "w") as f:
+                    f.write("%d\n" % self.keeper.main_pid)
+        except (OSError, Error) as e:
+            if bypass.listener is not None:
+                self.runtime.close_listener(bypass.listener)
+            self.reservations.release(owner)
+            raise ApiError(400, "socketPath %s: %s" % (spec["socketPath"], getattr(e, "strerror", None) or e)) from None
+        self.bypasses[sid] = bypass
+        self.keeper.changed()       # a socket and ports to hold
+        log.info("bypass %s: listening on %s%s", sid, spec["socketPath"],
+                 "; publishing " + ", ".join(map(repr, own)) if own else "")
+        return bypass
+
+    def stop_bypass(self, sid):
+        """Close a Bypass's socket, remove its pid file, free its ports; its containers' calls
+        go on being answered (the daemon holds their notify fds already)."""
+        bypass = self.bypasses.pop(sid)
+        self.runtime.close_listener(bypass.listener)
+        if bypass.spec.get("pidFilePath"):
             try:
-                os.kill(worker.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.unlink(bypass.spec["pidFilePath"])
+            except FileNotFoundError:
                 pass
-        for worker in self.workers:
-            if not select.select([worker.pidfd], [], [], 5)[0]:
-                os.kill(worker.pid, signal.SIGKILL)
-            os.waitpid(worker.pid, 0)
-            self.events.unwatch(worker.pidfd)
-            self.events.unwatch(worker.requests.fileno())
-            worker.close()
-        self.workers = []
+        self.reservations.release("bypass " + sid)
+        self.keeper.changed()       # a socket and ports no more
+        log.info("bypass %s: stopped", sid)
+
+    def close(self):
+        """Stop every Bypass, then listen no more."""
+        for sid in list(self.bypasses):
+            self.stop_bypass(sid)
+        if self.listener is not None:
+            self.runtime.close_listener(self.listener)
+
+
+def send_state(conn, state, fds):
+    """A daemon's snapshot() and the fds it names, on stream socket `conn` (blocking)."""
+    state = dict(state, fd_count=len(fds))
+    payload = json.dumps(state).encode()
+    conn.sendall(_U32.pack(len(payload)) + payload)
+    for start in range(0, len(fds), FDS_PER_MESSAGE):
+        batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
+        conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+
+
+def receive_state(conn, sender):
+    """What send_state() sent on `conn`: (state, [fd]); Error if `sender` breaks off, None at
+    end of file before anything."""
+    def exactly(count):
+        data = b""
+        while len(data) < count:
+            chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
+            if not chunk:
+                if not data and count == _U32.size:
+                    return None
+                raise Error("%s broke off what it was sending" % sender)
+            data += chunk
+        return data
+    header = exactly(_U32.size)
+    if header is None:
+        return None
+    length, = _U32.unpack(header)
+    state = json.loads(exactly(length))
+    fds = []
+    while len(fds) < state["fd_count"]:
+        try:
+            data, got = recv_with_fds(conn, FDS_PER_MESSAGE, 1)
+        except OSError:  # fds dropped (out of fds here), or the sender gone
+            data, got = b"", []
+        fds.extend(got)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise Error("%s broke off after %d fds" % (sender, len(fds)))
+    return state, fds
+
+
+def receive_hand_over(path):
+    """--take-over: everything the daemon serving `path` hands over, (state, fds); OSError if
+    no daemon answers there, Error if it does not hand over."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(60)
+        conn.connect(path)
+        conn.sendall(TAKE_OVER_REQUEST)
+        handed = receive_state(conn, "the daemon on %s" % path)
+        if handed is None:
+            raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
+        conn.sendall(b"ok")
+    return handed
+
+
+class KeeperLink:
+    """The daemon's side of its keeper: a stream socket (None without a keeper, --no-keeper,
+    or once it took no more), and the fds the keeper holds.  Whatever changes what
+    HandOver.snapshot() gives calls changed(): the keeper is sent a snapshot once this turn
+    of the loop ends (sync)."""
+
+    __slots__ = ("sock", "held", "timer", "events", "snapshot")
+
+    TIMEOUT = 5.0       # seconds a snapshot may take to send: the keeper only reads
+
+    def __init__(self, sock=None):
+        self.sock = sock
+        if sock is not None:
+            sock.settimeout(self.TIMEOUT)
+        self.held = set()           # idents (HandOver.snapshot) of the fds the keeper has a duplicate of
+        self.timer = None           # the Timer of the next sync, once something changed
+        self.events = None          # the daemon's loop...
+        self.snapshot = None        # ...and its HandOver.snapshot: attach()
+
+    def attach(self, events, snapshot):
+        self.events, self.snapshot = events, snapshot
+
+    @property
+    def main_pid(self):
+        """The process to signal, whose pid the pid files hold: the keeper's if there is one."""
+        return os.getpid() if self.sock is None else os.getppid()
+
+    def changed(self):
+        if self.sock is not None and self.timer is None:
+            self.timer = self.events.call_at(0, self.sync)
+
+    def sync(self):
+        """Send the keeper a snapshot(), with the fds it does not hold yet; whether it took it."""
+        if self.sock is None:
+            return False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        fds, new, held = [], [], set()
+
+        def ref(fd, ident):
+            held.add(ident)
+            if ident not in self.held:
+                fds.append(fd)
+                new.append(ident)
+            return ident
+        state = self.snapshot(ref, for_keeper=True)
+        state["new"] = new
+        try:
+            send_state(self.sock, state, fds)
+        except OSError as e:
+            log.error("the keeper takes no more of the daemon's state (%s): if this process dies now, "
+                      "its containers are not served on", e.strerror or e)
+            self.close()
+            return False
+        self.held = held
+        return True
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class HandOver:
+    """The daemon's state as a next daemon takes it over: every listening socket, notify fd,
+    held port and container.  Sent (send_state) to a --take-over successor that asks on the
+    runtimes' socket, or left to the keeper (SIGUSR2; and each KeeperLink snapshot); received
+    (receive_state) by adopt_sockets() and adopt_containers() in the daemon that takes over."""
+
+    def __init__(self, runtime, api, registry, pool, reservations, table, keeper):
+        self.runtime, self.api, self.registry, self.pool = runtime, api, registry, pool
+        self.reservations, self.table, self.keeper = reservations, table, keeper
+
+    def listeners(self):
+        return [listener for listener in [self.runtime.listener] + self.api.listeners() if listener is not None]
+
+    def snapshot(self, ref, for_keeper=False):
+        """What a next daemon needs to serve on, as JSON-able values; each fd in it is
+        ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  For the
+        keeper, the published ports held are named, not their sockets (a duplicate of one
+        would keep it bound when a container is lent it), and the counters are left to the
+        table it shares."""
+        def ref_socket(sock):
+            return ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)  # an inode per socket
+        return {
+            "listeners": [{"fd": ref_socket(listener.sock), "path": listener.path,
+                           "api": listener is self.api.listener, "bypass": None if listener.bypass is None else {
+                               "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
+                          for listener in self.listeners()],
+            "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "key": handed.key, "cid": handed.cid,
+                         "pid": handed.pid, "metadata": handed.metadata}
+                        for notify_fd, handed in self.registry.filters.items()],
+            "containers": {cid: {"settings": hosted.settings, "slot": hosted.slot,
+                                 "counters": None if for_keeper else self.table.totals(hosted.slot)}
+                           for cid, hosted in self.registry.containers.items()},
+            "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
+                        "binder": self.reservations.bound.get(self.reservations.key(mapping)),
+                        "fd": ref_socket(sock) if sock is not None and not for_keeper else None}
+                       for mapping, owner, sock in self.reservations.export()],
+        }
+
+    def send(self, conn):
+        """A new daemon asks for everything on `conn`: stop serving, send it every socket, notify
+        fd, held port and container; whether it took them (then this daemon exits, leaving all
+        of them to it).  A blocking connect under way is answered EINTR (the connection goes
+        on); other calls wait in the kernel meanwhile."""
+        log.warning("handing over to a new daemon")
+        listeners = self.stop_everything()
+        fds = []
+
+        def ref(fd, _ident):
+            fds.append(fd)
+            return len(fds) - 1
+        try:
+            conn.settimeout(30)
+            send_state(conn, self.snapshot(ref), fds)
+            if conn.recv(2) != b"ok":
+                raise OSError(errno.EPIPE, "the new daemon did not confirm")
+        except OSError as e:
+            log.error("hand-over failed (%s): serving on", e.strerror or e)
+            conn.close()
+            self.resume(listeners)
+            return False
+        conn.close()
+        log.warning("handed over: %d containers, %d sockets and ports; exiting", len(self.registry.containers),
+                    len(fds))
+        return True
+
+    def leave_to_keeper(self):
+        """SIGUSR2: stop serving and leave everything to the keeper, which runs the script anew;
+        whether it took it."""
+        if self.keeper.sock is None:
+            log.error("SIGUSR2: nothing to reload to: this daemon runs without a keeper (--no-keeper); "
+                      "start the new version with --take-over")
+            return False
+        log.warning("reloading: handing everything to the keeper")
+        listeners = self.stop_everything()
+        if not self.keeper.sync():
+            self.resume(listeners)
+            return False
+        return True
+
+    def stop_everything(self):
+        """Before a hand-over: accept nothing more and answer nothing more; returns the listeners."""
+        listeners = self.listeners()
+        self.runtime.pause(listeners)
+        self.pool.stop()
+        return listeners
+
+    def resume(self, listeners):
+        """After a failed hand-over: serve again, as if the workers had died."""
+        self.pool.start()
+        self.registry.rehome()
+        for listener in listeners:
+            self.runtime.watch_listener(listener)
+
+    def adopt_sockets(self, state, fds, api_path):
+        """--take-over, before the workers start: the previous daemon's sockets and ports."""
+        for entry in state["listeners"]:
+            sock = socket.socket(fileno=fds[entry["fd"]])
+            sock.setblocking(False)
+            bypass = entry["bypass"]
+            if bypass is not None:
+                self.api.adopt_bypass(sock, entry["path"], bypass["spec"], bypass["settings"])
+            elif entry["api"] and entry["path"] != api_path:
+                sock.close()  # this daemon serves no API there
+                try:
+                    os.unlink(entry["path"])
+                except FileNotFoundError:
+                    pass
+            elif entry["api"]:
+                self.api.adopt(sock, entry["path"])
+            else:
+                self.runtime.listener = self.runtime.adopt(sock, entry["path"], self.runtime.on_runtime_data)
+        reservations = self.reservations
+        adopted = set()
+        for entry in state["claims"]:
+            sock = None if entry["fd"] is None else socket.socket(fileno=fds[entry["fd"]])
+            mapping = mapping_from_json(entry["mapping"])
+            reservations.adopt(mapping, entry["owner"], sock, entry.get("binder"))
+            adopted.add(reservations.key(mapping))
+        for mapping in reservations.wanted:
+            key = reservations.key(mapping)
+            reservations.take(mapping)  # an adopted port a container has bound is not free: fine
+            if key not in reservations.held and key not in adopted:
+                log.warning("cannot reserve published port %r yet: retried every second", mapping)
+        if self.runtime.listener is None:
+            self.runtime.listen()
+        if api_path is not None and self.api.listener is None:
+            self.api.listen(api_path)
+
+    def adopt_containers(self, state, fds):
+        """--take-over, once the workers run: the previous daemon's containers and their counters."""
+        containers = state["containers"]
+        keys = {}           # the previous daemon's filter keys -> this one's
+        for entry in state["filters"]:
+            container = containers[entry["cid"]]
+            self.registry.host_filter(fds[entry["fd"]], entry["cid"], entry["pid"], entry["metadata"],
+                                      lambda c=container: c["settings"], container["counters"])
+            keys[entry["key"]] = self.registry.serial
+        for key, notif in state.get("anew", ()):
+            if key in keys:
+                self.registry.handle_anew(keys[key], base64.b64decode(notif))
+        log.warning("took over %d containers from the previous daemon", len(containers))
+
+
+class Daemon:
+    """Accepts the runtimes' messages and has their notifications served: the wiring of its
+    parts, and the loop they run on.
+
+    - runtime: the RuntimeListener (its sockets, each client's message);
+    - registry: the ContainerRegistry (containers, their filters, their settings);
+    - pool: the WorkerPool serving the filters (one Server on this loop with
+      --workers 1, else forked workers, one replaced when it dies);
+    - api: the ApiFrontEnd (bypass4netnsd's API and its Bypasses);
+    - hand_over: the HandOver (to a --take-over successor, to the keeper, and
+      taken from either);
+    - keeper: the KeeperLink, told by each part what it changed;
+    - routes: Routes (--handle-c2c-connections, --multinode), told likewise.
+
+    The daemon keeps every notify fd, the containers' counters and the
+    published ports; itself it acts on signals and --exit-fd, and answers
+    `status`.
+    """
+
+    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
+                 table=None, inflight=None, keeper=None, c2c=False, probe_peers=True,
+                 multinode=None, swap_guard=True):
+        self.socket_path = socket_path
+        self.events = Events()
+        self.reservations = Reservations(publish.values(), reserve_ports)
+        base = Settings(compile_networks(ignore), auto, publish, swap_guard=swap_guard)  # every container's
+        # A keeper's tables, when it has one: it reads them after this process dies.
+        table = self.table = CounterTable(workers) if table is None else table
+        inflight = self.inflight = InflightTable(workers) if inflight is None else inflight
+        self.keeper = KeeperLink() if keeper is None else keeper
+        self.exit_status = 0
+        self.running = True
+        self.handed_over = False
+        self.signal_pipe = None
+        loans = PortLoans(self.reservations, self.ports_changed)
+        if workers == 1:
+            self.pool = LocalPool(self.events, base, table, inflight, loans, debug)
+        else:
+            self.pool = ProcessPool(self.events, base, table, inflight, workers, loans, debug, lambda: self.running)
+        self.routes = Routes(self.events, lambda: self.registry.containers, lambda: self.pool.workers,
+                             self.reservations.bound_by, c2c, probe_peers, multinode)
+        self.registry = self.pool.registry = ContainerRegistry(self.events, base, table, self.reservations,
+                                                               self.pool, self.keeper, self.routes)
+        self.runtime = RuntimeListener(self.events, socket_path, self.registry.on_container_process,
+                                       self.on_take_over, self.status)
+        self.api = ApiFrontEnd(self.runtime, self.reservations, self.keeper)
+        self.hand_over = HandOver(self.runtime, self.api, self.registry, self.pool, self.reservations, table,
+                                  self.keeper)
+        self.keeper.attach(self.events, self.hand_over.snapshot)
+
+    def check_kernel(self):
+        sizes = get_notif_sizes()
+        if sizes is None:
+            return
+        for struct_type, got in ((SeccompNotif, sizes.seccomp_notif),
+                                 (SeccompNotifResp, sizes.seccomp_notif_resp),
+                                 (SeccompData, sizes.seccomp_data)):
+            if got != ctypes.sizeof(struct_type):
+                raise Error("kernel's struct %s is %d bytes, this daemon knows %d"
+                            % (struct_type.__name__, got, ctypes.sizeof(struct_type)))
+
+    def listen(self, api_path=None):
+        """The runtimes' socket, and the bypass4netnsd API's if asked for."""
+        self.runtime.listen()
+        if api_path is not None:
+            self.api.listen(api_path)
+
+    def ports_changed(self):
+        """A container bound a published port, or let one go: the keeper's snapshot (who bound
+        it) and Routes' rows (the daemon's -p ports a container has) change."""
+        self.keeper.changed()
+        self.routes.update()
+
+    def on_take_over(self, conn):
+        if self.hand_over.send(conn):
+            self.handed_over = True
+            self.stop()
+
+    def hand_back(self):
+        """SIGUSR2: everything to the keeper, which runs the script anew; then exit."""
+        if self.hand_over.leave_to_keeper():
+            self.handed_over = True
+            self.exit_status = EXIT_RELOAD
+            self.stop()
+
+    def status(self):
+        """The daemon, its workers and every container it serves, as JSON-able values."""
+        return {"pid": self.keeper.main_pid, "daemon": os.getpid(),
+                "version": __version__, "socket": self.socket_path,
+                "workers": self.pool.pids(),
+                "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.runtime.out_of_fds,
+                "routes": self.routes.status(),
+                "containers": self.registry.status()}
+
+    def log_counters(self):
+        self.registry.log_counters()
+        if self.runtime.out_of_fds:
+            log.warning("daemon: out of file descriptors %d times (runtimes' connections and fds)",
+                        self.runtime.out_of_fds)
 
     # -- signals and the loop ------------------------------------------------
 
@@ -4851,13 +5186,10 @@ class Daemon:
             self.log_counters()
         elif signum == signal.SIGUSR2:
             self.hand_back()
-        elif signum != signal.SIGHUP:
-            self.stop()
-        elif self.server is not None:
-            self.server.refresh_auto()
+        elif signum == signal.SIGHUP:
+            self.pool.refresh_auto()
         else:
-            for worker in self.workers:
-                os.kill(worker.pid, signum)
+            self.stop()
 
     def watch_exit_fd(self, exit_fd):
         """--exit-fd: stop when it reaches end of file."""
@@ -4877,51 +5209,27 @@ class Daemon:
 
     def run(self):
         def housekeeping():
-            if self.server is not None:
-                self.server.switcher.pending.sweep()
+            self.pool.sweep()
             if self.reservations.retry():
-                self.changed()
+                self.ports_changed()  # a container let a port go
         run_loop(self.events, lambda: self.running, housekeeping,
-                 lambda: bool(self.server and self.server.switcher.pending) or self.reservations.unheld())
+                 lambda: self.pool.due() or self.reservations.unheld())
 
     def close(self):
         self.stop()
-        if self.routes is not None:
-            self.routes.stop(EtcdClient.TIMEOUT + 1, end=not self.handed_over)
-        self.stop_workers()
-        if self.server is not None:
-            self.server.close()
-        for notify_fd in self.filters:
-            os.close(notify_fd)
-        self.filters.clear()
+        self.routes.stop(EtcdClient.TIMEOUT + 1, end=not self.handed_over)
+        self.pool.stop()
+        self.registry.close()
         self.reservations.close()
         close_signal_pipe(self.signal_pipe)
         if self.handed_over:  # every socket, path and pid file is the new daemon's now
-            for listener in self.listeners():
+            for listener in self.hand_over.listeners():
                 listener.sock.close()
         else:
-            for sid in list(self.bypasses):
-                self.stop_bypass(sid)
-            for listener in (self.listener, self.api_listener):
-                if listener is not None:
-                    self.close_listener(listener)
-        if self.keeper is not None:
-            self.keeper.sock.close()
+            self.api.close()
+            self.runtime.close()
+        self.keeper.close()
         self.events.close()
-
-
-class KeeperLink:
-    """The daemon's side of its keeper: a stream socket, and the fds the keeper holds."""
-
-    __slots__ = ("sock", "held", "timer")
-
-    TIMEOUT = 5.0       # seconds a snapshot may take to send: the keeper only reads
-
-    def __init__(self, sock):
-        self.sock = sock
-        sock.settimeout(self.TIMEOUT)
-        self.held = set()           # idents (Daemon.snapshot) of the fds the keeper has a duplicate of
-        self.timer = None           # the Timer of the next sync_keeper, once something changed
 
 
 class Keeper:
@@ -5249,62 +5557,6 @@ def answer_orphans(inflight, server, notify_fds):
     return answered, anew
 
 
-def send_state(conn, state, fds):
-    """A daemon's snapshot() and the fds it names, on stream socket `conn` (blocking)."""
-    state = dict(state, fd_count=len(fds))
-    payload = json.dumps(state).encode()
-    conn.sendall(_U32.pack(len(payload)) + payload)
-    for start in range(0, len(fds), FDS_PER_MESSAGE):
-        batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
-        conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
-
-
-def receive_state(conn, sender):
-    """What send_state() sent on `conn`: (state, [fd]); Error if `sender` breaks off, None at
-    end of file before anything."""
-    def exactly(count):
-        data = b""
-        while len(data) < count:
-            chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
-            if not chunk:
-                if not data and count == _U32.size:
-                    return None
-                raise Error("%s broke off what it was sending" % sender)
-            data += chunk
-        return data
-    header = exactly(_U32.size)
-    if header is None:
-        return None
-    length, = _U32.unpack(header)
-    state = json.loads(exactly(length))
-    fds = []
-    while len(fds) < state["fd_count"]:
-        try:
-            data, got = recv_with_fds(conn, FDS_PER_MESSAGE, 1)
-        except OSError:  # fds dropped (out of fds here), or the sender gone
-            data, got = b"", []
-        fds.extend(got)
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise Error("%s broke off after %d fds" % (sender, len(fds)))
-    return state, fds
-
-
-def receive_hand_over(path):
-    """--take-over: everything the daemon serving `path` hands over, (state, fds); OSError if
-    no daemon answers there, Error if it does not hand over."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(60)
-        conn.connect(path)
-        conn.sendall(TAKE_OVER_REQUEST)
-        handed = receive_state(conn, "the daemon on %s" % path)
-        if handed is None:
-            raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
-        conn.sendall(b"ok")
-    return handed
-
-
 def watch_signals(events, on_signal, more=()):
     """SIGTERM, SIGINT, SIGUSR1, SIGHUP and `more` as loop events: on_signal(signum) runs
     between notifications.  Returns the pipe, for close_signal_pipe.
@@ -5606,30 +5858,29 @@ def serve_daemon(daemon, args, api_path, handed, ready_fd):
             except OSError as e:
                 raise Error("no daemon to take over from on %s: %s" % (daemon.socket_path, e.strerror or e)) from None
         if handed is not None:
-            daemon.adopt_sockets(*handed, api_path)
+            daemon.hand_over.adopt_sockets(*handed, api_path)
         else:
             daemon.reservations.reserve_all()
             daemon.listen(api_path)
     except (Error, OSError) as e:
         print("bypass4netns.py: error: %s" % e, file=sys.stderr)
         return 1
-    own_pid_file = args.pid_file if daemon.keeper is None else None  # else the keeper's pid is in it
+    own_pid_file = args.pid_file if daemon.keeper.sock is None else None  # else the keeper's pid is in it
     if own_pid_file:
         write_pid_file(own_pid_file)
     try:
-        daemon.start_workers()
-        if daemon.routes is not None:
-            daemon.routes.start()
+        daemon.pool.start()
+        daemon.routes.start()
         if handed is not None:
-            daemon.adopt_containers(*handed)
+            daemon.hand_over.adopt_containers(*handed)
         daemon.watch_signals()  # before --ready-fd: from then on a signal is an event
         if args.exit_fd is not None:
             daemon.watch_exit_fd(args.exit_fd)
-        daemon.sync_keeper()  # the keeper holds every fd before anyone is told it is ready
+        daemon.keeper.sync()  # the keeper holds every fd before anyone is told it is ready
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
-        if daemon.keeper is None:
+        if daemon.keeper.sock is None:
             sd_notify("READY=1\nMAINPID=%d" % os.getpid())
         log.info("listening on %s", daemon.socket_path)
         daemon.run()

@@ -128,7 +128,7 @@ class Target:
         listener = struct.unpack("i", ancdata[0][2][:4])[0]
         message = {"fds": ["seccompFd"], "pid": self.pid, "metadata": metadata,
                    "state": {"id": "unit-%d" % self.pid, "pid": self.pid}}
-        daemon.on_container_process(json.dumps(message).encode(), [listener])
+        daemon.registry.on_container_process(json.dumps(message).encode(), [listener])
 
     def run(self, code, timeout=30):
         """Exec `code` in the child (it sets `result`), turning the daemon's loop meanwhile."""

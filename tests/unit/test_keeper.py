@@ -75,7 +75,7 @@ def fresh_keeper():
 
 
 def snapshot(listeners=(), filters=()):
-    """A Daemon.snapshot()'s shape, with idents for fds as the keeper link sends it."""
+    """A HandOver.snapshot()'s shape, with idents for fds as the keeper link sends it."""
     return {"listeners": [{"fd": ident, "path": "/x", "api": False, "bypass": None} for ident in listeners],
             "filters": [{"fd": ident, "cid": "c", "pid": 1, "metadata": None} for ident in filters],
             "containers": {}, "claims": []}

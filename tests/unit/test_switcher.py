@@ -59,7 +59,7 @@ def target(tmp_path, caplog):
 
 
 def counters(target):
-    (container,) = target.daemon.server.containers.values()
+    (container,) = target.daemon.pool.server.containers.values()
     return dict(zip(b4ns.COUNTERS, container.counters))
 
 
@@ -121,7 +121,7 @@ result = [s.connect_ex(("127.0.0.1", %d)),
 
 def test_a_handler_that_answers_twice_is_caught_and_the_daemon_goes_on(target, host_listener, caplog):
     t = target(published(host_listener))
-    switcher = t.daemon.server.switcher
+    switcher = t.daemon.pool.server.switcher
     bind_entry = next(key for key, (handler, _ptr) in switcher.dispatch.items() if handler.__name__ == "on_bind")
 
     def answers_twice(call):
@@ -141,7 +141,7 @@ result = c.connect_ex(("127.0.0.1", %d))
 
 def test_continue_after_reading_memory_is_refused_by_the_call_itself(target, host_listener, caplog):
     t = target(published(host_listener))
-    switcher = t.daemon.server.switcher
+    switcher = t.daemon.pool.server.switcher
     bind_entry = next(key for key, (handler, _ptr) in switcher.dispatch.items() if handler.__name__ == "on_bind")
 
     def reads_then_continues(call):
@@ -204,7 +204,7 @@ result = [ra, rb]
         drainer.wait(30)
         filler.close()
     assert got == [0, 0], "connect B answered %s" % errno.errorcode.get(got[1], got[1])
-    assert not t.daemon.server.switcher.pending
+    assert not t.daemon.pool.server.switcher.pending
 
 
 def test_calls_on_what_is_not_an_ip_socket_get_the_kernels_answers_and_cost_no_fd(target):
@@ -377,7 +377,7 @@ def test_a_notification_taken_by_a_worker_killed_as_recv_returns_is_answered(tar
     (before, nobody did: the container's thread waited in its connect for ever)."""
     t = target()
     daemon = t.daemon
-    (notify_fd, seccomp_filter), = daemon.server.filters.items()
+    (notify_fd, seccomp_filter), = daemon.pool.server.filters.items()
     # libc's connect: Python's own waits for a connect interrupted by EINTR to go on.
     t.channel.sendall(b"s = socket.socket()\n"
                       b"raw = struct.pack('=H', socket.AF_INET) + struct.pack('!H4s8x', 9, bytes([127, 0, 0, 1]))\n"
@@ -394,7 +394,7 @@ def test_a_notification_taken_by_a_worker_killed_as_recv_returns_is_answered(tar
     assert answered == 0 and [key for key, _notif in anew] == [seccomp_filter.key]
     # Handled anew, as if just received: never run as made (CONTINUE).  Here its loopback
     # destination stays the child's, where nothing listens.
-    daemon.server.handle_anew(*anew[0])
+    daemon.pool.server.handle_anew(*anew[0])
     assert select.select([t.channel], [], [], 10)[0], "the child's connect was never answered"
     assert json.loads(t.channel.recv(1 << 16)) == {"result": errno.ECONNREFUSED}
 
