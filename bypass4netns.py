@@ -46,6 +46,11 @@ socket connected, pinned, ADDFD'ed) or makes the call on the container's own
 socket; on a unix socket, Switcher.other_family hands it to the container's
 NamespaceHelper.  Exactly one answer goes back (Call.result, fail, let_run).
 
+The sections follow the same order: the kernel ABI and the table of trapped
+calls, syscalls, pure policy, one notification's path (Call, Switcher and
+its parts), what the processes share, then each process from the keeper
+down with its wire protocol, and the command line.
+
 Single file, standard library only, Linux >= 5.9, Python >= 3.9.
 """
 
@@ -106,8 +111,9 @@ class LogLimit:
             line += " (%d more times in the last %g s)" % (entry[1], self.INTERVAL)
         log.log(level, "%s", line)
 
+
 # ---------------------------------------------------------------------------
-# Kernel ABI (include/uapi/linux/seccomp.h, audit.h, socket.h)
+# Kernel ABI (include/uapi/linux/seccomp.h, audit.h, socket.h) and the table of trapped calls
 # ---------------------------------------------------------------------------
 
 SECCOMP_GET_NOTIF_SIZES = 3                 # seccomp(2) operation
@@ -250,8 +256,9 @@ _U32 = struct.Struct("!I")                  # the length of a hand-over's state
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
 _ZERO_NOTIF = bytes(_NOTIF.size)
 
+
 # ---------------------------------------------------------------------------
-# Thin syscall wrappers: OSError with errno, EINTR retried
+# Syscalls: thin wrappers (OSError with errno, EINTR retried), /proc readers
 # ---------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -448,8 +455,71 @@ def raise_fd_limit():
     return soft, hard
 
 
+def own_netns_id():
+    """An id of the daemon's network namespace: its cookie (Linux >= 5.14), else its inode."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            return ("cookie", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
+        except OSError:
+            return ("inode", os.stat("/proc/self/ns/net").st_ino)
+
+
+def in_netns(sock, netns):
+    """Whether `sock` lives in the network namespace own_netns_id() gave `netns`."""
+    if netns[0] == "cookie":
+        return ("cookie", sock.getsockopt(_SOL, SO_NETNS_COOKIE, 8)) == netns
+    try:
+        nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    except PermissionError:
+        # SIOCGSKNS needs CAP_NET_ADMIN over the socket's namespace: the
+        # daemon has it over its containers' (it owns their user
+        # namespaces), so a namespace it cannot open is the host's.
+        return True
+    try:
+        return ("inode", os.fstat(nsfd).st_ino) == netns
+    finally:
+        os.close(nsfd)
+
+
+def thread_group_id(tid):
+    """The process (thread group) that thread `tid` belongs to; OSError if it is gone."""
+    with open("/proc/%d/status" % tid) as f:
+        for line in f:
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    raise ProcessLookupError(errno.ESRCH, "no thread %d" % tid)
+
+
+NAMESPACES = (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS), ("net", CLONE_NEWNET))  # joined in this order
+
+
+def namespace_inodes(tid):
+    """The inodes of a thread's NAMESPACES ("self": ours), which tell namespaces apart."""
+    return tuple(os.stat("/proc/%s/ns/%s" % (tid, name)).st_ino for name, _nstype in NAMESPACES)
+
+
+def read_proc_net(pid, parsers):
+    """What parse(text) finds in /proc/PID/net/NAME, for each (NAME, parse) of `parsers`, in one
+    list: process `pid`'s network namespace.  A file that cannot be read (the process is gone)
+    or parsed adds nothing."""
+    found = []
+    for name, parse in parsers:
+        try:
+            with open("/proc/%d/net/%s" % (int(pid), name)) as f:
+                found.extend(parse(f.read()))
+        except (OSError, TypeError, ValueError):
+            pass
+    return found
+
+
+def container_addresses(pid):
+    """A container's own IP addresses, read from its network namespace through process `pid`'s
+    /proc (no address if the process is gone)."""
+    return read_proc_net(pid, (("fib_trie", parse_fib_trie_addresses), ("if_inet6", parse_if_inet6_addresses)))
+
+
 # ---------------------------------------------------------------------------
-# Address policy: pure functions, no syscalls
+# Policy and parsers: pure functions, no syscalls
 # ---------------------------------------------------------------------------
 
 class Error(Exception):
@@ -851,8 +921,101 @@ def multinode_routes(entries, own_host):
     return rows
 
 
+_NLMSGHDR = struct.Struct("=IHHII")        # nlmsghdr: length, type, flags, sequence, port id
+_IFADDRMSG = struct.Struct("=BBBBI")        # ifaddrmsg: family, prefix length, flags, scope, ifindex
+_RTATTR = struct.Struct("=HH")              # rtattr: length, type
+
+
+def parse_ifaddr_dump(data):
+    """RTM_NEWADDR messages of an rtnetlink dump -> ([(packed address, ifindex)], whether it ended)."""
+    entries, offset = [], 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+        if length < _NLMSGHDR.size:
+            break
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
+            return entries, True
+        if kind == RTM_NEWADDR:
+            index = _IFADDRMSG.unpack_from(data, offset + _NLMSGHDR.size)[4]
+            attrs, at = {}, offset + _NLMSGHDR.size + _IFADDRMSG.size
+            while at + _RTATTR.size <= offset + length:
+                size, name = _RTATTR.unpack_from(data, at)
+                if size < _RTATTR.size:
+                    break
+                attrs[name] = bytes(data[at + _RTATTR.size:at + size])
+                at += (size + 3) & ~3
+            address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)  # IPv4's own address is IFA_LOCAL
+            if address is not None and len(address) in (4, 16):
+                entries.append((address, index))
+        offset += (length + 3) & ~3
+    return entries, False
+
+
+def is_loopback_address(packed):
+    return packed[0] == 127 if len(packed) == 4 else packed == _IPV6_LOOPBACK
+
+
+_IPV6_LOOPBACK = bytes(15) + b"\1"
+
+
+def parse_fdinfo_flags(info):
+    """The `flags:` line of a /proc fdinfo text: the file's flags plus O_CLOEXEC of the fd."""
+    start = info.find(b"flags:")
+    if start < 0:
+        raise OSError(errno.EINVAL, "no flags in fdinfo")
+    return int(info[start + 6:info.index(b"\n", start)], 8)
+
+
+# /proc/TID/status's umask, effective uid and gid, and groups, as bytes (one search, no decoding).
+_STATUS_IDS = re.compile(rb"\nUmask:\t([0-7]+)\n.*?\nUid:\t\d+\t(\d+)\t.*?\nGid:\t\d+\t(\d+)\t.*?\nGroups:\t?([\d ]*)\n",
+                         re.S)
+
+
+def status_id_fields(data):
+    """/proc/TID/status (bytes) -> its raw (umask, euid, egid, groups) fields: a cache key."""
+    found = _STATUS_IDS.search(data)
+    if found is None:
+        raise OSError(errno.EINVAL, "no ids in /proc/TID/status")
+    return found.groups()
+
+
+def parse_status_ids(fields):
+    """status_id_fields() -> (effective uid, effective gid, groups, umask), ids as the reader's user
+    namespace sees them."""
+    umask, euid, egid, groups = fields
+    return int(euid), int(egid), tuple(int(g) for g in groups.split()), int(umask, 8)
+
+
+def parse_id_map(text):
+    """/proc/PID/uid_map or gid_map -> ((first id inside, first id outside, count), ...)."""
+    return tuple(tuple(int(v) for v in line.split()) for line in text.splitlines() if line.strip())
+
+
+def map_into(id_map, outside):
+    """The id inside a user namespace of an id of the reader's, by the namespace's map; None if unmapped."""
+    for inside, first, count in id_map:
+        if first <= outside < first + count:
+            return inside + outside - first
+    return None
+
+
+COUNTERS = ("bypassed", "container", "published", "refused", "errors", "out_of_fds",
+            "notifications")
+(COUNT_BYPASSED,            # connects switched to a host socket
+ COUNT_CONTAINER,           # connects left to the container's network
+ COUNT_PUBLISHED,           # binds of a published port done on the host
+ COUNT_REFUSED,             # calls failed by policy (a host socket to a forbidden place)
+ COUNT_ERRORS,              # handlers that failed (a bug, logged)
+ COUNT_OUT_OF_FDS,          # calls left to the container because the daemon had no fd left
+ COUNT_NOTIFICATIONS) = range(len(COUNTERS))
+
+
+def format_counters(values):
+    return " ".join("%s=%d" % item for item in zip(COUNTERS, values))
+
+
 # ---------------------------------------------------------------------------
-# Socket switching: one handler per trapped syscall
+# One notification: the Call, and the Switcher with its parts (a worker's hot path)
 # ---------------------------------------------------------------------------
 
 _BYPASSABLE = {(socket.SOCK_STREAM, socket.IPPROTO_TCP), (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
@@ -946,176 +1109,6 @@ class Template:
         return diffs
 
 
-class Reservations:
-    """Published host ports held open so no other host process takes them.
-
-    A port is lent to the container's bind just before it binds (released,
-    and left alone until the bind reports back: a worker binds in another
-    process, while the loop keeps retrying), and taken again once it is free
-    (tried by the loop every second: there is no close trap to tell when the
-    container let it go).
-    """
-
-    def __init__(self, mappings, enabled):
-        self.enabled = enabled
-        self.held = {}                              # PortMapping key -> socket
-        self.lent = set()                           # PortMapping keys a bind under way may take
-        self.bound = {}                             # key -> the container that bound it, while it holds it
-        self.claims = {self.key(m): (m, None) for m in mappings}  # key -> (mapping, container or None)
-
-    @property
-    def wanted(self):
-        """The mappings whose host ports are held while free: every claim's, if reservation is on."""
-        return [mapping for mapping, _owner in self.claims.values()] if self.enabled else []
-
-    @staticmethod
-    def key(mapping):
-        return mapping.proto, mapping.host_port, mapping.host_ip
-
-    def holder(self, mapping):
-        """(True, the container id, or None for the daemon's -p) if a mapping on the same
-        host port and an overlapping address is claimed, else (False, None)."""
-        for other, owner in self.claims.values():
-            if (other.proto == mapping.proto and other.host_port == mapping.host_port
-                    and (None in (other.host_ip, mapping.host_ip) or other.host_ip == mapping.host_ip)):
-                return True, owner
-        return False, None
-
-    def claim(self, owner, mappings):
-        """Container `owner`'s own mappings -> (mappings it has now, [(mapping, holder)] claimed
-        by another first, [(mapping, why)] of its own that cannot be reserved yet).
-
-        One not reserved yet (TIME_WAIT connections of a server that just
-        stopped, or a host process on it) is retried like every reserved
-        port; the container's bind gets the host's answer meanwhile.
-        """
-        own, in_use, unreserved = [], [], []
-        for mapping in mappings:
-            taken, holder = self.holder(mapping)
-            if taken:
-                in_use.append((mapping, holder))
-                continue
-            if self.enabled:
-                try:
-                    self.held[self.key(mapping)] = self.bind(mapping)
-                except OSError as e:
-                    unreserved.append((mapping, e.strerror))
-            self.claims[self.key(mapping)] = (mapping, owner)
-            own.append(mapping)
-        return own, in_use, unreserved
-
-    def export(self):
-        """[(mapping, owner, held socket or None)] of every claim, for a hand-over."""
-        return [(mapping, owner, self.held.get(key)) for key, (mapping, owner) in self.claims.items()]
-
-    def adopt(self, mapping, owner, sock, binder=None):
-        """A claim a previous daemon had, with its held socket if any, and the container that has
-        bound it: a container's or a bypass's is kept; one of the previous daemon's -p is kept if
-        this daemon's -p has it."""
-        key = self.key(mapping)
-        if binder is not None:
-            self.bound[key] = binder
-        if owner is None and key not in self.claims:
-            if sock is not None:
-                sock.close()  # no longer published: let it go
-            return
-        if owner is not None:
-            self.claims[key] = (mapping, owner)
-        if sock is not None and self.enabled and key not in self.held:
-            self.held[key] = sock
-        elif sock is not None:
-            sock.close()
-
-    def release(self, owner):
-        """Container `owner` is gone: its host ports are free for anyone."""
-        for key in [key for key, binder in self.bound.items() if binder == owner]:
-            del self.bound[key]
-        for key, (mapping, claimant) in list(self.claims.items()):
-            if claimant == owner and owner is not None:
-                del self.claims[key]
-                self.lent.discard(key)
-                sock = self.held.pop(key, None)
-                if sock is not None:
-                    sock.close()
-
-    def reserve_all(self):
-        """Take every port at start (but those held already); one that cannot be is an Error."""
-        for mapping in self.wanted:
-            if self.key(mapping) in self.held:
-                continue
-            try:
-                self.held[self.key(mapping)] = self.bind(mapping)
-            except OSError as e:
-                raise Error("cannot reserve published port %r: %s" % (mapping, e.strerror)) from None
-
-    @staticmethod
-    def bind(mapping):
-        """A bound, not listening socket on the mapping's host side (no SO_REUSEADDR, so
-        it shares the port with nobody)."""
-        kind = socket.SOCK_STREAM if mapping.proto == _TCP else socket.SOCK_DGRAM
-        if mapping.host_ip is not None:
-            family = socket.AF_INET if mapping.host_ip.version == 4 else socket.AF_INET6
-        else:
-            family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
-        sock = socket.socket(family, kind)
-        try:
-            if family == socket.AF_INET6 and mapping.host_ip is None:
-                sock.setsockopt(_IP6, socket.IPV6_V6ONLY, 0)  # hold IPv4 and IPv6 alike
-            sock.bind((str(mapping.host_ip or ("::" if family == socket.AF_INET6 else "0.0.0.0")),
-                       mapping.host_port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def lend(self, mapping):
-        """Free the port for a bind about to take it; retry() leaves it alone until end_loan()."""
-        self.lent.add(self.key(mapping))
-        sock = self.held.pop(self.key(mapping), None)
-        if sock is not None:
-            sock.close()
-
-    def end_loan(self, mapping, bound, binder=None):
-        """The bind is over: the port is container `binder`'s now (`bound`), or taken back at once."""
-        self.lent.discard(self.key(mapping))
-        if bound:
-            self.bound[self.key(mapping)] = binder
-        else:
-            self.take(mapping)
-
-    def take(self, mapping):
-        """Reserve the port again if it is free (and reservation is on); whether it was taken."""
-        key = self.key(mapping)
-        if self.enabled and key not in self.held:
-            try:
-                self.held[key] = self.bind(mapping)
-            except OSError:
-                return False
-            return self.bound.pop(key, None) is not None  # its container let it go
-        return False
-
-    def retry(self):
-        """Take back every free port; whether one a container had bound was."""
-        let_go = False
-        for mapping in self.wanted:
-            if self.key(mapping) not in self.lent:
-                let_go |= self.take(mapping)
-        return let_go
-
-    def bound_by(self):
-        """[(mapping, container id)] of the daemon's -p ports that containers have bound now."""
-        return [(self.claims[key][0], cid) for key, cid in self.bound.items()
-                if key in self.claims and self.claims[key][1] is None]
-
-    def unheld(self):
-        return len(self.held) < len(self.wanted)
-
-    def close(self):
-        for sock in self.held.values():
-            sock.close()
-        self.held.clear()
-
-
 CLOSE_GUARD = 0.002     # seconds the daemon's close of a lingering socket may wait (SIGALRM ends it)
 
 
@@ -1180,43 +1173,6 @@ def carry_options(host, diffs):
             host.setsockopt(level, name, value)
         except OSError as e:
             raise NotSwitched("option %d/%d not settable on the host: %s" % (level, name, e.strerror)) from None
-
-
-_NLMSGHDR = struct.Struct("=IHHII")        # nlmsghdr: length, type, flags, sequence, port id
-_IFADDRMSG = struct.Struct("=BBBBI")        # ifaddrmsg: family, prefix length, flags, scope, ifindex
-_RTATTR = struct.Struct("=HH")              # rtattr: length, type
-
-
-def parse_ifaddr_dump(data):
-    """RTM_NEWADDR messages of an rtnetlink dump -> ([(packed address, ifindex)], whether it ended)."""
-    entries, offset = [], 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
-        if length < _NLMSGHDR.size:
-            break
-        if kind in (NLMSG_DONE, NLMSG_ERROR):
-            return entries, True
-        if kind == RTM_NEWADDR:
-            index = _IFADDRMSG.unpack_from(data, offset + _NLMSGHDR.size)[4]
-            attrs, at = {}, offset + _NLMSGHDR.size + _IFADDRMSG.size
-            while at + _RTATTR.size <= offset + length:
-                size, name = _RTATTR.unpack_from(data, at)
-                if size < _RTATTR.size:
-                    break
-                attrs[name] = bytes(data[at + _RTATTR.size:at + size])
-                at += (size + 3) & ~3
-            address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)  # IPv4's own address is IFA_LOCAL
-            if address is not None and len(address) in (4, 16):
-                entries.append((address, index))
-        offset += (length + 3) & ~3
-    return entries, False
-
-
-def is_loopback_address(packed):
-    return packed[0] == 127 if len(packed) == 4 else packed == _IPV6_LOOPBACK
-
-
-_IPV6_LOOPBACK = bytes(15) + b"\1"
 
 
 class HostInterfaces:
@@ -1287,49 +1243,6 @@ class HostInterfaces:
     def close(self):
         self.events.unwatch(self.changes.fileno())
         self.changes.close()
-
-
-def own_netns_id():
-    """An id of the daemon's network namespace: its cookie (Linux >= 5.14), else its inode."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            return ("cookie", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
-        except OSError:
-            return ("inode", os.stat("/proc/self/ns/net").st_ino)
-
-
-def in_netns(sock, netns):
-    """Whether `sock` lives in the network namespace own_netns_id() gave `netns`."""
-    if netns[0] == "cookie":
-        return ("cookie", sock.getsockopt(_SOL, SO_NETNS_COOKIE, 8)) == netns
-    try:
-        nsfd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-    except PermissionError:
-        # SIOCGSKNS needs CAP_NET_ADMIN over the socket's namespace: the
-        # daemon has it over its containers' (it owns their user
-        # namespaces), so a namespace it cannot open is the host's.
-        return True
-    try:
-        return ("inode", os.fstat(nsfd).st_ino) == netns
-    finally:
-        os.close(nsfd)
-
-
-def thread_group_id(tid):
-    """The process (thread group) that thread `tid` belongs to; OSError if it is gone."""
-    with open("/proc/%d/status" % tid) as f:
-        for line in f:
-            if line.startswith("Tgid:"):
-                return int(line.split()[1])
-    raise ProcessLookupError(errno.ESRCH, "no thread %d" % tid)
-
-
-def parse_fdinfo_flags(info):
-    """The `flags:` line of a /proc fdinfo text: the file's flags plus O_CLOEXEC of the fd."""
-    start = info.find(b"flags:")
-    if start < 0:
-        raise OSError(errno.EINVAL, "no flags in fdinfo")
-    return int(info[start + 6:info.index(b"\n", start)], 8)
 
 
 class ThreadHandle:
@@ -1471,10 +1384,6 @@ class Call:
         if self.sock is not None:
             self.hand_over().close()
 
-
-# ---------------------------------------------------------------------------
-# The Switcher's parts: the target, host sockets, connects under way, routes
-# ---------------------------------------------------------------------------
 
 class TargetAccess:
     """What the daemon reads of a call's target: its thread (a pidfd, kept while the thread
@@ -1880,10 +1789,6 @@ class PeerProbe:
         if self.call.still_valid():
             self.done(reachable)
 
-
-# ---------------------------------------------------------------------------
-# The Switcher: one handler per trapped syscall
-# ---------------------------------------------------------------------------
 
 class Switcher:
     """The handlers of the trapped syscalls, one per syscall, and the parts they share: the
@@ -2514,65 +2419,294 @@ class Switcher:
 assert set(Switcher.HANDLERS) == {trap.name for trap in TRAPS}, "a trapped call without a handler"
 
 
-NAMESPACES = (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS), ("net", CLONE_NEWNET))  # joined in this order
+# ---------------------------------------------------------------------------
+# What the processes share: tables in shared memory, the per-container session,
+# the event loop, starting a child
+# ---------------------------------------------------------------------------
+
+class CounterTable:
+    """Every container's counters, in memory the daemon shares with the workers it forks.
+
+    A container has a slot; each server (worker) that serves it counts in
+    its own row of that slot, so every row has one writer and nothing is
+    lost; the daemon reads the sums.  Slots are reused oldest-freed first,
+    so that a late write by a worker that has not yet seen a container go
+    lands in a row nobody reads.
+    """
+
+    SLOTS = 16384   # containers alive at once (each costs the daemon fds: far more than it can hold)
+
+    def __init__(self, servers, slots=SLOTS):
+        self.servers, self.slots = servers, slots
+        self.memory = mmap.mmap(-1, servers * slots * len(COUNTERS) * 8)  # MAP_SHARED, kept by fork
+        self.cells = memoryview(self.memory).cast("q")
+        self.free = collections.deque(range(slots))
+
+    def allocate(self):
+        """A zeroed slot; Error when every slot is taken."""
+        if not self.free:
+            raise Error("%d containers at once: no counters left" % self.slots)
+        slot = self.free.popleft()
+        zeros = bytes(len(COUNTERS) * 8)
+        for server in range(self.servers):
+            self.row(server, slot).cast("B")[:] = zeros
+        return slot
+
+    def release(self, slot):
+        self.free.append(slot)
+
+    def row(self, server, slot):
+        """Server `server`'s counters of slot `slot`: a writable view, indexed by COUNT_*."""
+        start = (server * self.slots + slot) * len(COUNTERS)
+        return self.cells[start:start + len(COUNTERS)]
+
+    def totals(self, slot):
+        return [sum(column) for column in zip(*(self.row(server, slot) for server in range(self.servers)))]
 
 
-def namespace_inodes(tid):
-    """The inodes of a thread's NAMESPACES ("self": ours), which tell namespaces apart."""
-    return tuple(os.stat("/proc/%s/ns/%s" % (tid, name)).st_ino for name, _nstype in NAMESPACES)
+class InflightTable:
+    """The notifications each worker is answering, in memory shared with the daemon, so that
+    when a worker dies the daemon answers what it left: a thread would otherwise wait in its
+    call until a signal interrupts it.
+
+    Per worker, slot 0 is the notification being handled and the others the
+    blocking connects waiting in its loop and the calls its NamespaceHelpers
+    are making; a slot is (filter key, 0 when free; notification id).  Each
+    is answered EINTR, as a signal would have: never CONTINUE, which would
+    let the kernel look the fd number up again.  After the slots: the key of the filter the
+    worker receives on, then the struct seccomp_notif RECV writes.  The
+    kernel writes it there itself, so a worker killed as RECV returns leaves
+    the notification it took where the daemon finds it; otherwise nobody
+    would answer it, and its thread would wait for ever.
+    """
+
+    PENDING = 1024      # blocking connects per worker the daemon can answer for
+    FIELDS = 2
+    RECEIVING = (1 + PENDING) * FIELDS      # the cell of the filter key, then the notification's
+
+    def __init__(self, servers):
+        self.per_server = self.RECEIVING + 1 + _NOTIF.size // 8
+        self.memory = mmap.mmap(-1, servers * self.per_server * 8)  # MAP_SHARED, kept by fork
+        self.cells = memoryview(self.memory).cast("Q")  # notification ids are random u64
+
+    def row(self, server):
+        return self.cells[server * self.per_server:(server + 1) * self.per_server]
+
+    def writer(self, server):
+        """The Inflight that worker `server` writes its row with."""
+        offset = (server * self.per_server + self.RECEIVING + 1) * 8
+        return Inflight(self.row(server), ctypes.addressof(ctypes.c_char.from_buffer(self.memory, offset)),
+                        memoryview(self.memory)[offset:offset + _NOTIF.size])
+
+    def orphans(self, server):
+        """What a dead worker left, its row freed: ([(filter key, notification id)] under way in
+        its loop or with its NamespaceHelpers, [(filter key, struct seccomp_notif)] of the call
+        it was handling or had taken by RECV, which can be handled anew: the target still waits
+        in the same call, or the kernel says it does not)."""
+        row = self.row(server)
+        under_way = [tuple(row[i:i + self.FIELDS]) for i in range(self.FIELDS, self.RECEIVING, self.FIELDS) if row[i]]
+        key = row[self.RECEIVING]
+        notif = bytes(row[self.RECEIVING + 1:self.RECEIVING + 1 + _NOTIF.size // 8].cast("B"))
+        anew = [(key, notif)] if key and notif != _ZERO_NOTIF else []
+        row.cast("B")[:] = bytes(len(row) * 8)
+        return under_way, anew
 
 
-def read_proc_net(pid, parsers):
-    """What parse(text) finds in /proc/PID/net/NAME, for each (NAME, parse) of `parsers`, in one
-    list: process `pid`'s network namespace.  A file that cannot be read (the process is gone)
-    or parsed adds nothing."""
-    found = []
-    for name, parse in parsers:
+class Inflight:
+    """One worker's row of the InflightTable, as it writes it: a few stores per notification."""
+
+    __slots__ = ("cells", "free", "notif_address", "notif_view")
+
+    def __init__(self, cells, notif_address, notif_view):
+        self.cells = cells
+        self.free = list(range(InflightTable.PENDING, 0, -1))
+        self.notif_address, self.notif_view = notif_address, notif_view
+
+    def receive(self, key, notify_fd):
+        """RECV on the filter `key` names, into the row: the notification's fields."""
+        self.cells[InflightTable.RECEIVING] = key
+        self.notif_view[:] = _ZERO_NOTIF
+        return notif_recv(notify_fd, self.notif_address, self.notif_view)
+
+    def begin(self, key, notif_id):
+        cells = self.cells
+        cells[1] = notif_id
+        cells[0] = key
+
+    def end(self):
+        self.cells[0] = 0
+
+    def add_pending(self, key, notif_id):
+        """A slot for a call answered later: a blocking connect left waiting, a NamespaceHelper's
+        call (0 if all are taken: it is not answered for)."""
+        if not self.free:
+            return 0
+        slot = self.free.pop()
+        base = slot * InflightTable.FIELDS
+        cells = self.cells
+        cells[base + 1] = notif_id
+        cells[base] = key
+        return slot
+
+    def end_pending(self, slot):
+        if slot:
+            self.cells[slot * InflightTable.FIELDS] = 0
+            self.free.append(slot)
+
+    def free_slot(self, slot):
+        """A slot another process (a NamespaceHelper) ended is free again."""
+        if slot:
+            self.free.append(slot)
+
+
+class Container:
+    """One container (by OCI id) as one server sees it: its filters there, its `auto` subnets,
+    and the server's row of its counters."""
+
+    AUTO_REFRESH = 2.0  # seconds an `auto` subnet list is trusted
+
+    def __init__(self, cid, table, slot, server, settings):
+        self.id = cid
+        self.short_id = cid[:12]
+        self.settings = settings    # Settings: the daemon's, plus the container's annotations
+        self.notify_fds = set()
+        self.table, self.slot = table, slot
+        self.counters = table.row(server, slot)
+        self.auto_nets = ()
+        self.auto_read = -1e9
+        self.warned_socketcall = False
+        self.helpers = {}           # (user, mount, network namespace inodes) -> NamespaceHelper
+        self.probes = {}            # peer destination -> (reachable, monotonic time it is trusted till)
+
+    PROBE_TRUSTED = 10.0        # seconds a peer found reachable from the container stays so
+    PROBE_DOUBTED = 1.0         # and one found unreachable
+    PROBES_KEPT = 1024
+
+    def probed(self, dest):
+        """Whether the container's own network reached peer `dest` lately; None if not asked lately."""
+        known = self.probes.get(dest)
+        return known[0] if known is not None and known[1] > time.monotonic() else None
+
+    def remember_probe(self, dest, reachable):
+        if len(self.probes) >= self.PROBES_KEPT:
+            self.probes.clear()
+        self.probes[dest] = (reachable, time.monotonic() + (self.PROBE_TRUSTED if reachable else self.PROBE_DOUBTED))
+
+    def holds_switched_sockets(self):
+        """Whether any server has put a host socket in this container."""
+        totals = self.table.totals(self.slot)
+        return bool(totals[COUNT_BYPASSED] + totals[COUNT_PUBLISHED])
+
+    def auto_networks(self, tid, is_host_address):
+        """What `--ignore auto` keeps in the container (compiled), read from its network namespace
+        through /proc: auto_ignored() of its subnets and addresses; `is_host_address(packed)`
+        tells the host's own addresses."""
+        now = time.monotonic()
+        if now - self.auto_read > self.AUTO_REFRESH:
+            self.auto_read = now
+            subnets = read_proc_net(tid, (("route", parse_proc_route), ("if_inet6", parse_proc_if_inet6)))
+            self.auto_nets = compile_networks(auto_ignored(subnets, container_addresses(tid), is_host_address))
+        return self.auto_nets
+
+
+class Filter:
+    """One seccomp filter of a container (one notify fd): a process the runtime started and its
+    descendants."""
+
+    __slots__ = ("key", "notify_fd", "container", "shared", "last_tid", "tid_changes", "window")
+
+    def __init__(self, key, notify_fd, container, shared):
+        self.key, self.notify_fd, self.container = key, notify_fd, container
+        self.shared = shared        # other servers RECV on the same filter
+        self.last_tid = 0           # the busy test: see Server.note_thread
+        self.tid_changes = 0
+        self.window = 0.0
+
+
+class Timer:
+    """A deadline in Events; cancel() makes it a no-op (the heap keeps it until it is due)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def cancel(self):
+        self.callback = None
+
+
+class Events:
+    """The loop's registry: one callback per watched fd (epoll), and deadlines."""
+
+    def __init__(self):
+        self.epoll = select.epoll()
+        self.callbacks = {}         # fd -> callable(events)
+        self.timers = []            # heap of (deadline, serial, Timer)
+        self.serial = 0
+
+    def watch(self, fd, mask, callback):
+        self.callbacks[fd] = callback
+        self.epoll.register(fd, mask)
+
+    def unwatch(self, fd):
+        self.callbacks.pop(fd, None)
         try:
-            with open("/proc/%d/net/%s" % (int(pid), name)) as f:
-                found.extend(parse(f.read()))
-        except (OSError, TypeError, ValueError):
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
             pass
-    return found
+
+    def call_at(self, deadline, callback):
+        """Run `callback()` once time.monotonic() reaches `deadline`; returns its Timer."""
+        timer = Timer(callback)
+        self.serial += 1
+        heapq.heappush(self.timers, (deadline, self.serial, timer))
+        return timer
+
+    def run_once(self, timeout):
+        """Wait for events (at most `timeout` seconds, -1 for no limit) and run what is due."""
+        if self.timers:
+            wait = max(0.0, self.timers[0][0] - time.monotonic())
+            timeout = wait if timeout < 0 else min(timeout, wait)
+        try:
+            events = self.epoll.poll(timeout)
+        except InterruptedError:
+            return
+        for fd, mask in events:
+            callback = self.callbacks.get(fd)
+            if callback is not None:
+                self.run(callback, mask)
+        if self.timers:
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                timer = heapq.heappop(self.timers)[2]
+                if timer.callback is not None:
+                    self.run(timer.callback)
+
+    @staticmethod
+    def run(callback, *args):
+        try:
+            callback(*args)
+        except Exception:  # a bug must cost one event, never the daemon
+            log.exception("internal error in %s", getattr(callback, "__qualname__", callback))
+
+    def close(self):
+        self.epoll.close()
 
 
-def container_addresses(pid):
-    """A container's own IP addresses, read from its network namespace through process `pid`'s
-    /proc (no address if the process is gone)."""
-    return read_proc_net(pid, (("fib_trie", parse_fib_trie_addresses), ("if_inet6", parse_if_inet6_addresses)))
+def run_loop(events, running, housekeeping, due):
+    """Turn `events` while running(); every HOUSEKEEPING seconds while due(), call housekeeping()."""
+    next_time = 0.0
+    while running():
+        busy = due()
+        events.run_once(HOUSEKEEPING if busy else -1)
+        if busy:
+            now = time.monotonic()
+            if now >= next_time:
+                next_time = now + HOUSEKEEPING
+                housekeeping()
 
 
-# /proc/TID/status's umask, effective uid and gid, and groups, as bytes (one search, no decoding).
-_STATUS_IDS = re.compile(rb"\nUmask:\t([0-7]+)\n.*?\nUid:\t\d+\t(\d+)\t.*?\nGid:\t\d+\t(\d+)\t.*?\nGroups:\t?([\d ]*)\n",
-                         re.S)
-
-
-def status_id_fields(data):
-    """/proc/TID/status (bytes) -> its raw (umask, euid, egid, groups) fields: a cache key."""
-    found = _STATUS_IDS.search(data)
-    if found is None:
-        raise OSError(errno.EINVAL, "no ids in /proc/TID/status")
-    return found.groups()
-
-
-def parse_status_ids(fields):
-    """status_id_fields() -> (effective uid, effective gid, groups, umask), ids as the reader's user
-    namespace sees them."""
-    umask, euid, egid, groups = fields
-    return int(euid), int(egid), tuple(int(g) for g in groups.split()), int(umask, 8)
-
-
-def parse_id_map(text):
-    """/proc/PID/uid_map or gid_map -> ((first id inside, first id outside, count), ...)."""
-    return tuple(tuple(int(v) for v in line.split()) for line in text.splitlines() if line.strip())
-
-
-def map_into(id_map, outside):
-    """The id inside a user namespace of an id of the reader's, by the namespace's map; None if unmapped."""
-    for inside, first, count in id_map:
-        if first <= outside < first + count:
-            return inside + outside - first
-    return None
+ACTED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # the daemon's
 
 
 def close_other_fds(keep):
@@ -2586,6 +2720,2364 @@ def close_other_fds(keep):
             except OSError:
                 pass  # the listing's own fd
 
+
+def fork_child(child, what, keep=None, signals=None):
+    """Fork a process that dies with this one (PR_SET_PDEATHSIG) and exits with child()'s
+    status (None: 0); the pid.  The child never returns from here.
+
+    Every child of the tree is started here, so that none keeps what is its
+    parent's: the signal wake-up fd (the parent's pipe) goes; `signals`, if
+    given, becomes the disposition of the signals a parent acts on
+    (ACTED_ON); with `keep` (fds), every fd but 0, 1, 2 and those is closed.
+    """
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() == parent:  # else the parent died before the prctl: nothing to serve
+                signal.set_wakeup_fd(-1)
+                for signum in ACTED_ON if signals is not None else ():
+                    signal.signal(signum, signals)
+                if keep is not None:
+                    close_other_fds({0, 1, 2, *keep})
+                status = child() or 0
+        except BaseException:
+            log.exception("%s failed", what)
+        finally:
+            os._exit(status)
+    return pid
+
+
+def answer_orphans(inflight, server, notify_fds):
+    """Answer the calls server `server` had under way when it died (a blocking connect in its
+    loop, a NamespaceHelper's call): EINTR, as if a signal had interrupted them, never
+    CONTINUE, which would let the kernel look the fd number up again (POSIX says a connect
+    so interrupted goes on asynchronously).  `notify_fds` maps filter keys to notify fds.
+    Returns (how many were answered, [(key, struct seccomp_notif)] of the call it was
+    handling, for a live server to handle anew: Server.handle_anew)."""
+    under_way, anew = inflight.orphans(server)
+    answered = 0
+    for key, notif_id in under_way:
+        notify_fd = notify_fds.get(key)
+        if notify_fd is not None:
+            try:
+                answered += notif_send(notify_fd, notif_id, 0, -errno.EINTR, 0)
+            except OSError as e:
+                log.error("cannot answer a call a dead process left: %s", e.strerror)
+    return answered, anew
+
+
+def watch_signals(events, on_signal, more=()):
+    """SIGTERM, SIGINT, SIGUSR1, SIGHUP and `more` as loop events: on_signal(signum) runs
+    between notifications.  Returns the pipe, for close_signal_pipe.
+
+    SIGALRM gets a handler too, but never reaches on_signal: it only ends a
+    wait the process bounds with a timer (a RECV on a shared filter, a
+    lingering close).
+    """
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGALRM) + tuple(more):
+        signal.signal(signum, lambda *_: None)
+
+    def on_readable(_events):
+        try:
+            signums = os.read(rfd, 64)
+        except BlockingIOError:
+            return
+        for signum in signums:
+            if signum != signal.SIGALRM:
+                on_signal(signum)
+    events.watch(rfd, select.EPOLLIN, on_readable)
+    return rfd, wfd
+
+
+def close_signal_pipe(pipe):
+    if pipe:
+        signal.set_wakeup_fd(-1)
+        for fd in pipe:
+            os.close(fd)
+
+
+def describe_exit(status):
+    if os.WIFSIGNALED(status):
+        return "was killed by signal %d" % os.WTERMSIG(status)
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+def sd_notify(message):
+    """Tell systemd (a Type=notify unit) what the service does: READY=1, RELOADING=1,
+    STOPPING=1.  Nothing outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path[0] == "@":
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(message.encode(), path)
+    except OSError as e:
+        log.warning("cannot notify systemd on %s: %s", os.environ["NOTIFY_SOCKET"], e.strerror)
+
+
+# ---------------------------------------------------------------------------
+# The keeper: holds the daemon's tables and fds, restarts it, hands the next one its state
+# (KeeperLink and the hand-over: length-prefixed JSON snapshots + SCM_RIGHTS)
+# ---------------------------------------------------------------------------
+
+FDS_PER_MESSAGE = 200       # SCM_RIGHTS fds in one message of a hand-over (the kernel takes 253)
+
+
+def send_state(conn, state, fds):
+    """A daemon's snapshot() and the fds it names, on stream socket `conn` (blocking)."""
+    state = dict(state, fd_count=len(fds))
+    payload = json.dumps(state).encode()
+    conn.sendall(_U32.pack(len(payload)) + payload)
+    for start in range(0, len(fds), FDS_PER_MESSAGE):
+        batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
+        conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+
+
+def receive_state(conn, sender):
+    """What send_state() sent on `conn`: (state, [fd]); Error if `sender` breaks off, None at
+    end of file before anything."""
+    def exactly(count):
+        data = b""
+        while len(data) < count:
+            chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
+            if not chunk:
+                if not data and count == _U32.size:
+                    return None
+                raise Error("%s broke off what it was sending" % sender)
+            data += chunk
+        return data
+    header = exactly(_U32.size)
+    if header is None:
+        return None
+    length, = _U32.unpack(header)
+    state = json.loads(exactly(length))
+    fds = []
+    while len(fds) < state["fd_count"]:
+        try:
+            data, got = recv_with_fds(conn, FDS_PER_MESSAGE, 1)
+        except OSError:  # fds dropped (out of fds here), or the sender gone
+            data, got = b"", []
+        fds.extend(got)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise Error("%s broke off after %d fds" % (sender, len(fds)))
+    return state, fds
+
+
+def receive_hand_over(path):
+    """--take-over: everything the daemon serving `path` hands over, (state, fds); OSError if
+    no daemon answers there, Error if it does not hand over."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(60)
+        conn.connect(path)
+        conn.sendall(TAKE_OVER_REQUEST)
+        handed = receive_state(conn, "the daemon on %s" % path)
+        if handed is None:
+            raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
+        conn.sendall(b"ok")
+    return handed
+
+
+class KeeperLink:
+    """The daemon's side of its keeper: a stream socket (None without a keeper, --no-keeper,
+    or once it took no more), and the fds the keeper holds.  Whatever changes what
+    HandOver.snapshot() gives calls changed(): the keeper is sent a snapshot once this turn
+    of the loop ends (sync)."""
+
+    __slots__ = ("sock", "held", "timer", "events", "snapshot")
+
+    TIMEOUT = 5.0       # seconds a snapshot may take to send: the keeper only reads
+
+    def __init__(self, sock=None):
+        self.sock = sock
+        if sock is not None:
+            sock.settimeout(self.TIMEOUT)
+        self.held = set()           # idents (HandOver.snapshot) of the fds the keeper has a duplicate of
+        self.timer = None           # the Timer of the next sync, once something changed
+        self.events = None          # the daemon's loop...
+        self.snapshot = None        # ...and its HandOver.snapshot: attach()
+
+    def attach(self, events, snapshot):
+        self.events, self.snapshot = events, snapshot
+
+    @property
+    def main_pid(self):
+        """The process to signal, whose pid the pid files hold: the keeper's if there is one."""
+        return os.getpid() if self.sock is None else os.getppid()
+
+    def changed(self):
+        if self.sock is not None and self.timer is None:
+            self.timer = self.events.call_at(0, self.sync)
+
+    def sync(self):
+        """Send the keeper a snapshot(), with the fds it does not hold yet; whether it took it."""
+        if self.sock is None:
+            return False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        fds, new, held = [], [], set()
+
+        def ref(fd, ident):
+            held.add(ident)
+            if ident not in self.held:
+                fds.append(fd)
+                new.append(ident)
+            return ident
+        state = self.snapshot(ref, for_keeper=True)
+        state["new"] = new
+        try:
+            send_state(self.sock, state, fds)
+        except OSError as e:
+            log.error("the keeper takes no more of the daemon's state (%s): if this process dies now, "
+                      "its containers are not served on", e.strerror or e)
+            self.close()
+            return False
+        self.held = held
+        return True
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+EXIT_RELOAD = 75            # the daemon's exit status once it left everything to its keeper (SIGUSR2)
+RESUME_ENV = "BYPASS4NETNS_RESUME"  # a reloaded keeper's memfd of what its old code handed it
+
+
+def take_resume():
+    """A keeper run anew (SIGUSR2): the (state, fds) its old code left in RESUME_ENV, else None."""
+    value = os.environ.pop(RESUME_ENV, None)
+    if value is None:
+        return None
+    with os.fdopen(int(value), "r") as f:
+        f.seek(0)
+        resumed = json.load(f)
+    for fd in resumed["fds"].values():
+        os.set_inheritable(fd, False)
+    return resumed["state"], resumed["fds"]
+
+
+class Keeper:
+    """The first process, unless --no-keeper: it forks the daemon and keeps a duplicate of
+    every notify fd and listening socket the daemon serves, with the daemon's last snapshot().
+    When the daemon dies (SIGKILL, the OOM killer, a bug) it answers what the dead daemon left
+    and starts another with all of them: running containers wait a moment, then are served on.
+    On SIGUSR2 it runs the script file anew in its own place (same pid), the new code taking
+    everything over the same way.  Other signals go to the daemon; SIGKILL of the keeper ends
+    the daemon too (PR_SET_PDEATHSIG), as a way to stop everything at once."""
+
+    RESTARTS = 5            # restarts within RESTART_WINDOW seconds before giving up on a daemon
+    RESTART_WINDOW = 60.0   # that dies as soon as it starts
+    REAP_TIMEOUT = 5.0      # seconds a dead daemon's workers have to follow it (PR_SET_PDEATHSIG)
+
+    def __init__(self, argv, workers, new_daemon, serve, pid_file=None):
+        self.argv = argv            # to run the script anew with
+        self.pid_file = pid_file    # written once the first daemon serves...
+        self.ready_fd = None        # ...and then --ready-fd told
+        self.new_daemon = new_daemon  # callable(table, inflight, KeeperLink) -> Daemon
+        self.serve = serve          # callable(daemon, handed) -> exit status
+        self.table, self.inflight = CounterTable(workers), InflightTable(workers)
+        self.workers = workers
+        self.events = Events()
+        self.signal_pipe = None
+        self.held = {}              # ident -> the keeper's duplicate of the daemon's fd
+        self.anew = []              # [key, base64 struct seccomp_notif]: for the next daemon to handle
+        self.state = None           # the daemon's last snapshot, fds as idents; None until it serves
+        self.counted = False        # whether state's counters are all there is (a reload's): no table's
+        self.announced = False      # READY=1 sent to systemd
+        self.child = self.last_child = None  # the daemon's pid while it lives; the last one's
+        self.child_status = None
+        self.link = None
+        self.reloading = False
+        self.stopping = False
+        self.restarts = collections.deque()
+        script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-", "-c") else None
+        self.script = script if script is not None and os.path.isfile(script) else None
+
+    def run(self, handed=None, ready_fd=None):
+        """Keep daemons running until one exits 0 (stopped, or handed over to --take-over);
+        the exit status.  `handed`: a reloaded keeper's (state, fds)."""
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the dead daemon's workers are ours to reap
+        self.signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGUSR2, signal.SIGCHLD))
+        self.ready_fd = ready_fd
+        if handed is not None:
+            self.state, self.held = handed
+            self.anew = self.state.pop("anew", [])
+            self.counted = True
+        while True:
+            self.start()
+            self.supervise()
+            status = self.child_status
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                return 0
+            if self.state is None or self.stopping:
+                return 1  # it never served, or died while stopping: its error is in the log
+            if self.reloading and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RELOAD:
+                self.run_anew()  # returns only if the exec failed: the old code serves on
+            elif self.may_restart(status):
+                log.error("the daemon (pid %d) %s: starting another with its %d containers",
+                          self.last_child, describe_exit(status), len(self.state["containers"]))
+            else:
+                return 1
+            self.reloading = False
+            self.answer_orphans()
+
+    def start(self):
+        link, link_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = fork_child(lambda: self.become_daemon(link, link_end), "the daemon", signals=signal.SIG_DFL)
+        link_end.close()
+        self.child = self.last_child = pid
+        self.link = link
+        link.settimeout(KeeperLink.TIMEOUT)
+        self.events.watch(link.fileno(), select.EPOLLIN, lambda _events: self.on_link())
+        log.info("daemon: pid %d", pid)
+
+    def become_daemon(self, link, link_end):
+        """In the forked daemon: drop what is the keeper's, then serve; the exit status."""
+        close_signal_pipe(self.signal_pipe)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the others: fork_child
+        self.events.close()
+        link.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+        handed = None if self.state is None else (self.with_counters(), self.held)
+        return self.serve(self.new_daemon(self.table, self.inflight, KeeperLink(link_end)), handed)
+
+    def supervise(self):
+        """Take the daemon's snapshots until it exits, then the last ones it sent."""
+        while self.child is not None:
+            self.events.run_once(-1)
+        while self.link is not None:
+            self.on_link()
+        self.reap_the_rest()
+
+    def on_link(self):
+        try:
+            received = receive_state(self.link, "the daemon")
+        except (OSError, Error, ValueError) as e:
+            log.error("the daemon's state: %s: if it dies now, its containers are not served on", e)
+            received = None
+        if received is None:
+            self.events.unwatch(self.link.fileno())
+            self.link.close()
+            self.link = None
+            return
+        state, fds = received
+        for ident, fd in zip(state.pop("new"), fds):
+            old = self.held.get(ident)
+            if old is not None:
+                os.close(old)  # an ident of a daemon before this one
+            self.held[ident] = fd
+        named = {entry["fd"] for kind in ("listeners", "filters") for entry in state[kind]}
+        for ident in [ident for ident in self.held if ident not in named]:
+            os.close(self.held.pop(ident))
+        self.state, self.counted = state, False
+        self.anew = []  # the daemon that sent a state has handled them (adopt_containers)
+        if not (self.announced or self.reloading):  # a reload is ready once the new code serves
+            self.announced = True
+            if self.pid_file:
+                write_pid_file(self.pid_file)
+            if self.ready_fd is not None:
+                os.write(self.ready_fd, b"1")
+                os.close(self.ready_fd)
+                self.ready_fd = None
+            sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+
+    def on_signal(self, signum):
+        if signum == signal.SIGCHLD:
+            self.reap()
+            return
+        if self.child is None:
+            return
+        if signum == signal.SIGUSR2:
+            if not self.may_reload():
+                return
+            self.reloading, self.announced = True, False
+            sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+            sd_notify("STOPPING=1")
+        os.kill(self.child, signum)
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.child:
+                self.child, self.child_status = None, status
+
+    def reap_the_rest(self):
+        """The dead daemon's workers are ours now (the subreaper): wait for them to die."""
+        deadline = time.monotonic() + self.REAP_TIMEOUT
+        while True:
+            self.reap()
+            try:
+                with open("/proc/self/task/%d/children" % os.getpid()) as f:
+                    left = [int(pid) for pid in f.read().split()]
+            except FileNotFoundError:
+                left = []
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                for pid in left:
+                    os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.01)
+
+    def may_reload(self):
+        if self.state is None:
+            log.error("SIGUSR2: the daemon is not serving yet: nothing reloaded")
+            return False
+        if self.script is None:
+            log.error("SIGUSR2: cannot reload: this daemon was not started from a file; "
+                      "start the new version with --take-over")
+            return False
+        check = subprocess.run([sys.executable, self.script, "--version"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        if check.returncode != 0:
+            log.error("SIGUSR2: %s does not run (%s): serving on with the code running now", self.script,
+                      (check.stderr.strip().splitlines() or ["exit status %d" % check.returncode])[-1])
+            return False
+        log.warning("reloading %s (%s)", self.script, check.stdout.strip())
+        return True
+
+    def may_restart(self, status):
+        now = time.monotonic()
+        self.restarts.append(now)
+        while self.restarts[0] < now - self.RESTART_WINDOW:
+            self.restarts.popleft()
+        if len(self.restarts) > self.RESTARTS:
+            log.critical("the daemon (pid %d) %s, the %dth time in %d s: giving up; running containers' "
+                         "trapped calls fail with ENOSYS from now on", self.last_child, describe_exit(status),
+                         len(self.restarts), self.RESTART_WINDOW)
+            return False
+        return True
+
+    def answer_orphans(self):
+        """The dead daemon's calls under way get EINTR; those it was handling are handed to the
+        next daemon (state["anew"]), which handles them anew."""
+        notify_fds = {entry["key"]: self.held[entry["fd"]] for entry in self.state["filters"]}
+        for server in range(self.workers):
+            answered, anew = answer_orphans(self.inflight, server, notify_fds)
+            self.anew += [[key, base64.b64encode(notif).decode()] for key, notif in anew]
+            if answered:
+                log.warning("%d call(s) the dead daemon left under way answered EINTR", answered)
+
+    def with_counters(self):
+        """The last snapshot, with the counters the daemon had counted till it stopped."""
+        state = dict(self.state, anew=self.anew)
+        if not self.counted:
+            state["containers"] = {cid: dict(entry, counters=self.table.totals(entry["slot"]))
+                                   for cid, entry in state["containers"].items()}
+        return state
+
+    def run_anew(self):
+        """Exec the script file in this process, handing it every fd and the state (SIGUSR2)."""
+        self.answer_orphans()
+        memfd = os.memfd_create("bypass4netns-state", 0)  # inherited by the exec
+        with os.fdopen(os.dup(memfd), "w") as f:
+            json.dump({"state": self.with_counters(), "fds": self.held}, f)
+        for fd in self.held.values():
+            os.set_inheritable(fd, True)
+        env = dict(os.environ)
+        env[RESUME_ENV] = str(memfd)
+        try:
+            os.execve(sys.executable, [sys.executable, self.script] + self.argv, env)
+        except OSError as e:
+            log.error("SIGUSR2: cannot run %s: %s: serving on with the code running now", self.script, e.strerror)
+        os.close(memfd)
+        for fd in self.held.values():
+            os.set_inheritable(fd, False)
+
+    def close(self):
+        close_signal_pipe(self.signal_pipe)
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+        for fd in self.held.values():
+            os.close(fd)
+        self.held.clear()
+        self.events.close()
+
+
+# ---------------------------------------------------------------------------
+# The daemon: the runtimes' socket, the containers, published ports, the bypass4netnsd API,
+# hand-over; wiring and a loop (Daemon)
+# ---------------------------------------------------------------------------
+
+STATUS_REQUEST = b'{"bypass4netns": "status"}'  # what `bypass4netns.py status` sends to the socket
+TAKE_OVER_REQUEST = b'{"bypass4netns": "take-over"}'  # what `--take-over` sends
+LISTEN_BACKLOG = 4096       # runtimes' connections waiting to be accepted (the kernel may cap it)
+ACCEPT_PAUSE = 0.1          # seconds without accept() after it failed with nothing to free
+EVICTED = 16                # unfinished runtime connections dropped at once when out of fds
+MESSAGE_TIMEOUT = 10        # seconds a runtime has to send its whole message
+MAX_MESSAGE = 1 << 20       # bytes: a container's state is a few KiB
+
+
+def bind_unix_listener(path):
+    """A listening unix socket at `path`, only for this user; Error if a daemon listens there."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody is listening there
+        else:
+            raise Error("another daemon is listening on %s" % path)
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+        listener.listen(LISTEN_BACKLOG)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return listener
+
+
+class Listener:
+    """One of the daemon's sockets: the runtimes', the API's, or a Bypass's (the runtimes' too)."""
+
+    __slots__ = ("sock", "path", "on_data", "bypass")
+
+    def __init__(self, sock, path, on_data, bypass):
+        self.sock, self.path = sock, path
+        self.on_data = on_data      # callable(RuntimeMessage) when a client sent something
+        self.bypass = bypass        # the Bypass whose socket it is, or None
+
+
+class RuntimeMessage:
+    """A client's connection to a Listener and what it sent so far."""
+
+    __slots__ = ("conn", "listener", "data", "fds", "tried", "timer")
+
+    def __init__(self, conn, listener):
+        self.conn, self.listener = conn, listener
+        self.data = bytearray()
+        self.fds = []
+        self.tried = 0              # the length at the last parse attempt
+        self.timer = None
+
+
+class RuntimeListener:
+    """The daemon's sockets and the clients' connections to them: the runtimes' socket, and the
+    API's and each Bypass's (ApiFrontEnd), accepted and read here.
+
+    A connection has MESSAGE_TIMEOUT seconds to send its whole message (and
+    its fds); out of fds, the oldest unfinished ones make room.  On a
+    runtimes' socket a message is a container's process (the OCI seccomp
+    agent's: state JSON and SCM_RIGHTS fds), given to on_container(data,
+    fds, bypass); or one of the two requests of this program itself:
+    TAKE_OVER_REQUEST, given to on_take_over(RuntimeMessage), and
+    STATUS_REQUEST, answered here with status().
+    """
+
+    def __init__(self, events, socket_path, on_container, on_take_over, status):
+        self.events, self.socket_path = events, socket_path
+        self.on_container, self.on_take_over, self.status = on_container, on_take_over, status
+        self.listener = None        # the runtimes' socket's Listener
+        self.messages = {}          # connection fd -> RuntimeMessage, oldest first
+        self.out_of_fds = 0         # times the daemon had no fd for a runtime's connection or fds
+        self.limit = LogLimit()
+
+    def listen(self):
+        self.listener = self.add_listener(self.socket_path, self.on_runtime_data)
+
+    def add_listener(self, path, on_data, bypass=None):
+        """A new socket at `path`; each client's RuntimeMessage goes to on_data."""
+        return self.adopt(bind_unix_listener(path), path, on_data, bypass)
+
+    def adopt(self, sock, path, on_data, bypass=None):
+        """A listening socket (a previous daemon's, or just bound) served from now on."""
+        listener = Listener(sock, path, on_data, bypass)
+        self.watch_listener(listener)
+        return listener
+
+    def close_listener(self, listener):
+        self.events.unwatch(listener.sock.fileno())
+        listener.sock.close()
+        try:
+            os.unlink(listener.path)
+        except FileNotFoundError:
+            pass
+
+    def pause(self, listeners):
+        """Accept nothing more on `listeners` (a hand-over) until watch_listener()."""
+        for listener in listeners:
+            self.events.unwatch(listener.sock.fileno())
+
+    def on_accept(self, listener):
+        while True:
+            try:
+                conn, _ = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if out_of_fds(e):
+                    self.out_of_fds += 1
+                    if self.messages:
+                        # The oldest clients that have not sent a whole message
+                        # make room: a runtime dials without waiting (EAGAIN on
+                        # a full backlog), so the backlog must keep moving.
+                        for oldest in list(self.messages.values())[:EVICTED]:
+                            self.end_message(oldest, "out of file descriptors: the oldest unfinished "
+                                             "connections make room")
+                        continue
+                # Nothing to free: the connection waits in the backlog, retried
+                # after a pause, not at the rate epoll reports it.
+                self.limit.log(logging.ERROR, "accept on %s: %s: pausing %.1f s",
+                               listener.path, e.strerror, ACCEPT_PAUSE)
+                self.events.unwatch(listener.sock.fileno())
+                self.events.call_at(time.monotonic() + ACCEPT_PAUSE, lambda: self.watch_listener(listener))
+                return
+            conn.setblocking(False)
+            message = self.messages[conn.fileno()] = RuntimeMessage(conn, listener)
+            message.timer = self.events.call_at(time.monotonic() + MESSAGE_TIMEOUT,
+                                                lambda m=message: self.end_message(m, "no complete message in %d s"
+                                                                                   % MESSAGE_TIMEOUT))
+            self.events.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
+                              lambda _events, m=message: listener.on_data(m))
+
+    def watch_listener(self, listener):
+        if listener.sock.fileno() >= 0:  # not closed meanwhile
+            self.events.watch(listener.sock.fileno(), select.EPOLLIN, lambda _events: self.on_accept(listener))
+
+    def on_runtime_data(self, message):
+        """Read what a runtime sent; parse it at its end, or before if it may be complete, each
+        time it has doubled in length: a slow sender costs a few parses, not one per chunk."""
+        try:
+            while True:
+                data, fds = recv_with_fds(message.conn)
+                message.fds.extend(fds)
+                if not data:
+                    break
+                message.data += data
+                if len(message.data) > MAX_MESSAGE:
+                    raise ValueError("longer than %d MiB" % (MAX_MESSAGE >> 20))
+        except (BlockingIOError, InterruptedError):
+            if len(message.data) < 2 * message.tried or not message.data:
+                return
+            message.tried = len(message.data)
+            try:
+                json.loads(message.data)
+            except ValueError:
+                return  # not complete yet
+            except RecursionError:
+                pass  # complete enough to be refused as malformed
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError) and out_of_fds(e):
+                self.out_of_fds += 1
+            self.end_message(message, str(e))
+            return
+        request = message.data.strip()
+        if not message.fds and request == TAKE_OVER_REQUEST:
+            self.take(message)
+            self.on_take_over(message.conn)
+            return
+        if not message.fds and request == STATUS_REQUEST:
+            self.answer_status(message.conn)
+            self.end_message(message, None)
+            return
+        self.end_message(message, None)
+        if message.data or message.fds:
+            self.on_container(bytes(message.data), message.fds, message.listener.bypass)
+        else:
+            log.debug("a client of %s closed without a message", self.socket_path)
+
+    def answer_status(self, conn):
+        """`bypass4netns.py status`: the answer is written without waiting, or cut."""
+        reply = json.dumps(self.status()).encode()
+        try:
+            sent = conn.send(reply)
+        except OSError as e:
+            sent, why = 0, e.strerror
+        else:
+            why = "the client does not read"
+        if sent < len(reply):
+            self.limit.log(logging.WARNING, "a status answer was cut: %s", why)
+
+    def take(self, message):
+        """Stop reading `message`: its connection is the caller's now."""
+        message.timer.cancel()
+        del self.messages[message.conn.fileno()]
+        self.events.unwatch(message.conn.fileno())
+
+    def end_message(self, message, error):
+        """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
+        self.take(message)
+        message.conn.close()
+        if error is not None:
+            for fd in message.fds:
+                os.close(fd)
+            self.limit.log(logging.ERROR, "dropping a runtime message: %s", error)
+
+    def close(self):
+        if self.listener is not None:
+            self.close_listener(self.listener)
+
+
+class Reservations:
+    """Published host ports held open so no other host process takes them.
+
+    A port is lent to the container's bind just before it binds (released,
+    and left alone until the bind reports back: a worker binds in another
+    process, while the loop keeps retrying), and taken again once it is free
+    (tried by the loop every second: there is no close trap to tell when the
+    container let it go).
+    """
+
+    def __init__(self, mappings, enabled):
+        self.enabled = enabled
+        self.held = {}                              # PortMapping key -> socket
+        self.lent = set()                           # PortMapping keys a bind under way may take
+        self.bound = {}                             # key -> the container that bound it, while it holds it
+        self.claims = {self.key(m): (m, None) for m in mappings}  # key -> (mapping, container or None)
+
+    @property
+    def wanted(self):
+        """The mappings whose host ports are held while free: every claim's, if reservation is on."""
+        return [mapping for mapping, _owner in self.claims.values()] if self.enabled else []
+
+    @staticmethod
+    def key(mapping):
+        return mapping.proto, mapping.host_port, mapping.host_ip
+
+    def holder(self, mapping):
+        """(True, the container id, or None for the daemon's -p) if a mapping on the same
+        host port and an overlapping address is claimed, else (False, None)."""
+        for other, owner in self.claims.values():
+            if (other.proto == mapping.proto and other.host_port == mapping.host_port
+                    and (None in (other.host_ip, mapping.host_ip) or other.host_ip == mapping.host_ip)):
+                return True, owner
+        return False, None
+
+    def claim(self, owner, mappings):
+        """Container `owner`'s own mappings -> (mappings it has now, [(mapping, holder)] claimed
+        by another first, [(mapping, why)] of its own that cannot be reserved yet).
+
+        One not reserved yet (TIME_WAIT connections of a server that just
+        stopped, or a host process on it) is retried like every reserved
+        port; the container's bind gets the host's answer meanwhile.
+        """
+        own, in_use, unreserved = [], [], []
+        for mapping in mappings:
+            taken, holder = self.holder(mapping)
+            if taken:
+                in_use.append((mapping, holder))
+                continue
+            if self.enabled:
+                try:
+                    self.held[self.key(mapping)] = self.bind(mapping)
+                except OSError as e:
+                    unreserved.append((mapping, e.strerror))
+            self.claims[self.key(mapping)] = (mapping, owner)
+            own.append(mapping)
+        return own, in_use, unreserved
+
+    def export(self):
+        """[(mapping, owner, held socket or None)] of every claim, for a hand-over."""
+        return [(mapping, owner, self.held.get(key)) for key, (mapping, owner) in self.claims.items()]
+
+    def adopt(self, mapping, owner, sock, binder=None):
+        """A claim a previous daemon had, with its held socket if any, and the container that has
+        bound it: a container's or a bypass's is kept; one of the previous daemon's -p is kept if
+        this daemon's -p has it."""
+        key = self.key(mapping)
+        if binder is not None:
+            self.bound[key] = binder
+        if owner is None and key not in self.claims:
+            if sock is not None:
+                sock.close()  # no longer published: let it go
+            return
+        if owner is not None:
+            self.claims[key] = (mapping, owner)
+        if sock is not None and self.enabled and key not in self.held:
+            self.held[key] = sock
+        elif sock is not None:
+            sock.close()
+
+    def release(self, owner):
+        """Container `owner` is gone: its host ports are free for anyone."""
+        for key in [key for key, binder in self.bound.items() if binder == owner]:
+            del self.bound[key]
+        for key, (mapping, claimant) in list(self.claims.items()):
+            if claimant == owner and owner is not None:
+                del self.claims[key]
+                self.lent.discard(key)
+                sock = self.held.pop(key, None)
+                if sock is not None:
+                    sock.close()
+
+    def reserve_all(self):
+        """Take every port at start (but those held already); one that cannot be is an Error."""
+        for mapping in self.wanted:
+            if self.key(mapping) in self.held:
+                continue
+            try:
+                self.held[self.key(mapping)] = self.bind(mapping)
+            except OSError as e:
+                raise Error("cannot reserve published port %r: %s" % (mapping, e.strerror)) from None
+
+    @staticmethod
+    def bind(mapping):
+        """A bound, not listening socket on the mapping's host side (no SO_REUSEADDR, so
+        it shares the port with nobody)."""
+        kind = socket.SOCK_STREAM if mapping.proto == _TCP else socket.SOCK_DGRAM
+        if mapping.host_ip is not None:
+            family = socket.AF_INET if mapping.host_ip.version == 4 else socket.AF_INET6
+        else:
+            family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+        sock = socket.socket(family, kind)
+        try:
+            if family == socket.AF_INET6 and mapping.host_ip is None:
+                sock.setsockopt(_IP6, socket.IPV6_V6ONLY, 0)  # hold IPv4 and IPv6 alike
+            sock.bind((str(mapping.host_ip or ("::" if family == socket.AF_INET6 else "0.0.0.0")),
+                       mapping.host_port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def lend(self, mapping):
+        """Free the port for a bind about to take it; retry() leaves it alone until end_loan()."""
+        self.lent.add(self.key(mapping))
+        sock = self.held.pop(self.key(mapping), None)
+        if sock is not None:
+            sock.close()
+
+    def end_loan(self, mapping, bound, binder=None):
+        """The bind is over: the port is container `binder`'s now (`bound`), or taken back at once."""
+        self.lent.discard(self.key(mapping))
+        if bound:
+            self.bound[self.key(mapping)] = binder
+        else:
+            self.take(mapping)
+
+    def take(self, mapping):
+        """Reserve the port again if it is free (and reservation is on); whether it was taken."""
+        key = self.key(mapping)
+        if self.enabled and key not in self.held:
+            try:
+                self.held[key] = self.bind(mapping)
+            except OSError:
+                return False
+            return self.bound.pop(key, None) is not None  # its container let it go
+        return False
+
+    def retry(self):
+        """Take back every free port; whether one a container had bound was."""
+        let_go = False
+        for mapping in self.wanted:
+            if self.key(mapping) not in self.lent:
+                let_go |= self.take(mapping)
+        return let_go
+
+    def bound_by(self):
+        """[(mapping, container id)] of the daemon's -p ports that containers have bound now."""
+        return [(self.claims[key][0], cid) for key, cid in self.bound.items()
+                if key in self.claims and self.claims[key][1] is None]
+
+    def unheld(self):
+        return len(self.held) < len(self.wanted)
+
+    def close(self):
+        for sock in self.held.values():
+            sock.close()
+        self.held.clear()
+
+
+class PortLoans:
+    """The published ports the daemon holds, as its servers borrow them for a container's bind:
+    a LocalPool's Switcher calls lend() and end_loan() directly, a worker's ParentChannel
+    asks through its ProcessPool (answer()).  A container that bound a port or let it go
+    changes the keeper's snapshot and Routes' rows: `on_bound()` tells them
+    (Daemon.ports_changed)."""
+
+    __slots__ = ("reservations", "on_bound")
+
+    def __init__(self, reservations, on_bound):
+        self.reservations, self.on_bound = reservations, on_bound
+
+    def lend(self, mapping):
+        self.reservations.lend(mapping)
+
+    def end_loan(self, mapping, bound, binder=None):
+        self.reservations.end_loan(mapping, bound, binder)
+        self.on_bound()
+
+    def answer(self, what, argument, *binder):
+        """A worker's request ("lend", "bound" or "unbound", a mapping as JSON, the binder):
+        a worker is lent only what is published."""
+        mapping = mapping_from_json(argument)
+        if self.reservations.key(mapping) in self.reservations.claims:
+            if what == "lend":
+                self.lend(mapping)
+            else:
+                self.end_loan(mapping, what == "bound", *binder)
+
+
+class Routes:
+    """Where the containers' own published ports are: for the servers (--handle-c2c-connections:
+    peer_rows(); --multinode: the other nodes' rows, from the MultinodeAgent) and for etcd
+    (this node's keys, through the agent).  Without either it is idle: nothing is read, sent
+    or started.
+
+    `containers()` are the daemon's (OCI id -> Hosted), `workers()` its current servers;
+    the ContainerRegistry and PortLoans tell it when they change (update()).
+    """
+
+    ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses
+
+    def __init__(self, events, containers, workers, bound, c2c, probe_peers, multinode):
+        self.events, self.containers, self.workers = events, containers, workers
+        self.bound = bound          # Reservations.bound_by
+        self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
+        self.multinode = multinode  # (etcd URL, this node's host address), or None
+        self.active = c2c or multinode is not None
+        self.peers = []             # peer_rows() as the servers have them
+        self.nodes = []             # multinode_routes(), from the agent
+        self.agent = None           # (pid, channel) of the MultinodeAgent
+        self.registered = {}        # etcd key -> value: this node's, as the agent was sent them
+        self.limit = LogLimit()
+
+    def peer_rows(self):
+        """[version, address, container port, host IP or None, host port, container id, pid] of
+        the TCP ports each container publishes itself (its annotations, the API), and of the
+        daemon's -p ports a container has bound (as the Go tool registers them), at each of its
+        addresses."""
+        containers = self.containers()
+        published = [(hosted, mapping) for hosted in containers.values()
+                     for mapping in map(mapping_from_json, (hosted.settings or {}).get("publish", ()))]
+        published += [(containers[cid], mapping) for mapping, cid in self.bound()
+                      if cid in containers]
+        return [[address.version, int(address), mapping.container_port,
+                 None if mapping.host_ip is None else str(mapping.host_ip), mapping.host_port, hosted.cid,
+                 hosted.pid]
+                for hosted, mapping in published if mapping.proto == _TCP and isinstance(hosted.pid, int)
+                for address in hosted.addresses]
+
+    def update(self):
+        """Tell the servers the containers' published ports at their addresses, and the agent
+        this node's keys, where those have changed."""
+        if not self.active:
+            return
+        rows = self.peer_rows()
+        if self.c2c and rows != self.peers:
+            self.peers = rows
+            self.send(self.workers())
+        if self.agent is not None:
+            host = self.multinode[1]
+            registered = {MULTINODE_PREFIX + format_host_port(ipaddress.IPv4Address(address) if version == 4
+                                                              else ipaddress.IPv6Address(address), port):
+                          format_host_port(host, host_port)
+                          for version, address, port, _host_ip, host_port, _cid, _pid in rows}
+            if registered != self.registered:
+                self.registered = registered
+                try:
+                    self.agent[1].send(json.dumps(registered).encode())
+                except OSError as e:  # EMSGSIZE past some thousands of keys
+                    self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
+                                   len(registered), e.strerror)
+
+    def status(self):
+        """For `bypass4netns.py status`: what is routed, and to which etcd; None if idle."""
+        if not self.active:
+            return None
+        return {"peers": len(self.peers) if self.c2c else None,
+                "nodes": len(self.nodes) if self.multinode else None,
+                "registered": len(self.registered) if self.multinode else None,
+                "etcd": self.multinode[0] if self.multinode else None,
+                "host_address": str(self.multinode[1]) if self.multinode else None,
+                "agent": self.agent[0] if self.agent else None}
+
+    def send(self, workers):
+        if not self.active:
+            return
+        for worker in workers:
+            try:
+                worker.set_peers(self.peers, self.probe_peers, self.nodes)
+            except OSError as e:  # EMSGSIZE past some thousands of routes
+                self.limit.log(logging.ERROR, "cannot send worker %d the routes to %d peers and %d other nodes' "
+                               "ports: %s", worker.index, len(self.peers), len(self.nodes), e.strerror)
+
+    def refresh_addresses(self):
+        """Read the containers' addresses again (`podman network connect` adds one, say), every
+        ADDRESS_REFRESH seconds: their routes and keys follow."""
+        for hosted in self.containers().values():
+            hosted.addresses = container_addresses(hosted.pid)
+        self.update()
+        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
+
+    def start(self):
+        """Fork the MultinodeAgent if --multinode (the daemon's workers are forked already, and
+        no thread runs: a plain fork), and read the addresses again now and then."""
+        if not self.active:
+            return
+        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
+        if self.multinode is None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        url, host = self.multinode
+
+        # Signals are the daemon's to act on (SIG_IGN here): it hangs up to end the agent.
+        pid = fork_child(lambda: MultinodeAgent(theirs, url, host).run(), "the multinode agent",
+                         keep=[theirs.fileno()], signals=signal.SIG_IGN)
+        theirs.close()
+        self.agent = (pid, ours)
+        self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
+        log.info("multinode agent: pid %d, etcd at %s, this node at %s", pid, url, host)
+
+    def addresses(self, pid):
+        """A new container's own addresses (its first process `pid`), if they are routed."""
+        return container_addresses(pid) if self.active else ()
+
+    def on_agent_message(self):
+        pid, channel = self.agent
+        try:
+            data = channel.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            log.error("the multinode agent (pid %d) is gone: connects to other nodes' containers go their "
+                      "normal way", pid)
+            self.stop()
+            self.nodes = []
+        else:
+            self.nodes = json.loads(data)
+        self.send(self.workers())
+
+    def stop(self, wait=0.0, end=False):
+        """Stop the agent and reap it, waiting up to `wait` seconds for it to end before SIGKILL.
+        With `end` it revokes its lease first, so this node's keys go; without, they stay till
+        the lease runs out (a daemon that takes over puts them again before)."""
+        if self.agent is None:
+            return
+        pid, channel = self.agent
+        self.agent = None
+        self.events.unwatch(channel.fileno())
+        if end:
+            try:
+                channel.send(MultinodeAgent.END)
+            except OSError:
+                pass
+        channel.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
+            time.sleep(0.05)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+class ContainerRegistry:
+    """The containers the daemon serves (OCI id -> Hosted) and their filters (notify fd ->
+    Handed): it adopts a container's processes as a runtime sends them, works out what the
+    container's annotations add to the daemon's flags, hands each filter to the pool's
+    workers (its home's, or every worker's once it is busy) and frees a filter once every
+    process of it has exited.  A container come or gone changes the keeper's snapshot and
+    Routes' rows: both are told where it happens."""
+
+    def __init__(self, events, base, table, reservations, pool, keeper, routes):
+        self.events, self.base, self.table, self.reservations = events, base, table, reservations
+        self.pool, self.keeper, self.routes = pool, keeper, routes
+        self.containers = {}        # OCI id -> Hosted
+        self.filters = {}           # notify fd -> Handed
+        self.serial = 0             # the last Handed.key
+        self.limit = LogLimit()
+
+    def on_container_process(self, data, fds, bypass=None):
+        """A runtime's message: container state JSON + SCM_RIGHTS fds; through the socket of
+        `bypass` (an API's Bypass) if not None."""
+        notify_fd = None
+        try:
+            message = json.loads(data)
+            names = message["fds"]
+            state = message.get("state") or {}
+            cid = str(state.get("id") or message.get("pid") or "unknown")
+            index = names.index("seccompFd")
+            if len(fds) != len(names):
+                raise ValueError("%d fds for %d names" % (len(fds), len(names)))
+            notify_fd = fds[index]
+            if os.readlink("/proc/self/fd/%d" % notify_fd) != "anon_inode:seccomp notify":
+                raise ValueError("fd seccompFd is not a seccomp notify fd")
+        except Exception as e:  # whatever the message holds, it costs its fds, nothing more
+            self.limit.log(logging.ERROR, "dropping a malformed runtime message: %s", e)
+            for fd in fds:
+                os.close(fd)
+            return
+        for fd in fds:
+            if fd != notify_fd:
+                os.close(fd)
+        self.host_filter(notify_fd, cid, message.get("pid"), message.get("metadata"),
+                         lambda: bypass.settings if bypass is not None else self.container_settings(cid, state))
+
+    def host_filter(self, notify_fd, cid, pid, metadata, settings, counters=None):
+        """Serve notify fd `notify_fd` of container `cid`: its settings() are asked for if the
+        container is new, and its counters start at `counters` (a hand-over's) if given."""
+        hosted = self.containers.get(cid)
+        if hosted is None:
+            try:
+                slot = self.table.allocate()
+            except Error as e:
+                log.error("container %s: not served: %s", cid[:12], e)
+                os.close(notify_fd)
+                return
+            if counters:
+                self.table.row(0, slot)[:] = array.array("q", counters)
+            home = self.pool.least_busy()
+            hosted = self.containers[cid] = Hosted(cid, slot, home, settings(), pid)
+            hosted.addresses = self.routes.addresses(pid)
+            home.containers.add(cid)
+        self.serial += 1
+        handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, pid, metadata)
+        hosted.filters.add(notify_fd)
+        # Watched for the end of the filter only: no EPOLLIN, so that its
+        # notifications wake its servers alone.
+        self.events.watch(notify_fd, 0, lambda _events: self.on_filter_gone(notify_fd))
+        for worker in self.servers_of(hosted):
+            worker.hand(handed, hosted)
+        self.keeper.changed()       # a filter to hold, maybe a container
+        self.routes.update()        # a container's addresses and ports
+
+    def container_settings(self, cid, state):
+        """What container `cid`'s annotations add to the daemon's flags, as its servers are
+        handed it (JSON), or None for nothing.  Its own published ports are claimed here,
+        for as long as it lives."""
+        short = cid[:12]
+        try:
+            ignore, specs, ignore_bind = parse_annotations(state.get("annotations"))
+        except Error as e:
+            log.error("container %s: its annotations are ignored: %s", short, e)
+            return None
+        if not (ignore or specs or ignore_bind):
+            return None
+        own, in_use, unreserved = self.reservations.claim(cid, [m for spec in specs for m in parse_publish(spec)])
+        for mapping, holder in in_use:
+            log.warning("container %s: %r: host port %d/%s is published by %s: its bind of port %d gets "
+                        "EADDRINUSE", short, mapping, mapping.host_port, mapping.proto,
+                      "the daemon's -p" if holder is None else "container " + holder[:12], mapping.container_port)
+        for mapping, why in unreserved:
+            log.warning("container %s: %r: host port %d/%s cannot be reserved yet (%s): retried every second; "
+                        "the container's bind gets the host's answer", short, mapping, mapping.host_port,
+                        mapping.proto, why)
+        if own:
+            log.info("container %s: publishing %s", short, ", ".join(map(repr, own)))
+        return {"ignore": ignore, "publish": [mapping_to_json(m) for m in own],
+                "in_use": [[m.proto, m.container_port] for m, _holder in in_use], "ignore_bind": ignore_bind}
+
+    def servers_of(self, hosted):
+        return self.pool.workers if hosted.shared else (hosted.home,)
+
+    def hand(self, hosted, worker):
+        """Every filter of `hosted` to `worker`."""
+        for notify_fd in hosted.filters:
+            worker.hand(self.filters[notify_fd], hosted)
+
+    def on_filter_gone(self, notify_fd):
+        """A filter every process of which has exited: free it here and in its servers."""
+        self.events.unwatch(notify_fd)
+        handed = self.filters.pop(notify_fd)
+        hosted = self.containers[handed.cid]
+        if hosted.shared:
+            for worker in self.pool.workers:
+                worker.drop(handed.key)
+        os.close(notify_fd)
+        hosted.filters.discard(notify_fd)
+        if not hosted.filters:
+            del self.containers[hosted.cid]
+            hosted.home.containers.discard(hosted.cid)
+            log.info("container %s: gone (%s)", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
+            self.table.release(hosted.slot)
+            self.reservations.release(hosted.cid)
+        self.keeper.changed()       # a filter not to hold, maybe a container and its ports
+        self.routes.update()        # maybe a container's addresses and ports
+
+    def share(self, cid):
+        """A worker found container `cid` busy, and receives on its filters as one of several now."""
+        hosted = self.containers.get(cid)
+        if hosted is None or hosted.shared:
+            return
+        hosted.shared = True
+        for worker in self.pool.workers:
+            if worker is not hosted.home:
+                self.hand(hosted, worker)
+        log.info("container %s: busy, now served by %d workers", cid[:12], len(self.pool.workers))
+
+    def handle_anew(self, key, notif):
+        """A notification a dead process had taken and not answered: to the container's home
+        worker, which handles it as if it had just received it."""
+        handed = next((handed for handed in self.filters.values() if handed.key == key), None)
+        if handed is not None:
+            self.containers[handed.cid].home.handle_anew(key, notif)
+
+    def notify_fds(self):
+        """{filter key: notify fd}, to answer what a dead worker left (answer_orphans)."""
+        return {handed.key: handed.notify_fd for handed in self.filters.values()}
+
+    def worker_replaced(self, old, new, anew):
+        """Worker `new` took dead `old`'s place: it gets the routes, and every filter `old` served,
+        and handles `anew` what `old` had taken."""
+        self.routes.send([new])
+        for hosted in self.containers.values():
+            if hosted.home is old:
+                hosted.home = new
+            if hosted.home is new or hosted.shared:
+                self.hand(hosted, new)
+        for key, notif in anew:
+            self.handle_anew(key, notif)
+
+    def rehome(self):
+        """After a hand-over that failed, the pool serving anew: each container to one worker."""
+        for worker in self.pool.workers:
+            worker.containers.clear()
+        for hosted in self.containers.values():
+            hosted.home, hosted.shared = self.pool.least_busy(), False
+            hosted.home.containers.add(hosted.cid)
+            self.hand(hosted, hosted.home)
+
+    def status(self):
+        """Every container served, for `bypass4netns.py status`."""
+        containers = []
+        for hosted in self.containers.values():
+            settings = hosted.settings or {}
+            published = self.base.with_container(hosted.settings).publish.values()
+            containers.append({
+                "id": hosted.cid,
+                "processes": [self.filters[fd].pid for fd in hosted.filters],
+                "worker": self.pool.index_of(hosted.home),
+                "shared": hosted.shared,
+                "published": [repr(m) for m in published],
+                "port_in_use": ["%d/%s" % (port, proto) for proto, port in settings.get("in_use", ())],
+                "ignore": settings.get("ignore", []),
+                "counters": dict(zip(COUNTERS, self.table.totals(hosted.slot))),
+            })
+        return containers
+
+    def log_counters(self):
+        if not self.containers:
+            log.warning("no containers")
+        for hosted in self.containers.values():
+            log.warning("container %s: %s", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
+
+    def close(self):
+        for notify_fd in self.filters:
+            os.close(notify_fd)
+        self.filters.clear()
+
+
+API_HEAD_MAX = 16 << 10     # bytes of a request line and headers
+API_BODY_MAX = 1 << 20      # bytes of a request body
+SPEC_FIELDS = frozenset(("id", "socketPath", "pidFilePath", "logFilePath", "portMapping", "ignoreSubnets",
+                         "ignoreBind"))
+PORT_SPEC_FIELDS = frozenset(("protos", "parentIP", "parentPort", "childIP", "childPort"))
+HTTP_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                411: "Length Required", 413: "Payload Too Large", 500: "Internal Server Error"}
+
+
+class ApiError(Error):
+    """A request the API refuses: its HTTP status and the message of its JSON body."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_http_request(data):
+    """(method, path, body) of one HTTP/1.x request in `data`, None while it is incomplete;
+    ApiError(400, 411 or 413) for one that cannot be served."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0:
+        if len(data) > API_HEAD_MAX:
+            raise ApiError(400, "request headers longer than %d bytes" % API_HEAD_MAX)
+        return None
+    lines = bytes(data[:head_end]).decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ApiError(400, "not an HTTP/1.x request line: %r" % lines[0][:100])
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ApiError(400, "malformed header line: %r" % line[:100])
+        headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise ApiError(411, "a chunked body: send Content-Length")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise ApiError(400, "Content-Length is not a number") from None
+    if length < 0:
+        raise ApiError(400, "Content-Length is negative")
+    if length > API_BODY_MAX:
+        raise ApiError(413, "a body longer than %d bytes" % API_BODY_MAX)
+    body = data[head_end + 4:]
+    if len(body) < length:
+        return None
+    return parts[0], parts[1].split("?", 1)[0], bytes(body[:length])
+
+
+def format_http_response(status, payload=None):
+    """A complete HTTP/1.1 response, the connection closed after it; `payload` as JSON."""
+    body = b"" if payload is None else json.dumps(payload).encode()
+    head = "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n" % (
+        status, HTTP_REASONS.get(status, "Error"), len(body))
+    if payload is not None:
+        head += "Content-Type: application/json\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def parse_bypass_spec(body):
+    """A BypassSpec (JSON) -> (the spec as JSON-able values, ignore values, publish specs,
+    ignore_bind); ApiError(400) naming what is wrong.  A port mapping's childIP is accepted
+    and not used: a published port is the container port, on whatever address it binds."""
+    try:
+        spec = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, "malformed JSON: %s" % e) from None
+    if not isinstance(spec, dict):
+        raise ApiError(400, "a BypassSpec is a JSON object")
+    unknown = sorted(set(spec) - SPEC_FIELDS)
+    if unknown:
+        raise ApiError(400, "unknown field(s) %s" % ", ".join(map(repr, unknown)))
+    sid = spec.get("id")
+    if not isinstance(sid, str) or not sid or "/" in sid:
+        raise ApiError(400, "id: a non-empty string without '/' is needed")
+    for field in ("socketPath", "pidFilePath", "logFilePath"):
+        if not isinstance(spec.get(field) or "", str):
+            raise ApiError(400, "%s: not a string" % field)
+    if not os.path.isabs(spec.get("socketPath") or ""):
+        raise ApiError(400, "socketPath: an absolute path is needed")
+    if not isinstance(spec.get("ignoreBind", False), bool):
+        raise ApiError(400, "ignoreBind: not a boolean")
+    ignore = spec.get("ignoreSubnets") or []
+    if not (isinstance(ignore, list) and all(isinstance(item, str) for item in ignore)):
+        raise ApiError(400, "ignoreSubnets: not a list of strings")
+    try:
+        parse_ignore(ignore)
+    except Error as e:
+        raise ApiError(400, "ignoreSubnets: %s" % e) from None
+    publish = []
+    mappings = spec.get("portMapping") or []
+    if not isinstance(mappings, list):
+        raise ApiError(400, "portMapping: not a list")
+    for mapping in mappings:
+        publish.extend(port_spec_to_publish(mapping))
+    try:
+        build_publish_table(publish)
+    except Error as e:
+        raise ApiError(400, "portMapping: %s" % e) from None
+    return spec, ignore, publish, spec.get("ignoreBind", False)
+
+
+def port_spec_to_publish(mapping):
+    """One PortSpec -> its -p values, one per protocol."""
+    if not isinstance(mapping, dict) or set(mapping) - PORT_SPEC_FIELDS:
+        raise ApiError(400, "portMapping: an entry is not a PortSpec: %s" % json.dumps(mapping)[:200])
+    protos = mapping.get("protos") or ["tcp"]
+    host_ip = mapping.get("parentIP") or ""
+    ports = (mapping.get("parentPort"), mapping.get("childPort"))
+    if not (isinstance(protos, list) and all(p in ("tcp", "udp") for p in protos)):
+        raise ApiError(400, "portMapping: protos must be a list of tcp and udp")
+    if not (isinstance(host_ip, str) and isinstance(mapping.get("childIP") or "", str)
+            and all(isinstance(port, int) and not isinstance(port, bool) for port in ports)):
+        raise ApiError(400, "portMapping: parentIP and childIP are strings, parentPort and childPort numbers")
+    if host_ip in ("0.0.0.0", "::"):
+        host_ip = ""
+    if ":" in host_ip:
+        host_ip = "[%s]" % host_ip
+    specs = ["%s%s%d:%d/%s" % (host_ip, ":" if host_ip else "", ports[0], ports[1], proto) for proto in protos]
+    try:
+        for spec in specs:
+            parse_publish(spec)
+    except Error as e:
+        raise ApiError(400, "portMapping: %s" % e) from None
+    return specs
+
+
+class Bypass:
+    """A BypassSpec the API started: its socket, and what containers that come through it get."""
+
+    __slots__ = ("spec", "listener", "settings")
+
+    def __init__(self, spec, settings):
+        self.spec = spec            # as posted, for GET
+        self.settings = settings    # as ContainerRegistry.container_settings() gives them
+        self.listener = None
+
+
+class ApiFrontEnd:
+    """The bypass4netnsd API (nerdctl's: HTTP/1.1 over a unix socket, above): its socket, and
+    the Bypasses it started, each a runtimes' socket whose containers get its ports and
+    subnets.  Its sockets are accepted and read by the RuntimeListener.  A Bypass started or
+    stopped changes the keeper's snapshot (a socket, claimed ports): the keeper link is told.
+    Routes are not: a Bypass's ports are its containers' settings, routed as theirs."""
+
+    def __init__(self, runtime, reservations, keeper):
+        self.runtime, self.reservations, self.keeper = runtime, reservations, keeper
+        self.listener = None        # the API socket's Listener, once it listens
+        self.bypasses = {}          # BypassSpec id -> Bypass
+
+    def listen(self, api_path):
+        self.listener = self.runtime.add_listener(api_path, self.on_api_data)
+
+    def adopt(self, sock, path):
+        """A previous daemon's API socket (--take-over)."""
+        self.listener = self.runtime.adopt(sock, path, self.on_api_data)
+
+    def adopt_bypass(self, sock, path, spec, settings):
+        """A previous daemon's Bypass, its socket listening (--take-over)."""
+        self.bypasses[spec["id"]] = bypass = Bypass(spec, settings)
+        bypass.listener = self.runtime.adopt(sock, path, self.runtime.on_runtime_data, bypass)
+
+    def listeners(self):
+        return [listener for listener in [self.listener] + [bypass.listener for bypass in self.bypasses.values()]
+                if listener is not None]
+
+    def on_api_data(self, message):
+        """An HTTP request on the API socket: answered once complete, then the connection closed."""
+        ended = False
+        try:
+            while not ended:
+                data = message.conn.recv(1 << 16)
+                ended = not data
+                message.data += data
+                if len(message.data) > API_HEAD_MAX + API_BODY_MAX:
+                    raise ApiError(413, "a request longer than %d bytes" % (API_HEAD_MAX + API_BODY_MAX))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ApiError as e:
+            self.answer_api(message, e.status, {"message": str(e)})
+            return
+        except OSError as e:
+            self.runtime.end_message(message, "API client: %s" % e.strerror)
+            return
+        try:
+            request = parse_http_request(message.data)
+            if request is None:
+                if not ended:
+                    return  # more to come
+                if not message.data:
+                    self.runtime.end_message(message, None)  # connected and said nothing
+                    return
+                raise ApiError(400, "the request ended before it was complete")
+            status, payload = self.api_call(*request)
+        except ApiError as e:
+            status, payload = e.status, {"message": str(e)}
+        except Exception as e:  # a bug: this request fails, the daemon serves on
+            log.exception("API request failed")
+            status, payload = 500, {"message": "internal error: %s" % e}
+        self.answer_api(message, status, payload)
+
+    def answer_api(self, message, status, payload):
+        reply = format_http_response(status, payload)
+        try:
+            sent = message.conn.send(reply)
+        except OSError:
+            sent = 0
+        self.runtime.end_message(message, None if sent == len(reply) else "API client: the answer was cut")
+
+    def api_call(self, method, path, body):
+        """(HTTP status, JSON payload or None) of one API request."""
+        if path == "/v1/bypass":
+            if method == "GET":
+                return 200, [self.bypass_status(bypass) for bypass in self.bypasses.values()]
+            if method == "POST":
+                return 201, self.bypass_status(self.start_bypass(*parse_bypass_spec(body)))
+            raise ApiError(405, "%s %s: GET or POST" % (method, path))
+        if path.startswith("/v1/bypass/"):
+            if method != "DELETE":
+                raise ApiError(405, "%s %s: DELETE" % (method, path))
+            sid = path[len("/v1/bypass/"):]
+            if sid not in self.bypasses:
+                raise ApiError(400, "no bypass with id %r" % sid)
+            self.stop_bypass(sid)
+            return 200, None
+        raise ApiError(404, "no such path: %s" % path)
+
+    def bypass_status(self, bypass):
+        return {"id": bypass.spec["id"], "pid": self.keeper.main_pid, "spec": bypass.spec}
+
+    def start_bypass(self, spec, ignore, publish, ignore_bind):
+        """A BypassSpec's socket, listening before this returns (the runtime connects at once):
+        containers that come through it get its ports and subnets, held until it is stopped."""
+        sid = spec["id"]
+        if sid in self.bypasses:
+            raise ApiError(400, "a bypass with id %r exists" % sid)
+        directory = os.path.dirname(spec["socketPath"])
+        if not os.path.isdir(directory):
+            raise ApiError(400, "socketPath: no directory %s" % directory)
+        owner = "bypass " + sid
+        own, in_use, unreserved = self.reservations.claim(owner, [m for p in publish for m in parse_publish(p)])
+        if in_use:
+            self.reservations.release(owner)
+            raise ApiError(400, "portMapping: host port %s published already" % ", ".join(
+                "%d/%s" % (m.host_port, m.proto) for m, _holder in in_use))
+        for mapping, why in unreserved:
+            log.warning("bypass %s: %r: host port cannot be reserved yet (%s): retried every second", sid, mapping, why)
+        bypass = Bypass(spec, {"ignore": ignore, "publish": [mapping_to_json(m) for m in own], "in_use": [],
+                               "ignore_bind": ignore_bind})
+        try:
+            bypass.listener = self.runtime.add_listener(spec["socketPath"], self.runtime.on_runtime_data, bypass)
+            if spec.get("pidFilePath"):
+                with open(spec["pidFilePath"], "w") as f:
+                    f.write("%d\n" % self.keeper.main_pid)
+        except (OSError, Error) as e:
+            if bypass.listener is not None:
+                self.runtime.close_listener(bypass.listener)
+            self.reservations.release(owner)
+            raise ApiError(400, "socketPath %s: %s" % (spec["socketPath"], getattr(e, "strerror", None) or e)) from None
+        self.bypasses[sid] = bypass
+        self.keeper.changed()       # a socket and ports to hold
+        log.info("bypass %s: listening on %s%s", sid, spec["socketPath"],
+                 "; publishing " + ", ".join(map(repr, own)) if own else "")
+        return bypass
+
+    def stop_bypass(self, sid):
+        """Close a Bypass's socket, remove its pid file, free its ports; its containers' calls
+        go on being answered (the daemon holds their notify fds already)."""
+        bypass = self.bypasses.pop(sid)
+        self.runtime.close_listener(bypass.listener)
+        if bypass.spec.get("pidFilePath"):
+            try:
+                os.unlink(bypass.spec["pidFilePath"])
+            except FileNotFoundError:
+                pass
+        self.reservations.release("bypass " + sid)
+        self.keeper.changed()       # a socket and ports no more
+        log.info("bypass %s: stopped", sid)
+
+    def close(self):
+        """Stop every Bypass, then listen no more."""
+        for sid in list(self.bypasses):
+            self.stop_bypass(sid)
+        if self.listener is not None:
+            self.runtime.close_listener(self.listener)
+
+
+class HandOver:
+    """The daemon's state as a next daemon takes it over: every listening socket, notify fd,
+    held port and container.  Sent (send_state) to a --take-over successor that asks on the
+    runtimes' socket, or left to the keeper (SIGUSR2; and each KeeperLink snapshot); received
+    (receive_state) by adopt_sockets() and adopt_containers() in the daemon that takes over."""
+
+    def __init__(self, runtime, api, registry, pool, reservations, table, keeper):
+        self.runtime, self.api, self.registry, self.pool = runtime, api, registry, pool
+        self.reservations, self.table, self.keeper = reservations, table, keeper
+
+    def listeners(self):
+        return [listener for listener in [self.runtime.listener] + self.api.listeners() if listener is not None]
+
+    def snapshot(self, ref, for_keeper=False):
+        """What a next daemon needs to serve on, as JSON-able values; each fd in it is
+        ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  For the
+        keeper, the published ports held are named, not their sockets (a duplicate of one
+        would keep it bound when a container is lent it), and the counters are left to the
+        table it shares."""
+        def ref_socket(sock):
+            return ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)  # an inode per socket
+        return {
+            "listeners": [{"fd": ref_socket(listener.sock), "path": listener.path,
+                           "api": listener is self.api.listener, "bypass": None if listener.bypass is None else {
+                               "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
+                          for listener in self.listeners()],
+            "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "key": handed.key, "cid": handed.cid,
+                         "pid": handed.pid, "metadata": handed.metadata}
+                        for notify_fd, handed in self.registry.filters.items()],
+            "containers": {cid: {"settings": hosted.settings, "slot": hosted.slot,
+                                 "counters": None if for_keeper else self.table.totals(hosted.slot)}
+                           for cid, hosted in self.registry.containers.items()},
+            "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
+                        "binder": self.reservations.bound.get(self.reservations.key(mapping)),
+                        "fd": ref_socket(sock) if sock is not None and not for_keeper else None}
+                       for mapping, owner, sock in self.reservations.export()],
+        }
+
+    def send(self, conn):
+        """A new daemon asks for everything on `conn`: stop serving, send it every socket, notify
+        fd, held port and container; whether it took them (then this daemon exits, leaving all
+        of them to it).  A blocking connect under way is answered EINTR (the connection goes
+        on); other calls wait in the kernel meanwhile."""
+        log.warning("handing over to a new daemon")
+        listeners = self.stop_everything()
+        fds = []
+
+        def ref(fd, _ident):
+            fds.append(fd)
+            return len(fds) - 1
+        try:
+            conn.settimeout(30)
+            send_state(conn, self.snapshot(ref), fds)
+            if conn.recv(2) != b"ok":
+                raise OSError(errno.EPIPE, "the new daemon did not confirm")
+        except OSError as e:
+            log.error("hand-over failed (%s): serving on", e.strerror or e)
+            conn.close()
+            self.resume(listeners)
+            return False
+        conn.close()
+        log.warning("handed over: %d containers, %d sockets and ports; exiting", len(self.registry.containers),
+                    len(fds))
+        return True
+
+    def leave_to_keeper(self):
+        """SIGUSR2: stop serving and leave everything to the keeper, which runs the script anew;
+        whether it took it."""
+        if self.keeper.sock is None:
+            log.error("SIGUSR2: nothing to reload to: this daemon runs without a keeper (--no-keeper); "
+                      "start the new version with --take-over")
+            return False
+        log.warning("reloading: handing everything to the keeper")
+        listeners = self.stop_everything()
+        if not self.keeper.sync():
+            self.resume(listeners)
+            return False
+        return True
+
+    def stop_everything(self):
+        """Before a hand-over: accept nothing more and answer nothing more; returns the listeners."""
+        listeners = self.listeners()
+        self.runtime.pause(listeners)
+        self.pool.stop()
+        return listeners
+
+    def resume(self, listeners):
+        """After a failed hand-over: serve again, as if the workers had died."""
+        self.pool.start()
+        self.registry.rehome()
+        for listener in listeners:
+            self.runtime.watch_listener(listener)
+
+    def adopt_sockets(self, state, fds, api_path):
+        """--take-over, before the workers start: the previous daemon's sockets and ports."""
+        for entry in state["listeners"]:
+            sock = socket.socket(fileno=fds[entry["fd"]])
+            sock.setblocking(False)
+            bypass = entry["bypass"]
+            if bypass is not None:
+                self.api.adopt_bypass(sock, entry["path"], bypass["spec"], bypass["settings"])
+            elif entry["api"] and entry["path"] != api_path:
+                sock.close()  # this daemon serves no API there
+                try:
+                    os.unlink(entry["path"])
+                except FileNotFoundError:
+                    pass
+            elif entry["api"]:
+                self.api.adopt(sock, entry["path"])
+            else:
+                self.runtime.listener = self.runtime.adopt(sock, entry["path"], self.runtime.on_runtime_data)
+        reservations = self.reservations
+        adopted = set()
+        for entry in state["claims"]:
+            sock = None if entry["fd"] is None else socket.socket(fileno=fds[entry["fd"]])
+            mapping = mapping_from_json(entry["mapping"])
+            reservations.adopt(mapping, entry["owner"], sock, entry.get("binder"))
+            adopted.add(reservations.key(mapping))
+        for mapping in reservations.wanted:
+            key = reservations.key(mapping)
+            reservations.take(mapping)  # an adopted port a container has bound is not free: fine
+            if key not in reservations.held and key not in adopted:
+                log.warning("cannot reserve published port %r yet: retried every second", mapping)
+        if self.runtime.listener is None:
+            self.runtime.listen()
+        if api_path is not None and self.api.listener is None:
+            self.api.listen(api_path)
+
+    def adopt_containers(self, state, fds):
+        """--take-over, once the workers run: the previous daemon's containers and their counters."""
+        containers = state["containers"]
+        keys = {}           # the previous daemon's filter keys -> this one's
+        for entry in state["filters"]:
+            container = containers[entry["cid"]]
+            self.registry.host_filter(fds[entry["fd"]], entry["cid"], entry["pid"], entry["metadata"],
+                                      lambda c=container: c["settings"], container["counters"])
+            keys[entry["key"]] = self.registry.serial
+        for key, notif in state.get("anew", ()):
+            if key in keys:
+                self.registry.handle_anew(keys[key], base64.b64decode(notif))
+        log.warning("took over %d containers from the previous daemon", len(containers))
+
+
+class Daemon:
+    """Accepts the runtimes' messages and has their notifications served: the wiring of its
+    parts, and the loop they run on.
+
+    - runtime: the RuntimeListener (its sockets, each client's message);
+    - registry: the ContainerRegistry (containers, their filters, their settings);
+    - pool: the WorkerPool serving the filters (one Server on this loop with
+      --workers 1, else forked workers, one replaced when it dies);
+    - api: the ApiFrontEnd (bypass4netnsd's API and its Bypasses);
+    - hand_over: the HandOver (to a --take-over successor, to the keeper, and
+      taken from either);
+    - keeper: the KeeperLink, told by each part what it changed;
+    - routes: Routes (--handle-c2c-connections, --multinode), told likewise.
+
+    The daemon keeps every notify fd, the containers' counters and the
+    published ports; itself it acts on signals and --exit-fd, and answers
+    `status`.
+    """
+
+    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
+                 table=None, inflight=None, keeper=None, c2c=False, probe_peers=True,
+                 multinode=None, swap_guard=True):
+        self.socket_path = socket_path
+        self.events = Events()
+        self.reservations = Reservations(publish.values(), reserve_ports)
+        base = Settings(compile_networks(ignore), auto, publish, swap_guard=swap_guard)  # every container's
+        # A keeper's tables, when it has one: it reads them after this process dies.
+        table = self.table = CounterTable(workers) if table is None else table
+        inflight = self.inflight = InflightTable(workers) if inflight is None else inflight
+        self.keeper = KeeperLink() if keeper is None else keeper
+        self.exit_status = 0
+        self.running = True
+        self.handed_over = False
+        self.signal_pipe = None
+        loans = PortLoans(self.reservations, self.ports_changed)
+        if workers == 1:
+            self.pool = LocalPool(self.events, base, table, inflight, loans, debug)
+        else:
+            self.pool = ProcessPool(self.events, base, table, inflight, workers, loans, debug, lambda: self.running)
+        self.routes = Routes(self.events, lambda: self.registry.containers, lambda: self.pool.workers,
+                             self.reservations.bound_by, c2c, probe_peers, multinode)
+        self.registry = self.pool.registry = ContainerRegistry(self.events, base, table, self.reservations,
+                                                               self.pool, self.keeper, self.routes)
+        self.runtime = RuntimeListener(self.events, socket_path, self.registry.on_container_process,
+                                       self.on_take_over, self.status)
+        self.api = ApiFrontEnd(self.runtime, self.reservations, self.keeper)
+        self.hand_over = HandOver(self.runtime, self.api, self.registry, self.pool, self.reservations, table,
+                                  self.keeper)
+        self.keeper.attach(self.events, self.hand_over.snapshot)
+
+    def check_kernel(self):
+        sizes = get_notif_sizes()
+        if sizes is None:
+            return
+        for struct_type, got in ((SeccompNotif, sizes.seccomp_notif),
+                                 (SeccompNotifResp, sizes.seccomp_notif_resp),
+                                 (SeccompData, sizes.seccomp_data)):
+            if got != ctypes.sizeof(struct_type):
+                raise Error("kernel's struct %s is %d bytes, this daemon knows %d"
+                            % (struct_type.__name__, got, ctypes.sizeof(struct_type)))
+
+    def listen(self, api_path=None):
+        """The runtimes' socket, and the bypass4netnsd API's if asked for."""
+        self.runtime.listen()
+        if api_path is not None:
+            self.api.listen(api_path)
+
+    def ports_changed(self):
+        """A container bound a published port, or let one go: the keeper's snapshot (who bound
+        it) and Routes' rows (the daemon's -p ports a container has) change."""
+        self.keeper.changed()
+        self.routes.update()
+
+    def on_take_over(self, conn):
+        if self.hand_over.send(conn):
+            self.handed_over = True
+            self.stop()
+
+    def hand_back(self):
+        """SIGUSR2: everything to the keeper, which runs the script anew; then exit."""
+        if self.hand_over.leave_to_keeper():
+            self.handed_over = True
+            self.exit_status = EXIT_RELOAD
+            self.stop()
+
+    def status(self):
+        """The daemon, its workers and every container it serves, as JSON-able values."""
+        return {"pid": self.keeper.main_pid, "daemon": os.getpid(),
+                "version": __version__, "socket": self.socket_path,
+                "workers": self.pool.pids(),
+                "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.runtime.out_of_fds,
+                "routes": self.routes.status(),
+                "containers": self.registry.status()}
+
+    def log_counters(self):
+        self.registry.log_counters()
+        if self.runtime.out_of_fds:
+            log.warning("daemon: out of file descriptors %d times (runtimes' connections and fds)",
+                        self.runtime.out_of_fds)
+
+    # -- signals and the loop ------------------------------------------------
+
+    def stop(self):
+        self.running = False
+
+    def on_signal(self, signum):
+        if signum == signal.SIGUSR1:
+            self.log_counters()
+        elif signum == signal.SIGUSR2:
+            self.hand_back()
+        elif signum == signal.SIGHUP:
+            self.pool.refresh_auto()
+        else:
+            self.stop()
+
+    def watch_exit_fd(self, exit_fd):
+        """--exit-fd: stop when it reaches end of file."""
+        def on_exit_fd(_events):
+            try:
+                if os.read(exit_fd, 4096):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            self.stop()
+        self.events.watch(exit_fd, select.EPOLLIN | select.EPOLLHUP, on_exit_fd)
+
+    def watch_signals(self):
+        self.signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGUSR2,))
+
+    def run(self):
+        def housekeeping():
+            self.pool.sweep()
+            if self.reservations.retry():
+                self.ports_changed()  # a container let a port go
+        run_loop(self.events, lambda: self.running, housekeeping,
+                 lambda: self.pool.due() or self.reservations.unheld())
+
+    def close(self):
+        self.stop()
+        self.routes.stop(EtcdClient.TIMEOUT + 1, end=not self.handed_over)
+        self.pool.stop()
+        self.registry.close()
+        self.reservations.close()
+        close_signal_pipe(self.signal_pipe)
+        if self.handed_over:  # every socket, path and pid file is the new daemon's now
+            for listener in self.hand_over.listeners():
+                listener.sock.close()
+        else:
+            self.api.close()
+            self.runtime.close()
+        self.keeper.close()
+        self.events.close()
+
+
+# ---------------------------------------------------------------------------
+# The workers: a Server each, for the filters the daemon hands it
+# (Worker.hand: JSON + the notify fd over SCM_RIGHTS; ParentChannel: JSON requests back)
+# ---------------------------------------------------------------------------
+
+BUSY_TID_CHANGES = 100  # notifications each from another thread than the one before...
+BUSY_WINDOW = 1.0       # ...within this many seconds, twice in a row: a filter worth every worker
+RECV_GUARD = 0.002      # seconds a RECV on a shared filter may wait for a notification another took
+
+
+class Server:
+    """Answers the notifications of the filters it is given, in one process.
+
+    A single-process daemon has one, on its own loop; with --workers, each
+    worker process runs one.  A container's filters go to one server, its
+    home, until that server finds one of them busy: many threads of the
+    container taking turns at trapped calls.  Then every server receives
+    on them (the kernel gives each notification to one receiver), each
+    counting in its own row of the container's counters.
+    """
+
+    def __init__(self, events, switcher, table, index=0, on_busy=None):
+        self.events, self.switcher = events, switcher
+        self.table, self.index = table, index
+        self.inflight = switcher.inflight
+        self.on_busy = on_busy      # callable(Container) once a filter is found busy; None: never shared
+        self.containers = {}        # OCI id -> Container
+        self.filters = {}           # notify fd -> Filter
+        self.keys = {}              # the daemon's key of a filter -> notify fd here
+
+    def add_filter(self, notify_fd, key, cid, slot, pid, shared=False, settings=None):
+        """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`.
+
+        `settings`: what the daemon found in the container's annotations
+        (ContainerRegistry.container_settings), None for nothing.
+        """
+        container = self.containers.get(cid)
+        if container is None:
+            container = self.containers[cid] = Container(cid, self.table, slot, self.index,
+                                                         self.switcher.base.with_container(settings))
+        container.notify_fds.add(notify_fd)
+        seccomp_filter = self.filters[notify_fd] = Filter(key, notify_fd, container, shared)
+        self.keys[key] = notify_fd
+        try:
+            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+        except OSError:
+            pass  # kernels before 6.6: wake-ups are just slower
+        os.set_blocking(notify_fd, False)
+        self.watch(seccomp_filter)
+        if not shared:
+            log.info("container %s: process %s registered", container.short_id, pid)
+
+    def watch(self, seccomp_filter):
+        notify_fd = seccomp_filter.notify_fd
+        # Shared, EPOLLEXCLUSIVE: a notification wakes one idle server, not all.
+        mask = select.EPOLLIN | (select.EPOLLEXCLUSIVE if seccomp_filter.shared else 0)
+        self.events.watch(notify_fd, mask, lambda events: self.on_notify(notify_fd, events))
+
+    def share(self, container):
+        """Receive on `container`'s filters as one of several servers."""
+        for notify_fd in container.notify_fds:
+            seccomp_filter = self.filters[notify_fd]
+            if not seccomp_filter.shared:
+                seccomp_filter.shared = True
+                self.events.unwatch(notify_fd)  # EPOLLEXCLUSIVE is set when added, never by a change
+                self.watch(seccomp_filter)
+
+    def drop(self, key):
+        """The daemon saw this filter go: a shared one may never wake this server to say so."""
+        notify_fd = self.keys.get(key)
+        if notify_fd is not None:
+            self.drop_filter(notify_fd)
+
+    def drop_filter(self, notify_fd):
+        """Every process of this filter has exited: free what it held."""
+        seccomp_filter = self.filters.pop(notify_fd)
+        del self.keys[seccomp_filter.key]
+        container = seccomp_filter.container
+        self.events.unwatch(notify_fd)
+        self.switcher.pending.forget_notify_fd(notify_fd)
+        os.close(notify_fd)
+        container.notify_fds.discard(notify_fd)
+        if not container.notify_fds:
+            self.switcher.helpers.end_all(container)
+            del self.containers[container.id]
+
+    def on_notify(self, notify_fd, events):
+        """One notification per wake-up (epoll is level-triggered: the next one wakes us
+        again), which keeps the loop fair between containers."""
+        if events & select.EPOLLIN:
+            seccomp_filter = self.filters[notify_fd]
+            try:
+                if seccomp_filter.shared:
+                    # Another server may have taken what epoll reported, and RECV
+                    # ignores O_NONBLOCK: the timer's signal ends the wait.
+                    signal.setitimer(signal.ITIMER_REAL, RECV_GUARD)
+                    try:
+                        fields = self.inflight.receive(seccomp_filter.key, notify_fd)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                else:
+                    fields = self.inflight.receive(seccomp_filter.key, notify_fd)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                # ENOENT: the target was interrupted or died before we read it.
+                # Never RECV again here: with no target left it would
+                # answer ENOENT forever (RECV ignores O_NONBLOCK).
+                if e.errno != errno.ENOENT:
+                    raise
+            else:
+                notif_id, tid, _flags, nr, arch, _ip, *args = fields
+                if tid != seccomp_filter.last_tid:
+                    self.note_thread(seccomp_filter, tid)
+                self.inflight.begin(seccomp_filter.key, notif_id)
+                self.switcher.handle(Call(seccomp_filter, notif_id, tid, args), arch, nr)
+                self.inflight.end()
+        if events & (select.EPOLLHUP | select.EPOLLERR):
+            self.drop_filter(notify_fd)
+
+    def handle_anew(self, key, notif):
+        """A notification (struct seccomp_notif) that a dead process had taken and not answered:
+        handled as if received now, never CONTINUE.  What the dead one did of it is found done
+        (Call.retried: a connect already made, a bind already published)."""
+        notify_fd = self.keys.get(key)
+        if notify_fd is None:
+            return
+        notif_id, tid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(notif)
+        if not notif_id_valid(notify_fd, notif_id):
+            return  # answered before it died, or the target stopped waiting
+        self.inflight.begin(key, notif_id)
+        call = Call(self.filters[notify_fd], notif_id, tid, args)
+        call.retried = True
+        self.switcher.handle(call, arch, nr)
+        self.inflight.end()
+
+    def note_thread(self, seccomp_filter, tid):
+        """The busy test: threads taking turns often enough that one server makes them queue."""
+        seccomp_filter.last_tid = tid
+        if self.on_busy is None or seccomp_filter.shared:
+            return
+        seccomp_filter.tid_changes += 1
+        if seccomp_filter.tid_changes >= BUSY_TID_CHANGES:
+            now = time.monotonic()
+            if now - seccomp_filter.window < BUSY_WINDOW:
+                self.share(seccomp_filter.container)
+                self.on_busy(seccomp_filter.container)
+            seccomp_filter.tid_changes, seccomp_filter.window = 0, now
+
+    def refresh_auto(self):
+        for container in self.containers.values():
+            container.auto_read = -1e9
+
+    def close(self):
+        self.switcher.close(self.containers.values())  # first: its calls under way are answered
+        for fd in list(self.filters):
+            self.events.unwatch(fd)
+            os.close(fd)
+        self.filters.clear()
+        self.keys.clear()
+
+
+class Handed:
+    """A filter the daemon serves: it keeps the notify fd, to hand it to servers (again)."""
+
+    __slots__ = ("key", "notify_fd", "cid", "pid", "metadata")
+
+    def __init__(self, key, notify_fd, cid, pid, metadata):
+        self.key, self.notify_fd, self.cid, self.pid, self.metadata = key, notify_fd, cid, pid, metadata
+
+
+class Hosted:
+    """A container as the daemon sees it: its counters' slot, its filters, who serves them."""
+
+    __slots__ = ("cid", "slot", "home", "shared", "filters", "settings", "pid", "addresses")
+
+    def __init__(self, cid, slot, home, settings, pid=None):
+        self.cid, self.slot, self.home = cid, slot, home
+        self.settings = settings    # ContainerRegistry.container_settings()
+        self.pid = pid              # its first process, as the runtime named it (an int, or None)
+        self.addresses = ()         # its own IP addresses (Routes: --handle-c2c-connections, --multinode)
+        self.shared = False         # served by every worker, not just its home
+        self.filters = set()        # the daemon's notify fds
+
+
+class Worker:
+    """The daemon's handle on one worker process and what it serves."""
+
+    __slots__ = ("index", "pid", "pidfd", "handoff", "requests", "containers")
+
+    def __init__(self, index, pid, pidfd, handoff, requests):
+        self.index, self.pid, self.pidfd = index, pid, pidfd
+        self.handoff = handoff      # filters go to the worker here (SCM_RIGHTS)
+        self.requests = requests    # the worker's ParentChannel asks here
+        self.containers = set()     # OCI ids it is home to
+
+    def hand(self, handed, hosted):
+        message = json.dumps({"key": handed.key, "id": handed.cid, "slot": hosted.slot, "pid": handed.pid,
+                              "shared": hosted.shared,
+                              "settings": hosted.settings}).encode()
+        self.handoff.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", handed.notify_fd))])
+
+    def drop(self, key):
+        self.handoff.send(json.dumps({"drop": key}).encode())
+
+    def handle_anew(self, key, notif):
+        self.handoff.send(json.dumps({"anew": key, "notif": base64.b64encode(notif).decode()}).encode())
+
+    def set_peers(self, rows, probe, nodes):
+        self.handoff.send(json.dumps({"peers": rows, "probe": probe, "nodes": nodes}).encode())
+
+    def close(self):
+        for channel in (self.handoff, self.requests):
+            channel.close()
+        os.close(self.pidfd)
+
+
+class ParentChannel:
+    """A worker's requests to its parent: the published ports it holds, and busy containers.
+
+    Requests are synchronous (a published bind waits for the parent's
+    answer): they happen once per server socket or container, not per
+    connection.
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def lend(self, mapping):
+        self.ask(["lend", mapping_to_json(mapping)])
+
+    def end_loan(self, mapping, bound, binder):
+        self.ask(["bound" if bound else "unbound", mapping_to_json(mapping), binder])
+
+    def share(self, container):
+        self.ask(["share", container.id])
+
+    def ask(self, request):
+        self.channel.sendall(json.dumps(request).encode())
+        if self.channel.recv(16) != b"ok":
+            raise OSError(errno.EPIPE, "the parent process is gone")
+
+
+class LocalWorker:
+    """A single-process daemon's own Server, as the daemon's workers are handled."""
+
+    __slots__ = ("index", "server", "containers")
+
+    def __init__(self, server):
+        self.index, self.server = 0, server
+        self.containers = set()
+
+    def hand(self, handed, hosted):
+        self.server.add_filter(os.dup(handed.notify_fd), handed.key, handed.cid, hosted.slot, handed.pid,
+                               hosted.shared, hosted.settings)
+
+    def drop(self, key):
+        self.server.drop(key)
+
+    def handle_anew(self, key, notif):
+        self.server.handle_anew(key, notif)
+
+    def set_peers(self, rows, probe, nodes):
+        self.server.switcher.set_peers(rows, probe, nodes)
+
+
+HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
+WORKER_READY = b"ready"     # a worker's first message: it holds nothing of its parent's any more
+WORKER_START_TIMEOUT = 10.0  # seconds the daemon waits for that at start
+
+
+class WorkerProcess:
+    """A worker's own side: a Server for the filters its parent hands over, and its loop."""
+
+    def __init__(self, base, debug, table, inflight, index, handoff, requests):
+        self.handoff, self.requests = handoff, requests
+        self.events = Events()
+        parent = ParentChannel(requests)
+        self.server = Server(self.events, Switcher(self.events, base, parent, inflight.writer(index), debug),
+                             table, index, parent.share)
+        self.running = True
+        self.orphaned = False
+
+    def on_handoff(self, _events):
+        data, fds = recv_with_fds(self.handoff, 1)
+        if not data:
+            # The parent is gone, and PR_SET_PDEATHSIG's SIGKILL on its way (the
+            # kernel closes a dying process's fds first).  Answer nothing: the
+            # keeper answers what is left from the Inflight table, or, with no
+            # keeper left either, the kernel does (ENOSYS).
+            self.running = False
+            self.orphaned = True
+            return
+        message = json.loads(data)
+        if "drop" in message:
+            self.server.drop(message["drop"])
+            return
+        if "anew" in message:
+            self.server.handle_anew(message["anew"], base64.b64decode(message["notif"]))
+            return
+        if "peers" in message:
+            self.server.switcher.set_peers(message["peers"], message["probe"], message["nodes"])
+            return
+        self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
+                               message["shared"], message["settings"])
+
+    def on_signal(self, signum):
+        if signum == signal.SIGHUP:
+            self.server.refresh_auto()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.running = False
+
+    def run(self):
+        self.events.watch(self.handoff.fileno(), select.EPOLLIN, self.on_handoff)
+        signal_pipe = watch_signals(self.events, self.on_signal)
+        switcher = self.server.switcher
+        self.requests.send(WORKER_READY)  # every fd it holds at rest is open now
+        try:
+            run_loop(self.events, lambda: self.running, switcher.pending.sweep, lambda: bool(switcher.pending))
+        finally:
+            if not self.orphaned:
+                self.server.close()
+            close_signal_pipe(signal_pipe)
+
+
+class WorkerPool:
+    """Who serves the containers' filters: the contract the daemon's parts rely on.
+
+    `workers` are the servers, each with `index`, `containers` (the OCI ids
+    it is home to) and hand(Handed, Hosted), drop(key), handle_anew(key,
+    notif), set_peers(rows, probe, nodes).  A LocalPool is one Server on the
+    daemon's own loop (--workers 1), a ProcessPool forked worker processes:
+    nothing outside a pool asks which it is.  `registry` is the
+    ContainerRegistry whose filters it serves (the Daemon sets it once both
+    exist): a pool whose worker dies asks it what to hand the next one.
+    """
+
+    workers = ()
+    registry = None
+
+    def least_busy(self):
+        """The server a new container's filters go to: its home."""
+        return min(self.workers, key=lambda w: len(w.containers))
+
+    def start(self):
+        """Serve: before the first container, and again after stop() (a hand-over that failed)."""
+        raise NotImplementedError
+
+    def stop(self):
+        """Serve nothing more (a hand-over, the end): no filter kept, no call left waiting here."""
+        raise NotImplementedError
+
+    def refresh_auto(self):
+        """SIGHUP: every server reads the containers' `auto` subnets anew."""
+        raise NotImplementedError
+
+    def due(self):
+        """Whether sweep() has something to do: the loop's housekeeping runs while it has."""
+        raise NotImplementedError
+
+    def sweep(self):
+        """Housekeeping, every HOUSEKEEPING seconds while due()."""
+        raise NotImplementedError
+
+    def index_of(self, worker):
+        """A container's home as `status` names it: the worker's index, None in one process."""
+        raise NotImplementedError
+
+    def pids(self):
+        """The worker processes' pids: none in one process."""
+        raise NotImplementedError
+
+
+class LocalPool(WorkerPool):
+    """--workers 1: one Server on the daemon's own loop, its Switcher borrowing published ports
+    from the PortLoans directly."""
+
+    def __init__(self, events, base, table, inflight, loans, debug):
+        self.server = Server(events, Switcher(events, base, loans, inflight.writer(0), debug), table)
+        self.workers = [LocalWorker(self.server)]
+
+    def start(self):
+        pass  # the server serves from the start: nothing to fork
+
+    def stop(self):
+        self.server.close()
+
+    def refresh_auto(self):
+        self.server.refresh_auto()
+
+    def due(self):
+        return bool(self.server.switcher.pending)
+
+    def sweep(self):
+        self.server.switcher.pending.sweep()  # interrupted connects left waiting in this loop
+
+    def index_of(self, worker):
+        return None
+
+    def pids(self):
+        return []
+
+
+class ProcessPool(WorkerPool):
+    """--workers N: N forked WorkerProcesses.  It answers their ParentChannel requests (a busy
+    container: registry.share(); a published port: PortLoans) and replaces one that dies,
+    answering what it left under way; the registry hands the new one its filters."""
+
+    def __init__(self, events, base, table, inflight, count, loans, debug, running):
+        self.events, self.base, self.table, self.inflight = events, base, table, inflight
+        self.count, self.loans, self.debug = count, loans, debug
+        self.running = running      # callable: False once the daemon stops (a dead worker stays dead)
+        self.workers = []           # Worker
+
+    def start(self):
+        """Fork the workers and wait till each has dropped what is the parent's."""
+        self.workers = [self.spawn(index) for index in range(self.count)]
+        for worker in self.workers:
+            if select.select([worker.requests], [], [], WORKER_START_TIMEOUT)[0]:
+                worker.requests.recv(64)  # WORKER_READY, or nothing: a dead one is replaced
+
+    def spawn(self, index):
+        handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        requests, requests_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = fork_child(lambda: self.become_worker(index, handoff_end, requests_end), "worker %d" % index,
+                         keep=[handoff_end.fileno(), requests_end.fileno()])
+        handoff_end.close()
+        requests_end.close()
+        worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
+        self.events.watch(worker.pidfd, select.EPOLLIN, lambda _events: self.on_worker_exit(worker))
+        self.events.watch(requests.fileno(), select.EPOLLIN, lambda _events: self.on_worker_request(worker))
+        log.info("worker %d: pid %d", index, pid)
+        return worker
+
+    def become_worker(self, index, handoff, requests):
+        """In a forked worker (holding only its two channels): serve what the parent hands over."""
+        WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
+
+    def on_worker_exit(self, worker):
+        """A worker died: reap it and, unless stopping, have a new one serve what it served."""
+        _pid, status = os.waitpid(worker.pid, 0)
+        self.forget(worker)
+        if not self.running():
+            return
+        log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
+        answered, anew = answer_orphans(self.inflight, worker.index, self.registry.notify_fds())
+        if answered:
+            log.warning("worker %d: %d call(s) it left under way answered EINTR", worker.index, answered)
+        new = self.workers[worker.index] = self.spawn(worker.index)
+        new.containers = worker.containers
+        self.registry.worker_replaced(worker, new, anew)
+
+    def on_worker_request(self, worker):
+        """A worker's ParentChannel: a published port to lend it or take back, a busy container."""
+        try:
+            data = worker.requests.recv(4096)
+        except OSError:
+            return
+        if not data:
+            return  # the worker is gone: its pidfd says so
+        if data == WORKER_READY:
+            return  # a replacement's: nobody waits for it
+        what, argument, *binder = json.loads(data)
+        if what == "share":
+            self.registry.share(argument)
+        else:
+            self.loans.answer(what, argument, *binder)
+        worker.requests.send(b"ok")
+
+    def forget(self, worker):
+        self.events.unwatch(worker.pidfd)
+        self.events.unwatch(worker.requests.fileno())
+        worker.close()
+
+    def stop(self):
+        for worker in self.workers:
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for worker in self.workers:
+            if not select.select([worker.pidfd], [], [], 5)[0]:
+                os.kill(worker.pid, signal.SIGKILL)
+            os.waitpid(worker.pid, 0)
+            self.forget(worker)
+        self.workers = []
+
+    def refresh_auto(self):
+        for worker in self.workers:
+            os.kill(worker.pid, signal.SIGHUP)
+
+    def due(self):
+        return False  # a worker sweeps its own loop
+
+    def sweep(self):
+        pass
+
+    def index_of(self, worker):
+        return worker.index
+
+    def pids(self):
+        return [worker.pid for worker in self.workers]
+
+
+# ---------------------------------------------------------------------------
+# The namespace helpers: calls on sockets that are not IP, made as the caller
+# (HelperWire: REQUEST/REPLY structs + SCM_RIGHTS)
+# ---------------------------------------------------------------------------
 
 class HelperWire:
     """The wire between a worker and a namespace helper, declared once for both ends: the
@@ -2991,969 +5483,9 @@ class HelperProcess(HelperWire):
 
 
 # ---------------------------------------------------------------------------
-# The per-container session
+# The multinode agent: etcd, so that the daemon never waits for it
+# (JSON: the keys down, the routes up)
 # ---------------------------------------------------------------------------
-
-COUNTERS = ("bypassed", "container", "published", "refused", "errors", "out_of_fds",
-            "notifications")
-(COUNT_BYPASSED,            # connects switched to a host socket
- COUNT_CONTAINER,           # connects left to the container's network
- COUNT_PUBLISHED,           # binds of a published port done on the host
- COUNT_REFUSED,             # calls failed by policy (a host socket to a forbidden place)
- COUNT_ERRORS,              # handlers that failed (a bug, logged)
- COUNT_OUT_OF_FDS,          # calls left to the container because the daemon had no fd left
- COUNT_NOTIFICATIONS) = range(len(COUNTERS))
-
-
-def format_counters(values):
-    return " ".join("%s=%d" % item for item in zip(COUNTERS, values))
-
-
-class CounterTable:
-    """Every container's counters, in memory the daemon shares with the workers it forks.
-
-    A container has a slot; each server (worker) that serves it counts in
-    its own row of that slot, so every row has one writer and nothing is
-    lost; the daemon reads the sums.  Slots are reused oldest-freed first,
-    so that a late write by a worker that has not yet seen a container go
-    lands in a row nobody reads.
-    """
-
-    SLOTS = 16384   # containers alive at once (each costs the daemon fds: far more than it can hold)
-
-    def __init__(self, servers, slots=SLOTS):
-        self.servers, self.slots = servers, slots
-        self.memory = mmap.mmap(-1, servers * slots * len(COUNTERS) * 8)  # MAP_SHARED, kept by fork
-        self.cells = memoryview(self.memory).cast("q")
-        self.free = collections.deque(range(slots))
-
-    def allocate(self):
-        """A zeroed slot; Error when every slot is taken."""
-        if not self.free:
-            raise Error("%d containers at once: no counters left" % self.slots)
-        slot = self.free.popleft()
-        zeros = bytes(len(COUNTERS) * 8)
-        for server in range(self.servers):
-            self.row(server, slot).cast("B")[:] = zeros
-        return slot
-
-    def release(self, slot):
-        self.free.append(slot)
-
-    def row(self, server, slot):
-        """Server `server`'s counters of slot `slot`: a writable view, indexed by COUNT_*."""
-        start = (server * self.slots + slot) * len(COUNTERS)
-        return self.cells[start:start + len(COUNTERS)]
-
-    def totals(self, slot):
-        return [sum(column) for column in zip(*(self.row(server, slot) for server in range(self.servers)))]
-
-
-class InflightTable:
-    """The notifications each worker is answering, in memory shared with the daemon, so that
-    when a worker dies the daemon answers what it left: a thread would otherwise wait in its
-    call until a signal interrupts it.
-
-    Per worker, slot 0 is the notification being handled and the others the
-    blocking connects waiting in its loop and the calls its NamespaceHelpers
-    are making; a slot is (filter key, 0 when free; notification id).  Each
-    is answered EINTR, as a signal would have: never CONTINUE, which would
-    let the kernel look the fd number up again.  After the slots: the key of the filter the
-    worker receives on, then the struct seccomp_notif RECV writes.  The
-    kernel writes it there itself, so a worker killed as RECV returns leaves
-    the notification it took where the daemon finds it; otherwise nobody
-    would answer it, and its thread would wait for ever.
-    """
-
-    PENDING = 1024      # blocking connects per worker the daemon can answer for
-    FIELDS = 2
-    RECEIVING = (1 + PENDING) * FIELDS      # the cell of the filter key, then the notification's
-
-    def __init__(self, servers):
-        self.per_server = self.RECEIVING + 1 + _NOTIF.size // 8
-        self.memory = mmap.mmap(-1, servers * self.per_server * 8)  # MAP_SHARED, kept by fork
-        self.cells = memoryview(self.memory).cast("Q")  # notification ids are random u64
-
-    def row(self, server):
-        return self.cells[server * self.per_server:(server + 1) * self.per_server]
-
-    def writer(self, server):
-        """The Inflight that worker `server` writes its row with."""
-        offset = (server * self.per_server + self.RECEIVING + 1) * 8
-        return Inflight(self.row(server), ctypes.addressof(ctypes.c_char.from_buffer(self.memory, offset)),
-                        memoryview(self.memory)[offset:offset + _NOTIF.size])
-
-    def orphans(self, server):
-        """What a dead worker left, its row freed: ([(filter key, notification id)] under way in
-        its loop or with its NamespaceHelpers, [(filter key, struct seccomp_notif)] of the call
-        it was handling or had taken by RECV, which can be handled anew: the target still waits
-        in the same call, or the kernel says it does not)."""
-        row = self.row(server)
-        under_way = [tuple(row[i:i + self.FIELDS]) for i in range(self.FIELDS, self.RECEIVING, self.FIELDS) if row[i]]
-        key = row[self.RECEIVING]
-        notif = bytes(row[self.RECEIVING + 1:self.RECEIVING + 1 + _NOTIF.size // 8].cast("B"))
-        anew = [(key, notif)] if key and notif != _ZERO_NOTIF else []
-        row.cast("B")[:] = bytes(len(row) * 8)
-        return under_way, anew
-
-
-class Inflight:
-    """One worker's row of the InflightTable, as it writes it: a few stores per notification."""
-
-    __slots__ = ("cells", "free", "notif_address", "notif_view")
-
-    def __init__(self, cells, notif_address, notif_view):
-        self.cells = cells
-        self.free = list(range(InflightTable.PENDING, 0, -1))
-        self.notif_address, self.notif_view = notif_address, notif_view
-
-    def receive(self, key, notify_fd):
-        """RECV on the filter `key` names, into the row: the notification's fields."""
-        self.cells[InflightTable.RECEIVING] = key
-        self.notif_view[:] = _ZERO_NOTIF
-        return notif_recv(notify_fd, self.notif_address, self.notif_view)
-
-    def begin(self, key, notif_id):
-        cells = self.cells
-        cells[1] = notif_id
-        cells[0] = key
-
-    def end(self):
-        self.cells[0] = 0
-
-    def add_pending(self, key, notif_id):
-        """A slot for a call answered later: a blocking connect left waiting, a NamespaceHelper's
-        call (0 if all are taken: it is not answered for)."""
-        if not self.free:
-            return 0
-        slot = self.free.pop()
-        base = slot * InflightTable.FIELDS
-        cells = self.cells
-        cells[base + 1] = notif_id
-        cells[base] = key
-        return slot
-
-    def end_pending(self, slot):
-        if slot:
-            self.cells[slot * InflightTable.FIELDS] = 0
-            self.free.append(slot)
-
-    def free_slot(self, slot):
-        """A slot another process (a NamespaceHelper) ended is free again."""
-        if slot:
-            self.free.append(slot)
-
-
-class Container:
-    """One container (by OCI id) as one server sees it: its filters there, its `auto` subnets,
-    and the server's row of its counters."""
-
-    AUTO_REFRESH = 2.0  # seconds an `auto` subnet list is trusted
-
-    def __init__(self, cid, table, slot, server, settings):
-        self.id = cid
-        self.short_id = cid[:12]
-        self.settings = settings    # Settings: the daemon's, plus the container's annotations
-        self.notify_fds = set()
-        self.table, self.slot = table, slot
-        self.counters = table.row(server, slot)
-        self.auto_nets = ()
-        self.auto_read = -1e9
-        self.warned_socketcall = False
-        self.helpers = {}           # (user, mount, network namespace inodes) -> NamespaceHelper
-        self.probes = {}            # peer destination -> (reachable, monotonic time it is trusted till)
-
-    PROBE_TRUSTED = 10.0        # seconds a peer found reachable from the container stays so
-    PROBE_DOUBTED = 1.0         # and one found unreachable
-    PROBES_KEPT = 1024
-
-    def probed(self, dest):
-        """Whether the container's own network reached peer `dest` lately; None if not asked lately."""
-        known = self.probes.get(dest)
-        return known[0] if known is not None and known[1] > time.monotonic() else None
-
-    def remember_probe(self, dest, reachable):
-        if len(self.probes) >= self.PROBES_KEPT:
-            self.probes.clear()
-        self.probes[dest] = (reachable, time.monotonic() + (self.PROBE_TRUSTED if reachable else self.PROBE_DOUBTED))
-
-    def holds_switched_sockets(self):
-        """Whether any server has put a host socket in this container."""
-        totals = self.table.totals(self.slot)
-        return bool(totals[COUNT_BYPASSED] + totals[COUNT_PUBLISHED])
-
-    def auto_networks(self, tid, is_host_address):
-        """What `--ignore auto` keeps in the container (compiled), read from its network namespace
-        through /proc: auto_ignored() of its subnets and addresses; `is_host_address(packed)`
-        tells the host's own addresses."""
-        now = time.monotonic()
-        if now - self.auto_read > self.AUTO_REFRESH:
-            self.auto_read = now
-            subnets = read_proc_net(tid, (("route", parse_proc_route), ("if_inet6", parse_proc_if_inet6)))
-            self.auto_nets = compile_networks(auto_ignored(subnets, container_addresses(tid), is_host_address))
-        return self.auto_nets
-
-
-class Filter:
-    """One seccomp filter of a container (one notify fd): a process the runtime started and its
-    descendants."""
-
-    __slots__ = ("key", "notify_fd", "container", "shared", "last_tid", "tid_changes", "window")
-
-    def __init__(self, key, notify_fd, container, shared):
-        self.key, self.notify_fd, self.container = key, notify_fd, container
-        self.shared = shared        # other servers RECV on the same filter
-        self.last_tid = 0           # the busy test: see Server.note_thread
-        self.tid_changes = 0
-        self.window = 0.0
-
-
-# ---------------------------------------------------------------------------
-# The bypass4netnsd API (nerdctl's): HTTP/1.1 over a unix socket
-# ---------------------------------------------------------------------------
-
-API_HEAD_MAX = 16 << 10     # bytes of a request line and headers
-API_BODY_MAX = 1 << 20      # bytes of a request body
-SPEC_FIELDS = frozenset(("id", "socketPath", "pidFilePath", "logFilePath", "portMapping", "ignoreSubnets",
-                         "ignoreBind"))
-PORT_SPEC_FIELDS = frozenset(("protos", "parentIP", "parentPort", "childIP", "childPort"))
-HTTP_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                411: "Length Required", 413: "Payload Too Large", 500: "Internal Server Error"}
-
-
-class ApiError(Error):
-    """A request the API refuses: its HTTP status and the message of its JSON body."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-def parse_http_request(data):
-    """(method, path, body) of one HTTP/1.x request in `data`, None while it is incomplete;
-    ApiError(400, 411 or 413) for one that cannot be served."""
-    head_end = data.find(b"\r\n\r\n")
-    if head_end < 0:
-        if len(data) > API_HEAD_MAX:
-            raise ApiError(400, "request headers longer than %d bytes" % API_HEAD_MAX)
-        return None
-    lines = bytes(data[:head_end]).decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ApiError(400, "not an HTTP/1.x request line: %r" % lines[0][:100])
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ApiError(400, "malformed header line: %r" % line[:100])
-        headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        raise ApiError(411, "a chunked body: send Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise ApiError(400, "Content-Length is not a number") from None
-    if length < 0:
-        raise ApiError(400, "Content-Length is negative")
-    if length > API_BODY_MAX:
-        raise ApiError(413, "a body longer than %d bytes" % API_BODY_MAX)
-    body = data[head_end + 4:]
-    if len(body) < length:
-        return None
-    return parts[0], parts[1].split("?", 1)[0], bytes(body[:length])
-
-
-def format_http_response(status, payload=None):
-    """A complete HTTP/1.1 response, the connection closed after it; `payload` as JSON."""
-    body = b"" if payload is None else json.dumps(payload).encode()
-    head = "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n" % (
-        status, HTTP_REASONS.get(status, "Error"), len(body))
-    if payload is not None:
-        head += "Content-Type: application/json\r\n"
-    return head.encode() + b"\r\n" + body
-
-
-def parse_bypass_spec(body):
-    """A BypassSpec (JSON) -> (the spec as JSON-able values, ignore values, publish specs,
-    ignore_bind); ApiError(400) naming what is wrong.  A port mapping's childIP is accepted
-    and not used: a published port is the container port, on whatever address it binds."""
-    try:
-        spec = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, "malformed JSON: %s" % e) from None
-    if not isinstance(spec, dict):
-        raise ApiError(400, "a BypassSpec is a JSON object")
-    unknown = sorted(set(spec) - SPEC_FIELDS)
-    if unknown:
-        raise ApiError(400, "unknown field(s) %s" % ", ".join(map(repr, unknown)))
-    sid = spec.get("id")
-    if not isinstance(sid, str) or not sid or "/" in sid:
-        raise ApiError(400, "id: a non-empty string without '/' is needed")
-    for field in ("socketPath", "pidFilePath", "logFilePath"):
-        if not isinstance(spec.get(field) or "", str):
-            raise ApiError(400, "%s: not a string" % field)
-    if not os.path.isabs(spec.get("socketPath") or ""):
-        raise ApiError(400, "socketPath: an absolute path is needed")
-    if not isinstance(spec.get("ignoreBind", False), bool):
-        raise ApiError(400, "ignoreBind: not a boolean")
-    ignore = spec.get("ignoreSubnets") or []
-    if not (isinstance(ignore, list) and all(isinstance(item, str) for item in ignore)):
-        raise ApiError(400, "ignoreSubnets: not a list of strings")
-    try:
-        parse_ignore(ignore)
-    except Error as e:
-        raise ApiError(400, "ignoreSubnets: %s" % e) from None
-    publish = []
-    mappings = spec.get("portMapping") or []
-    if not isinstance(mappings, list):
-        raise ApiError(400, "portMapping: not a list")
-    for mapping in mappings:
-        publish.extend(port_spec_to_publish(mapping))
-    try:
-        build_publish_table(publish)
-    except Error as e:
-        raise ApiError(400, "portMapping: %s" % e) from None
-    return spec, ignore, publish, spec.get("ignoreBind", False)
-
-
-def port_spec_to_publish(mapping):
-    """One PortSpec -> its -p values, one per protocol."""
-    if not isinstance(mapping, dict) or set(mapping) - PORT_SPEC_FIELDS:
-        raise ApiError(400, "portMapping: an entry is not a PortSpec: %s" % json.dumps(mapping)[:200])
-    protos = mapping.get("protos") or ["tcp"]
-    host_ip = mapping.get("parentIP") or ""
-    ports = (mapping.get("parentPort"), mapping.get("childPort"))
-    if not (isinstance(protos, list) and all(p in ("tcp", "udp") for p in protos)):
-        raise ApiError(400, "portMapping: protos must be a list of tcp and udp")
-    if not (isinstance(host_ip, str) and isinstance(mapping.get("childIP") or "", str)
-            and all(isinstance(port, int) and not isinstance(port, bool) for port in ports)):
-        raise ApiError(400, "portMapping: parentIP and childIP are strings, parentPort and childPort numbers")
-    if host_ip in ("0.0.0.0", "::"):
-        host_ip = ""
-    if ":" in host_ip:
-        host_ip = "[%s]" % host_ip
-    specs = ["%s%s%d:%d/%s" % (host_ip, ":" if host_ip else "", ports[0], ports[1], proto) for proto in protos]
-    try:
-        for spec in specs:
-            parse_publish(spec)
-    except Error as e:
-        raise ApiError(400, "portMapping: %s" % e) from None
-    return specs
-
-
-class Bypass:
-    """A BypassSpec the API started: its socket, and what containers that come through it get."""
-
-    __slots__ = ("spec", "listener", "settings")
-
-    def __init__(self, spec, settings):
-        self.spec = spec            # as posted, for GET
-        self.settings = settings    # as ContainerRegistry.container_settings() gives them
-        self.listener = None
-
-
-# ---------------------------------------------------------------------------
-# The daemon loop
-# ---------------------------------------------------------------------------
-
-class Timer:
-    """A deadline in Events; cancel() makes it a no-op (the heap keeps it until it is due)."""
-
-    __slots__ = ("callback",)
-
-    def __init__(self, callback):
-        self.callback = callback
-
-    def cancel(self):
-        self.callback = None
-
-
-class Events:
-    """The loop's registry: one callback per watched fd (epoll), and deadlines."""
-
-    def __init__(self):
-        self.epoll = select.epoll()
-        self.callbacks = {}         # fd -> callable(events)
-        self.timers = []            # heap of (deadline, serial, Timer)
-        self.serial = 0
-
-    def watch(self, fd, mask, callback):
-        self.callbacks[fd] = callback
-        self.epoll.register(fd, mask)
-
-    def unwatch(self, fd):
-        self.callbacks.pop(fd, None)
-        try:
-            self.epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
-
-    def call_at(self, deadline, callback):
-        """Run `callback()` once time.monotonic() reaches `deadline`; returns its Timer."""
-        timer = Timer(callback)
-        self.serial += 1
-        heapq.heappush(self.timers, (deadline, self.serial, timer))
-        return timer
-
-    def run_once(self, timeout):
-        """Wait for events (at most `timeout` seconds, -1 for no limit) and run what is due."""
-        if self.timers:
-            wait = max(0.0, self.timers[0][0] - time.monotonic())
-            timeout = wait if timeout < 0 else min(timeout, wait)
-        try:
-            events = self.epoll.poll(timeout)
-        except InterruptedError:
-            return
-        for fd, mask in events:
-            callback = self.callbacks.get(fd)
-            if callback is not None:
-                self.run(callback, mask)
-        if self.timers:
-            now = time.monotonic()
-            while self.timers and self.timers[0][0] <= now:
-                timer = heapq.heappop(self.timers)[2]
-                if timer.callback is not None:
-                    self.run(timer.callback)
-
-    @staticmethod
-    def run(callback, *args):
-        try:
-            callback(*args)
-        except Exception:  # a bug must cost one event, never the daemon
-            log.exception("internal error in %s", getattr(callback, "__qualname__", callback))
-
-    def close(self):
-        self.epoll.close()
-
-
-BUSY_TID_CHANGES = 100  # notifications each from another thread than the one before...
-BUSY_WINDOW = 1.0       # ...within this many seconds, twice in a row: a filter worth every worker
-RECV_GUARD = 0.002      # seconds a RECV on a shared filter may wait for a notification another took
-
-
-class Server:
-    """Answers the notifications of the filters it is given, in one process.
-
-    A single-process daemon has one, on its own loop; with --workers, each
-    worker process runs one.  A container's filters go to one server, its
-    home, until that server finds one of them busy: many threads of the
-    container taking turns at trapped calls.  Then every server receives
-    on them (the kernel gives each notification to one receiver), each
-    counting in its own row of the container's counters.
-    """
-
-    def __init__(self, events, switcher, table, index=0, on_busy=None):
-        self.events, self.switcher = events, switcher
-        self.table, self.index = table, index
-        self.inflight = switcher.inflight
-        self.on_busy = on_busy      # callable(Container) once a filter is found busy; None: never shared
-        self.containers = {}        # OCI id -> Container
-        self.filters = {}           # notify fd -> Filter
-        self.keys = {}              # the daemon's key of a filter -> notify fd here
-
-    def add_filter(self, notify_fd, key, cid, slot, pid, shared=False, settings=None):
-        """Serve a notify fd (ours from now on) of container `cid`, first loaded by process `pid`.
-
-        `settings`: what the daemon found in the container's annotations
-        (ContainerRegistry.container_settings), None for nothing.
-        """
-        container = self.containers.get(cid)
-        if container is None:
-            container = self.containers[cid] = Container(cid, self.table, slot, self.index,
-                                                         self.switcher.base.with_container(settings))
-        container.notify_fds.add(notify_fd)
-        seccomp_filter = self.filters[notify_fd] = Filter(key, notify_fd, container, shared)
-        self.keys[key] = notify_fd
-        try:
-            _ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
-        except OSError:
-            pass  # kernels before 6.6: wake-ups are just slower
-        os.set_blocking(notify_fd, False)
-        self.watch(seccomp_filter)
-        if not shared:
-            log.info("container %s: process %s registered", container.short_id, pid)
-
-    def watch(self, seccomp_filter):
-        notify_fd = seccomp_filter.notify_fd
-        # Shared, EPOLLEXCLUSIVE: a notification wakes one idle server, not all.
-        mask = select.EPOLLIN | (select.EPOLLEXCLUSIVE if seccomp_filter.shared else 0)
-        self.events.watch(notify_fd, mask, lambda events: self.on_notify(notify_fd, events))
-
-    def share(self, container):
-        """Receive on `container`'s filters as one of several servers."""
-        for notify_fd in container.notify_fds:
-            seccomp_filter = self.filters[notify_fd]
-            if not seccomp_filter.shared:
-                seccomp_filter.shared = True
-                self.events.unwatch(notify_fd)  # EPOLLEXCLUSIVE is set when added, never by a change
-                self.watch(seccomp_filter)
-
-    def drop(self, key):
-        """The daemon saw this filter go: a shared one may never wake this server to say so."""
-        notify_fd = self.keys.get(key)
-        if notify_fd is not None:
-            self.drop_filter(notify_fd)
-
-    def drop_filter(self, notify_fd):
-        """Every process of this filter has exited: free what it held."""
-        seccomp_filter = self.filters.pop(notify_fd)
-        del self.keys[seccomp_filter.key]
-        container = seccomp_filter.container
-        self.events.unwatch(notify_fd)
-        self.switcher.pending.forget_notify_fd(notify_fd)
-        os.close(notify_fd)
-        container.notify_fds.discard(notify_fd)
-        if not container.notify_fds:
-            self.switcher.helpers.end_all(container)
-            del self.containers[container.id]
-
-    def on_notify(self, notify_fd, events):
-        """One notification per wake-up (epoll is level-triggered: the next one wakes us
-        again), which keeps the loop fair between containers."""
-        if events & select.EPOLLIN:
-            seccomp_filter = self.filters[notify_fd]
-            try:
-                if seccomp_filter.shared:
-                    # Another server may have taken what epoll reported, and RECV
-                    # ignores O_NONBLOCK: the timer's signal ends the wait.
-                    signal.setitimer(signal.ITIMER_REAL, RECV_GUARD)
-                    try:
-                        fields = self.inflight.receive(seccomp_filter.key, notify_fd)
-                    finally:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                else:
-                    fields = self.inflight.receive(seccomp_filter.key, notify_fd)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as e:
-                # ENOENT: the target was interrupted or died before we read it.
-                # Never RECV again here: with no target left it would
-                # answer ENOENT forever (RECV ignores O_NONBLOCK).
-                if e.errno != errno.ENOENT:
-                    raise
-            else:
-                notif_id, tid, _flags, nr, arch, _ip, *args = fields
-                if tid != seccomp_filter.last_tid:
-                    self.note_thread(seccomp_filter, tid)
-                self.inflight.begin(seccomp_filter.key, notif_id)
-                self.switcher.handle(Call(seccomp_filter, notif_id, tid, args), arch, nr)
-                self.inflight.end()
-        if events & (select.EPOLLHUP | select.EPOLLERR):
-            self.drop_filter(notify_fd)
-
-    def handle_anew(self, key, notif):
-        """A notification (struct seccomp_notif) that a dead process had taken and not answered:
-        handled as if received now, never CONTINUE.  What the dead one did of it is found done
-        (Call.retried: a connect already made, a bind already published)."""
-        notify_fd = self.keys.get(key)
-        if notify_fd is None:
-            return
-        notif_id, tid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(notif)
-        if not notif_id_valid(notify_fd, notif_id):
-            return  # answered before it died, or the target stopped waiting
-        self.inflight.begin(key, notif_id)
-        call = Call(self.filters[notify_fd], notif_id, tid, args)
-        call.retried = True
-        self.switcher.handle(call, arch, nr)
-        self.inflight.end()
-
-    def note_thread(self, seccomp_filter, tid):
-        """The busy test: threads taking turns often enough that one server makes them queue."""
-        seccomp_filter.last_tid = tid
-        if self.on_busy is None or seccomp_filter.shared:
-            return
-        seccomp_filter.tid_changes += 1
-        if seccomp_filter.tid_changes >= BUSY_TID_CHANGES:
-            now = time.monotonic()
-            if now - seccomp_filter.window < BUSY_WINDOW:
-                self.share(seccomp_filter.container)
-                self.on_busy(seccomp_filter.container)
-            seccomp_filter.tid_changes, seccomp_filter.window = 0, now
-
-    def refresh_auto(self):
-        for container in self.containers.values():
-            container.auto_read = -1e9
-
-    def close(self):
-        self.switcher.close(self.containers.values())  # first: its calls under way are answered
-        for fd in list(self.filters):
-            self.events.unwatch(fd)
-            os.close(fd)
-        self.filters.clear()
-        self.keys.clear()
-
-
-class ParentChannel:
-    """A worker's requests to its parent: the published ports it holds, and busy containers.
-
-    Requests are synchronous (a published bind waits for the parent's
-    answer): they happen once per server socket or container, not per
-    connection.
-    """
-
-    def __init__(self, channel):
-        self.channel = channel
-
-    def lend(self, mapping):
-        self.ask(["lend", mapping_to_json(mapping)])
-
-    def end_loan(self, mapping, bound, binder):
-        self.ask(["bound" if bound else "unbound", mapping_to_json(mapping), binder])
-
-    def share(self, container):
-        self.ask(["share", container.id])
-
-    def ask(self, request):
-        self.channel.sendall(json.dumps(request).encode())
-        if self.channel.recv(16) != b"ok":
-            raise OSError(errno.EPIPE, "the parent process is gone")
-
-
-class Handed:
-    """A filter the daemon serves: it keeps the notify fd, to hand it to servers (again)."""
-
-    __slots__ = ("key", "notify_fd", "cid", "pid", "metadata")
-
-    def __init__(self, key, notify_fd, cid, pid, metadata):
-        self.key, self.notify_fd, self.cid, self.pid, self.metadata = key, notify_fd, cid, pid, metadata
-
-
-class Hosted:
-    """A container as the daemon sees it: its counters' slot, its filters, who serves them."""
-
-    __slots__ = ("cid", "slot", "home", "shared", "filters", "settings", "pid", "addresses")
-
-    def __init__(self, cid, slot, home, settings, pid=None):
-        self.cid, self.slot, self.home = cid, slot, home
-        self.settings = settings    # ContainerRegistry.container_settings()
-        self.pid = pid              # its first process, as the runtime named it (an int, or None)
-        self.addresses = ()         # its own IP addresses (Routes: --handle-c2c-connections, --multinode)
-        self.shared = False         # served by every worker, not just its home
-        self.filters = set()        # the daemon's notify fds
-
-
-class Worker:
-    """The daemon's handle on one worker process and what it serves."""
-
-    __slots__ = ("index", "pid", "pidfd", "handoff", "requests", "containers")
-
-    def __init__(self, index, pid, pidfd, handoff, requests):
-        self.index, self.pid, self.pidfd = index, pid, pidfd
-        self.handoff = handoff      # filters go to the worker here (SCM_RIGHTS)
-        self.requests = requests    # the worker's ParentChannel asks here
-        self.containers = set()     # OCI ids it is home to
-
-    def hand(self, handed, hosted):
-        message = json.dumps({"key": handed.key, "id": handed.cid, "slot": hosted.slot, "pid": handed.pid,
-                              "shared": hosted.shared,
-                              "settings": hosted.settings}).encode()
-        self.handoff.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", handed.notify_fd))])
-
-    def drop(self, key):
-        self.handoff.send(json.dumps({"drop": key}).encode())
-
-    def handle_anew(self, key, notif):
-        self.handoff.send(json.dumps({"anew": key, "notif": base64.b64encode(notif).decode()}).encode())
-
-    def set_peers(self, rows, probe, nodes):
-        self.handoff.send(json.dumps({"peers": rows, "probe": probe, "nodes": nodes}).encode())
-
-    def close(self):
-        for channel in (self.handoff, self.requests):
-            channel.close()
-        os.close(self.pidfd)
-
-
-class PortLoans:
-    """The published ports the daemon holds, as its servers borrow them for a container's bind:
-    a LocalPool's Switcher calls lend() and end_loan() directly, a worker's ParentChannel
-    asks through its ProcessPool (answer()).  A container that bound a port or let it go
-    changes the keeper's snapshot and Routes' rows: `on_bound()` tells them
-    (Daemon.ports_changed)."""
-
-    __slots__ = ("reservations", "on_bound")
-
-    def __init__(self, reservations, on_bound):
-        self.reservations, self.on_bound = reservations, on_bound
-
-    def lend(self, mapping):
-        self.reservations.lend(mapping)
-
-    def end_loan(self, mapping, bound, binder=None):
-        self.reservations.end_loan(mapping, bound, binder)
-        self.on_bound()
-
-    def answer(self, what, argument, *binder):
-        """A worker's request ("lend", "bound" or "unbound", a mapping as JSON, the binder):
-        a worker is lent only what is published."""
-        mapping = mapping_from_json(argument)
-        if self.reservations.key(mapping) in self.reservations.claims:
-            if what == "lend":
-                self.lend(mapping)
-            else:
-                self.end_loan(mapping, what == "bound", *binder)
-
-
-class LocalWorker:
-    """A single-process daemon's own Server, as the daemon's workers are handled."""
-
-    __slots__ = ("index", "server", "containers")
-
-    def __init__(self, server):
-        self.index, self.server = 0, server
-        self.containers = set()
-
-    def hand(self, handed, hosted):
-        self.server.add_filter(os.dup(handed.notify_fd), handed.key, handed.cid, hosted.slot, handed.pid,
-                               hosted.shared, hosted.settings)
-
-    def drop(self, key):
-        self.server.drop(key)
-
-    def handle_anew(self, key, notif):
-        self.server.handle_anew(key, notif)
-
-    def set_peers(self, rows, probe, nodes):
-        self.server.switcher.set_peers(rows, probe, nodes)
-
-
-HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
-WORKER_READY = b"ready"     # a worker's first message: it holds nothing of its parent's any more
-WORKER_START_TIMEOUT = 10.0  # seconds the daemon waits for that at start
-
-
-class WorkerProcess:
-    """A worker's own side: a Server for the filters its parent hands over, and its loop."""
-
-    def __init__(self, base, debug, table, inflight, index, handoff, requests):
-        self.handoff, self.requests = handoff, requests
-        self.events = Events()
-        parent = ParentChannel(requests)
-        self.server = Server(self.events, Switcher(self.events, base, parent, inflight.writer(index), debug),
-                             table, index, parent.share)
-        self.running = True
-        self.orphaned = False
-
-    def on_handoff(self, _events):
-        data, fds = recv_with_fds(self.handoff, 1)
-        if not data:
-            # The parent is gone, and PR_SET_PDEATHSIG's SIGKILL on its way (the
-            # kernel closes a dying process's fds first).  Answer nothing: the
-            # keeper answers what is left from the Inflight table, or, with no
-            # keeper left either, the kernel does (ENOSYS).
-            self.running = False
-            self.orphaned = True
-            return
-        message = json.loads(data)
-        if "drop" in message:
-            self.server.drop(message["drop"])
-            return
-        if "anew" in message:
-            self.server.handle_anew(message["anew"], base64.b64decode(message["notif"]))
-            return
-        if "peers" in message:
-            self.server.switcher.set_peers(message["peers"], message["probe"], message["nodes"])
-            return
-        self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
-                               message["shared"], message["settings"])
-
-    def on_signal(self, signum):
-        if signum == signal.SIGHUP:
-            self.server.refresh_auto()
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            self.running = False
-
-    def run(self):
-        self.events.watch(self.handoff.fileno(), select.EPOLLIN, self.on_handoff)
-        signal_pipe = watch_signals(self.events, self.on_signal)
-        switcher = self.server.switcher
-        self.requests.send(WORKER_READY)  # every fd it holds at rest is open now
-        try:
-            run_loop(self.events, lambda: self.running, switcher.pending.sweep, lambda: bool(switcher.pending))
-        finally:
-            if not self.orphaned:
-                self.server.close()
-            close_signal_pipe(signal_pipe)
-
-
-class WorkerPool:
-    """Who serves the containers' filters: the contract the daemon's parts rely on.
-
-    `workers` are the servers, each with `index`, `containers` (the OCI ids
-    it is home to) and hand(Handed, Hosted), drop(key), handle_anew(key,
-    notif), set_peers(rows, probe, nodes).  A LocalPool is one Server on the
-    daemon's own loop (--workers 1), a ProcessPool forked worker processes:
-    nothing outside a pool asks which it is.  `registry` is the
-    ContainerRegistry whose filters it serves (the Daemon sets it once both
-    exist): a pool whose worker dies asks it what to hand the next one.
-    """
-
-    workers = ()
-    registry = None
-
-    def least_busy(self):
-        """The server a new container's filters go to: its home."""
-        return min(self.workers, key=lambda w: len(w.containers))
-
-    def start(self):
-        """Serve: before the first container, and again after stop() (a hand-over that failed)."""
-        raise NotImplementedError
-
-    def stop(self):
-        """Serve nothing more (a hand-over, the end): no filter kept, no call left waiting here."""
-        raise NotImplementedError
-
-    def refresh_auto(self):
-        """SIGHUP: every server reads the containers' `auto` subnets anew."""
-        raise NotImplementedError
-
-    def due(self):
-        """Whether sweep() has something to do: the loop's housekeeping runs while it has."""
-        raise NotImplementedError
-
-    def sweep(self):
-        """Housekeeping, every HOUSEKEEPING seconds while due()."""
-        raise NotImplementedError
-
-    def index_of(self, worker):
-        """A container's home as `status` names it: the worker's index, None in one process."""
-        raise NotImplementedError
-
-    def pids(self):
-        """The worker processes' pids: none in one process."""
-        raise NotImplementedError
-
-
-class LocalPool(WorkerPool):
-    """--workers 1: one Server on the daemon's own loop, its Switcher borrowing published ports
-    from the PortLoans directly."""
-
-    def __init__(self, events, base, table, inflight, loans, debug):
-        self.server = Server(events, Switcher(events, base, loans, inflight.writer(0), debug), table)
-        self.workers = [LocalWorker(self.server)]
-
-    def start(self):
-        pass  # the server serves from the start: nothing to fork
-
-    def stop(self):
-        self.server.close()
-
-    def refresh_auto(self):
-        self.server.refresh_auto()
-
-    def due(self):
-        return bool(self.server.switcher.pending)
-
-    def sweep(self):
-        self.server.switcher.pending.sweep()  # interrupted connects left waiting in this loop
-
-    def index_of(self, worker):
-        return None
-
-    def pids(self):
-        return []
-
-
-class ProcessPool(WorkerPool):
-    """--workers N: N forked WorkerProcesses.  It answers their ParentChannel requests (a busy
-    container: registry.share(); a published port: PortLoans) and replaces one that dies,
-    answering what it left under way; the registry hands the new one its filters."""
-
-    def __init__(self, events, base, table, inflight, count, loans, debug, running):
-        self.events, self.base, self.table, self.inflight = events, base, table, inflight
-        self.count, self.loans, self.debug = count, loans, debug
-        self.running = running      # callable: False once the daemon stops (a dead worker stays dead)
-        self.workers = []           # Worker
-
-    def start(self):
-        """Fork the workers and wait till each has dropped what is the parent's."""
-        self.workers = [self.spawn(index) for index in range(self.count)]
-        for worker in self.workers:
-            if select.select([worker.requests], [], [], WORKER_START_TIMEOUT)[0]:
-                worker.requests.recv(64)  # WORKER_READY, or nothing: a dead one is replaced
-
-    def spawn(self, index):
-        handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        requests, requests_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = fork_child(lambda: self.become_worker(index, handoff_end, requests_end), "worker %d" % index,
-                         keep=[handoff_end.fileno(), requests_end.fileno()])
-        handoff_end.close()
-        requests_end.close()
-        worker = Worker(index, pid, os.pidfd_open(pid), handoff, requests)
-        self.events.watch(worker.pidfd, select.EPOLLIN, lambda _events: self.on_worker_exit(worker))
-        self.events.watch(requests.fileno(), select.EPOLLIN, lambda _events: self.on_worker_request(worker))
-        log.info("worker %d: pid %d", index, pid)
-        return worker
-
-    def become_worker(self, index, handoff, requests):
-        """In a forked worker (holding only its two channels): serve what the parent hands over."""
-        WorkerProcess(self.base, self.debug, self.table, self.inflight, index, handoff, requests).run()
-
-    def on_worker_exit(self, worker):
-        """A worker died: reap it and, unless stopping, have a new one serve what it served."""
-        _pid, status = os.waitpid(worker.pid, 0)
-        self.forget(worker)
-        if not self.running():
-            return
-        log.error("worker %d (pid %d) %s: replacing it", worker.index, worker.pid, describe_exit(status))
-        answered, anew = answer_orphans(self.inflight, worker.index, self.registry.notify_fds())
-        if answered:
-            log.warning("worker %d: %d call(s) it left under way answered EINTR", worker.index, answered)
-        new = self.workers[worker.index] = self.spawn(worker.index)
-        new.containers = worker.containers
-        self.registry.worker_replaced(worker, new, anew)
-
-    def on_worker_request(self, worker):
-        """A worker's ParentChannel: a published port to lend it or take back, a busy container."""
-        try:
-            data = worker.requests.recv(4096)
-        except OSError:
-            return
-        if not data:
-            return  # the worker is gone: its pidfd says so
-        if data == WORKER_READY:
-            return  # a replacement's: nobody waits for it
-        what, argument, *binder = json.loads(data)
-        if what == "share":
-            self.registry.share(argument)
-        else:
-            self.loans.answer(what, argument, *binder)
-        worker.requests.send(b"ok")
-
-    def forget(self, worker):
-        self.events.unwatch(worker.pidfd)
-        self.events.unwatch(worker.requests.fileno())
-        worker.close()
-
-    def stop(self):
-        for worker in self.workers:
-            try:
-                os.kill(worker.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for worker in self.workers:
-            if not select.select([worker.pidfd], [], [], 5)[0]:
-                os.kill(worker.pid, signal.SIGKILL)
-            os.waitpid(worker.pid, 0)
-            self.forget(worker)
-        self.workers = []
-
-    def refresh_auto(self):
-        for worker in self.workers:
-            os.kill(worker.pid, signal.SIGHUP)
-
-    def due(self):
-        return False  # a worker sweeps its own loop
-
-    def sweep(self):
-        pass
-
-    def index_of(self, worker):
-        return worker.index
-
-    def pids(self):
-        return [worker.pid for worker in self.workers]
-
 
 class EtcdClient:
     """etcd's v3 HTTP/JSON gateway (/v3/kv/*, /v3/lease/*), keys and values base64: urllib only."""
@@ -4080,1519 +5612,6 @@ class MultinodeAgent:
                 self.etcd.revoke(self.lease)
             except (OSError, ValueError):
                 pass
-
-
-def run_loop(events, running, housekeeping, due):
-    """Turn `events` while running(); every HOUSEKEEPING seconds while due(), call housekeeping()."""
-    next_time = 0.0
-    while running():
-        busy = due()
-        events.run_once(HOUSEKEEPING if busy else -1)
-        if busy:
-            now = time.monotonic()
-            if now >= next_time:
-                next_time = now + HOUSEKEEPING
-                housekeeping()
-
-
-STATUS_REQUEST = b'{"bypass4netns": "status"}'  # what `bypass4netns.py status` sends to the socket
-TAKE_OVER_REQUEST = b'{"bypass4netns": "take-over"}'  # what `--take-over` sends
-FDS_PER_MESSAGE = 200       # SCM_RIGHTS fds in one message of a hand-over (the kernel takes 253)
-LISTEN_BACKLOG = 4096       # runtimes' connections waiting to be accepted (the kernel may cap it)
-ACCEPT_PAUSE = 0.1          # seconds without accept() after it failed with nothing to free
-EVICTED = 16                # unfinished runtime connections dropped at once when out of fds
-MESSAGE_TIMEOUT = 10        # seconds a runtime has to send its whole message
-MAX_MESSAGE = 1 << 20       # bytes: a container's state is a few KiB
-EXIT_RELOAD = 75            # the daemon's exit status once it left everything to its keeper (SIGUSR2)
-RESUME_ENV = "BYPASS4NETNS_RESUME"  # a reloaded keeper's memfd of what its old code handed it
-
-
-def bind_unix_listener(path):
-    """A listening unix socket at `path`, only for this user; Error if a daemon listens there."""
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody is listening there
-        else:
-            raise Error("another daemon is listening on %s" % path)
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(path)
-        listener.listen(LISTEN_BACKLOG)
-    except BaseException:
-        listener.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    return listener
-
-
-class Listener:
-    """One of the daemon's sockets: the runtimes', the API's, or a Bypass's (the runtimes' too)."""
-
-    __slots__ = ("sock", "path", "on_data", "bypass")
-
-    def __init__(self, sock, path, on_data, bypass):
-        self.sock, self.path = sock, path
-        self.on_data = on_data      # callable(RuntimeMessage) when a client sent something
-        self.bypass = bypass        # the Bypass whose socket it is, or None
-
-
-class RuntimeMessage:
-    """A client's connection to a Listener and what it sent so far."""
-
-    __slots__ = ("conn", "listener", "data", "fds", "tried", "timer")
-
-    def __init__(self, conn, listener):
-        self.conn, self.listener = conn, listener
-        self.data = bytearray()
-        self.fds = []
-        self.tried = 0              # the length at the last parse attempt
-        self.timer = None
-
-
-class RuntimeListener:
-    """The daemon's sockets and the clients' connections to them: the runtimes' socket, and the
-    API's and each Bypass's (ApiFrontEnd), accepted and read here.
-
-    A connection has MESSAGE_TIMEOUT seconds to send its whole message (and
-    its fds); out of fds, the oldest unfinished ones make room.  On a
-    runtimes' socket a message is a container's process (the OCI seccomp
-    agent's: state JSON and SCM_RIGHTS fds), given to on_container(data,
-    fds, bypass); or one of the two requests of this program itself:
-    TAKE_OVER_REQUEST, given to on_take_over(RuntimeMessage), and
-    STATUS_REQUEST, answered here with status().
-    """
-
-    def __init__(self, events, socket_path, on_container, on_take_over, status):
-        self.events, self.socket_path = events, socket_path
-        self.on_container, self.on_take_over, self.status = on_container, on_take_over, status
-        self.listener = None        # the runtimes' socket's Listener
-        self.messages = {}          # connection fd -> RuntimeMessage, oldest first
-        self.out_of_fds = 0         # times the daemon had no fd for a runtime's connection or fds
-        self.limit = LogLimit()
-
-    def listen(self):
-        self.listener = self.add_listener(self.socket_path, self.on_runtime_data)
-
-    def add_listener(self, path, on_data, bypass=None):
-        """A new socket at `path`; each client's RuntimeMessage goes to on_data."""
-        return self.adopt(bind_unix_listener(path), path, on_data, bypass)
-
-    def adopt(self, sock, path, on_data, bypass=None):
-        """A listening socket (a previous daemon's, or just bound) served from now on."""
-        listener = Listener(sock, path, on_data, bypass)
-        self.watch_listener(listener)
-        return listener
-
-    def close_listener(self, listener):
-        self.events.unwatch(listener.sock.fileno())
-        listener.sock.close()
-        try:
-            os.unlink(listener.path)
-        except FileNotFoundError:
-            pass
-
-    def pause(self, listeners):
-        """Accept nothing more on `listeners` (a hand-over) until watch_listener()."""
-        for listener in listeners:
-            self.events.unwatch(listener.sock.fileno())
-
-    def on_accept(self, listener):
-        while True:
-            try:
-                conn, _ = listener.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if out_of_fds(e):
-                    self.out_of_fds += 1
-                    if self.messages:
-                        # The oldest clients that have not sent a whole message
-                        # make room: a runtime dials without waiting (EAGAIN on
-                        # a full backlog), so the backlog must keep moving.
-                        for oldest in list(self.messages.values())[:EVICTED]:
-                            self.end_message(oldest, "out of file descriptors: the oldest unfinished "
-                                             "connections make room")
-                        continue
-                # Nothing to free: the connection waits in the backlog, retried
-                # after a pause, not at the rate epoll reports it.
-                self.limit.log(logging.ERROR, "accept on %s: %s: pausing %.1f s",
-                               listener.path, e.strerror, ACCEPT_PAUSE)
-                self.events.unwatch(listener.sock.fileno())
-                self.events.call_at(time.monotonic() + ACCEPT_PAUSE, lambda: self.watch_listener(listener))
-                return
-            conn.setblocking(False)
-            message = self.messages[conn.fileno()] = RuntimeMessage(conn, listener)
-            message.timer = self.events.call_at(time.monotonic() + MESSAGE_TIMEOUT,
-                                                lambda m=message: self.end_message(m, "no complete message in %d s"
-                                                                                   % MESSAGE_TIMEOUT))
-            self.events.watch(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP,
-                              lambda _events, m=message: listener.on_data(m))
-
-    def watch_listener(self, listener):
-        if listener.sock.fileno() >= 0:  # not closed meanwhile
-            self.events.watch(listener.sock.fileno(), select.EPOLLIN, lambda _events: self.on_accept(listener))
-
-    def on_runtime_data(self, message):
-        """Read what a runtime sent; parse it at its end, or before if it may be complete, each
-        time it has doubled in length: a slow sender costs a few parses, not one per chunk."""
-        try:
-            while True:
-                data, fds = recv_with_fds(message.conn)
-                message.fds.extend(fds)
-                if not data:
-                    break
-                message.data += data
-                if len(message.data) > MAX_MESSAGE:
-                    raise ValueError("longer than %d MiB" % (MAX_MESSAGE >> 20))
-        except (BlockingIOError, InterruptedError):
-            if len(message.data) < 2 * message.tried or not message.data:
-                return
-            message.tried = len(message.data)
-            try:
-                json.loads(message.data)
-            except ValueError:
-                return  # not complete yet
-            except RecursionError:
-                pass  # complete enough to be refused as malformed
-        except (OSError, ValueError) as e:
-            if isinstance(e, OSError) and out_of_fds(e):
-                self.out_of_fds += 1
-            self.end_message(message, str(e))
-            return
-        request = message.data.strip()
-        if not message.fds and request == TAKE_OVER_REQUEST:
-            self.take(message)
-            self.on_take_over(message.conn)
-            return
-        if not message.fds and request == STATUS_REQUEST:
-            self.answer_status(message.conn)
-            self.end_message(message, None)
-            return
-        self.end_message(message, None)
-        if message.data or message.fds:
-            self.on_container(bytes(message.data), message.fds, message.listener.bypass)
-        else:
-            log.debug("a client of %s closed without a message", self.socket_path)
-
-    def answer_status(self, conn):
-        """`bypass4netns.py status`: the answer is written without waiting, or cut."""
-        reply = json.dumps(self.status()).encode()
-        try:
-            sent = conn.send(reply)
-        except OSError as e:
-            sent, why = 0, e.strerror
-        else:
-            why = "the client does not read"
-        if sent < len(reply):
-            self.limit.log(logging.WARNING, "a status answer was cut: %s", why)
-
-    def take(self, message):
-        """Stop reading `message`: its connection is the caller's now."""
-        message.timer.cancel()
-        del self.messages[message.conn.fileno()]
-        self.events.unwatch(message.conn.fileno())
-
-    def end_message(self, message, error):
-        """Stop reading `message`; with an error, drop it (its fds included) with one log line."""
-        self.take(message)
-        message.conn.close()
-        if error is not None:
-            for fd in message.fds:
-                os.close(fd)
-            self.limit.log(logging.ERROR, "dropping a runtime message: %s", error)
-
-    def close(self):
-        if self.listener is not None:
-            self.close_listener(self.listener)
-
-
-class Routes:
-    """Where the containers' own published ports are: for the servers (--handle-c2c-connections:
-    peer_rows(); --multinode: the other nodes' rows, from the MultinodeAgent) and for etcd
-    (this node's keys, through the agent).  Without either it is idle: nothing is read, sent
-    or started.
-
-    `containers()` are the daemon's (OCI id -> Hosted), `workers()` its current servers;
-    the ContainerRegistry and PortLoans tell it when they change (update()).
-    """
-
-    ADDRESS_REFRESH = 10.0  # seconds between reads of the containers' addresses
-
-    def __init__(self, events, containers, workers, bound, c2c, probe_peers, multinode):
-        self.events, self.containers, self.workers = events, containers, workers
-        self.bound = bound          # Reservations.bound_by
-        self.c2c, self.probe_peers = c2c, probe_peers   # --handle-c2c-connections, not --no-policy-check
-        self.multinode = multinode  # (etcd URL, this node's host address), or None
-        self.active = c2c or multinode is not None
-        self.peers = []             # peer_rows() as the servers have them
-        self.nodes = []             # multinode_routes(), from the agent
-        self.agent = None           # (pid, channel) of the MultinodeAgent
-        self.registered = {}        # etcd key -> value: this node's, as the agent was sent them
-        self.limit = LogLimit()
-
-    def peer_rows(self):
-        """[version, address, container port, host IP or None, host port, container id, pid] of
-        the TCP ports each container publishes itself (its annotations, the API), and of the
-        daemon's -p ports a container has bound (as the Go tool registers them), at each of its
-        addresses."""
-        containers = self.containers()
-        published = [(hosted, mapping) for hosted in containers.values()
-                     for mapping in map(mapping_from_json, (hosted.settings or {}).get("publish", ()))]
-        published += [(containers[cid], mapping) for mapping, cid in self.bound()
-                      if cid in containers]
-        return [[address.version, int(address), mapping.container_port,
-                 None if mapping.host_ip is None else str(mapping.host_ip), mapping.host_port, hosted.cid,
-                 hosted.pid]
-                for hosted, mapping in published if mapping.proto == _TCP and isinstance(hosted.pid, int)
-                for address in hosted.addresses]
-
-    def update(self):
-        """Tell the servers the containers' published ports at their addresses, and the agent
-        this node's keys, where those have changed."""
-        if not self.active:
-            return
-        rows = self.peer_rows()
-        if self.c2c and rows != self.peers:
-            self.peers = rows
-            self.send(self.workers())
-        if self.agent is not None:
-            host = self.multinode[1]
-            registered = {MULTINODE_PREFIX + format_host_port(ipaddress.IPv4Address(address) if version == 4
-                                                              else ipaddress.IPv6Address(address), port):
-                          format_host_port(host, host_port)
-                          for version, address, port, _host_ip, host_port, _cid, _pid in rows}
-            if registered != self.registered:
-                self.registered = registered
-                try:
-                    self.agent[1].send(json.dumps(registered).encode())
-                except OSError as e:  # EMSGSIZE past some thousands of keys
-                    self.limit.log(logging.ERROR, "cannot send the multinode agent %d keys: %s",
-                                   len(registered), e.strerror)
-
-    def status(self):
-        """For `bypass4netns.py status`: what is routed, and to which etcd; None if idle."""
-        if not self.active:
-            return None
-        return {"peers": len(self.peers) if self.c2c else None,
-                "nodes": len(self.nodes) if self.multinode else None,
-                "registered": len(self.registered) if self.multinode else None,
-                "etcd": self.multinode[0] if self.multinode else None,
-                "host_address": str(self.multinode[1]) if self.multinode else None,
-                "agent": self.agent[0] if self.agent else None}
-
-    def send(self, workers):
-        if not self.active:
-            return
-        for worker in workers:
-            try:
-                worker.set_peers(self.peers, self.probe_peers, self.nodes)
-            except OSError as e:  # EMSGSIZE past some thousands of routes
-                self.limit.log(logging.ERROR, "cannot send worker %d the routes to %d peers and %d other nodes' "
-                               "ports: %s", worker.index, len(self.peers), len(self.nodes), e.strerror)
-
-    def refresh_addresses(self):
-        """Read the containers' addresses again (`podman network connect` adds one, say), every
-        ADDRESS_REFRESH seconds: their routes and keys follow."""
-        for hosted in self.containers().values():
-            hosted.addresses = container_addresses(hosted.pid)
-        self.update()
-        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
-
-    def start(self):
-        """Fork the MultinodeAgent if --multinode (the daemon's workers are forked already, and
-        no thread runs: a plain fork), and read the addresses again now and then."""
-        if not self.active:
-            return
-        self.events.call_at(time.monotonic() + self.ADDRESS_REFRESH, self.refresh_addresses)
-        if self.multinode is None:
-            return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        url, host = self.multinode
-
-        # Signals are the daemon's to act on (SIG_IGN here): it hangs up to end the agent.
-        pid = fork_child(lambda: MultinodeAgent(theirs, url, host).run(), "the multinode agent",
-                         keep=[theirs.fileno()], signals=signal.SIG_IGN)
-        theirs.close()
-        self.agent = (pid, ours)
-        self.events.watch(ours.fileno(), select.EPOLLIN, lambda _events: self.on_agent_message())
-        log.info("multinode agent: pid %d, etcd at %s, this node at %s", pid, url, host)
-
-    def addresses(self, pid):
-        """A new container's own addresses (its first process `pid`), if they are routed."""
-        return container_addresses(pid) if self.active else ()
-
-    def on_agent_message(self):
-        pid, channel = self.agent
-        try:
-            data = channel.recv(1 << 20)
-        except OSError:
-            data = b""
-        if not data:
-            log.error("the multinode agent (pid %d) is gone: connects to other nodes' containers go their "
-                      "normal way", pid)
-            self.stop()
-            self.nodes = []
-        else:
-            self.nodes = json.loads(data)
-        self.send(self.workers())
-
-    def stop(self, wait=0.0, end=False):
-        """Stop the agent and reap it, waiting up to `wait` seconds for it to end before SIGKILL.
-        With `end` it revokes its lease first, so this node's keys go; without, they stay till
-        the lease runs out (a daemon that takes over puts them again before)."""
-        if self.agent is None:
-            return
-        pid, channel = self.agent
-        self.agent = None
-        self.events.unwatch(channel.fileno())
-        if end:
-            try:
-                channel.send(MultinodeAgent.END)
-            except OSError:
-                pass
-        channel.close()
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
-            time.sleep(0.05)
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-
-
-class ContainerRegistry:
-    """The containers the daemon serves (OCI id -> Hosted) and their filters (notify fd ->
-    Handed): it adopts a container's processes as a runtime sends them, works out what the
-    container's annotations add to the daemon's flags, hands each filter to the pool's
-    workers (its home's, or every worker's once it is busy) and frees a filter once every
-    process of it has exited.  A container come or gone changes the keeper's snapshot and
-    Routes' rows: both are told where it happens."""
-
-    def __init__(self, events, base, table, reservations, pool, keeper, routes):
-        self.events, self.base, self.table, self.reservations = events, base, table, reservations
-        self.pool, self.keeper, self.routes = pool, keeper, routes
-        self.containers = {}        # OCI id -> Hosted
-        self.filters = {}           # notify fd -> Handed
-        self.serial = 0             # the last Handed.key
-        self.limit = LogLimit()
-
-    def on_container_process(self, data, fds, bypass=None):
-        """A runtime's message: container state JSON + SCM_RIGHTS fds; through the socket of
-        `bypass` (an API's Bypass) if not None."""
-        notify_fd = None
-        try:
-            message = json.loads(data)
-            names = message["fds"]
-            state = message.get("state") or {}
-            cid = str(state.get("id") or message.get("pid") or "unknown")
-            index = names.index("seccompFd")
-            if len(fds) != len(names):
-                raise ValueError("%d fds for %d names" % (len(fds), len(names)))
-            notify_fd = fds[index]
-            if os.readlink("/proc/self/fd/%d" % notify_fd) != "anon_inode:seccomp notify":
-                raise ValueError("fd seccompFd is not a seccomp notify fd")
-        except Exception as e:  # whatever the message holds, it costs its fds, nothing more
-            self.limit.log(logging.ERROR, "dropping a malformed runtime message: %s", e)
-            for fd in fds:
-                os.close(fd)
-            return
-        for fd in fds:
-            if fd != notify_fd:
-                os.close(fd)
-        self.host_filter(notify_fd, cid, message.get("pid"), message.get("metadata"),
-                         lambda: bypass.settings if bypass is not None else self.container_settings(cid, state))
-
-    def host_filter(self, notify_fd, cid, pid, metadata, settings, counters=None):
-        """Serve notify fd `notify_fd` of container `cid`: its settings() are asked for if the
-        container is new, and its counters start at `counters` (a hand-over's) if given."""
-        hosted = self.containers.get(cid)
-        if hosted is None:
-            try:
-                slot = self.table.allocate()
-            except Error as e:
-                log.error("container %s: not served: %s", cid[:12], e)
-                os.close(notify_fd)
-                return
-            if counters:
-                self.table.row(0, slot)[:] = array.array("q", counters)
-            home = self.pool.least_busy()
-            hosted = self.containers[cid] = Hosted(cid, slot, home, settings(), pid)
-            hosted.addresses = self.routes.addresses(pid)
-            home.containers.add(cid)
-        self.serial += 1
-        handed = self.filters[notify_fd] = Handed(self.serial, notify_fd, cid, pid, metadata)
-        hosted.filters.add(notify_fd)
-        # Watched for the end of the filter only: no EPOLLIN, so that its
-        # notifications wake its servers alone.
-        self.events.watch(notify_fd, 0, lambda _events: self.on_filter_gone(notify_fd))
-        for worker in self.servers_of(hosted):
-            worker.hand(handed, hosted)
-        self.keeper.changed()       # a filter to hold, maybe a container
-        self.routes.update()        # a container's addresses and ports
-
-    def container_settings(self, cid, state):
-        """What container `cid`'s annotations add to the daemon's flags, as its servers are
-        handed it (JSON), or None for nothing.  Its own published ports are claimed here,
-        for as long as it lives."""
-        short = cid[:12]
-        try:
-            ignore, specs, ignore_bind = parse_annotations(state.get("annotations"))
-        except Error as e:
-            log.error("container %s: its annotations are ignored: %s", short, e)
-            return None
-        if not (ignore or specs or ignore_bind):
-            return None
-        own, in_use, unreserved = self.reservations.claim(cid, [m for spec in specs for m in parse_publish(spec)])
-        for mapping, holder in in_use:
-            log.warning("container %s: %r: host port %d/%s is published by %s: its bind of port %d gets "
-                        "EADDRINUSE", short, mapping, mapping.host_port, mapping.proto,
-                      "the daemon's -p" if holder is None else "container " + holder[:12], mapping.container_port)
-        for mapping, why in unreserved:
-            log.warning("container %s: %r: host port %d/%s cannot be reserved yet (%s): retried every second; "
-                        "the container's bind gets the host's answer", short, mapping, mapping.host_port,
-                        mapping.proto, why)
-        if own:
-            log.info("container %s: publishing %s", short, ", ".join(map(repr, own)))
-        return {"ignore": ignore, "publish": [mapping_to_json(m) for m in own],
-                "in_use": [[m.proto, m.container_port] for m, _holder in in_use], "ignore_bind": ignore_bind}
-
-    def servers_of(self, hosted):
-        return self.pool.workers if hosted.shared else (hosted.home,)
-
-    def hand(self, hosted, worker):
-        """Every filter of `hosted` to `worker`."""
-        for notify_fd in hosted.filters:
-            worker.hand(self.filters[notify_fd], hosted)
-
-    def on_filter_gone(self, notify_fd):
-        """A filter every process of which has exited: free it here and in its servers."""
-        self.events.unwatch(notify_fd)
-        handed = self.filters.pop(notify_fd)
-        hosted = self.containers[handed.cid]
-        if hosted.shared:
-            for worker in self.pool.workers:
-                worker.drop(handed.key)
-        os.close(notify_fd)
-        hosted.filters.discard(notify_fd)
-        if not hosted.filters:
-            del self.containers[hosted.cid]
-            hosted.home.containers.discard(hosted.cid)
-            log.info("container %s: gone (%s)", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
-            self.table.release(hosted.slot)
-            self.reservations.release(hosted.cid)
-        self.keeper.changed()       # a filter not to hold, maybe a container and its ports
-        self.routes.update()        # maybe a container's addresses and ports
-
-    def share(self, cid):
-        """A worker found container `cid` busy, and receives on its filters as one of several now."""
-        hosted = self.containers.get(cid)
-        if hosted is None or hosted.shared:
-            return
-        hosted.shared = True
-        for worker in self.pool.workers:
-            if worker is not hosted.home:
-                self.hand(hosted, worker)
-        log.info("container %s: busy, now served by %d workers", cid[:12], len(self.pool.workers))
-
-    def handle_anew(self, key, notif):
-        """A notification a dead process had taken and not answered: to the container's home
-        worker, which handles it as if it had just received it."""
-        handed = next((handed for handed in self.filters.values() if handed.key == key), None)
-        if handed is not None:
-            self.containers[handed.cid].home.handle_anew(key, notif)
-
-    def notify_fds(self):
-        """{filter key: notify fd}, to answer what a dead worker left (answer_orphans)."""
-        return {handed.key: handed.notify_fd for handed in self.filters.values()}
-
-    def worker_replaced(self, old, new, anew):
-        """Worker `new` took dead `old`'s place: it gets the routes, and every filter `old` served,
-        and handles `anew` what `old` had taken."""
-        self.routes.send([new])
-        for hosted in self.containers.values():
-            if hosted.home is old:
-                hosted.home = new
-            if hosted.home is new or hosted.shared:
-                self.hand(hosted, new)
-        for key, notif in anew:
-            self.handle_anew(key, notif)
-
-    def rehome(self):
-        """After a hand-over that failed, the pool serving anew: each container to one worker."""
-        for worker in self.pool.workers:
-            worker.containers.clear()
-        for hosted in self.containers.values():
-            hosted.home, hosted.shared = self.pool.least_busy(), False
-            hosted.home.containers.add(hosted.cid)
-            self.hand(hosted, hosted.home)
-
-    def status(self):
-        """Every container served, for `bypass4netns.py status`."""
-        containers = []
-        for hosted in self.containers.values():
-            settings = hosted.settings or {}
-            published = self.base.with_container(hosted.settings).publish.values()
-            containers.append({
-                "id": hosted.cid,
-                "processes": [self.filters[fd].pid for fd in hosted.filters],
-                "worker": self.pool.index_of(hosted.home),
-                "shared": hosted.shared,
-                "published": [repr(m) for m in published],
-                "port_in_use": ["%d/%s" % (port, proto) for proto, port in settings.get("in_use", ())],
-                "ignore": settings.get("ignore", []),
-                "counters": dict(zip(COUNTERS, self.table.totals(hosted.slot))),
-            })
-        return containers
-
-    def log_counters(self):
-        if not self.containers:
-            log.warning("no containers")
-        for hosted in self.containers.values():
-            log.warning("container %s: %s", hosted.cid[:12], format_counters(self.table.totals(hosted.slot)))
-
-    def close(self):
-        for notify_fd in self.filters:
-            os.close(notify_fd)
-        self.filters.clear()
-
-
-class ApiFrontEnd:
-    """The bypass4netnsd API (nerdctl's: HTTP/1.1 over a unix socket, above): its socket, and
-    the Bypasses it started, each a runtimes' socket whose containers get its ports and
-    subnets.  Its sockets are accepted and read by the RuntimeListener.  A Bypass started or
-    stopped changes the keeper's snapshot (a socket, claimed ports): the keeper link is told.
-    Routes are not: a Bypass's ports are its containers' settings, routed as theirs."""
-
-    def __init__(self, runtime, reservations, keeper):
-        self.runtime, self.reservations, self.keeper = runtime, reservations, keeper
-        self.listener = None        # the API socket's Listener, once it listens
-        self.bypasses = {}          # BypassSpec id -> Bypass
-
-    def listen(self, api_path):
-        self.listener = self.runtime.add_listener(api_path, self.on_api_data)
-
-    def adopt(self, sock, path):
-        """A previous daemon's API socket (--take-over)."""
-        self.listener = self.runtime.adopt(sock, path, self.on_api_data)
-
-    def adopt_bypass(self, sock, path, spec, settings):
-        """A previous daemon's Bypass, its socket listening (--take-over)."""
-        self.bypasses[spec["id"]] = bypass = Bypass(spec, settings)
-        bypass.listener = self.runtime.adopt(sock, path, self.runtime.on_runtime_data, bypass)
-
-    def listeners(self):
-        return [listener for listener in [self.listener] + [bypass.listener for bypass in self.bypasses.values()]
-                if listener is not None]
-
-    def on_api_data(self, message):
-        """An HTTP request on the API socket: answered once complete, then the connection closed."""
-        ended = False
-        try:
-            while not ended:
-                data = message.conn.recv(1 << 16)
-                ended = not data
-                message.data += data
-                if len(message.data) > API_HEAD_MAX + API_BODY_MAX:
-                    raise ApiError(413, "a request longer than %d bytes" % (API_HEAD_MAX + API_BODY_MAX))
-        except (BlockingIOError, InterruptedError):
-            pass
-        except ApiError as e:
-            self.answer_api(message, e.status, {"message": str(e)})
-            return
-        except OSError as e:
-            self.runtime.end_message(message, "API client: %s" % e.strerror)
-            return
-        try:
-            request = parse_http_request(message.data)
-            if request is None:
-                if not ended:
-                    return  # more to come
-                if not message.data:
-                    self.runtime.end_message(message, None)  # connected and said nothing
-                    return
-                raise ApiError(400, "the request ended before it was complete")
-            status, payload = self.api_call(*request)
-        except ApiError as e:
-            status, payload = e.status, {"message": str(e)}
-        except Exception as e:  # a bug: this request fails, the daemon serves on
-            log.exception("API request failed")
-            status, payload = 500, {"message": "internal error: %s" % e}
-        self.answer_api(message, status, payload)
-
-    def answer_api(self, message, status, payload):
-        reply = format_http_response(status, payload)
-        try:
-            sent = message.conn.send(reply)
-        except OSError:
-            sent = 0
-        self.runtime.end_message(message, None if sent == len(reply) else "API client: the answer was cut")
-
-    def api_call(self, method, path, body):
-        """(HTTP status, JSON payload or None) of one API request."""
-        if path == "/v1/bypass":
-            if method == "GET":
-                return 200, [self.bypass_status(bypass) for bypass in self.bypasses.values()]
-            if method == "POST":
-                return 201, self.bypass_status(self.start_bypass(*parse_bypass_spec(body)))
-            raise ApiError(405, "%s %s: GET or POST" % (method, path))
-        if path.startswith("/v1/bypass/"):
-            if method != "DELETE":
-                raise ApiError(405, "%s %s: DELETE" % (method, path))
-            sid = path[len("/v1/bypass/"):]
-            if sid not in self.bypasses:
-                raise ApiError(400, "no bypass with id %r" % sid)
-            self.stop_bypass(sid)
-            return 200, None
-        raise ApiError(404, "no such path: %s" % path)
-
-    def bypass_status(self, bypass):
-        return {"id": bypass.spec["id"], "pid": self.keeper.main_pid, "spec": bypass.spec}
-
-    def start_bypass(self, spec, ignore, publish, ignore_bind):
-        """A BypassSpec's socket, listening before this returns (the runtime connects at once):
-        containers that come through it get its ports and subnets, held until it is stopped."""
-        sid = spec["id"]
-        if sid in self.bypasses:
-            raise ApiError(400, "a bypass with id %r exists" % sid)
-        directory = os.path.dirname(spec["socketPath"])
-        if not os.path.isdir(directory):
-            raise ApiError(400, "socketPath: no directory %s" % directory)
-        owner = "bypass " + sid
-        own, in_use, unreserved = self.reservations.claim(owner, [m for p in publish for m in parse_publish(p)])
-        if in_use:
-            self.reservations.release(owner)
-            raise ApiError(400, "portMapping: host port %s published already" % ", ".join(
-                "%d/%s" % (m.host_port, m.proto) for m, _holder in in_use))
-        for mapping, why in unreserved:
-            log.warning("bypass %s: %r: host port cannot be reserved yet (%s): retried every second", sid, mapping, why)
-        bypass = Bypass(spec, {"ignore": ignore, "publish": [mapping_to_json(m) for m in own], "in_use": [],
-                               "ignore_bind": ignore_bind})
-        try:
-            bypass.listener = self.runtime.add_listener(spec["socketPath"], self.runtime.on_runtime_data, bypass)
-            if spec.get("pidFilePath"):
-                with open(spec["pidFilePath"], "w") as f:
-                    f.write("%d\n" % self.keeper.main_pid)
-        except (OSError, Error) as e:
-            if bypass.listener is not None:
-                self.runtime.close_listener(bypass.listener)
-            self.reservations.release(owner)
-            raise ApiError(400, "socketPath %s: %s" % (spec["socketPath"], getattr(e, "strerror", None) or e)) from None
-        self.bypasses[sid] = bypass
-        self.keeper.changed()       # a socket and ports to hold
-        log.info("bypass %s: listening on %s%s", sid, spec["socketPath"],
-                 "; publishing " + ", ".join(map(repr, own)) if own else "")
-        return bypass
-
-    def stop_bypass(self, sid):
-        """Close a Bypass's socket, remove its pid file, free its ports; its containers' calls
-        go on being answered (the daemon holds their notify fds already)."""
-        bypass = self.bypasses.pop(sid)
-        self.runtime.close_listener(bypass.listener)
-        if bypass.spec.get("pidFilePath"):
-            try:
-                os.unlink(bypass.spec["pidFilePath"])
-            except FileNotFoundError:
-                pass
-        self.reservations.release("bypass " + sid)
-        self.keeper.changed()       # a socket and ports no more
-        log.info("bypass %s: stopped", sid)
-
-    def close(self):
-        """Stop every Bypass, then listen no more."""
-        for sid in list(self.bypasses):
-            self.stop_bypass(sid)
-        if self.listener is not None:
-            self.runtime.close_listener(self.listener)
-
-
-def send_state(conn, state, fds):
-    """A daemon's snapshot() and the fds it names, on stream socket `conn` (blocking)."""
-    state = dict(state, fd_count=len(fds))
-    payload = json.dumps(state).encode()
-    conn.sendall(_U32.pack(len(payload)) + payload)
-    for start in range(0, len(fds), FDS_PER_MESSAGE):
-        batch = array.array("i", fds[start:start + FDS_PER_MESSAGE])
-        conn.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
-
-
-def receive_state(conn, sender):
-    """What send_state() sent on `conn`: (state, [fd]); Error if `sender` breaks off, None at
-    end of file before anything."""
-    def exactly(count):
-        data = b""
-        while len(data) < count:
-            chunk = conn.recv(count - len(data))  # never past the length: fds ride on later bytes
-            if not chunk:
-                if not data and count == _U32.size:
-                    return None
-                raise Error("%s broke off what it was sending" % sender)
-            data += chunk
-        return data
-    header = exactly(_U32.size)
-    if header is None:
-        return None
-    length, = _U32.unpack(header)
-    state = json.loads(exactly(length))
-    fds = []
-    while len(fds) < state["fd_count"]:
-        try:
-            data, got = recv_with_fds(conn, FDS_PER_MESSAGE, 1)
-        except OSError:  # fds dropped (out of fds here), or the sender gone
-            data, got = b"", []
-        fds.extend(got)
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise Error("%s broke off after %d fds" % (sender, len(fds)))
-    return state, fds
-
-
-def receive_hand_over(path):
-    """--take-over: everything the daemon serving `path` hands over, (state, fds); OSError if
-    no daemon answers there, Error if it does not hand over."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(60)
-        conn.connect(path)
-        conn.sendall(TAKE_OVER_REQUEST)
-        handed = receive_state(conn, "the daemon on %s" % path)
-        if handed is None:
-            raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
-        conn.sendall(b"ok")
-    return handed
-
-
-class KeeperLink:
-    """The daemon's side of its keeper: a stream socket (None without a keeper, --no-keeper,
-    or once it took no more), and the fds the keeper holds.  Whatever changes what
-    HandOver.snapshot() gives calls changed(): the keeper is sent a snapshot once this turn
-    of the loop ends (sync)."""
-
-    __slots__ = ("sock", "held", "timer", "events", "snapshot")
-
-    TIMEOUT = 5.0       # seconds a snapshot may take to send: the keeper only reads
-
-    def __init__(self, sock=None):
-        self.sock = sock
-        if sock is not None:
-            sock.settimeout(self.TIMEOUT)
-        self.held = set()           # idents (HandOver.snapshot) of the fds the keeper has a duplicate of
-        self.timer = None           # the Timer of the next sync, once something changed
-        self.events = None          # the daemon's loop...
-        self.snapshot = None        # ...and its HandOver.snapshot: attach()
-
-    def attach(self, events, snapshot):
-        self.events, self.snapshot = events, snapshot
-
-    @property
-    def main_pid(self):
-        """The process to signal, whose pid the pid files hold: the keeper's if there is one."""
-        return os.getpid() if self.sock is None else os.getppid()
-
-    def changed(self):
-        if self.sock is not None and self.timer is None:
-            self.timer = self.events.call_at(0, self.sync)
-
-    def sync(self):
-        """Send the keeper a snapshot(), with the fds it does not hold yet; whether it took it."""
-        if self.sock is None:
-            return False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        fds, new, held = [], [], set()
-
-        def ref(fd, ident):
-            held.add(ident)
-            if ident not in self.held:
-                fds.append(fd)
-                new.append(ident)
-            return ident
-        state = self.snapshot(ref, for_keeper=True)
-        state["new"] = new
-        try:
-            send_state(self.sock, state, fds)
-        except OSError as e:
-            log.error("the keeper takes no more of the daemon's state (%s): if this process dies now, "
-                      "its containers are not served on", e.strerror or e)
-            self.close()
-            return False
-        self.held = held
-        return True
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-class HandOver:
-    """The daemon's state as a next daemon takes it over: every listening socket, notify fd,
-    held port and container.  Sent (send_state) to a --take-over successor that asks on the
-    runtimes' socket, or left to the keeper (SIGUSR2; and each KeeperLink snapshot); received
-    (receive_state) by adopt_sockets() and adopt_containers() in the daemon that takes over."""
-
-    def __init__(self, runtime, api, registry, pool, reservations, table, keeper):
-        self.runtime, self.api, self.registry, self.pool = runtime, api, registry, pool
-        self.reservations, self.table, self.keeper = reservations, table, keeper
-
-    def listeners(self):
-        return [listener for listener in [self.runtime.listener] + self.api.listeners() if listener is not None]
-
-    def snapshot(self, ref, for_keeper=False):
-        """What a next daemon needs to serve on, as JSON-able values; each fd in it is
-        ref(fd, ident)'s answer, ident naming the fd for as long as it is open here.  For the
-        keeper, the published ports held are named, not their sockets (a duplicate of one
-        would keep it bound when a container is lent it), and the counters are left to the
-        table it shares."""
-        def ref_socket(sock):
-            return ref(sock.fileno(), "s%d" % os.fstat(sock.fileno()).st_ino)  # an inode per socket
-        return {
-            "listeners": [{"fd": ref_socket(listener.sock), "path": listener.path,
-                           "api": listener is self.api.listener, "bypass": None if listener.bypass is None else {
-                               "spec": listener.bypass.spec, "settings": listener.bypass.settings}}
-                          for listener in self.listeners()],
-            "filters": [{"fd": ref(notify_fd, "f%d" % handed.key), "key": handed.key, "cid": handed.cid,
-                         "pid": handed.pid, "metadata": handed.metadata}
-                        for notify_fd, handed in self.registry.filters.items()],
-            "containers": {cid: {"settings": hosted.settings, "slot": hosted.slot,
-                                 "counters": None if for_keeper else self.table.totals(hosted.slot)}
-                           for cid, hosted in self.registry.containers.items()},
-            "claims": [{"mapping": mapping_to_json(mapping), "owner": owner,
-                        "binder": self.reservations.bound.get(self.reservations.key(mapping)),
-                        "fd": ref_socket(sock) if sock is not None and not for_keeper else None}
-                       for mapping, owner, sock in self.reservations.export()],
-        }
-
-    def send(self, conn):
-        """A new daemon asks for everything on `conn`: stop serving, send it every socket, notify
-        fd, held port and container; whether it took them (then this daemon exits, leaving all
-        of them to it).  A blocking connect under way is answered EINTR (the connection goes
-        on); other calls wait in the kernel meanwhile."""
-        log.warning("handing over to a new daemon")
-        listeners = self.stop_everything()
-        fds = []
-
-        def ref(fd, _ident):
-            fds.append(fd)
-            return len(fds) - 1
-        try:
-            conn.settimeout(30)
-            send_state(conn, self.snapshot(ref), fds)
-            if conn.recv(2) != b"ok":
-                raise OSError(errno.EPIPE, "the new daemon did not confirm")
-        except OSError as e:
-            log.error("hand-over failed (%s): serving on", e.strerror or e)
-            conn.close()
-            self.resume(listeners)
-            return False
-        conn.close()
-        log.warning("handed over: %d containers, %d sockets and ports; exiting", len(self.registry.containers),
-                    len(fds))
-        return True
-
-    def leave_to_keeper(self):
-        """SIGUSR2: stop serving and leave everything to the keeper, which runs the script anew;
-        whether it took it."""
-        if self.keeper.sock is None:
-            log.error("SIGUSR2: nothing to reload to: this daemon runs without a keeper (--no-keeper); "
-                      "start the new version with --take-over")
-            return False
-        log.warning("reloading: handing everything to the keeper")
-        listeners = self.stop_everything()
-        if not self.keeper.sync():
-            self.resume(listeners)
-            return False
-        return True
-
-    def stop_everything(self):
-        """Before a hand-over: accept nothing more and answer nothing more; returns the listeners."""
-        listeners = self.listeners()
-        self.runtime.pause(listeners)
-        self.pool.stop()
-        return listeners
-
-    def resume(self, listeners):
-        """After a failed hand-over: serve again, as if the workers had died."""
-        self.pool.start()
-        self.registry.rehome()
-        for listener in listeners:
-            self.runtime.watch_listener(listener)
-
-    def adopt_sockets(self, state, fds, api_path):
-        """--take-over, before the workers start: the previous daemon's sockets and ports."""
-        for entry in state["listeners"]:
-            sock = socket.socket(fileno=fds[entry["fd"]])
-            sock.setblocking(False)
-            bypass = entry["bypass"]
-            if bypass is not None:
-                self.api.adopt_bypass(sock, entry["path"], bypass["spec"], bypass["settings"])
-            elif entry["api"] and entry["path"] != api_path:
-                sock.close()  # this daemon serves no API there
-                try:
-                    os.unlink(entry["path"])
-                except FileNotFoundError:
-                    pass
-            elif entry["api"]:
-                self.api.adopt(sock, entry["path"])
-            else:
-                self.runtime.listener = self.runtime.adopt(sock, entry["path"], self.runtime.on_runtime_data)
-        reservations = self.reservations
-        adopted = set()
-        for entry in state["claims"]:
-            sock = None if entry["fd"] is None else socket.socket(fileno=fds[entry["fd"]])
-            mapping = mapping_from_json(entry["mapping"])
-            reservations.adopt(mapping, entry["owner"], sock, entry.get("binder"))
-            adopted.add(reservations.key(mapping))
-        for mapping in reservations.wanted:
-            key = reservations.key(mapping)
-            reservations.take(mapping)  # an adopted port a container has bound is not free: fine
-            if key not in reservations.held and key not in adopted:
-                log.warning("cannot reserve published port %r yet: retried every second", mapping)
-        if self.runtime.listener is None:
-            self.runtime.listen()
-        if api_path is not None and self.api.listener is None:
-            self.api.listen(api_path)
-
-    def adopt_containers(self, state, fds):
-        """--take-over, once the workers run: the previous daemon's containers and their counters."""
-        containers = state["containers"]
-        keys = {}           # the previous daemon's filter keys -> this one's
-        for entry in state["filters"]:
-            container = containers[entry["cid"]]
-            self.registry.host_filter(fds[entry["fd"]], entry["cid"], entry["pid"], entry["metadata"],
-                                      lambda c=container: c["settings"], container["counters"])
-            keys[entry["key"]] = self.registry.serial
-        for key, notif in state.get("anew", ()):
-            if key in keys:
-                self.registry.handle_anew(keys[key], base64.b64decode(notif))
-        log.warning("took over %d containers from the previous daemon", len(containers))
-
-
-class Daemon:
-    """Accepts the runtimes' messages and has their notifications served: the wiring of its
-    parts, and the loop they run on.
-
-    - runtime: the RuntimeListener (its sockets, each client's message);
-    - registry: the ContainerRegistry (containers, their filters, their settings);
-    - pool: the WorkerPool serving the filters (one Server on this loop with
-      --workers 1, else forked workers, one replaced when it dies);
-    - api: the ApiFrontEnd (bypass4netnsd's API and its Bypasses);
-    - hand_over: the HandOver (to a --take-over successor, to the keeper, and
-      taken from either);
-    - keeper: the KeeperLink, told by each part what it changed;
-    - routes: Routes (--handle-c2c-connections, --multinode), told likewise.
-
-    The daemon keeps every notify fd, the containers' counters and the
-    published ports; itself it acts on signals and --exit-fd, and answers
-    `status`.
-    """
-
-    def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
-                 table=None, inflight=None, keeper=None, c2c=False, probe_peers=True,
-                 multinode=None, swap_guard=True):
-        self.socket_path = socket_path
-        self.events = Events()
-        self.reservations = Reservations(publish.values(), reserve_ports)
-        base = Settings(compile_networks(ignore), auto, publish, swap_guard=swap_guard)  # every container's
-        # A keeper's tables, when it has one: it reads them after this process dies.
-        table = self.table = CounterTable(workers) if table is None else table
-        inflight = self.inflight = InflightTable(workers) if inflight is None else inflight
-        self.keeper = KeeperLink() if keeper is None else keeper
-        self.exit_status = 0
-        self.running = True
-        self.handed_over = False
-        self.signal_pipe = None
-        loans = PortLoans(self.reservations, self.ports_changed)
-        if workers == 1:
-            self.pool = LocalPool(self.events, base, table, inflight, loans, debug)
-        else:
-            self.pool = ProcessPool(self.events, base, table, inflight, workers, loans, debug, lambda: self.running)
-        self.routes = Routes(self.events, lambda: self.registry.containers, lambda: self.pool.workers,
-                             self.reservations.bound_by, c2c, probe_peers, multinode)
-        self.registry = self.pool.registry = ContainerRegistry(self.events, base, table, self.reservations,
-                                                               self.pool, self.keeper, self.routes)
-        self.runtime = RuntimeListener(self.events, socket_path, self.registry.on_container_process,
-                                       self.on_take_over, self.status)
-        self.api = ApiFrontEnd(self.runtime, self.reservations, self.keeper)
-        self.hand_over = HandOver(self.runtime, self.api, self.registry, self.pool, self.reservations, table,
-                                  self.keeper)
-        self.keeper.attach(self.events, self.hand_over.snapshot)
-
-    def check_kernel(self):
-        sizes = get_notif_sizes()
-        if sizes is None:
-            return
-        for struct_type, got in ((SeccompNotif, sizes.seccomp_notif),
-                                 (SeccompNotifResp, sizes.seccomp_notif_resp),
-                                 (SeccompData, sizes.seccomp_data)):
-            if got != ctypes.sizeof(struct_type):
-                raise Error("kernel's struct %s is %d bytes, this daemon knows %d"
-                            % (struct_type.__name__, got, ctypes.sizeof(struct_type)))
-
-    def listen(self, api_path=None):
-        """The runtimes' socket, and the bypass4netnsd API's if asked for."""
-        self.runtime.listen()
-        if api_path is not None:
-            self.api.listen(api_path)
-
-    def ports_changed(self):
-        """A container bound a published port, or let one go: the keeper's snapshot (who bound
-        it) and Routes' rows (the daemon's -p ports a container has) change."""
-        self.keeper.changed()
-        self.routes.update()
-
-    def on_take_over(self, conn):
-        if self.hand_over.send(conn):
-            self.handed_over = True
-            self.stop()
-
-    def hand_back(self):
-        """SIGUSR2: everything to the keeper, which runs the script anew; then exit."""
-        if self.hand_over.leave_to_keeper():
-            self.handed_over = True
-            self.exit_status = EXIT_RELOAD
-            self.stop()
-
-    def status(self):
-        """The daemon, its workers and every container it serves, as JSON-able values."""
-        return {"pid": self.keeper.main_pid, "daemon": os.getpid(),
-                "version": __version__, "socket": self.socket_path,
-                "workers": self.pool.pids(),
-                "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "out_of_fds": self.runtime.out_of_fds,
-                "routes": self.routes.status(),
-                "containers": self.registry.status()}
-
-    def log_counters(self):
-        self.registry.log_counters()
-        if self.runtime.out_of_fds:
-            log.warning("daemon: out of file descriptors %d times (runtimes' connections and fds)",
-                        self.runtime.out_of_fds)
-
-    # -- signals and the loop ------------------------------------------------
-
-    def stop(self):
-        self.running = False
-
-    def on_signal(self, signum):
-        if signum == signal.SIGUSR1:
-            self.log_counters()
-        elif signum == signal.SIGUSR2:
-            self.hand_back()
-        elif signum == signal.SIGHUP:
-            self.pool.refresh_auto()
-        else:
-            self.stop()
-
-    def watch_exit_fd(self, exit_fd):
-        """--exit-fd: stop when it reaches end of file."""
-        def on_exit_fd(_events):
-            try:
-                if os.read(exit_fd, 4096):
-                    return
-            except BlockingIOError:
-                return
-            except OSError:
-                pass
-            self.stop()
-        self.events.watch(exit_fd, select.EPOLLIN | select.EPOLLHUP, on_exit_fd)
-
-    def watch_signals(self):
-        self.signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGUSR2,))
-
-    def run(self):
-        def housekeeping():
-            self.pool.sweep()
-            if self.reservations.retry():
-                self.ports_changed()  # a container let a port go
-        run_loop(self.events, lambda: self.running, housekeeping,
-                 lambda: self.pool.due() or self.reservations.unheld())
-
-    def close(self):
-        self.stop()
-        self.routes.stop(EtcdClient.TIMEOUT + 1, end=not self.handed_over)
-        self.pool.stop()
-        self.registry.close()
-        self.reservations.close()
-        close_signal_pipe(self.signal_pipe)
-        if self.handed_over:  # every socket, path and pid file is the new daemon's now
-            for listener in self.hand_over.listeners():
-                listener.sock.close()
-        else:
-            self.api.close()
-            self.runtime.close()
-        self.keeper.close()
-        self.events.close()
-
-
-class Keeper:
-    """The first process, unless --no-keeper: it forks the daemon and keeps a duplicate of
-    every notify fd and listening socket the daemon serves, with the daemon's last snapshot().
-    When the daemon dies (SIGKILL, the OOM killer, a bug) it answers what the dead daemon left
-    and starts another with all of them: running containers wait a moment, then are served on.
-    On SIGUSR2 it runs the script file anew in its own place (same pid), the new code taking
-    everything over the same way.  Other signals go to the daemon; SIGKILL of the keeper ends
-    the daemon too (PR_SET_PDEATHSIG), as a way to stop everything at once."""
-
-    RESTARTS = 5            # restarts within RESTART_WINDOW seconds before giving up on a daemon
-    RESTART_WINDOW = 60.0   # that dies as soon as it starts
-    REAP_TIMEOUT = 5.0      # seconds a dead daemon's workers have to follow it (PR_SET_PDEATHSIG)
-
-    def __init__(self, argv, workers, new_daemon, serve, pid_file=None):
-        self.argv = argv            # to run the script anew with
-        self.pid_file = pid_file    # written once the first daemon serves...
-        self.ready_fd = None        # ...and then --ready-fd told
-        self.new_daemon = new_daemon  # callable(table, inflight, KeeperLink) -> Daemon
-        self.serve = serve          # callable(daemon, handed) -> exit status
-        self.table, self.inflight = CounterTable(workers), InflightTable(workers)
-        self.workers = workers
-        self.events = Events()
-        self.signal_pipe = None
-        self.held = {}              # ident -> the keeper's duplicate of the daemon's fd
-        self.anew = []              # [key, base64 struct seccomp_notif]: for the next daemon to handle
-        self.state = None           # the daemon's last snapshot, fds as idents; None until it serves
-        self.counted = False        # whether state's counters are all there is (a reload's): no table's
-        self.announced = False      # READY=1 sent to systemd
-        self.child = self.last_child = None  # the daemon's pid while it lives; the last one's
-        self.child_status = None
-        self.link = None
-        self.reloading = False
-        self.stopping = False
-        self.restarts = collections.deque()
-        script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-", "-c") else None
-        self.script = script if script is not None and os.path.isfile(script) else None
-
-    def run(self, handed=None, ready_fd=None):
-        """Keep daemons running until one exits 0 (stopped, or handed over to --take-over);
-        the exit status.  `handed`: a reloaded keeper's (state, fds)."""
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the dead daemon's workers are ours to reap
-        self.signal_pipe = watch_signals(self.events, self.on_signal, (signal.SIGUSR2, signal.SIGCHLD))
-        self.ready_fd = ready_fd
-        if handed is not None:
-            self.state, self.held = handed
-            self.anew = self.state.pop("anew", [])
-            self.counted = True
-        while True:
-            self.start()
-            self.supervise()
-            status = self.child_status
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-                return 0
-            if self.state is None or self.stopping:
-                return 1  # it never served, or died while stopping: its error is in the log
-            if self.reloading and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RELOAD:
-                self.run_anew()  # returns only if the exec failed: the old code serves on
-            elif self.may_restart(status):
-                log.error("the daemon (pid %d) %s: starting another with its %d containers",
-                          self.last_child, describe_exit(status), len(self.state["containers"]))
-            else:
-                return 1
-            self.reloading = False
-            self.answer_orphans()
-
-    def start(self):
-        link, link_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = fork_child(lambda: self.become_daemon(link, link_end), "the daemon", signals=signal.SIG_DFL)
-        link_end.close()
-        self.child = self.last_child = pid
-        self.link = link
-        link.settimeout(KeeperLink.TIMEOUT)
-        self.events.watch(link.fileno(), select.EPOLLIN, lambda _events: self.on_link())
-        log.info("daemon: pid %d", pid)
-
-    def become_daemon(self, link, link_end):
-        """In the forked daemon: drop what is the keeper's, then serve; the exit status."""
-        close_signal_pipe(self.signal_pipe)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the others: fork_child
-        self.events.close()
-        link.close()
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-        handed = None if self.state is None else (self.with_counters(), self.held)
-        return self.serve(self.new_daemon(self.table, self.inflight, KeeperLink(link_end)), handed)
-
-    def supervise(self):
-        """Take the daemon's snapshots until it exits, then the last ones it sent."""
-        while self.child is not None:
-            self.events.run_once(-1)
-        while self.link is not None:
-            self.on_link()
-        self.reap_the_rest()
-
-    def on_link(self):
-        try:
-            received = receive_state(self.link, "the daemon")
-        except (OSError, Error, ValueError) as e:
-            log.error("the daemon's state: %s: if it dies now, its containers are not served on", e)
-            received = None
-        if received is None:
-            self.events.unwatch(self.link.fileno())
-            self.link.close()
-            self.link = None
-            return
-        state, fds = received
-        for ident, fd in zip(state.pop("new"), fds):
-            old = self.held.get(ident)
-            if old is not None:
-                os.close(old)  # an ident of a daemon before this one
-            self.held[ident] = fd
-        named = {entry["fd"] for kind in ("listeners", "filters") for entry in state[kind]}
-        for ident in [ident for ident in self.held if ident not in named]:
-            os.close(self.held.pop(ident))
-        self.state, self.counted = state, False
-        self.anew = []  # the daemon that sent a state has handled them (adopt_containers)
-        if not (self.announced or self.reloading):  # a reload is ready once the new code serves
-            self.announced = True
-            if self.pid_file:
-                write_pid_file(self.pid_file)
-            if self.ready_fd is not None:
-                os.write(self.ready_fd, b"1")
-                os.close(self.ready_fd)
-                self.ready_fd = None
-            sd_notify("READY=1\nMAINPID=%d" % os.getpid())
-
-    def on_signal(self, signum):
-        if signum == signal.SIGCHLD:
-            self.reap()
-            return
-        if self.child is None:
-            return
-        if signum == signal.SIGUSR2:
-            if not self.may_reload():
-                return
-            self.reloading, self.announced = True, False
-            sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            self.stopping = True
-            sd_notify("STOPPING=1")
-        os.kill(self.child, signum)
-
-    def reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid == self.child:
-                self.child, self.child_status = None, status
-
-    def reap_the_rest(self):
-        """The dead daemon's workers are ours now (the subreaper): wait for them to die."""
-        deadline = time.monotonic() + self.REAP_TIMEOUT
-        while True:
-            self.reap()
-            try:
-                with open("/proc/self/task/%d/children" % os.getpid()) as f:
-                    left = [int(pid) for pid in f.read().split()]
-            except FileNotFoundError:
-                left = []
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                for pid in left:
-                    os.kill(pid, signal.SIGKILL)
-                deadline = float("inf")
-            time.sleep(0.01)
-
-    def may_reload(self):
-        if self.state is None:
-            log.error("SIGUSR2: the daemon is not serving yet: nothing reloaded")
-            return False
-        if self.script is None:
-            log.error("SIGUSR2: cannot reload: this daemon was not started from a file; "
-                      "start the new version with --take-over")
-            return False
-        check = subprocess.run([sys.executable, self.script, "--version"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
-        if check.returncode != 0:
-            log.error("SIGUSR2: %s does not run (%s): serving on with the code running now", self.script,
-                      (check.stderr.strip().splitlines() or ["exit status %d" % check.returncode])[-1])
-            return False
-        log.warning("reloading %s (%s)", self.script, check.stdout.strip())
-        return True
-
-    def may_restart(self, status):
-        now = time.monotonic()
-        self.restarts.append(now)
-        while self.restarts[0] < now - self.RESTART_WINDOW:
-            self.restarts.popleft()
-        if len(self.restarts) > self.RESTARTS:
-            log.critical("the daemon (pid %d) %s, the %dth time in %d s: giving up; running containers' "
-                         "trapped calls fail with ENOSYS from now on", self.last_child, describe_exit(status),
-                         len(self.restarts), self.RESTART_WINDOW)
-            return False
-        return True
-
-    def answer_orphans(self):
-        """The dead daemon's calls under way get EINTR; those it was handling are handed to the
-        next daemon (state["anew"]), which handles them anew."""
-        notify_fds = {entry["key"]: self.held[entry["fd"]] for entry in self.state["filters"]}
-        for server in range(self.workers):
-            answered, anew = answer_orphans(self.inflight, server, notify_fds)
-            self.anew += [[key, base64.b64encode(notif).decode()] for key, notif in anew]
-            if answered:
-                log.warning("%d call(s) the dead daemon left under way answered EINTR", answered)
-
-    def with_counters(self):
-        """The last snapshot, with the counters the daemon had counted till it stopped."""
-        state = dict(self.state, anew=self.anew)
-        if not self.counted:
-            state["containers"] = {cid: dict(entry, counters=self.table.totals(entry["slot"]))
-                                   for cid, entry in state["containers"].items()}
-        return state
-
-    def run_anew(self):
-        """Exec the script file in this process, handing it every fd and the state (SIGUSR2)."""
-        self.answer_orphans()
-        memfd = os.memfd_create("bypass4netns-state", 0)  # inherited by the exec
-        with os.fdopen(os.dup(memfd), "w") as f:
-            json.dump({"state": self.with_counters(), "fds": self.held}, f)
-        for fd in self.held.values():
-            os.set_inheritable(fd, True)
-        env = dict(os.environ)
-        env[RESUME_ENV] = str(memfd)
-        try:
-            os.execve(sys.executable, [sys.executable, self.script] + self.argv, env)
-        except OSError as e:
-            log.error("SIGUSR2: cannot run %s: %s: serving on with the code running now", self.script, e.strerror)
-        os.close(memfd)
-        for fd in self.held.values():
-            os.set_inheritable(fd, False)
-
-    def close(self):
-        close_signal_pipe(self.signal_pipe)
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-        for fd in self.held.values():
-            os.close(fd)
-        self.held.clear()
-        self.events.close()
-
-
-def take_resume():
-    """A keeper run anew (SIGUSR2): the (state, fds) its old code left in RESUME_ENV, else None."""
-    value = os.environ.pop(RESUME_ENV, None)
-    if value is None:
-        return None
-    with os.fdopen(int(value), "r") as f:
-        f.seek(0)
-        resumed = json.load(f)
-    for fd in resumed["fds"].values():
-        os.set_inheritable(fd, False)
-    return resumed["state"], resumed["fds"]
-
-
-def sd_notify(message):
-    """Tell systemd (a Type=notify unit) what the service does: READY=1, RELOADING=1,
-    STOPPING=1.  Nothing outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path[0] == "@":
-        path = "\0" + path[1:]  # an abstract socket
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.sendto(message.encode(), path)
-    except OSError as e:
-        log.warning("cannot notify systemd on %s: %s", os.environ["NOTIFY_SOCKET"], e.strerror)
-
-
-ACTED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # the daemon's
-
-
-def fork_child(child, what, keep=None, signals=None):
-    """Fork a process that dies with this one (PR_SET_PDEATHSIG) and exits with child()'s
-    status (None: 0); the pid.  The child never returns from here.
-
-    Every child of the tree is started here, so that none keeps what is its
-    parent's: the signal wake-up fd (the parent's pipe) goes; `signals`, if
-    given, becomes the disposition of the signals a parent acts on
-    (ACTED_ON); with `keep` (fds), every fd but 0, 1, 2 and those is closed.
-    """
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() == parent:  # else the parent died before the prctl: nothing to serve
-                signal.set_wakeup_fd(-1)
-                for signum in ACTED_ON if signals is not None else ():
-                    signal.signal(signum, signals)
-                if keep is not None:
-                    close_other_fds({0, 1, 2, *keep})
-                status = child() or 0
-        except BaseException:
-            log.exception("%s failed", what)
-        finally:
-            os._exit(status)
-    return pid
-
-
-def answer_orphans(inflight, server, notify_fds):
-    """Answer the calls server `server` had under way when it died (a blocking connect in its
-    loop, a NamespaceHelper's call): EINTR, as if a signal had interrupted them, never
-    CONTINUE, which would let the kernel look the fd number up again (POSIX says a connect
-    so interrupted goes on asynchronously).  `notify_fds` maps filter keys to notify fds.
-    Returns (how many were answered, [(key, struct seccomp_notif)] of the call it was
-    handling, for a live server to handle anew: Server.handle_anew)."""
-    under_way, anew = inflight.orphans(server)
-    answered = 0
-    for key, notif_id in under_way:
-        notify_fd = notify_fds.get(key)
-        if notify_fd is not None:
-            try:
-                answered += notif_send(notify_fd, notif_id, 0, -errno.EINTR, 0)
-            except OSError as e:
-                log.error("cannot answer a call a dead process left: %s", e.strerror)
-    return answered, anew
-
-
-def watch_signals(events, on_signal, more=()):
-    """SIGTERM, SIGINT, SIGUSR1, SIGHUP and `more` as loop events: on_signal(signum) runs
-    between notifications.  Returns the pipe, for close_signal_pipe.
-
-    SIGALRM gets a handler too, but never reaches on_signal: it only ends a
-    wait the process bounds with a timer (a RECV on a shared filter, a
-    lingering close).
-    """
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGALRM) + tuple(more):
-        signal.signal(signum, lambda *_: None)
-
-    def on_readable(_events):
-        try:
-            signums = os.read(rfd, 64)
-        except BlockingIOError:
-            return
-        for signum in signums:
-            if signum != signal.SIGALRM:
-                on_signal(signum)
-    events.watch(rfd, select.EPOLLIN, on_readable)
-    return rfd, wfd
-
-
-def close_signal_pipe(pipe):
-    if pipe:
-        signal.set_wakeup_fd(-1)
-        for fd in pipe:
-            os.close(fd)
-
-
-def describe_exit(status):
-    if os.WIFSIGNALED(status):
-        return "was killed by signal %d" % os.WTERMSIG(status)
-    return "exited with status %d" % os.WEXITSTATUS(status)
 
 
 # ---------------------------------------------------------------------------
@@ -5909,3 +5928,5 @@ def remove_pid_file(path):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
