@@ -2828,6 +2828,7 @@ def sd_notify(message):
 # ---------------------------------------------------------------------------
 
 FDS_PER_MESSAGE = 200       # SCM_RIGHTS fds in one message of a hand-over (the kernel takes 253)
+HANDED_OVER = b"ok"         # a --take-over successor's word that it has taken everything
 
 
 def send_state(conn, state, fds):
@@ -2882,7 +2883,7 @@ def receive_hand_over(path):
         handed = receive_state(conn, "the daemon on %s" % path)
         if handed is None:
             raise Error("the daemon on %s closed the hand-over (a version without it?)" % path)
-        conn.sendall(b"ok")
+        conn.sendall(HANDED_OVER)
     return handed
 
 
@@ -3620,15 +3621,15 @@ class PortLoans:
         self.reservations.end_loan(mapping, bound, binder)
         self.on_bound()
 
-    def answer(self, what, argument, *binder):
-        """A worker's request ("lend", "bound" or "unbound", a mapping as JSON, the binder):
-        a worker is lent only what is published."""
+    def answer(self, op, argument, *binder):
+        """A worker's request (WorkerWire's LEND, BOUND or UNBOUND, a mapping as JSON, the
+        binder): a worker is lent only what is published."""
         mapping = mapping_from_json(argument)
         if self.reservations.key(mapping) in self.reservations.claims:
-            if what == "lend":
+            if op == WorkerWire.LEND:
                 self.lend(mapping)
             else:
-                self.end_loan(mapping, what == "bound", *binder)
+                self.end_loan(mapping, op == WorkerWire.BOUND, *binder)
 
 
 class Routes:
@@ -4324,7 +4325,7 @@ class HandOver:
         try:
             conn.settimeout(30)
             send_state(conn, self.snapshot(ref), fds)
-            if conn.recv(2) != b"ok":
+            if conn.recv(len(HANDED_OVER)) != HANDED_OVER:
                 raise OSError(errno.EPIPE, "the new daemon did not confirm")
         except OSError as e:
             log.error("hand-over failed (%s): serving on", e.strerror or e)
@@ -4755,8 +4756,41 @@ class Hosted:
         self.filters = set()        # the daemon's notify fds
 
 
+class WorkerWire:
+    """The two channels between the daemon and a worker process, declared once for both ends:
+    SOCK_SEQPACKET pairs, one JSON array a message, [op, *arguments].
+
+    handoff, daemon -> worker (Worker sends, WorkerProcess.on_handoff reads):
+    FILTER (filter key, container id, Inflight slot, pid, shared, settings; the
+    notify fd rides along, SCM_RIGHTS), DROP (key), ANEW (key, a struct
+    seccomp_notif in base64), PEERS (rows, probe, nodes: Switcher.set_peers).
+    An empty read: the daemon is gone.
+
+    requests, worker -> daemon (ParentChannel asks, ProcessPool.on_worker_request
+    answers OK): LEND (a mapping), BOUND or UNBOUND (a mapping, its binder),
+    SHARE (a container id).  A worker's first message is READY.
+    """
+
+    __slots__ = ()
+
+    FILTER, DROP, ANEW, PEERS = "filter", "drop", "anew", "peers"
+    LEND, BOUND, UNBOUND, SHARE = "lend", "bound", "unbound", "share"
+    READY = b"ready"    # every fd the worker holds at rest is open: it holds nothing of its parent's
+    OK = b"ok"
+
+    @staticmethod
+    def encode(op, *arguments):
+        return json.dumps([op, *arguments]).encode()
+
+    @staticmethod
+    def decode(data):
+        """(op, [arguments]) of a message."""
+        op, *arguments = json.loads(data)
+        return op, arguments
+
+
 class Worker:
-    """The daemon's handle on one worker process and what it serves."""
+    """The daemon's handle on one worker process and what it serves (WorkerWire's daemon end)."""
 
     __slots__ = ("index", "pid", "pidfd", "handoff", "requests", "containers")
 
@@ -4767,19 +4801,18 @@ class Worker:
         self.containers = set()     # OCI ids it is home to
 
     def hand(self, handed, hosted):
-        message = json.dumps({"key": handed.key, "id": handed.cid, "slot": hosted.slot, "pid": handed.pid,
-                              "shared": hosted.shared,
-                              "settings": hosted.settings}).encode()
+        message = WorkerWire.encode(WorkerWire.FILTER, handed.key, handed.cid, hosted.slot, handed.pid,
+                                    hosted.shared, hosted.settings)
         self.handoff.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", handed.notify_fd))])
 
     def drop(self, key):
-        self.handoff.send(json.dumps({"drop": key}).encode())
+        self.handoff.send(WorkerWire.encode(WorkerWire.DROP, key))
 
     def handle_anew(self, key, notif):
-        self.handoff.send(json.dumps({"anew": key, "notif": base64.b64encode(notif).decode()}).encode())
+        self.handoff.send(WorkerWire.encode(WorkerWire.ANEW, key, base64.b64encode(notif).decode()))
 
     def set_peers(self, rows, probe, nodes):
-        self.handoff.send(json.dumps({"peers": rows, "probe": probe, "nodes": nodes}).encode())
+        self.handoff.send(WorkerWire.encode(WorkerWire.PEERS, rows, probe, nodes))
 
     def close(self):
         for channel in (self.handoff, self.requests):
@@ -4799,17 +4832,17 @@ class ParentChannel:
         self.channel = channel
 
     def lend(self, mapping):
-        self.ask(["lend", mapping_to_json(mapping)])
+        self.ask(WorkerWire.LEND, mapping_to_json(mapping))
 
     def end_loan(self, mapping, bound, binder):
-        self.ask(["bound" if bound else "unbound", mapping_to_json(mapping), binder])
+        self.ask(WorkerWire.BOUND if bound else WorkerWire.UNBOUND, mapping_to_json(mapping), binder)
 
     def share(self, container):
-        self.ask(["share", container.id])
+        self.ask(WorkerWire.SHARE, container.id)
 
-    def ask(self, request):
-        self.channel.sendall(json.dumps(request).encode())
-        if self.channel.recv(16) != b"ok":
+    def ask(self, op, *arguments):
+        self.channel.sendall(WorkerWire.encode(op, *arguments))
+        if self.channel.recv(16) != WorkerWire.OK:
             raise OSError(errno.EPIPE, "the parent process is gone")
 
 
@@ -4837,7 +4870,6 @@ class LocalWorker:
 
 
 HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
-WORKER_READY = b"ready"     # a worker's first message: it holds nothing of its parent's any more
 WORKER_START_TIMEOUT = 10.0  # seconds the daemon waits for that at start
 
 
@@ -4863,18 +4895,16 @@ class WorkerProcess:
             self.running = False
             self.orphaned = True
             return
-        message = json.loads(data)
-        if "drop" in message:
-            self.server.drop(message["drop"])
-            return
-        if "anew" in message:
-            self.server.handle_anew(message["anew"], base64.b64decode(message["notif"]))
-            return
-        if "peers" in message:
-            self.server.switcher.set_peers(message["peers"], message["probe"], message["nodes"])
-            return
-        self.server.add_filter(fds[0], message["key"], message["id"], message["slot"], message["pid"],
-                               message["shared"], message["settings"])
+        op, arguments = WorkerWire.decode(data)
+        if op == WorkerWire.FILTER:
+            self.server.add_filter(fds[0], *arguments)
+        elif op == WorkerWire.DROP:
+            self.server.drop(*arguments)
+        elif op == WorkerWire.ANEW:
+            key, notif = arguments
+            self.server.handle_anew(key, base64.b64decode(notif))
+        elif op == WorkerWire.PEERS:
+            self.server.switcher.set_peers(*arguments)
 
     def on_signal(self, signum):
         if signum == signal.SIGHUP:
@@ -4886,7 +4916,7 @@ class WorkerProcess:
         self.events.watch(self.handoff.fileno(), select.EPOLLIN, self.on_handoff)
         signal_pipe = watch_signals(self.events, self.on_signal)
         switcher = self.server.switcher
-        self.requests.send(WORKER_READY)  # every fd it holds at rest is open now
+        self.requests.send(WorkerWire.READY)
         try:
             run_loop(self.events, lambda: self.running, switcher.pending.sweep, lambda: bool(switcher.pending))
         finally:
@@ -4989,7 +5019,7 @@ class ProcessPool(WorkerPool):
         self.workers = [self.spawn(index) for index in range(self.count)]
         for worker in self.workers:
             if select.select([worker.requests], [], [], WORKER_START_TIMEOUT)[0]:
-                worker.requests.recv(64)  # WORKER_READY, or nothing: a dead one is replaced
+                worker.requests.recv(64)  # WorkerWire.READY, or nothing: a dead one is replaced
 
     def spawn(self, index):
         handoff, handoff_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -5030,14 +5060,14 @@ class ProcessPool(WorkerPool):
             return
         if not data:
             return  # the worker is gone: its pidfd says so
-        if data == WORKER_READY:
+        if data == WorkerWire.READY:
             return  # a replacement's: nobody waits for it
-        what, argument, *binder = json.loads(data)
-        if what == "share":
-            self.registry.share(argument)
+        op, arguments = WorkerWire.decode(data)
+        if op == WorkerWire.SHARE:
+            self.registry.share(*arguments)
         else:
-            self.loans.answer(what, argument, *binder)
-        worker.requests.send(b"ok")
+            self.loans.answer(op, *arguments)
+        worker.requests.send(WorkerWire.OK)
 
     def forget(self, worker):
         self.events.unwatch(worker.pidfd)
