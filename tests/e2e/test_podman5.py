@@ -28,7 +28,8 @@ import pytest
 import bed13
 from e2e.daemon import Daemon, run
 from e2e.fileserver import serve_file
-from e2e.test_bypass import HOLD_CONNECTION, held_connection, local_ports
+from e2e.test_bypass import HOLD_CONNECTION, held_connection, local_ports, udp_echo  # udp_echo: a fixture
+from e2e.test_publish import UDP_CLIENT, UDP_SERVER
 
 IGNORE = "--ignore=127.0.0.0/8,10.0.0.0/8,auto"
 DNS_NAME = "peer.b4ns.test"
@@ -49,11 +50,22 @@ def published_port(testbed):
 
 
 @pytest.fixture(scope="module")
-def daemon(testbed, bed, published_port):
-    d = Daemon([IGNORE, "-p", "%s:%d:80" % (testbed.HOST_IP4, published_port)], base=bed.default_profile_base())
+def published_udp_port(testbed):
+    return testbed.free_port()
+
+
+def serving(args):
+    """A module fixture's Daemon of args with podman 5's profile merged in: stopped at the end, its log clean."""
+    d = Daemon(args, base=bed13.default_profile_base())
     yield d
     assert d.stop() == 0
     assert "ERROR" not in d.log() and "Traceback" not in d.log(), d.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def daemon(testbed, bed, published_port, published_udp_port):
+    yield from serving([IGNORE, "-p", "%s:%d:80" % (testbed.HOST_IP4, published_port),
+                        "-p", "%s:%d:53/udp" % (testbed.HOST_IP4, published_udp_port)])
 
 
 @pytest.fixture(scope="module")
@@ -229,22 +241,24 @@ def dns_query(name, qid=0x4242):
     return header + labels + struct.pack("!HH", 1, 1)
 
 
+# A query (hex) to server:port and its answer, over a connected UDP socket or TCP (with DNS's length
+# prefix); prints {"answer": hex, "sockname": the socket's address}.
 DNS_PROBE = """
-    import socket, struct, sys
-    server, proto, query = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
+    import json, socket, struct, sys
+    server, port, proto, query = sys.argv[1], int(sys.argv[2]), sys.argv[3], bytes.fromhex(sys.argv[4])
     if proto == "udp":
         # As glibc's resolver does: connect, then send.
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(5)
-        s.connect((server, 53))
+        s.connect((server, port))
         s.send(query)
         answer = s.recv(4096)
     else:
-        s = socket.create_connection((server, 53), timeout=5)
+        s = socket.create_connection((server, port), timeout=5)
         s.sendall(struct.pack("!H", len(query)) + query)
         f = s.makefile("rb")
         answer = f.read(struct.unpack("!H", f.read(2))[0])
-    print(answer.hex())
+    print(json.dumps({"answer": answer.hex(), "sockname": s.getsockname()[0]}))
 """
 
 
@@ -260,10 +274,10 @@ def test_dns_through_pastas_forwarder(testbed, bed, daemon, dns_server, proto):
     """A query to 169.254.1.1:53 is answered (pasta forwards it to the host's nameserver): the
     link-local address is never bypassed, over UDP (whose connected sockets are switched
     elsewhere) and TCP."""
-    out = container_python(bed, daemon, DNS_PROBE, [GUEST_DNS, proto, dns_query(DNS_NAME).hex()],
-                           timeout=60)
-    assert out.strip(), ("no answer", daemon.decisions()[-3:])
-    assert answer_address(bytes.fromhex(out.strip())) == testbed.HOST_IP4_B
+    out = json.loads(container_python(bed, daemon, DNS_PROBE, [GUEST_DNS, 53, proto, dns_query(DNS_NAME).hex()],
+                                      timeout=60))
+    assert answer_address(bytes.fromhex(out["answer"])) == testbed.HOST_IP4_B
+    assert out["sockname"] == testbed.HOST_IP4, "the socket left the container (pasta's copy of the host's address)"
 
 
 def test_getaddrinfo_resolves_through_resolv_conf(testbed, bed, daemon, dns_server):
@@ -314,6 +328,13 @@ def serve_in_container(testbed, bed, daemon, extra=()):
     return proc, token
 
 
+def assert_published(testbed, daemon, host_port, container):
+    """The daemon published the container's bind of 0.0.0.0:PORT as 198.18.0.1:host_port (container: "PORT/PROTO")."""
+    published = "published as %s:%d->%s" % (testbed.HOST_IP4, host_port, container)
+    assert any(dest == "0.0.0.0:" + container.split("/")[0] and outcome.startswith(published)
+               for dest, outcome in daemon.decisions("bind")), daemon.decisions("bind")
+
+
 def test_published_bind_is_reachable_from_the_host(testbed, bed, daemon, published_port):
     """The daemon's -p 198.18.0.1:PORT:80: a server binding port 80 in the container listens on the host."""
     proc, token = serve_in_container(testbed, bed, daemon)
@@ -328,9 +349,7 @@ def test_published_bind_is_reachable_from_the_host(testbed, bed, daemon, publish
             proc.kill()
             proc.wait()
     assert got == token
-    published = "published as %s:%d->80/tcp" % (testbed.HOST_IP4, published_port)
-    assert any(dest == "0.0.0.0:80" and outcome.startswith(published)
-               for dest, outcome in daemon.decisions("bind")), daemon.decisions("bind")
+    assert_published(testbed, daemon, published_port, "80/tcp")
 
 
 
@@ -368,3 +387,42 @@ def test_podmans_own_publish_and_the_daemons_collide_and_the_daemon_says_what_to
                          % (port, port), shared.log()), shared.log()[-2000:]
     finally:
         assert shared.stop() == 0
+
+
+@pytest.fixture
+def detached(bed):
+    """start(cmd, **run_container's keywords) -> the name of a detached podman 5 container, removed at the end."""
+    names = []
+
+    def start(cmd, **kwargs):
+        names.append("b4ns-p5-" + uuid.uuid4().hex[:8])
+        run(bed.run_container(cmd, extra=["-d"], name=names[-1], **kwargs), check=True)
+        return names[-1]
+    yield start
+    for name in names:
+        run(bed.podman(["rm", "-f", "-t", "0", name]))
+
+
+def test_published_udp_port_answers_from_the_host(testbed, bed, daemon, detached, published_udp_port):
+    """The daemon's -p 198.18.0.1:PORT:53/udp (test_publish.py's UDP server and client): a UDP server
+    binding port 53 in the container is the host's socket: a client on the host's other address gets
+    its answer, and the server sees that client's own address."""
+    detached(["python3", "-c", UDP_SERVER], seccomp=daemon.profile)
+    out = run(testbed.in_netns(["python3", "-c", UDP_CLIENT, testbed.HOST_IP4, str(published_udp_port),
+                                testbed.HOST_IP4_B]), check=True, timeout=60).stdout
+    assert out.split() == ["ping", testbed.HOST_IP4_B], daemon.decisions("bind")
+    assert_published(testbed, daemon, published_udp_port, "53/udp")
+
+
+# -- UDP ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host_ip", ["198.18.1.1", "2001:db8:1::1"])
+def test_connected_udp_socket_is_switched(testbed, bed, daemon, udp_echo, host_ip):
+    """A connected UDP socket to the host's other address (test_bypass.py's echo server) is switched
+    at its connect: its address is the host's, not pasta's copy (198.18.0.1, 2001:db8::1), and the
+    echo comes back to it."""
+    port = udp_echo(host_ip)
+    out = json.loads(container_python(bed, daemon, DNS_PROBE, [host_ip, port, "udp", b"ping".hex()]))
+    assert bytes.fromhex(out["answer"]) == b"echo:ping"
+    assert out["sockname"] == host_ip, "not switched: pasta's socket"
+    assert (where(host_ip, port), "bypassed") in daemon.decisions()
