@@ -26,10 +26,13 @@ import uuid
 import pytest
 
 import bed13
+import fd_swap
 from e2e.daemon import Daemon, run
 from e2e.fileserver import serve_file
-from e2e.test_bypass import HOLD_CONNECTION, held_connection, local_ports, udp_echo  # udp_echo: a fixture
+from e2e.test_bypass import (  # two fixtures among them: the loopback's counting servers, a UDP echo server
+    HOLD_CONNECTION, HOSTILE, held_connection, host_loopback_servers, local_ports, udp_echo)
 from e2e.test_publish import UDP_CLIENT, UDP_SERVER
+from e2e.test_strict import UNIX_SOCKETS
 
 IGNORE = "--ignore=127.0.0.0/8,10.0.0.0/8,auto"
 DNS_NAME = "peer.b4ns.test"
@@ -426,3 +429,88 @@ def test_connected_udp_socket_is_switched(testbed, bed, daemon, udp_echo, host_i
     assert bytes.fromhex(out["answer"]) == b"echo:ping"
     assert out["sockname"] == host_ip, "not switched: pasta's socket"
     assert (where(host_ip, port), "bypassed") in daemon.decisions()
+
+
+# -- race and safety ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def race_daemon(testbed, bed):
+    """The fd-swap race's daemon (as test_strict.py's): a published port, for the bind vector's host
+    socket.  Without `auto`: the connect vector's bypassed connection goes to 198.18.0.1 (fd_swap.py),
+    which `auto` keeps in the container on pasta (the container's copy of the host's address)."""
+    yield from serving(["--ignore=127.0.0.0/8,10.0.0.0/8", "-p", "%d:80" % testbed.free_port()])
+
+
+@pytest.fixture
+def loopback_server(testbed, server):
+    """tests/fd_swap.py's LOOPBACK_SERVER, listening: (its port on 127.0.0.1, its silent port on
+    198.18.0.1, printed()): printed() stops it and returns what it printed (each loopback connection)."""
+    ports = testbed.free_port(host="127.0.0.1"), testbed.free_port()
+    proc = server(["python3", "-c", fd_swap.LOOPBACK_SERVER, *map(str, ports)], stdout=subprocess.PIPE,
+                  universal_newlines=True)
+    assert proc.stdout.readline().strip() == "listening"
+
+    def printed():
+        testbed.stop_server(proc)
+        return proc.stdout.read()
+    return ports + (printed,)
+
+
+@pytest.mark.parametrize("vector", ["bind", "connect"])
+def test_the_fd_swap_race_never_reaches_the_hosts_loopback(testbed, bed, race_daemon, loopback_server, vector):
+    """tests/fd_swap.py's race, 8 s, under podman 5 and crun 1.21 (README, "Swapping the fd"): a
+    thread keeps putting a host socket (a published port's bound one; a bypassed connection,
+    disconnected before each attempt) and a unix socket in turn at one fd number while another
+    connects that fd to a server on 127.0.0.1 of the test namespace: it never gets in."""
+    secret, bypassed, printed = loopback_server
+    out = container_python(bed, race_daemon, fd_swap.SWAPPER, [secret, 8, vector, bypassed], timeout=180)
+    accepted = printed()
+    assert "never connected" in out and not accepted, (out, accepted)
+    assert int(out.split()[0]) > 1000, out     # the race was run, many times
+    # with a host socket in it: the published port's, or the bypassed connection's
+    call, dest, outcome = {"bind": ("bind", "0.0.0.0:80", "published as "),
+                           "connect": ("connect", where(testbed.HOST_IP4, bypassed), "bypassed")}[vector]
+    assert any(d == dest and o.startswith(outcome) for d, o in race_daemon.decisions(call)), race_daemon.decisions(call)
+
+
+def test_hostile_sequences_never_reach_the_hosts_loopback(testbed, bed, daemon, http, host_loopback_servers):
+    """test_bypass.py's hostile sequences, with the user's flags (`auto`), against the namespace's
+    other addresses (its first ones are the container's own on pasta): a bypassed TCP connection
+    disconnected (AF_UNSPEC) and reconnected to the loopback (v4, v6, v4-mapped), a failed
+    non-blocking connect retried there, a switched UDP socket sending there and connected there.
+    Each host socket is pinned to its interface (the container cannot unpin it), each trapped call
+    to the loopback is refused, and nothing reaches the loopback's servers."""
+    loopback_port, reached = host_loopback_servers
+    port, _body = http("::")
+    four, six = testbed.HOST_IP4_B, testbed.HOST_IP6_B
+    out = json.loads(container_python(bed, daemon, HOSTILE, [four, six, port, loopback_port]))
+    # What the kernel made of the UDP sends to the loopback: reached() says where they went.
+    sent = {key: out[key].pop(3) for key in ("udp 127.0.0.1", "udp ::1")}
+    pinned, refused = [testbed.VETH_B, "EPERM"], "ENETUNREACH"
+    assert out == {
+        "tcp 127.0.0.1": [four, *pinned, 0, refused],
+        "tcp ::1": [six, *pinned, 0, refused],
+        "tcp ::ffff:127.0.0.1": ["::ffff:" + four, *pinned, 0, refused],
+        "failed": ["EINPROGRESS", "EHOSTUNREACH", four, refused],  # nobody answers ARP for .77
+        "udp 127.0.0.1": [four, *pinned, refused],
+        "udp ::1": [six, *pinned, refused],
+    }, (out, sent)
+    time.sleep(0.5)  # what was sent had time to arrive, had it been able to
+    assert reached() == []
+
+
+def test_unix_socket_calls_are_made_as_the_calling_thread(testbed, bed, daemon):
+    """test_strict.py's unix-socket program under podman 5 and crun 1.21: the helper makes each call
+    with the caller's ids, umask, working directory and namespaces."""
+    out = json.loads(container_python(bed, daemon, UNIX_SOCKETS, timeout=180))
+    assert out == {
+        "root_bind": ["0o750", 0, 0],                   # the caller's umask and ids
+        "sockname": "root.sock",                        # the name as the program gave it (relative)
+        "user_bind": ["0o755", 1000, 1000],             # a non-root caller owns its socket
+        "user_connect": ["connected", [1000, 1000]],    # the server reads the caller's ids
+        "user_denied": "EACCES",                        # and the file's permissions hold for it
+        "root_connect": ["connected", [0, 0]],
+        "abstract": "b4ns-strict",                      # in the container's network namespace
+        "fastopen": "EOPNOTSUPP",
+    }
+    assert "namespace helper pid" in daemon.log()
