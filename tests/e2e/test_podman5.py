@@ -15,6 +15,7 @@ Each test checks what a user expects, not what today's daemon does.
 
 import functools
 import json
+import os
 import re
 import socket
 import struct
@@ -27,10 +28,11 @@ import pytest
 
 import bed13
 import fd_swap
-from e2e.daemon import Daemon, run
+from e2e.daemon import Daemon, generate_profile, run
 from e2e.fileserver import serve_file
 from e2e.test_bypass import (  # two fixtures among them: the loopback's counting servers, a UDP echo server
     HOLD_CONNECTION, HOSTILE, held_connection, host_loopback_servers, local_ports, udp_echo)
+from e2e.test_profile import DENIAL_PROBE
 from e2e.test_publish import UDP_CLIENT, UDP_SERVER
 from e2e.test_strict import UNIX_SOCKETS
 
@@ -92,11 +94,13 @@ def dns_server(testbed, bed):
     testbed.stop_server(proc)
 
 
-def container_python(bed, daemon, code, args=(), extra=(), timeout=120, runtime="crun"):
-    """Run python3 code in a podman 5 container (pasta, crun) with the daemon's profile; return its stdout.
+def container_python(bed, daemon, code, args=(), extra=(), timeout=120, runtime="crun", profile=None):
+    """Run python3 code in a podman 5 container (pasta, crun) with the daemon's profile (or `profile`: a
+    path, or "" for podman's own); return its stdout.
 
     A failure raises with the container's stderr and the daemon's last decisions."""
-    argv = bed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], seccomp=daemon.profile,
+    seccomp = daemon.profile if profile is None else profile or None
+    argv = bed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], seccomp=seccomp,
                              extra=extra, runtime=runtime)
     result = run(argv, timeout=timeout)
     assert result.returncode == 0, "container exited %d: %s\ndaemon's last decisions: %s" % (
@@ -514,3 +518,36 @@ def test_unix_socket_calls_are_made_as_the_calling_thread(testbed, bed, daemon):
         "fastopen": "EOPNOTSUPP",
     }
     assert "namespace helper pid" in daemon.log()
+
+
+# -- the profile ----------------------------------------------------------------------------
+
+def denials(bed, daemon, profile):
+    """test_profile.py's DENIAL_PROBE in a podman 5 container under profile ("": podman's own)."""
+    return dict(line.split() for line in container_python(bed, daemon, DENIAL_PROBE, profile=profile).splitlines())
+
+
+def test_merged_profile_keeps_podman5s_denials(testbed, bed, daemon):
+    """The daemon's profile, merged into podman 5's own seccomp.json, denies what podman 5 denies,
+    with the same answers; the allow-all profile (--base none) gives the kernel's answers but for
+    io_uring, which it denies too (seccomp never sees io_uring's socket calls)."""
+    allow_all = generate_profile(daemon.socket, base="none")
+    try:
+        podman, merged, given_away = (denials(bed, daemon, profile) for profile in ("", daemon.profile, allow_all))
+    finally:
+        os.unlink(allow_all)
+    assert merged == podman
+    assert podman == {"add_key": "ENOSYS", "request_key": "ENOSYS", "userfaultfd": "EPERM",
+                      "io_uring_setup": "ENOSYS", "personality": "ENOSYS"}
+    assert {name for name in podman if given_away[name] == podman[name]} == {"io_uring_setup"}, given_away
+
+
+def test_a_container_without_the_profile_is_left_alone(testbed, bed, daemon, http):
+    """podman 5's own profile traps nothing: the connection goes through pasta (its socket has the
+    container's address, pasta's copy of the host's) and the daemon sees none of it."""
+    host_ip = testbed.HOST_IP4_B
+    port, body = http(host_ip)
+    seen = json.loads(container_python(bed, daemon, FETCH, [host_ip, port], profile=""))
+    assert seen["body"] == body
+    assert seen["sockname"][0] == testbed.HOST_IP4
+    assert not [outcome for dest, outcome in daemon.decisions() if dest == where(host_ip, port)]
