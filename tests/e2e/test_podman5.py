@@ -10,12 +10,21 @@ tests/e2e/daemon.py starts it (host python3, test user, test namespace), with
 the options a podman 5 user would give it: --ignore=127.0.0.0/8,10.0.0.0/8,auto
 and the default (TCP) profile, merged into podman 5's own seccomp.json.
 
+The core tests of the podman 4.3 bed run here too, on their own code (imported,
+not copied): the fd-swap race (tests/fd_swap.py) and test_bypass.py's hostile
+sequences never reach the test namespace's loopback, test_strict.py's unix-socket
+behaviours hold, connected UDP sockets are switched and the daemon's -p publishes
+UDP, the merged profile keeps podman 5's denials (test_profile.py's probe), and
+`auto` keeps a podman bridge network's subnet (netavark) in the container.
+
 Each test checks what a user expects, not what today's daemon does.
 """
 
 import functools
+import ipaddress
 import json
 import os
+import random
 import re
 import socket
 import struct
@@ -94,14 +103,15 @@ def dns_server(testbed, bed):
     testbed.stop_server(proc)
 
 
-def container_python(bed, daemon, code, args=(), extra=(), timeout=120, runtime="crun", profile=None):
+def container_python(bed, daemon, code, args=(), extra=(), timeout=120, runtime="crun", network="pasta",
+                     profile=None):
     """Run python3 code in a podman 5 container (pasta, crun) with the daemon's profile (or `profile`: a
     path, or "" for podman's own); return its stdout.
 
     A failure raises with the container's stderr and the daemon's last decisions."""
     seccomp = daemon.profile if profile is None else profile or None
     argv = bed.run_container(["python3", "-c", textwrap.dedent(code), *map(str, args)], seccomp=seccomp,
-                             extra=extra, runtime=runtime)
+                             extra=extra, runtime=runtime, network=network)
     result = run(argv, timeout=timeout)
     assert result.returncode == 0, "container exited %d: %s\ndaemon's last decisions: %s" % (
         result.returncode, result.stderr.strip()[-1500:], daemon.decisions()[-3:])
@@ -168,6 +178,7 @@ OWN_ADDRESS = """
     print(c.makefile("rb").read().decode())
 """
 
+# A server that answers each connection with argv[3] and closes it.
 DECOY = """
 import socket, sys
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
@@ -176,7 +187,7 @@ s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen(8)
 while True:
     c = s.accept()[0]
-    c.sendall(b"the host's decoy")
+    c.sendall(sys.argv[3].encode())
     c.close()
 """
 
@@ -186,7 +197,7 @@ def test_the_containers_own_address_is_the_container(testbed, bed, daemon, serve
     """pasta gives the container a copy of the host's address: a connect to it reaches the container's
     own server, not the host's server on the same address and port."""
     port = testbed.free_port(own_ip)
-    server(["python3", "-c", DECOY, own_ip, str(port)])
+    server(["python3", "-c", DECOY, own_ip, str(port), "the host's decoy"])
     testbed.wait_port(own_ip, port)
     token = "container-" + uuid.uuid4().hex
     assert container_python(bed, daemon, OWN_ADDRESS, [own_ip, port, token]).strip() == token
@@ -551,3 +562,41 @@ def test_a_container_without_the_profile_is_left_alone(testbed, bed, daemon, htt
     assert seen["body"] == body
     assert seen["sockname"][0] == testbed.HOST_IP4
     assert not [outcome for dest, outcome in daemon.decisions() if dest == where(host_ip, port)]
+
+
+# -- a podman bridge network ------------------------------------------------------------------
+
+@pytest.fixture
+def bridge(bed):
+    """A podman bridge network (netavark, rootless) on a /24 of the test range outside the daemon's
+    --ignore CIDRs, 198.19.N.0/24: only `auto` can keep it in the container.  (name, subnet)."""
+    name = "b4ns-p5-" + uuid.uuid4().hex[:8]
+    for third in random.sample(range(64, 250), 8):  # another run may hold one
+        subnet = "198.19.%d.0/24" % third
+        created = run(bed.podman(["network", "create", "--subnet", subnet, name]), timeout=60)
+        if created.returncode == 0:
+            break
+    else:
+        raise AssertionError("podman network create: %s" % created.stderr)
+    yield name, subnet
+    run(bed.podman(["network", "rm", "-f", name]), timeout=120)
+
+
+GET_TOKEN_BY_NAME = """
+import socket, sys
+print(socket.gethostbyname(sys.argv[1]))
+""" + GET_TOKEN
+
+
+def test_auto_keeps_a_bridge_networks_subnet_in_the_container(testbed, bed, daemon, bridge, detached):
+    """On a podman bridge network the subnet is the container's own (no copy of a host address):
+    `auto` keeps it whole, so a connect to another container on the bridge, found by its name
+    (aardvark-dns), stays on the bridge and reaches it."""
+    network, subnet = bridge
+    token = "bridge-" + uuid.uuid4().hex
+    peer = detached(["python3", "-c", DECOY, "0.0.0.0", "8080", token], network=network)
+    out = container_python(bed, daemon, GET_TOKEN_BY_NAME, [peer, 8080], network=network, timeout=60)
+    address, got = out.split()
+    assert got == token, out
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(subnet), (address, subnet)
+    assert (where(address, 8080), "container (auto-ignored %s)" % subnet) in daemon.decisions()
