@@ -57,7 +57,7 @@ NAMESERVER = "198.18.1.53"
 LAN_PEER4, LAN_PEER6 = "198.18.0.2", "2001:db8::2"
 
 PACKAGES = [
-    "podman", "passt", "crun", "runc", "uidmap", "netavark", "aardvark-dns",
+    "podman", "passt", "crun", "runc", "uidmap", "netavark", "aardvark-dns", "nftables",
     "conmon", "catatonit", "fuse-overlayfs", "python3", "iproute2", "iperf3",
     "socat", "curl", "procps", "util-linux", "ca-certificates",
 ]
