@@ -569,6 +569,18 @@ def parse_sockaddr(raw):
     return None
 
 
+# --debug's line for each decision (Switcher.debug_decision), read back by parse_decisions():
+# the container's short id, the calling thread, the fd, the call, its destination, the outcome.
+DECISION_FORMAT = "container %s pid %d fd %d %s %s: %s"
+_DECISION_LINE = re.compile(r"container (\S+) pid (\d+) fd (-?\d+) (\w+) (\S+): (.*)$", re.M)
+
+
+def parse_decisions(text):
+    """[(short id, tid, fd, call, destination, outcome)] of the decision lines in a --debug log."""
+    return [(cid, int(tid), int(fd), what, dest, outcome)
+            for cid, tid, fd, what, dest, outcome in _DECISION_LINE.findall(text)]
+
+
 def format_destination(dest):
     """(version, address, port) -> "198.18.0.1:80" or "[2001:db8::1]:80", for logs."""
     if dest is None:
@@ -798,6 +810,14 @@ class Settings:
         publish.update(((m.proto, m.container_port), m) for m in mappings)
         return Settings(self.networks + compile_networks(networks), self.auto or auto, publish, frozenset(in_use),
                         self.swap_guard)
+
+
+def settings_json(ignore, publish, in_use, ignore_bind):
+    """A container's own settings as they travel (Settings.with_container reads them): its
+    ignore values, the PortMappings it publishes, the (proto, container port) keys whose
+    host side another publishes, and nerdctl's ignore_bind."""
+    return {"ignore": ignore, "publish": [mapping_to_json(m) for m in publish],
+            "in_use": [list(key) for key in in_use], "ignore_bind": ignore_bind}
 
 
 def mapping_to_json(mapping):
@@ -1995,8 +2015,8 @@ class Switcher:
                                   if settings.auto else ())
 
     def debug_decision(self, call, what, dest, outcome):
-        log.debug("container %s pid %d fd %d %s %s: %s", call.container.short_id, call.tid, call.fd, what,
-                  format_destination(dest), outcome)
+        log.debug(DECISION_FORMAT, call.container.short_id, call.tid, call.fd, what, format_destination(dest),
+                  outcome)
 
     def close(self, containers):
         """End what the parts hold: helpers, connects under way (EINTR), threads, interfaces."""
@@ -3880,8 +3900,7 @@ class ContainerRegistry:
                         mapping.proto, why)
         if own:
             log.info("container %s: publishing %s", short, ", ".join(map(repr, own)))
-        return {"ignore": ignore, "publish": [mapping_to_json(m) for m in own],
-                "in_use": [[m.proto, m.container_port] for m, _holder in in_use], "ignore_bind": ignore_bind}
+        return settings_json(ignore, own, [(m.proto, m.container_port) for m, _holder in in_use], ignore_bind)
 
     def servers_of(self, hosted):
         return self.pool.workers if hosted.shared else (hosted.home,)
@@ -4232,8 +4251,7 @@ class ApiFrontEnd:
                 "%d/%s" % (m.host_port, m.proto) for m, _holder in in_use))
         for mapping, why in unreserved:
             log.warning("bypass %s: %r: host port cannot be reserved yet (%s): retried every second", sid, mapping, why)
-        bypass = Bypass(spec, {"ignore": ignore, "publish": [mapping_to_json(m) for m in own], "in_use": [],
-                               "ignore_bind": ignore_bind})
+        bypass = Bypass(spec, settings_json(ignore, own, (), ignore_bind))
         try:
             bypass.listener = self.runtime.add_listener(spec["socketPath"], self.runtime.on_runtime_data, bypass)
             if spec.get("pidFilePath"):

@@ -15,6 +15,9 @@ import sys
 import time
 
 import testbed as tb
+from unit import load
+
+b4ns = load("bypass4netns.py", "bypass4netns")  # its declared log formats
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _serial = itertools.count()
@@ -98,8 +101,10 @@ class Daemon:
             return ""
 
     def decisions(self, what="connect"):
-        """[(destination, outcome)] of the debug log's decision lines."""
-        return re.findall(r" %s (\S+): (.*)$" % what, self.log(), re.M)
+        """[(destination, outcome)] of the `what` calls' decisions in the debug log, read with the
+        daemon's own parser (bypass4netns.parse_decisions)."""
+        return [(dest, outcome) for _cid, _tid, _fd, call, dest, outcome in b4ns.parse_decisions(self.log())
+                if call == what]
 
     def pids(self):
         """The process started (the keeper, unless --no-keeper) and every process under it."""

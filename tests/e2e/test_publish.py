@@ -165,7 +165,7 @@ SERVE = textwrap.dedent("""
 
 
 def test_host_ip_limits_where_the_port_listens(testbed, daemons, containers):
-    port = testbed.free_port("127.0.0.1")
+    port = testbed.free_port("0.0.0.0")  # free on every address: none but 127.0.0.1 may answer
     daemon = daemons(["-p", "127.0.0.1:%d:80" % port])
     containers(["python3", "-c", SERVE, "0.0.0.0", "80"], daemon)
     result = fetch(testbed, "127.0.0.1", port)

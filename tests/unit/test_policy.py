@@ -716,3 +716,17 @@ def test_status_says_what_is_routed():
     assert lines[1] == ("2 peer port(s) routed; multinode: this node 198.18.1.1, 1 key(s) registered, "
                         "3 port(s) of other nodes, etcd http://198.18.0.1:2379")
     assert lines[2] == "no containers"
+
+
+def test_decision_lines_are_read_back_by_the_daemons_own_parser():
+    """--debug's decision line is a declared format (DECISION_FORMAT), and parse_decisions()
+    reads it back: the e2e tests assert on its fields, not on a regex of their own."""
+    v6 = (6, int(ipaddress.ip_address("2001:db8::1")), 80)
+    lines = ["2026-12-07 12:00:00,000 INFO container abc: namespace helper pid 9",
+             "2026-12-07 12:00:00,001 DEBUG " + b4ns.DECISION_FORMAT % (
+                 "abc", 42, 7, "connect", b4ns.format_destination(v6), "container (ignored 2001:db8::/32)"),
+             "2026-12-07 12:00:00,002 DEBUG " + b4ns.DECISION_FORMAT % (
+                 "abc", 43, -1, "listen", b4ns.format_destination(None), "refused: switched, not a published port")]
+    assert b4ns.parse_decisions("\n".join(lines) + "\n") == [
+        ("abc", 42, 7, "connect", "[2001:db8::1]:80", "container (ignored 2001:db8::/32)"),
+        ("abc", 43, -1, "listen", "-", "refused: switched, not a published port")]
