@@ -22,6 +22,8 @@ Configurations (the client is the only thing that changes):
   peer          (--peer PATH) any bypass4netns-compatible daemon, same flags,
                 with the profile from --peer-profile (listenerPath rewritten)
                 or else the one seccomp-gen.py writes.
+                --peer-debian: the Go tool from Debian 13's package bypass4netns
+                (installed into the Debian 13 root once), with its own profile.
   podman5       (--podman5) a rootless podman 5 container (crun 1.21) on
                 pasta, podman 5's default network, in the Debian 13 bed
                 (tests/bed13.py); pasta copies 198.18.0.1 into it, so its
@@ -761,8 +763,11 @@ PEER_SETTLE = 0.2  # seconds a peer runs after SIGCONT before attempt() looks wh
 class PeerDaemon(Daemon):
     """Another bypass4netns-compatible daemon: same flags, its own profile."""
 
-    def __init__(self, path, profile, publish_port, publish_off=None):
-        """publish_port: the host port of -p; publish_off: why not to pass -p at all (it publishes nothing)."""
+    def __init__(self, path, profile, publish_port, publish_off=None, in_bed13=False):
+        """publish_port: the host port of -p; publish_off: why not to pass -p at all (it publishes nothing);
+        profile: a file, a profile (dict), or None (seccomp-gen.py's); in_bed13: run it inside the Debian 13
+        root's mount namespace (a binary that needs that root's libraries)."""
+        self.in_bed13 = in_bed13
         # Started its own way (the original tool has no --ready-fd); the readers are Daemon's.
         name = "b4ns-peer-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
         self.script = os.path.join(tb.WORKDIR, name + "-" + os.path.basename(path))
@@ -774,8 +779,11 @@ class PeerDaemon(Daemon):
         # Its stderr (a traceback, for one): the floor writes nothing to --log-file.
         self.stderr_path = os.path.join(tb.WORKDIR, name + ".stderr")
         if profile:
-            with open(profile) as f:
-                data = json.load(f)
+            if isinstance(profile, dict):
+                data = json.loads(json.dumps(profile))
+            else:
+                with open(profile) as f:
+                    data = json.load(f)
             data["listenerPath"] = self.socket
             self.profile = os.path.join(tb.WORKDIR, name + "-seccomp.json")
             with open(self.profile, "w") as f:
@@ -839,8 +847,13 @@ class PeerDaemon(Daemon):
         # soft limit of 1024, a login shell's usual one, it dies with EMFILE in the second round.
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         with open(self.stderr_path, "ab") as err:
-            proc = tb.start_server(argv, user=True, stdout=err, stderr=err,
-                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
+            limit = dict(stdout=err, stderr=err,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
+            if self.in_bed13:  # WORKDIR and the runtime dir are the same paths in there
+                proc = tb.start_server(bed13.as_user(argv, env={"XDG_RUNTIME_DIR": tb.runtime_dir()}), netns=False,
+                                       **limit)
+            else:
+                proc = tb.start_server(argv, user=True, **limit)
         for _ in range(300):  # no --ready-fd in the original tool: wait for its socket
             if os.path.exists(self.socket):
                 return proc
@@ -856,6 +869,61 @@ class PeerDaemon(Daemon):
             if os.path.exists(path):
                 os.unlink(path)
         return status
+
+
+# The Go tool as the peer (--peer-debian): Debian 13's package, installed into the Debian 13 root of
+# tests/bed13.py (a stamp in the root records it; a root made again starts without it).  Its binary
+# needs glibc >= 2.34 and libseccomp2 >= 2.5.0 (the package's Depends:), which Debian 12 has: it runs on
+# the host as a peer of the Debian 12 bed (podman 4.3, runc), like any --peer, and from inside the root's
+# mount namespace only if it does not start on the host.
+GO_PEER_PACKAGE = "bypass4netns"
+GO_PEER_BINARY = "/usr/bin/bypass4netns"
+GO_PEER_STAMP = bed13.ROOT + "/.b4ns-bench-peer"
+# The package ships no seccomp profile: the tool's own is test/seccomp.json.sh of its sources (at tag
+# v0.4.1, the package's version): every syscall allowed, these trapped.  Names the kernel does not know
+# (_exit) are skipped by runc.
+GO_PEER_TRAPPED = ["bind", "close", "connect", "setsockopt", "fcntl", "_exit", "exit_group", "getpeername"]
+GO_PEER_ARCHES = {"x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                  "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]}
+
+
+def go_peer_profile(machine=None):
+    """The Go tool's own profile (its seccomp.json.sh), listenerPath left for PeerDaemon to fill in."""
+    machine = machine or platform.machine()
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": GO_PEER_ARCHES.get(machine, []),
+            "listenerPath": "", "syscalls": [{"names": list(GO_PEER_TRAPPED), "action": "SCMP_ACT_NOTIFY"}]}
+
+
+def ensure_debian_peer():
+    """The Go tool's package in the Debian 13 root (installed once, as bed13 installs its own packages);
+    returns (the binary's path on the host, the package's version)."""
+    binary = bed13.ROOT + GO_PEER_BINARY
+    text = "packages %s\n" % GO_PEER_PACKAGE
+    try:
+        installed = open(GO_PEER_STAMP).read() == text and os.path.exists(binary)
+    except OSError:
+        installed = False
+    if not installed:
+        bed13.up()  # the root (debootstrap'ed once, cached), then the package into it
+        log("installing %s into %s (the Go tool as the peer)" % (GO_PEER_PACKAGE, bed13.ROOT))
+        apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600"]
+        bed13._in_chroot(apt + ["update"])
+        bed13._in_chroot(apt + ["install", "-y", "--no-install-recommends", GO_PEER_PACKAGE])
+        bed13._in_chroot(["apt-get", "clean"])
+        with open(GO_PEER_STAMP, "w") as f:
+            f.write(text)
+    version = subprocess.run(["chroot", bed13.ROOT, "dpkg-query", "-W", "-f=${Version}", GO_PEER_PACKAGE],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True).stdout
+    return binary, version.strip() or "?"
+
+
+def runs_on_host(binary):
+    """binary starts on the host (its libraries are there): its --version exits 0."""
+    try:
+        return subprocess.run([binary, "--version"], env={"XDG_RUNTIME_DIR": "/tmp", "PATH": tb.USER_PATH},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -939,6 +1007,19 @@ class Container(Config):
         subprocess.run(tb.podman(["rm", "-f", "-t", "0", name], self.runtime), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=120)
         tb.stop_server(proc)
+
+
+class NotRunning(Config):
+    """A column that could not be set up (a peer that did not start): every workload n/a, with why."""
+
+    def __init__(self, key, label, why):
+        self.key, self.label, self.why = key, label, why
+
+    def wrap(self, argv, publish=None, name=None):
+        raise NotApplicable(self.why)
+
+    def unavailable(self, workload):
+        return self.why
 
 
 PODMAN5_CONFIGS = ("podman5", "podman5_bypass")
@@ -2322,7 +2403,10 @@ def markdown(results, summary):
                    "running; in the rows that say \"ratio to no profile\", its ratio is to podman 5 + pasta." % (
                        b13.get("profile base", "?"), IGNORE, PUBLISHED_PORT))
     if any(c["key"] == "peer" for c in cfgs):
-        out.append("- peer: `%s` with the same flags." % results["peer"])
+        if results.get("peer_debian"):
+            out.append("- peer: the Go tool, %s, with the same flags, on the slirp4netns container." % results["peer"])
+        else:
+            out.append("- peer: `%s` with the same flags." % results["peer"])
     if any(c["key"] == "floor" for c in cfgs):
         out.append("- floor: `%s` (outside the project) with the same flags and seccomp-gen.py's profile."
                    % results["floor"])
@@ -2490,6 +2574,10 @@ def parse_args(argv):
     p.add_argument("--unguarded", action="store_true",
                    help="one more column: bypass4netns.py with --no-fd-swap-guard")
     p.add_argument("--peer", metavar="PATH", help="another bypass4netns-compatible daemon (same flags)")
+    p.add_argument("--peer-debian", action="store_true",
+                   help="the peer column is the Go tool from Debian 13's package bypass4netns (installed into "
+                        "tests/bed13.py's Debian 13 root once), with its own profile (its seccomp.json.sh), on "
+                        "the Debian 12 bed's containers like any --peer")
     p.add_argument("--podman5", action="store_true",
                    help="two more columns, in the same interleaved rounds: podman5, a rootless podman 5 container "
                         "(crun) on pasta, podman 5's default network, in tests/bed13.py's Debian 13 bed; and "
@@ -2524,6 +2612,10 @@ def parse_args(argv):
         p.error("--rounds: between 1 and 50, not %d" % args.rounds)
     if args.peer and not os.path.isfile(args.peer):
         p.error("--peer: no such file: %s" % args.peer)
+    if args.peer and args.peer_debian:
+        p.error("--peer and --peer-debian: one peer column, one or the other")
+    if args.peer_debian and args.peer_profile:
+        p.error("--peer-debian uses the Go tool's own profile: no --peer-profile")
     if args.peer_profile and not os.path.isfile(args.peer_profile):
         p.error("--peer-profile: no such file: %s" % args.peer_profile)
     if args.floor and not os.path.isfile(args.floor):
@@ -2559,7 +2651,7 @@ def main(argv=None):
     daemons, configs = [], []
     results = {"command": "sudo ./tests/bench " + " ".join(sys.argv[1:] if argv is None else argv),
                "quick": args.quick, "rounds": args.rounds, "runtime": args.runtime, "durations": bench.t,
-               "peer": args.peer, "floor": args.floor, "machine": machine_info()}
+               "peer": args.peer, "peer_debian": args.peer_debian, "floor": args.floor, "machine": machine_info()}
     try:
         bench.build_client()
         configs = [Host(), Container("slirp4netns", "slirp4netns", args.runtime), Pasta()]
@@ -2581,6 +2673,26 @@ def main(argv=None):
             peer = PeerDaemon(os.path.abspath(args.peer), args.peer_profile, tb.free_port())
             daemons.append(peer)
             configs.append(Container("peer", "peer: " + os.path.basename(args.peer), args.runtime, peer))
+        if args.peer_debian:
+            label = "peer: bypass4netns (Debian 13)"
+            try:
+                binary, version = ensure_debian_peer()
+                label = "peer: bypass4netns %s (Debian 13)" % version.split("-")[0]
+                on_host = runs_on_host(binary)
+                results["peer"] = "%s %s (Debian 13's package; run %s), its own profile (its seccomp.json.sh: " \
+                                  "%s trapped, every other syscall allowed)" % (
+                                      GO_PEER_BINARY, version, "on the host" if on_host else
+                                      "in the Debian 13 root's mount namespace", ", ".join(GO_PEER_TRAPPED))
+                peer = PeerDaemon(binary, go_peer_profile(), tb.free_port(), in_bed13=not on_host)
+                peer.drop_logs = True
+            except Exception as exc:  # noqa: BLE001 - the peer's column is n/a, with why; the rest runs
+                why = "the Go tool did not start: %s" % (str(exc).strip().splitlines() or ["?"])[-1][:300]
+                log(why)
+                results["peer"] = "Debian 13's package %s (%s)" % (GO_PEER_PACKAGE, why)
+                configs.append(NotRunning("peer", label, why))
+            else:
+                daemons.append(peer)
+                configs.append(Container("peer", label, args.runtime, peer))
         if args.floor:
             floor = PeerDaemon(os.path.abspath(args.floor), None, None,
                                publish_off="the floor publishes no port (it ignores -p)")
@@ -2631,6 +2743,12 @@ def main(argv=None):
                 [c.daemon.log_path, getattr(c.daemon, "stderr_path", "")])
             if getattr(c.daemon, "restarts", None):
                 entry["restarts"] = c.daemon.restarts
+            if getattr(c.daemon, "drop_logs", False):
+                # The Go tool logs an error for every failed RECV once a container is gone: ~160 MB a minute
+                # here, twice (--log-file and stderr).  Their first error lines are in results.json.
+                for path in (c.daemon.log_path, c.daemon.stderr_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
     results["machine"]["loadavg_end"] = loadavg()
     results["summary"] = summarize(results)
     results["run_length"] = run_length(results["summary"])

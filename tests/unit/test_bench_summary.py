@@ -211,7 +211,7 @@ def test_results_md_has_the_run_length_and_floor_sections():
     assert "20,000 (0.40x)" in unix and "| 50,000 |" in unix  # ratio to no profile; the base without one
 
 
-# -- podman 5: the pasta pair, the Debian 13 bed's tools ------------------------
+# -- podman 5: the pasta pair, the Debian 13 bed's tools, the Go tool's profile ------------------------
 
 def test_podman5_rows_with_a_base_are_compared_with_podman5_without_the_profile():
     summary = bench.summarize(results_of({
@@ -275,9 +275,20 @@ def test_podman5_workloads_without_their_tools_are_not_applicable(tmp_path):
     assert cfg.unavailable("ab8", root) is None  # installed there: it runs
     assert "/usr/sbin/nginx" in cfg.unavailable("php", root)
     assert "Debian 13 root's" in cfg.unavailable("tar", root)  # runs, but compares with nothing
+    assert bench.NotRunning("peer", "peer", "no binary").unavailable("connect") == "no binary"
 
 
-def test_podman5_configs_imply_the_flag():
+def test_the_go_tools_own_profile_traps_what_its_seccomp_json_sh_does():
+    profile = bench.go_peer_profile("x86_64")
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert profile["architectures"][0] == "SCMP_ARCH_X86_64"
+    assert profile["syscalls"] == [{"names": bench.GO_PEER_TRAPPED, "action": "SCMP_ACT_NOTIFY"}]
+    assert {"connect", "bind", "getpeername"} <= set(bench.GO_PEER_TRAPPED)
+
+
+def test_podman5_configs_imply_the_flag_and_the_peers_exclude_each_other():
     args = bench.parse_args(["--quick", "--configs", "pasta,podman5_bypass"])
     assert args.podman5 and args.configs == ["pasta", "podman5_bypass"]
     assert not bench.parse_args(["--quick"]).podman5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--peer-debian", "--peer", __file__])
