@@ -699,8 +699,11 @@ def proc_status(pid):
                 text = f.read()
         except FileNotFoundError:  # a worker that exited meanwhile
             continue
-        rss += int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
-        hwm += int(re.search(r"VmHWM:\s+(\d+)", text).group(1))
+        rss_m, hwm_m = re.search(r"VmRSS:\s+(\d+)", text), re.search(r"VmHWM:\s+(\d+)", text)
+        if not rss_m or not hwm_m:  # a worker exiting (a zombie has no memory lines): it holds none
+            continue
+        rss += int(rss_m.group(1))
+        hwm += int(hwm_m.group(1))
     return rss, hwm
 
 
