@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: bypass4netns.py side by side with the host, slirp4netns and pasta.
 
-    sudo ./tests/bench [--quick] [--unguarded] [--peer PATH] [--floor PATH] [--run-length] [--rounds N]
-                       [--out DIR]
+    sudo ./tests/bench [--quick] [--unguarded] [--podman5] [--peer PATH] [--floor PATH] [--run-length]
+                       [--rounds N] [--out DIR]
 
 Every configuration runs the same workloads, with widely known tools, on the
 test bed (tests/testbed.py): all traffic stays inside the test namespace
@@ -22,6 +22,17 @@ Configurations (the client is the only thing that changes):
   peer          (--peer PATH) any bypass4netns-compatible daemon, same flags,
                 with the profile from --peer-profile (listenerPath rewritten)
                 or else the one seccomp-gen.py writes.
+                --peer-debian: the Go tool from Debian 13's package bypass4netns
+                (installed into the Debian 13 root once), with its own profile.
+  podman5       (--podman5) a rootless podman 5 container (crun 1.21) on
+                pasta, podman 5's default network, in the Debian 13 bed
+                (tests/bed13.py); pasta copies 198.18.0.1 into it, so its
+                clients use 198.18.1.1 too;
+  podman5_bypass  (--podman5) the same with bypass4netns.py, the profile
+                merged into podman 5's own seccomp.json.  Workloads whose tools
+                the Debian 13 root lacks (ab, redis-benchmark, dig, nginx,
+                php-fpm, node) are n/a, and so is tar (another /usr/share);
+                results.md gives the pair's trade: with the daemon / without.
   floor         (--floor PATH, e.g. ../shared/floor/floor.py, which stays
                 outside the project) a minimal switcher, the mechanism's cost
                 and nothing more, run like a peer; results.md then gives
@@ -100,6 +111,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)
 
+import bed13  # noqa: E402
 import testbed as tb  # noqa: E402
 from e2e.daemon import Daemon, generate_profile  # noqa: E402
 
@@ -687,8 +699,11 @@ def proc_status(pid):
                 text = f.read()
         except FileNotFoundError:  # a worker that exited meanwhile
             continue
-        rss += int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
-        hwm += int(re.search(r"VmHWM:\s+(\d+)", text).group(1))
+        rss_m, hwm_m = re.search(r"VmRSS:\s+(\d+)", text), re.search(r"VmHWM:\s+(\d+)", text)
+        if not rss_m or not hwm_m:  # a worker exiting (a zombie has no memory lines): it holds none
+            continue
+        rss += int(rss_m.group(1))
+        hwm += int(hwm_m.group(1))
     return rss, hwm
 
 
@@ -726,21 +741,21 @@ def log_problems(paths, keep=20):
     return kept, count
 
 
-def start_engine(publish_port, flags=()):
+def start_engine(publish_port, flags=(), base="podman"):
     """bypass4netns.py as the e2e tests run it, quiet (no --debug), publishing publish_port, with
-    these flags added.
+    these flags added; base: the profile the trap is merged into (seccomp-gen.py --base).
 
     The daemon gets .publish_port, and .publish_off: why host -> container cannot be measured (the
     daemon refused -p), or None.
     """
     args = ["--ignore", IGNORE, *flags]
     try:
-        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], debug=False)
+        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], base=base, debug=False)
         daemon.publish_port, daemon.publish_off = publish_port, None
     except Exception as exc:  # noqa: BLE001 - any failure: run without -p, say why
         why = "the daemon did not start with -p: %s" % (str(exc).strip().splitlines() or ["?"])[-1][:200]
         log(why)
-        daemon = Daemon(args, debug=False)
+        daemon = Daemon(args, base=base, debug=False)
         daemon.publish_port, daemon.publish_off = None, why
     return daemon
 
@@ -751,8 +766,11 @@ PEER_SETTLE = 0.2  # seconds a peer runs after SIGCONT before attempt() looks wh
 class PeerDaemon(Daemon):
     """Another bypass4netns-compatible daemon: same flags, its own profile."""
 
-    def __init__(self, path, profile, publish_port, publish_off=None):
-        """publish_port: the host port of -p; publish_off: why not to pass -p at all (it publishes nothing)."""
+    def __init__(self, path, profile, publish_port, publish_off=None, in_bed13=False):
+        """publish_port: the host port of -p; publish_off: why not to pass -p at all (it publishes nothing);
+        profile: a file, a profile (dict), or None (seccomp-gen.py's); in_bed13: run it inside the Debian 13
+        root's mount namespace (a binary that needs that root's libraries)."""
+        self.in_bed13 = in_bed13
         # Started its own way (the original tool has no --ready-fd); the readers are Daemon's.
         name = "b4ns-peer-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
         self.script = os.path.join(tb.WORKDIR, name + "-" + os.path.basename(path))
@@ -764,8 +782,11 @@ class PeerDaemon(Daemon):
         # Its stderr (a traceback, for one): the floor writes nothing to --log-file.
         self.stderr_path = os.path.join(tb.WORKDIR, name + ".stderr")
         if profile:
-            with open(profile) as f:
-                data = json.load(f)
+            if isinstance(profile, dict):
+                data = json.loads(json.dumps(profile))
+            else:
+                with open(profile) as f:
+                    data = json.load(f)
             data["listenerPath"] = self.socket
             self.profile = os.path.join(tb.WORKDIR, name + "-seccomp.json")
             with open(self.profile, "w") as f:
@@ -829,8 +850,13 @@ class PeerDaemon(Daemon):
         # soft limit of 1024, a login shell's usual one, it dies with EMFILE in the second round.
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         with open(self.stderr_path, "ab") as err:
-            proc = tb.start_server(argv, user=True, stdout=err, stderr=err,
-                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
+            limit = dict(stdout=err, stderr=err,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
+            if self.in_bed13:  # WORKDIR and the runtime dir are the same paths in there
+                proc = tb.start_server(bed13.as_user(argv, env={"XDG_RUNTIME_DIR": tb.runtime_dir()}), netns=False,
+                                       **limit)
+            else:
+                proc = tb.start_server(argv, user=True, **limit)
         for _ in range(300):  # no --ready-fd in the original tool: wait for its socket
             if os.path.exists(self.socket):
                 return proc
@@ -846,6 +872,61 @@ class PeerDaemon(Daemon):
             if os.path.exists(path):
                 os.unlink(path)
         return status
+
+
+# The Go tool as the peer (--peer-debian): Debian 13's package, installed into the Debian 13 root of
+# tests/bed13.py (a stamp in the root records it; a root made again starts without it).  Its binary
+# needs glibc >= 2.34 and libseccomp2 >= 2.5.0 (the package's Depends:), which Debian 12 has: it runs on
+# the host as a peer of the Debian 12 bed (podman 4.3, runc), like any --peer, and from inside the root's
+# mount namespace only if it does not start on the host.
+GO_PEER_PACKAGE = "bypass4netns"
+GO_PEER_BINARY = "/usr/bin/bypass4netns"
+GO_PEER_STAMP = bed13.ROOT + "/.b4ns-bench-peer"
+# The package ships no seccomp profile: the tool's own is test/seccomp.json.sh of its sources (at tag
+# v0.4.1, the package's version): every syscall allowed, these trapped.  Names the kernel does not know
+# (_exit) are skipped by runc.
+GO_PEER_TRAPPED = ["bind", "close", "connect", "setsockopt", "fcntl", "_exit", "exit_group", "getpeername"]
+GO_PEER_ARCHES = {"x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                  "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]}
+
+
+def go_peer_profile(machine=None):
+    """The Go tool's own profile (its seccomp.json.sh), listenerPath left for PeerDaemon to fill in."""
+    machine = machine or platform.machine()
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": GO_PEER_ARCHES.get(machine, []),
+            "listenerPath": "", "syscalls": [{"names": list(GO_PEER_TRAPPED), "action": "SCMP_ACT_NOTIFY"}]}
+
+
+def ensure_debian_peer():
+    """The Go tool's package in the Debian 13 root (installed once, as bed13 installs its own packages);
+    returns (the binary's path on the host, the package's version)."""
+    binary = bed13.ROOT + GO_PEER_BINARY
+    text = "packages %s\n" % GO_PEER_PACKAGE
+    try:
+        installed = open(GO_PEER_STAMP).read() == text and os.path.exists(binary)
+    except OSError:
+        installed = False
+    if not installed:
+        bed13.up()  # the root (debootstrap'ed once, cached), then the package into it
+        log("installing %s into %s (the Go tool as the peer)" % (GO_PEER_PACKAGE, bed13.ROOT))
+        apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=600"]
+        bed13._in_chroot(apt + ["update"])
+        bed13._in_chroot(apt + ["install", "-y", "--no-install-recommends", GO_PEER_PACKAGE])
+        bed13._in_chroot(["apt-get", "clean"])
+        with open(GO_PEER_STAMP, "w") as f:
+            f.write(text)
+    version = subprocess.run(["chroot", bed13.ROOT, "dpkg-query", "-W", "-f=${Version}", GO_PEER_PACKAGE],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True).stdout
+    return binary, version.strip() or "?"
+
+
+def runs_on_host(binary):
+    """binary starts on the host (its libraries are there): its --version exits 0."""
+    try:
+        return subprocess.run([binary, "--version"], env={"XDG_RUNTIME_DIR": "/tmp", "PATH": tb.USER_PATH},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -873,6 +954,10 @@ class Config:
     def path(self, host_path):
         """Where a file of the test bed's WORKDIR is seen by the client."""
         return host_path
+
+    def unavailable(self, workload):
+        """Why workload means nothing in this configuration (reported as n/a, not as a failure), or None."""
+        return None
 
     def stop_detached(self, proc, name):
         """Stop a server started with wrap(..., name=name) that did not exit by itself."""
@@ -925,6 +1010,89 @@ class Container(Config):
         subprocess.run(tb.podman(["rm", "-f", "-t", "0", name], self.runtime), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=120)
         tb.stop_server(proc)
+
+
+class NotRunning(Config):
+    """A column that could not be set up (a peer that did not start): every workload n/a, with why."""
+
+    def __init__(self, key, label, why):
+        self.key, self.label, self.why = key, label, why
+
+    def wrap(self, argv, publish=None, name=None):
+        raise NotApplicable(self.why)
+
+    def unavailable(self, workload):
+        return self.why
+
+
+PODMAN5_CONFIGS = ("podman5", "podman5_bypass")
+# Rows with a base (ratio to no profile): the podman 5 columns' base is podman 5's own container without the
+# profile, not the podman 4 slirp4netns one.
+OWN_BASE = {"podman5_bypass": "podman5", "podman5": "podman5"}
+
+
+def bed13_info():
+    """The podman 5 bed's tool versions, read inside its Debian 13 root."""
+    def version(argv):
+        out = subprocess.run(bed13.in_bed(argv, netns=False), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             universal_newlines=True, timeout=60).stdout.strip()
+        return out.splitlines()[0] if out else "?"
+    return {"podman": version(["podman", "--version"]), "crun": version(["crun", "--version"]),
+            "pasta": version(["dpkg-query", "-W", "-f=passt ${Version}", "passt"]),
+            "profile base": bed13.default_profile_base()}
+
+
+class Podman5(Container):
+    """A rootless podman 5 container of the Debian 13 bed (tests/bed13.py): crun 1.21, and pasta, podman 5's
+    default network, as podman 5 runs it.
+
+    pasta copies the test namespace's b4ns0 addresses into the container (198.18.0.1/24), so its clients
+    talk to the namespace's other address, 198.18.1.1, as the pasta configuration's do (a LAN peer for
+    the daemon: bypassed, see tests/e2e/test_podman5.py).  WORKDIR is bound into the Debian 13 root at
+    the same path (bed13.shared_dirs), so the static client and the daemon's profile are seen there as
+    in the Debian 12 bed's containers; the container's /usr is the Debian 13 root's.
+    """
+
+    # Workloads whose tools are not in the Debian 13 root (bed13.PACKAGES): file -> workloads needing it.
+    # A tool installed there later makes its workloads run.
+    TOOLS = {
+        "/usr/bin/ab": ("ab1", "ab8"),
+        "/usr/bin/redis-benchmark": ("redis",),
+        "/usr/bin/dig": ("dig",),
+        "/usr/sbin/nginx": ("php", "php_pub"),
+        PHP_FPM: ("php", "php_pub"),
+        "/usr/bin/node": ("node",),
+    }
+    # Workloads that run there but whose figure compares with nothing in the other columns.
+    NOT_COMPARABLE = {
+        "tar": "the container's /usr/share is the Debian 13 root's, not the host's that the other columns "
+               "archive: its time compares with none of theirs",
+    }
+
+    def __init__(self, key, label, daemon=None):
+        super().__init__(key, label, "crun", daemon)
+        self.target = ADDR_B
+
+    def wrap(self, argv, publish=None, name=None, podman_publish=False):
+        extra = ["-v", "%s:/home:ro" % tb.WORKDIR, "--dns", self.target]
+        if publish and (podman_publish or not self.daemon):
+            extra += ["-p", "%d:%d" % publish]
+        return bed13.run_container(argv, runtime=self.runtime, seccomp=self.daemon.profile if self.daemon else None,
+                                   network="pasta", name=name, extra=extra)
+
+    def stop_detached(self, proc, name):
+        subprocess.run(bed13.podman(["rm", "-f", "-t", "0", name], self.runtime), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
+        tb.stop_server(proc)
+
+    def unavailable(self, workload, root=None):
+        """root: the Debian 13 root's path on the host (bed13.ROOT; the unit tests give another)."""
+        root = bed13.ROOT if root is None else root
+        missing = sorted(path for path, needing in self.TOOLS.items()
+                         if workload in needing and not os.path.exists(root + path))
+        if missing:
+            return "not in the Debian 13 root (tests/bed13.py's packages): %s" % ", ".join(missing)
+        return self.NOT_COMPARABLE.get(workload)
 
 
 # ---------------------------------------------------------------------------
@@ -1916,6 +2084,24 @@ def floor_ratios(summary, key="bypass", floor="floor"):
     return rows
 
 
+def pair_ratios(summary, key="podman5_bypass", base="podman5"):
+    """key's median over base's in every row both have: the trade of adding the daemon to base's setup.
+
+    Returns [{row, label, unit, base, with, speed}]: speed is key's relative to base's (higher is better:
+    key / base for rates, base / key for times), so below 1 the daemon costs, above 1 it gains.
+    """
+    rows = []
+    for row_key, row in summary.items():
+        if row_key == "daemon":
+            continue
+        theirs, mine = (row["configs"].get(k, {}).get("median") for k in (base, key))
+        if theirs is None or mine is None:
+            continue
+        rows.append({"row": row_key, "label": row["label"], "unit": row["unit"], "base": theirs, "with": mine,
+                     "speed": speed(mine, theirs, row["higher_is_better"]) if theirs and mine else None})
+    return rows
+
+
 def summarize(results):
     """Medians per configuration and row, speed relative to host."""
     summary = {}
@@ -1944,11 +2130,16 @@ def summarize(results):
                 entry["failed"] = failed  # requests or lookups that failed, over the rounds
             per_config[cfg["key"]] = entry
         host = per_config.get("host", {}).get("median")
-        base_m = per_config.get(base[0], {}).get("median") if base else None
-        for entry in per_config.values():
+        for cfg_key, entry in per_config.items():
             m = entry["median"]
             if host and m:
                 entry["vs_host"] = speed(m, host, higher)
+            if not base:
+                continue
+            own = OWN_BASE.get(cfg_key, base[0])  # podman 5's columns: podman 5's container without the profile
+            if own != base[0]:
+                entry["base"] = own
+            base_m = per_config.get(own, {}).get("median")
             if base_m and m:
                 entry["vs_base"] = speed(m, base_m, higher)
         summary[row_key] = {"label": label, "unit": unit, "higher_is_better": higher, "configs": per_config}
@@ -2052,7 +2243,9 @@ def markdown(results, summary):
            "Each cell: the median, then its speed relative to the host (higher is better: "
            "for rates this / host, for times and latencies host / this); in the rows that say \"ratio to "
            "no profile\", relative to the slirp4netns container instead (the same container without the "
-           "seccomp profile).", "",
+           "seccomp profile%s)." % ("; the podman 5 columns relative to podman 5 + pasta, the same container "
+                                    "without the profile" if any(c["key"] in PODMAN5_CONFIGS for c in cfgs) else ""),
+           "",
            "| workload | unit | " + " | ".join(c["label"] for c in cfgs) + " |",
            "|---|---|" + "---:|" * len(cfgs)]
     for row_key, row in summary.items():
@@ -2065,7 +2258,7 @@ def markdown(results, summary):
                 cells.append("n/a")
             elif "base" in row:
                 cells.append(fmt(e["median"], row["unit"]) + (
-                    " (%.2fx)" % e["vs_base"] if "vs_base" in e and c["key"] != row["base"] else ""))
+                    " (%.2fx)" % e["vs_base"] if "vs_base" in e and c["key"] != e.get("base", row["base"]) else ""))
             elif "vs_host" in e and c["key"] != "host":
                 cells.append("%s (%.2fx)" % (fmt(e["median"], row["unit"]), e["vs_host"]))
             else:
@@ -2174,6 +2367,20 @@ def markdown(results, summary):
                 "n/a" if r["cpu_ms"] is None else "%.3f" % r["cpu_ms"],
                 "n/a" if r["floor_cpu_ms"] is None else "%.3f" % r["floor_cpu_ms"],
                 "n/a" if r["cpu_ratio"] is None else "%.2fx" % r["cpu_ratio"]))
+    pair = results.get("podman5_pair")
+    if pair:
+        labels = {c["key"]: c["label"] for c in cfgs}
+        out += ["", "## podman 5: pasta alone and with bypass4netns.py", "",
+                "The trade a podman 5 user makes: %s against %s, the same rootless container of the Debian 13 bed "
+                "(crun, podman 5's default network, pasta), interleaved with the other columns.  Speed: with the "
+                "daemon relative to without it (higher is better; below 1 the daemon costs)." % (
+                    labels["podman5_bypass"], labels["podman5"]), "",
+                "| workload | unit | %s | %s | speed |" % (labels["podman5"], labels["podman5_bypass"]),
+                "|---|---|---:|---:|---:|"]
+        for r in pair:
+            out.append("| %s | %s | %s | %s | %s |" % (
+                r["label"].replace("; ratio to no profile", ""), r["unit"], fmt(r["base"], r["unit"]),
+                fmt(r["with"], r["unit"]), "n/a" if r["speed"] is None else "%.2fx" % r["speed"]))
     lines = targets(results, summary)
     if lines:
         out += ["", "## Targets (issues 6 and 9)", "", "| target | measured | |", "|---|---|---|"] + lines
@@ -2187,8 +2394,22 @@ def markdown(results, summary):
             "`bypass4netns.py --ignore=%s -p HOSTPORT:%d` running (no --debug)." % (IGNORE, PUBLISHED_PORT)]
     if any(c["key"] == "unguarded" for c in cfgs):
         out.append("- unguarded: the bypass4netns.py configuration with `--no-fd-swap-guard` added.")
+    if any(c["key"] in PODMAN5_CONFIGS for c in cfgs):
+        b13 = results.get("bed13", {})
+        out.append("- podman 5 + pasta: `podman run --network pasta` (rootless, crun) in tests/bed13.py's Debian 13 "
+                   "bed (%s; %s; %s), podman 5's default seccomp profile; pasta copies 198.18.0.1/24 into the "
+                   "container, so its clients use 198.18.1.1, as the pasta column's.  Workloads whose tools the "
+                   "Debian 13 root lacks are n/a (see above)." % (
+                       b13.get("podman", "?"), b13.get("crun", "?"), b13.get("pasta", "?")))
+        out.append("- podman 5 + pasta + bypass4netns.py: the same container with the profile seccomp-gen.py "
+                   "merges into podman 5's own (`--base %s`) and `bypass4netns.py --ignore=%s -p HOSTPORT:%d` "
+                   "running; in the rows that say \"ratio to no profile\", its ratio is to podman 5 + pasta." % (
+                       b13.get("profile base", "?"), IGNORE, PUBLISHED_PORT))
     if any(c["key"] == "peer" for c in cfgs):
-        out.append("- peer: `%s` with the same flags." % results["peer"])
+        if results.get("peer_debian"):
+            out.append("- peer: the Go tool, %s, with the same flags, on the slirp4netns container." % results["peer"])
+        else:
+            out.append("- peer: `%s` with the same flags." % results["peer"])
     if any(c["key"] == "floor" for c in cfgs):
         out.append("- floor: `%s` (outside the project) with the same flags and seccomp-gen.py's profile."
                    % results["floor"])
@@ -2239,7 +2460,7 @@ def chart(json_path, png_path):
     fig, ax = plt.subplots(figsize=(11, 0.9 * len(rows) + 2.2))
     height = 0.8 / len(cfgs)
     missing = []
-    colors = ["#4d4d4d", "#d9822b", "#7b5ea7", "#2a9d4b", "#3070b3", "#c03a3a"]
+    colors = ["#4d4d4d", "#d9822b", "#7b5ea7", "#2a9d4b", "#3070b3", "#c03a3a", "#e6b422", "#1b9e9e"]
     for i, c in enumerate(cfgs):
         ys, xs, labels = [], [], []
         for j, r in enumerate(rows):
@@ -2303,13 +2524,17 @@ def ensure_venv(package="matplotlib"):
 # Main
 # ---------------------------------------------------------------------------
 
-def attempt(measure, bench, cfg):
-    """measure(bench, cfg), timed; a failure is the result's "error" (that configuration's n/a).
+def attempt(measure, bench, cfg, workload=None):
+    """measure(bench, cfg), timed; a failure is the result's "error" (that configuration's n/a); a workload
+    the configuration cannot run (cfg.unavailable) is not measured: n/a, with the reason.
 
     The configuration's daemon runs only meanwhile: stopped, it cannot take
     CPU from the others (the Go tool spins on RECV once a container is gone).
     """
     t0 = time.monotonic()
+    why = cfg.unavailable(workload) if workload else None
+    if why:
+        return {"error": why, "not_applicable": True, "seconds": 0.0}
     peer = cfg.daemon if isinstance(cfg.daemon, PeerDaemon) else None
     revived = None
     if cfg.daemon:
@@ -2352,6 +2577,14 @@ def parse_args(argv):
     p.add_argument("--unguarded", action="store_true",
                    help="one more column: bypass4netns.py with --no-fd-swap-guard")
     p.add_argument("--peer", metavar="PATH", help="another bypass4netns-compatible daemon (same flags)")
+    p.add_argument("--peer-debian", action="store_true",
+                   help="the peer column is the Go tool from Debian 13's package bypass4netns (installed into "
+                        "tests/bed13.py's Debian 13 root once), with its own profile (its seccomp.json.sh), on "
+                        "the Debian 12 bed's containers like any --peer")
+    p.add_argument("--podman5", action="store_true",
+                   help="two more columns, in the same interleaved rounds: podman5, a rootless podman 5 container "
+                        "(crun) on pasta, podman 5's default network, in tests/bed13.py's Debian 13 bed; and "
+                        "podman5_bypass, the same with bypass4netns.py (profile merged into podman 5's own)")
     p.add_argument("--floor", metavar="PATH",
                    help="the floor: a minimal bypass4netns-compatible switcher (e.g. ../shared/floor/floor.py), "
                         "one more column, \"floor\"; results.md gives bypass4netns.py's connect rates and daemon "
@@ -2369,8 +2602,8 @@ def parse_args(argv):
     p.add_argument("--only", metavar="WORKLOAD[,...]",
                    help="run only these workloads: " + ",".join(known))
     p.add_argument("--configs", metavar="CONFIG[,...]",
-                   help="run only these configurations: host,slirp4netns,pasta,bypass,unguarded,peer,floor (host is "
-                        "always run)")
+                   help="run only these configurations: host,slirp4netns,pasta,bypass,unguarded,peer,floor,"
+                        "podman5,podman5_bypass (host is always run; a podman5 one implies --podman5)")
     p.add_argument("--py-spy", metavar="DIR",
                    help="record the daemons with py-spy (installed into the bench venv) during the connect loop; "
                         "raw stacks and a hot-spot summary go to DIR")
@@ -2382,6 +2615,10 @@ def parse_args(argv):
         p.error("--rounds: between 1 and 50, not %d" % args.rounds)
     if args.peer and not os.path.isfile(args.peer):
         p.error("--peer: no such file: %s" % args.peer)
+    if args.peer and args.peer_debian:
+        p.error("--peer and --peer-debian: one peer column, one or the other")
+    if args.peer_debian and args.peer_profile:
+        p.error("--peer-debian uses the Go tool's own profile: no --peer-profile")
     if args.peer_profile and not os.path.isfile(args.peer_profile):
         p.error("--peer-profile: no such file: %s" % args.peer_profile)
     if args.floor and not os.path.isfile(args.floor):
@@ -2398,6 +2635,8 @@ def parse_args(argv):
         if w not in known:
             p.error("--only: unknown workload %r (one of %s)" % (w, ",".join(known)))
     args.configs = args.configs.split(",") if args.configs else None
+    if args.configs and any(c in PODMAN5_CONFIGS for c in args.configs):
+        args.podman5 = True
     return args
 
 
@@ -2415,7 +2654,7 @@ def main(argv=None):
     daemons, configs = [], []
     results = {"command": "sudo ./tests/bench " + " ".join(sys.argv[1:] if argv is None else argv),
                "quick": args.quick, "rounds": args.rounds, "runtime": args.runtime, "durations": bench.t,
-               "peer": args.peer, "floor": args.floor, "machine": machine_info()}
+               "peer": args.peer, "peer_debian": args.peer_debian, "floor": args.floor, "machine": machine_info()}
     try:
         bench.build_client()
         configs = [Host(), Container("slirp4netns", "slirp4netns", args.runtime), Pasta()]
@@ -2426,10 +2665,37 @@ def main(argv=None):
             unguarded = start_engine(tb.free_port(), ["--no-fd-swap-guard"])
             daemons.append(unguarded)
             configs.append(Container("unguarded", "bypass4netns.py --no-fd-swap-guard", args.runtime, unguarded))
+        if args.podman5:
+            bed13.up()  # idempotent: the Debian 13 root and its mount namespace
+            results["bed13"] = bed13_info()
+            configs.append(Podman5("podman5", "podman 5 + pasta"))
+            engine5 = start_engine(tb.free_port(), base=bed13.default_profile_base())
+            daemons.append(engine5)
+            configs.append(Podman5("podman5_bypass", "podman 5 + pasta + bypass4netns.py", engine5))
         if args.peer:
             peer = PeerDaemon(os.path.abspath(args.peer), args.peer_profile, tb.free_port())
             daemons.append(peer)
             configs.append(Container("peer", "peer: " + os.path.basename(args.peer), args.runtime, peer))
+        if args.peer_debian:
+            label = "peer: bypass4netns (Debian 13)"
+            try:
+                binary, version = ensure_debian_peer()
+                label = "peer: bypass4netns %s (Debian 13)" % version.split("-")[0]
+                on_host = runs_on_host(binary)
+                results["peer"] = "%s %s (Debian 13's package; run %s), its own profile (its seccomp.json.sh: " \
+                                  "%s trapped, every other syscall allowed)" % (
+                                      GO_PEER_BINARY, version, "on the host" if on_host else
+                                      "in the Debian 13 root's mount namespace", ", ".join(GO_PEER_TRAPPED))
+                peer = PeerDaemon(binary, go_peer_profile(), tb.free_port(), in_bed13=not on_host)
+                peer.drop_logs = True
+            except Exception as exc:  # noqa: BLE001 - the peer's column is n/a, with why; the rest runs
+                why = "the Go tool did not start: %s" % (str(exc).strip().splitlines() or ["?"])[-1][:300]
+                log(why)
+                results["peer"] = "Debian 13's package %s (%s)" % (GO_PEER_PACKAGE, why)
+                configs.append(NotRunning("peer", label, why))
+            else:
+                daemons.append(peer)
+                configs.append(Container("peer", label, args.runtime, peer))
         if args.floor:
             floor = PeerDaemon(os.path.abspath(args.floor), None, None,
                                publish_off="the floor publishes no port (it ignores -p)")
@@ -2452,7 +2718,7 @@ def main(argv=None):
                 # Interleaved, and rotated by one each round (A B C D, B C D A, ...): no configuration
                 # always runs first after a workload change, or right after the same neighbour.
                 for cfg in configs[rnd % len(configs):] + configs[:rnd % len(configs)]:
-                    result = attempt(measure, bench, cfg)
+                    result = attempt(measure, bench, cfg, key)
                     result["round"] = rnd
                     raw[key][cfg.key].append(result)
                     shown = result.get("error") or (
@@ -2480,11 +2746,19 @@ def main(argv=None):
                 [c.daemon.log_path, getattr(c.daemon, "stderr_path", "")])
             if getattr(c.daemon, "restarts", None):
                 entry["restarts"] = c.daemon.restarts
+            if getattr(c.daemon, "drop_logs", False):
+                # The Go tool logs an error for every failed RECV once a container is gone: ~160 MB a minute
+                # here, twice (--log-file and stderr).  Their first error lines are in results.json.
+                for path in (c.daemon.log_path, c.daemon.stderr_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
     results["machine"]["loadavg_end"] = loadavg()
     results["summary"] = summarize(results)
     results["run_length"] = run_length(results["summary"])
     if args.floor:
         results["vs_floor"] = floor_ratios(results["summary"])
+    if all(any(c.key == k for c in configs) for k in PODMAN5_CONFIGS):
+        results["podman5_pair"] = pair_ratios(results["summary"])
     results["seconds"] = round(time.monotonic() - started, 1)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")

@@ -209,3 +209,86 @@ def test_results_md_has_the_run_length_and_floor_sections():
     assert row.endswith("| 0.75x | n/a | n/a | n/a |"), row  # no daemon CPU in these results: n/a
     unix = next(line for line in md if line.startswith("| unix connect/close loop") and "conn/s |" in line)
     assert "20,000 (0.40x)" in unix and "| 50,000 |" in unix  # ratio to no profile; the base without one
+
+
+# -- podman 5: the pasta pair, the Debian 13 bed's tools, the Go tool's profile ------------------------
+
+def test_podman5_rows_with_a_base_are_compared_with_podman5_without_the_profile():
+    summary = bench.summarize(results_of({
+        "unix1": {"host": [100.0], "slirp4netns": [80.0], "bypass": [40.0], "podman5": [90.0],
+                  "podman5_bypass": [30.0]}}))
+    unix = summary["unix1"]["configs"]
+    assert unix["podman5_bypass"]["vs_base"] == pytest.approx(1 / 3)  # to podman5, not to slirp4netns
+    assert unix["podman5_bypass"]["base"] == "podman5"
+    assert unix["podman5"]["vs_base"] == 1.0 and unix["podman5"]["base"] == "podman5"
+    assert unix["bypass"]["vs_base"] == pytest.approx(0.5) and "base" not in unix["bypass"]
+
+
+def test_pair_ratios_give_the_daemons_trade_on_podman5():
+    summary = bench.summarize(results_of({
+        "connect": {"host": [30000.0], "podman5": [10000.0], "podman5_bypass": [5000.0]},
+        "iperf1": {"host": [20.0], "podman5": [8.0], "podman5_bypass": [16.0]},
+        "sendto": {"host": [1000.0], "podman5": [1000.0], "podman5_bypass": [1250.0]},
+        "crowd1": {"host": [40000.0], "podman5": [12000.0], "podman5_bypass": []}}))
+    summary["daemon"] = {"podman5_bypass": {}}
+    rows = {r["row"]: r for r in bench.pair_ratios(summary)}
+    assert rows["connect"]["speed"] == pytest.approx(0.5)  # the daemon halves connection setup
+    assert rows["iperf1"]["speed"] == pytest.approx(2.0)
+    assert rows["sendto"]["speed"] == pytest.approx(0.8)  # a time: podman5 / with the daemon
+    assert (rows["connect"]["base"], rows["connect"]["with"]) == (10000.0, 5000.0)
+    assert "crowd1" not in rows and "daemon" not in rows  # no figure with the daemon: left out
+
+
+def test_results_md_has_the_podman5_section():
+    results = results_of({"connect": {"host": [30000.0], "podman5": [10000.0], "podman5_bypass": [5000.0]}})
+    for c in results["configs"]:
+        c["label"] = {"podman5": "podman 5 + pasta", "podman5_bypass": "podman 5 + pasta + bypass4netns.py"}.get(
+            c["key"], c["key"])
+        c["daemon"] = c["key"] == "podman5_bypass"
+    bench_t = {"iperf": 1, "ab": 1, "connect_ms": 1000, "redis_n": 1, "tar_passes": 1, "crowd": 20, "syscalls_n": 1,
+               "runlen_short_ms": 1000, "runlen_long_ms": 5000, "sendto_ms": 1, "getent_n": 1, "dig_n": 1,
+               "php_n": 1}
+    machine = {k: "x" for k in ("date", "kernel", "cpu", "commit", "bypass4netns.py sha256", "loadavg_start",
+                                "loadavg_end", "podman", "runc", "crun", "slirp4netns", "pasta", "iperf3", "nginx",
+                                "redis-benchmark")}
+    machine["cpus"] = 2
+    results.update(quick=True, rounds=1, runtime="runc", durations=bench_t, machine=machine, floor=None, peer=None,
+                   command="sudo ./tests/bench --podman5", seconds=1.0,
+                   bed13={"podman": "podman version 5.4.2", "crun": "crun version 1.21", "pasta": "passt 1",
+                          "profile base": "/x/seccomp.json"})
+    summary = results["summary"] = bench.summarize(results)
+    results["podman5_pair"] = bench.pair_ratios(summary)
+    md = bench.markdown(results, summary).splitlines()
+    assert "## podman 5: pasta alone and with bypass4netns.py" in md
+    assert "| connect/close loop, static C client | conn/s | 10,000 | 5,000 | 0.50x |" in md
+    assert any(line.startswith("- podman 5 + pasta: ") and "podman version 5.4.2" in line for line in md)
+
+
+def test_podman5_workloads_without_their_tools_are_not_applicable(tmp_path):
+    cfg = bench.Podman5("podman5", "podman 5 + pasta")
+    assert cfg.target == bench.ADDR_B  # pasta copies ADDR_A into the container
+    root = str(tmp_path)
+    assert "/usr/bin/ab" in cfg.unavailable("ab1", root)
+    assert cfg.unavailable("connect", root) is None and cfg.unavailable("iperf1", root) is None
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "usr" / "bin" / "ab").touch()
+    assert cfg.unavailable("ab8", root) is None  # installed there: it runs
+    assert "/usr/sbin/nginx" in cfg.unavailable("php", root)
+    assert "Debian 13 root's" in cfg.unavailable("tar", root)  # runs, but compares with nothing
+    assert bench.NotRunning("peer", "peer", "no binary").unavailable("connect") == "no binary"
+
+
+def test_the_go_tools_own_profile_traps_what_its_seccomp_json_sh_does():
+    profile = bench.go_peer_profile("x86_64")
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert profile["architectures"][0] == "SCMP_ARCH_X86_64"
+    assert profile["syscalls"] == [{"names": bench.GO_PEER_TRAPPED, "action": "SCMP_ACT_NOTIFY"}]
+    assert {"connect", "bind", "getpeername"} <= set(bench.GO_PEER_TRAPPED)
+
+
+def test_podman5_configs_imply_the_flag_and_the_peers_exclude_each_other():
+    args = bench.parse_args(["--quick", "--configs", "pasta,podman5_bypass"])
+    assert args.podman5 and args.configs == ["pasta", "podman5_bypass"]
+    assert not bench.parse_args(["--quick"]).podman5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--peer-debian", "--peer", __file__])
