@@ -2194,6 +2194,8 @@ def targets(results, summary):
             continue
         b = med(row, what="median")
         others = {c: med(row, c, "median") for c in ("slirp4netns", "pasta") if c in cfgs}
+        if not others:
+            continue  # neither was measured: nothing to be ahead of
         ahead = b is not None and all(o is not None and b > o for o in others.values())
         lines.append("| connection setup ahead of slirp4netns and pasta, %s | %s vs %s | %s |" % (
             what, fmt(b, "conn/s") if b else "n/a",

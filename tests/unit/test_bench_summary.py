@@ -292,3 +292,15 @@ def test_podman5_configs_imply_the_flag_and_the_peers_exclude_each_other():
     assert not bench.parse_args(["--quick"]).podman5
     with pytest.raises(SystemExit):
         bench.parse_args(["--peer-debian", "--peer", __file__])
+
+
+def test_no_connection_setup_target_without_slirp4netns_or_pasta_to_be_ahead_of():
+    """An A/B run (--configs bypass,peer) has no slirp4netns or pasta column: the targets
+    table says nothing of being ahead of them, rather than "met" against nothing."""
+    results = {"configs": [{"key": "host"}, {"key": "bypass"}, {"key": "peer"}]}
+    summary = {"connect": {"configs": {"bypass": {"median": 4925.0}, "peer": {"median": 4818.0}}}, "daemon": {}}
+    assert not [line for line in bench.targets(results, summary) if "ahead of slirp4netns" in line]
+    results["configs"].append({"key": "slirp4netns"})
+    summary["connect"]["configs"]["slirp4netns"] = {"median": 2907.0}
+    assert [line for line in bench.targets(results, summary) if "ahead of slirp4netns" in line] == [
+        "| connection setup ahead of slirp4netns and pasta, connect/close loop | 4,925 vs slirp4netns 2,907 | met |"]
