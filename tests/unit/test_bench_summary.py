@@ -180,6 +180,20 @@ def test_floor_ratios_take_rates_and_cpu_per_connect_where_both_have_them():
     assert rows["ab1"]["rate_ratio"] == 1.0 and rows["ab1"]["cpu_ratio"] is None
 
 
+def for_markdown(results, **fields):
+    """`results` (results_of) with what bench.markdown() reads besides the figures: one quick
+    round, short durations, a machine of placeholders; `fields` added or overriding."""
+    durations = {"iperf": 1, "ab": 1, "connect_ms": 1000, "redis_n": 1, "tar_passes": 1, "crowd": 20, "syscalls_n": 1,
+                 "runlen_short_ms": 1000, "runlen_long_ms": 5000, "sendto_ms": 1, "getent_n": 1, "dig_n": 1,
+                 "php_n": 1}
+    machine = {k: "x" for k in ("date", "kernel", "cpu", "commit", "bypass4netns.py sha256", "loadavg_start",
+                                "loadavg_end", "podman", "runc", "crun", "slirp4netns", "pasta", "iperf3", "nginx",
+                                "redis-benchmark")}
+    machine["cpus"] = 2
+    results.update(quick=True, rounds=1, runtime="runc", durations=durations, machine=machine, peer=None, seconds=1.0)
+    results.update(fields)
+
+
 def test_results_md_has_the_run_length_and_floor_sections():
     results = results_of({
         "connect": {"host": [30000.0], "slirp4netns": [3000.0], "bypass": [6000.0], "floor": [8000.0]},
@@ -187,15 +201,7 @@ def test_results_md_has_the_run_length_and_floor_sections():
         "runlen_short": {"host": [30000.0], "slirp4netns": [3000.0], "bypass": [6000.0], "floor": [8000.0]},
         "runlen_long": {"host": [29000.0], "slirp4netns": [2000.0], "bypass": [6100.0], "floor": [8000.0]}})
     results["raw"]["runlen_long"]["slirp4netns"][0]["per_second"] = [2500, 2400, 2000, 1500, 1400]
-    bench_t = {"iperf": 1, "ab": 1, "connect_ms": 1000, "redis_n": 1, "tar_passes": 1, "crowd": 20, "syscalls_n": 1,
-               "runlen_short_ms": 1000, "runlen_long_ms": 5000, "sendto_ms": 1, "getent_n": 1, "dig_n": 1,
-               "php_n": 1}
-    machine = {k: "x" for k in ("date", "kernel", "cpu", "commit", "bypass4netns.py sha256", "loadavg_start",
-                                "loadavg_end", "podman", "runc", "crun", "slirp4netns", "pasta", "iperf3", "nginx",
-                                "redis-benchmark")}
-    machine["cpus"] = 2
-    results.update(quick=True, rounds=1, runtime="runc", durations=bench_t, machine=machine, floor="floor.py",
-                   peer=None, command="sudo ./tests/bench", seconds=1.0)
+    for_markdown(results, floor="floor.py", command="sudo ./tests/bench")
     for c in results["configs"]:
         c["label"] = {"bypass": "bypass4netns.py"}.get(c["key"], c["key"])
     summary = results["summary"] = bench.summarize(results)
@@ -245,17 +251,9 @@ def test_results_md_has_the_podman5_section():
         c["label"] = {"podman5": "podman 5 + pasta", "podman5_bypass": "podman 5 + pasta + bypass4netns.py"}.get(
             c["key"], c["key"])
         c["daemon"] = c["key"] == "podman5_bypass"
-    bench_t = {"iperf": 1, "ab": 1, "connect_ms": 1000, "redis_n": 1, "tar_passes": 1, "crowd": 20, "syscalls_n": 1,
-               "runlen_short_ms": 1000, "runlen_long_ms": 5000, "sendto_ms": 1, "getent_n": 1, "dig_n": 1,
-               "php_n": 1}
-    machine = {k: "x" for k in ("date", "kernel", "cpu", "commit", "bypass4netns.py sha256", "loadavg_start",
-                                "loadavg_end", "podman", "runc", "crun", "slirp4netns", "pasta", "iperf3", "nginx",
-                                "redis-benchmark")}
-    machine["cpus"] = 2
-    results.update(quick=True, rounds=1, runtime="runc", durations=bench_t, machine=machine, floor=None, peer=None,
-                   command="sudo ./tests/bench --podman5", seconds=1.0,
-                   bed13={"podman": "podman version 5.4.2", "crun": "crun version 1.21", "pasta": "passt 1",
-                          "profile base": "/x/seccomp.json"})
+    for_markdown(results, floor=None, command="sudo ./tests/bench --podman5",
+                 bed13={"podman": "podman version 5.4.2", "crun": "crun version 1.21", "pasta": "passt 1",
+                        "profile base": "/x/seccomp.json"})
     summary = results["summary"] = bench.summarize(results)
     results["podman5_pair"] = bench.pair_ratios(summary)
     md = bench.markdown(results, summary).splitlines()
