@@ -670,6 +670,11 @@ def pinned(pid):
 
 def read_line_matching(proc, pattern, timeout):
     """Read proc.stdout lines until one matches pattern; False on timeout or EOF."""
+    return read_until(proc, lambda text: re.search(pattern, text), timeout)
+
+
+def read_until(proc, done, timeout):
+    """Read proc.stdout until done(all of it so far, as text); False on timeout or EOF."""
     deadline = time.monotonic() + timeout
     fd = proc.stdout.fileno()
     buf = b""
@@ -681,7 +686,7 @@ def read_line_matching(proc, pattern, timeout):
         if not chunk:
             return False
         buf += chunk
-        if re.search(pattern, buf.decode(errors="replace")):
+        if done(buf.decode(errors="replace")):
             return True
     return False
 
@@ -1645,7 +1650,9 @@ class Bench:
             argv = ["strace", "-c", "-f", "-o", table] + [arg for pid in pids for arg in ("-p", str(pid))]
             strace = tb.start_server(argv, netns=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             try:
-                if not read_line_matching(strace, r"(?s)(attached.*?){%d}" % len(pids), 30):
+                # Counted, not matched by a pattern repeated per pid: with a Go daemon's dozens of threads,
+                # "(attached.*?){N}" backtracked for minutes.
+                if not read_until(strace, lambda text: text.count("attached") >= len(pids), 30):
                     raise Failed("strace did not attach to the daemon")
                 clients.go()
                 result = merge_clients(clients.outputs())
