@@ -2206,9 +2206,6 @@ class Switcher:
 
     # -- another container's published port (--handle-c2c-connections) -----
 
-    def set_peers(self, rows, probe, nodes):
-        self.routes.set(rows, probe, nodes)
-
     def connect_to_peer(self, call, raw, dest, peer):
         """A connect to a served container's address and published port goes to the port's host
         side, where the caller's own network reaches that container too (asked once in a while:
@@ -4781,7 +4778,7 @@ class WorkerWire:
     handoff, daemon -> worker (Worker sends, WorkerProcess.on_handoff reads):
     FILTER (filter key, container id, Inflight slot, pid, shared, settings; the
     notify fd rides along, SCM_RIGHTS), DROP (key), ANEW (key, a struct
-    seccomp_notif in base64), PEERS (rows, probe, nodes: Switcher.set_peers).
+    seccomp_notif in base64), PEERS (rows, probe, nodes: PeerRoutes.set).
     An empty read: the daemon is gone.
 
     requests, worker -> daemon (ParentChannel asks, ProcessPool.on_worker_request
@@ -4884,7 +4881,7 @@ class LocalWorker:
         self.server.handle_anew(key, notif)
 
     def set_peers(self, rows, probe, nodes):
-        self.server.switcher.set_peers(rows, probe, nodes)
+        self.server.switcher.routes.set(rows, probe, nodes)
 
 
 HOUSEKEEPING = 1.0  # seconds between sweeps of interrupted connects and unheld ports
@@ -4922,7 +4919,7 @@ class WorkerProcess:
             key, notif = arguments
             self.server.handle_anew(key, base64.b64decode(notif))
         elif op == WorkerWire.PEERS:
-            self.server.switcher.set_peers(*arguments)
+            self.server.switcher.routes.set(*arguments)
 
     def on_signal(self, signum):
         if signum == signal.SIGHUP:
