@@ -730,3 +730,54 @@ def test_decision_lines_are_read_back_by_the_daemons_own_parser():
     assert b4ns.parse_decisions("\n".join(lines) + "\n") == [
         ("abc", 42, 7, "connect", "[2001:db8::1]:80", "container (ignored 2001:db8::/32)"),
         ("abc", 43, -1, "listen", "-", "refused: switched, not a published port")]
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def take_turns(turns, clock, tids, step):
+    """Each tid in turn, `step` seconds apart: the changes note() reported, in order."""
+    changes = []
+    for tid in tids:
+        clock.now += step
+        change = turns.note(tid, clock)
+        if change is not None:
+            changes.append(change)
+    return changes
+
+
+def test_turns_crowded_when_threads_keep_taking_turns_and_calm_after_a_streak():
+    turns, clock = b4ns.Turns(), Clock()
+    busy = b4ns.Turns.BUSY_TID_CHANGES
+    # One thread at a time: never crowded, whatever the rate.
+    assert take_turns(turns, clock, [7] * 10 * busy, 1e-5) == []
+    # Four threads in turn, fast: crowded once the second window of changes ends.
+    changes = take_turns(turns, clock, [1, 2, 3, 4] * busy, 1e-5)
+    assert changes == [True] and turns.crowded
+    # Still in turn: nothing more to say.
+    assert take_turns(turns, clock, [1, 2, 3, 4] * busy, 1e-5) == []
+    # One thread again: calm after CALM_STREAK calls in a row, said once.
+    assert take_turns(turns, clock, [5] * (b4ns.Turns.CALM_STREAK - 1), 1e-5) == [] and turns.crowded
+    assert take_turns(turns, clock, [5] * 10, 1e-5) == [False] and not turns.crowded
+
+
+def test_turns_slow_changes_never_crowd():
+    """Threads changing less than BUSY_TID_CHANGES times within BUSY_WINDOW: one server keeps up."""
+    turns, clock = b4ns.Turns(), Clock()
+    step = 2 * b4ns.Turns.BUSY_WINDOW / b4ns.Turns.BUSY_TID_CHANGES
+    assert take_turns(turns, clock, [1, 2] * 5 * b4ns.Turns.BUSY_TID_CHANGES, step) == []
+
+
+def test_turns_streaks_broken_by_another_thread_keep_a_crowded_filter_crowded():
+    turns, clock = b4ns.Turns(), Clock()
+    take_turns(turns, clock, [1, 2] * 2 * b4ns.Turns.BUSY_TID_CHANGES, 1e-5)
+    assert turns.crowded
+    streak = [3] * (b4ns.Turns.CALM_STREAK - 1)
+    assert take_turns(turns, clock, (streak + [4]) * 5, 1e-5) == [] and turns.crowded
