@@ -2090,7 +2090,7 @@ class Switcher:
         if (kind, proto) not in _BYPASSABLE:
             return "container (not TCP or UDP)"
         try:
-            result = self.switch(call, kind, proto, raw, own_service)
+            result = self.switch(call, kind, proto, raw, dest, own_service)
         except NotSwitched as why:
             return "container (%s)" % why
         if self.debug and result is not None:
@@ -2112,9 +2112,9 @@ class Switcher:
         raw = encode_sockaddr(family, host_ip, mapping.host_port)
         return None if raw is None else (raw, parse_sockaddr(raw))
 
-    def switch(self, call, kind, proto, raw, own_service):
-        """Connect a new host socket like call.sock to `raw`, pin it, and install it at the
-        target's fd.
+    def switch(self, call, kind, proto, raw, dest, own_service):
+        """Connect a new host socket like call.sock to `raw` (parsed: `dest`), pin it, and install
+        it at the target's fd.
 
         The call is answered here: the connect's result, which is the
         destination's own answer when it fails at once (nothing is
@@ -2130,7 +2130,6 @@ class Switcher:
         in the container.
         """
         sock, hosts = call.sock, self.hosts
-        dest = parse_sockaddr(raw)
         packed = dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")
         pin = not (own_service and is_loopback_address(packed))
         if not pin and kind != socket.SOCK_STREAM:
@@ -2165,16 +2164,22 @@ class Switcher:
             if not hosts.install(call, host, flags):
                 return None
             call.container.counters[COUNT_BYPASSED] += 1  # before the answer: its container may be gone after
-            # The replaced socket never got a connection: its close waits for nothing.
-            call.hand_over().close_unconnected()
-            if result == -errno.EINPROGRESS and not nonblocking:
-                self.pending.wait(call, host, raw, host_socket=True)
-            else:
-                # Our reference to the host socket goes before the answer too, so
-                # that the target's close() is the last one, as natively.
-                host.close()
-                call.result(result)
-            host = None
+            # The replaced socket, no longer the target's, is closed after the
+            # answer: ours is its last reference, whose close tears it down (7 us
+            # here), and nobody sees when, since it never got a connection
+            # (switch() takes no socket with an address of its own).
+            replaced = call.hand_over()
+            try:
+                if result == -errno.EINPROGRESS and not nonblocking:
+                    self.pending.wait(call, host, raw, host_socket=True)
+                else:
+                    # Our reference to the host socket goes before the answer, so
+                    # that the target's close() is the last one, as natively.
+                    host.close()
+                    call.result(result)
+                host = None
+            finally:
+                replaced.close_unconnected()
             return result
         finally:
             if host is not None:
