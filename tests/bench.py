@@ -88,6 +88,7 @@ chart.png (matplotlib, from a virtualenv of the bench's own:
 import argparse
 import contextlib
 import datetime
+import glob
 import hashlib
 import json
 import math
@@ -112,6 +113,7 @@ ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)
 
 import bed13  # noqa: E402
+import stages  # noqa: E402
 import testbed as tb  # noqa: E402
 from e2e.daemon import Daemon, generate_profile  # noqa: E402
 
@@ -746,23 +748,37 @@ def log_problems(paths, keep=20):
     return kept, count
 
 
-def start_engine(publish_port, flags=(), base="podman"):
+def start_engine(publish_port, flags=(), base="podman", stages=None):
     """bypass4netns.py as the e2e tests run it, quiet (no --debug), publishing publish_port, with
-    these flags added; base: the profile the trap is merged into (seccomp-gen.py --base).
+    these flags added; base: the profile the trap is merged into (seccomp-gen.py --base); stages:
+    a directory, to run it under tests/stages.py, which writes its stage figures there.
 
     The daemon gets .publish_port, and .publish_off: why host -> container cannot be measured (the
     daemon refused -p), or None.
     """
     args = ["--ignore", IGNORE, *flags]
+    prefix = ()
+    if stages:
+        prefix = ("python3", stages_script(), "run", stages)
     try:
-        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], base=base, debug=False)
+        daemon = Daemon(args + ["-p", "%d:%d" % (publish_port, PUBLISHED_PORT)], base=base, debug=False,
+                        prefix=prefix)
         daemon.publish_port, daemon.publish_off = publish_port, None
     except Exception as exc:  # noqa: BLE001 - any failure: run without -p, say why
         why = "the daemon did not start with -p: %s" % (str(exc).strip().splitlines() or ["?"])[-1][:200]
         log(why)
-        daemon = Daemon(args, base=base, debug=False)
+        daemon = Daemon(args, base=base, debug=False, prefix=prefix)
         daemon.publish_port, daemon.publish_off = None, why
     return daemon
+
+
+def stages_script():
+    """A copy of tests/stages.py the test user can run; its output directory is made the test user's
+    by main()."""
+    copy = os.path.join(tb.WORKDIR, "b4ns-stages-%d.py" % os.getpid())
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stages.py"), copy)
+    os.chmod(copy, 0o644)
+    return copy
 
 
 PEER_SETTLE = 0.2  # seconds a peer runs after SIGCONT before attempt() looks whether it is still there
@@ -2422,6 +2438,9 @@ def markdown(results, summary):
     if any(c["key"] == "floor" for c in cfgs):
         out.append("- floor: `%s` (outside the project) with the same flags and seccomp-gen.py's profile."
                    % results["floor"])
+    if results.get("stages"):
+        out.append("- bypass4netns.py ran under tests/stages.py (`--stages`): its figures include the cost of "
+                   "a clock around each stage; the stage profile is in %s/stages.md." % results["stages"])
     out += ["- Servers in the test namespace, as root: iperf3 -s, nginx (1 worker, keep-alive off), "
             "redis-server, and the C client's accept-and-close server; dnsmasq on 198.18.0.1 and 198.18.1.1 "
             "port 53 (--no-resolv --no-hosts, address=/bench.test/198.18.0.5), every container given "
@@ -2616,6 +2635,11 @@ def parse_args(argv):
     p.add_argument("--py-spy", metavar="DIR",
                    help="record the daemons with py-spy (installed into the bench venv) during the connect loop; "
                         "raw stacks and a hot-spot summary go to DIR")
+    p.add_argument("--stages", metavar="DIR",
+                   help="run the bypass4netns.py configuration under tests/stages.py, a clock around each "
+                        "function of its notification path: DIR/stages.md gives the time per notification, "
+                        "stage by stage (the configuration's own figures then include the clocks' cost; with one "
+                        "workload in --only, that workload's profile)")
     p.add_argument("--chart", nargs=2, metavar=("JSON", "PNG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds is None:
@@ -2667,7 +2691,13 @@ def main(argv=None):
     try:
         bench.build_client()
         configs = [Host(), Container("slirp4netns", "slirp4netns", args.runtime), Pasta()]
-        engine = start_engine(tb.free_port())
+        if args.stages:
+            os.makedirs(args.stages, exist_ok=True)
+            for old in glob.glob(os.path.join(args.stages, "stages-*.json")):
+                os.unlink(old)
+            os.chown(args.stages, tb.user_uid(), tb.user_gid())
+            results["stages"] = args.stages
+        engine = start_engine(tb.free_port(), stages=args.stages)
         daemons.append(engine)
         configs.append(Container("bypass", "bypass4netns.py", args.runtime, engine))
         if args.unguarded:
@@ -2748,6 +2778,11 @@ def main(argv=None):
         bench.stop_servers()
     if "configs" not in results:
         return 1
+    if args.stages:
+        with open(os.path.join(args.stages, "stages.md"), "w") as f:
+            f.write("# Stage profile of bypass4netns.py\n\n`%s`: wall-clock time in the daemon's processes "
+                    "per notification, stage by stage (tests/stages.py).\n\n%s\n"
+                    % (results["command"], stages.report(args.stages)))
     for c in configs:
         if c.daemon:
             entry = next(e for e in results["configs"] if e["key"] == c.key)

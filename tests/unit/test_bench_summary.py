@@ -302,3 +302,30 @@ def test_no_connection_setup_target_without_slirp4netns_or_pasta_to_be_ahead_of(
     summary["connect"]["configs"]["slirp4netns"] = {"median": 2907.0}
     assert [line for line in bench.targets(results, summary) if "ahead of slirp4netns" in line] == [
         "| connection setup ahead of slirp4netns and pasta, connect/close loop | 4,925 vs slirp4netns 2,907 | met |"]
+
+
+def test_stage_report_sums_the_processes_and_divides_by_notifications(tmp_path):
+    import json
+    import stages
+    # Two processes (a worker, a helper's parent): 3 notifications, one switch among them.
+    (tmp_path / "stages-1.json").write_text(json.dumps({stages.ROOT_STAGE: [2, 200000],
+                                                         "Switcher.switch": [1, 90000]}))
+    (tmp_path / "stages-2.json").write_text(json.dumps({stages.ROOT_STAGE: [1, 100000],
+                                                         "Switcher.switch": [0, 0]}))
+    lines = stages.report(str(tmp_path)).splitlines()
+    assert lines[0] == "3 notifications timed."
+    assert "| %s | 1.00 | 100.00 | 100.00 |" % stages.ROOT_STAGE in lines
+    assert "| Switcher.switch | 0.33 | 90.00 | 30.00 |" in lines
+    assert stages.report(str(tmp_path / "none")).startswith("No notification")
+
+
+def test_stage_names_are_the_daemons():
+    """Every stage tests/stages.py times is still a function of bypass4netns.py: a renamed one would
+    silently drop out of the profile."""
+    import stages
+    from unit import load
+    module = load("bypass4netns.py", "bypass4netns")
+    for name in stages.STAGES:
+        owner_name, _, attribute = name.rpartition(".")
+        owner = getattr(module, owner_name, None) if owner_name else module
+        assert owner is not None and attribute in vars(owner), name
