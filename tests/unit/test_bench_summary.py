@@ -36,6 +36,17 @@ def test_memory_growth_is_counted_from_the_end_of_the_first_round(rounds, first_
     assert summary["rss_growth_kib_per_1000"]["median"] == pytest.approx(growth)
 
 
+def test_node_cpu_per_connect_is_the_median_of_its_runs_and_left_out_of_the_memory_samples():
+    raw = recorded([[("connect", 1000, 10000)], [("connect", 1000, 20000)]])
+    raw["node"] = {"bypass": [{"round": 0, "value": 2000.0, "daemon_cpu_s_per_1000": 0.2},
+                              {"round": 1, "value": 2100.0, "daemon_cpu_s_per_1000": 0.3},
+                              {"round": 2, "error": "node: no output"}]}
+    summary = bench.daemon_summary(raw, "bypass")
+    assert summary["node.cpu_s_per_1000"] == {"median": 0.25, "max": 0.3}
+    assert summary["rss_samples_kib"] == [1000, 1000]
+    assert "node.cpu_s_per_1000" not in bench.daemon_summary(recorded([[("connect", 1, 1)]]), "bypass")
+
+
 # -- server ports: no port takes more than bench.PORT_LIMIT connections a minute ----------------------
 
 @pytest.mark.parametrize("seconds", [0.001, 1, 3, 5, 10, 20])
