@@ -2640,10 +2640,9 @@ class Filter:
     def __init__(self, key, notify_fd, container, shared):
         self.key, self.notify_fd, self.container = key, notify_fd, container
         self.shared = shared        # other servers RECV on the same filter
-        self.turns = Turns()        # which of its threads call, and how they take turns
-        # A shared filter was found crowded: whichever server sees it calm again says so
-        # (Server.wake_ups follows `crowded`).
-        self.turns.crowded = shared
+        # Which of its threads call, and how they take turns.  A shared filter was found
+        # crowded: whichever server sees it calm again says so (Server.wake_ups follows).
+        self.turns = Turns(crowded=shared)
 
 
 class Turns:
@@ -2668,12 +2667,12 @@ class Turns:
     BUSY_WINDOW = 1.0       # ...within this many seconds, twice in a row: crowded
     CALM_STREAK = 100       # calls in a row from one thread: calm again
 
-    def __init__(self):
+    def __init__(self, crowded=False):
         self.last_tid = 0
         self.tid_changes = 0
         self.window = 0.0
         self.streak = 0
-        self.crowded = False
+        self.crowded = crowded
 
     def note(self, tid, clock=time.monotonic):
         """A call from thread `tid`: True once the filter becomes crowded, False once it
