@@ -73,10 +73,11 @@ SWAPPER = textwrap.dedent("""
     swapper = threading.Thread(target=swap)
     swapper.start()
     target = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=N)
-    attempts, got_in = 0, False
+    attempts, got_in, longest = 0, False, 0.0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not got_in:
         attempts += 1
+        began = time.monotonic()
         if vector == "connect":
             libc.connect(N, unspec, len(unspec))  # whatever N holds: a host socket connected to nothing
         try:
@@ -84,10 +85,12 @@ SWAPPER = textwrap.dedent("""
             got_in = True
         except OSError:
             pass
+        longest = max(longest, time.monotonic() - began)
     done = True
     swapper.join()
     target.detach()
-    print("%d attempts: %s" % (attempts, "CONNECTED to the host's 127.0.0.1" if got_in else "never connected"))
+    print("%d attempts: %s; the longest took %.3f s" % (
+        attempts, "CONNECTED to the host's 127.0.0.1" if got_in else "never connected", longest))
 """)
 
 

@@ -10,6 +10,7 @@ accepted and changes nothing.)
 """
 
 import json
+import re
 import subprocess
 import textwrap
 
@@ -257,10 +258,11 @@ def test_without_the_guard_pinned_connections_still_never_reach_the_loopback(tes
     connection's host socket is pinned to its interface, off the host's loopback."""
     out, accepted = swap_race(testbed, unguarded, "connect", seconds=15)
     assert "never connected" in out and not accepted, (out, accepted)
-    # Far fewer attempts than with the guard: where the kernel runs the connect on the pinned
-    # host socket, it waits for an answer from the interface's side (22 to 164 in 8 s here,
-    # with the machine's load; 3,848 in 30 s).
-    assert int(out.split()[0]) >= 10, out
+    # The race was won: an attempt where the kernel ran the connect on the pinned host socket
+    # waits for an answer from the interface's side (SYN retransmits), where the daemon's
+    # refusals and the unix socket's errors come at once.  How many attempts come before the
+    # first such win is chance (9 to 164 here), so the count is not what is checked.
+    assert float(re.search(r"the longest took ([\d.]+) s", out).group(1)) >= 0.5, out
 
 
 def test_without_the_guard_the_race_reaches_through_a_published_socket(testbed, unguarded):
