@@ -21,8 +21,10 @@ b4ns = load("bypass4netns.py", "bypass4netns")  # its declared log formats
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _serial = itertools.count()
-# What each Daemon leaves in WORKDIR and the runtime dir, named after the test run's pid.
-_LEFTOVER = re.compile(r"^(?:b4ns|seccomp)-(\d+)-\d+\.(?:py|log|json|sock)$")
+# What each Daemon leaves in WORKDIR and the runtime dir, named after the test run's pid: the
+# e2e daemons' b4ns-PID-N.*, seccomp-PID-N.json, and the bench's b4ns-peer-PID-*.* (a peer's log
+# and stderr outlive it, for the results) and b4ns-stages-PID.py.
+_LEFTOVER = re.compile(r"^(?:b4ns-(?:peer-|stages-)?|seccomp-)(\d+)(?:-[^./]*)?\.(?:py|log|json|sock|stderr)$")
 
 
 def prune_leftovers():
