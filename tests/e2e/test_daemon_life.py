@@ -1033,6 +1033,7 @@ def test_calls_a_killed_worker_left_are_answered(testbed, daemon, server):
         line = wait_for(lambda: re.search(r"worker \d+: (\d+) call\(s\) it left under way answered EINTR", d.log()),
                         "the orphans answered")
         assert int(line.group(1)) >= 1
+        print("a worker killed under 10 blocking connects: %s answered EINTR" % line.group(1))
         late.stdin.write("go\n")
         late.stdin.flush()
         outcomes = json.loads(client.expect(timeout=120))
@@ -1209,7 +1210,7 @@ def test_a_killed_worker_is_replaced_and_the_container_served_on(testbed, daemon
 def test_a_killed_daemon_is_started_again_and_its_containers_served_on(testbed, daemon, acceptor, workers):
     """SIGKILL of the daemon (not of its keeper, the pid started) three times while a container
     connects in a loop and another serves a published port: the keeper starts another daemon with
-    every notify fd each time; the loop never fails and goes on bypassed, the port stays served,
+    every notify fd each time; every connect of the loop is bypassed (none continued), the port stays served,
     the counters carry over.  The longest pause and what the killed daemon's calls got are printed."""
     published = testbed.free_port()
     d = daemon(["-p", "%d:80" % published, *workers])
@@ -1228,8 +1229,9 @@ def test_a_killed_daemon_is_started_again_and_its_containers_served_on(testbed, 
             assert published_says(testbed, published) == testbed.HOST_IP4
         outcomes, longest = json.loads(client.expect(timeout=120))
         print("3 daemons killed: %s connects, the longest %.1f ms" % (outcomes, longest * 1000))
-        assert not [outcome for outcome in outcomes if outcome not in (testbed.HOST_IP4, SLIRP_ADDRESS)], outcomes
-        assert outcomes.get(SLIRP_ADDRESS, 0) <= 3, "more than the calls in flight went the container's way"
+        # The calls in flight are answered EINTR (a connect under way goes on) or handled anew by
+        # the next daemon: none is continued, so none goes the container's way.
+        assert set(outcomes) == {testbed.HOST_IP4}, outcomes
         assert outcomes[testbed.HOST_IP4] > 300, outcomes
         os.kill(d.pid, signal.SIGUSR1)  # the keeper passes it on
         wait_for(lambda: "published=1" in d.log().split("killed by signal 9")[-1], "the counters")
