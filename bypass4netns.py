@@ -1054,6 +1054,7 @@ CARRIED_OPTIONS = (
     (_SOL, socket.SO_BROADCAST, 0, _ANY), (_SOL, socket.SO_PRIORITY, 0, _ANY),
     (_SOL, socket.SO_OOBINLINE, 0, _ANY), (_SOL, 18, 0, _ANY),            # SO_RCVLOWAT
     (_SOL, 29, 0, _ANY),                                                  # SO_TIMESTAMP
+    (_SOL, socket.SO_BINDTODEVICE, 16, _ANY),   # set (or SO_BINDTOIFINDEX): stays (carry_options)
     (_TCPL, socket.TCP_NODELAY, 0, _TCP), (_TCPL, socket.TCP_MAXSEG, 0, _TCP),
     (_TCPL, socket.TCP_CORK, 0, _TCP), (_TCPL, socket.TCP_KEEPIDLE, 0, _TCP),
     (_TCPL, socket.TCP_KEEPINTVL, 0, _TCP), (_TCPL, socket.TCP_KEEPCNT, 0, _TCP),

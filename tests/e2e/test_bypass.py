@@ -456,6 +456,26 @@ def test_ignored_destination_goes_through_slirp4netns(testbed, daemon, http):
     assert ("198.18.1.1:%d" % port, "container (ignored 198.18.1.0/24)") in daemon.decisions()
 
 
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_a_socket_bound_to_a_container_device_stays_in_the_container(testbed, daemon, http, udp_echo, kind):
+    """SO_BINDTODEVICE to the container's own interface (slirp4netns' tap0): the host has no such
+    device, so the socket is not switched; it connects through slirp4netns, still bound to it."""
+    port = http(testbed.HOST_IP4)[0] if kind == "tcp" else udp_echo(testbed.HOST_IP4)
+    out = container_python(testbed, daemon, """
+        import socket, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if sys.argv[3] == "tcp" else socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"tap0")
+        s.settimeout(10)
+        s.connect((sys.argv[1], int(sys.argv[2])))
+        if sys.argv[3] == "udp":
+            s.send(b"ping")
+            assert s.recv(64) == b"echo:ping"
+        print(s.getsockname()[0], s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\\0").decode())
+    """, args=(testbed.HOST_IP4, port, kind))
+    assert out.split() == [SLIRP_ADDRESS, "tap0"], out
+    assert ("198.18.0.1:%d" % port, "container (bound to a container device)") in daemon.decisions()
+
+
 def test_container_loopback_and_unix_sockets_stay_in_the_container(testbed, daemon):
     out = container_python(testbed, daemon, """
         import os, socket, threading
