@@ -5774,7 +5774,7 @@ def build_parser():
                              "containers and all of them a busy one (default: one more than the CPUs this process "
                              "may run on, at most %d: %%(default)s here; 1: one process does everything)"
                              % MAX_DEFAULT_WORKERS)
-    parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
+    parser.add_argument("--pid-file", metavar="PATH", help="write the pid to signal here (the keeper's; the daemon's with --no-keeper)")
     parser.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
     parser.add_argument("--multinode", action="store_true",
                         help="register the ports containers publish themselves in etcd, and connect to other "
