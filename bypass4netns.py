@@ -9,9 +9,11 @@ creates a socket in the host's network namespace, connects or binds it itself
 with the address it validated, pins it to its host interface, and installs it
 at the container's fd number (SECCOMP_IOCTL_NOTIF_ADDFD).  From then on the
 data path is the host kernel's.  Everything else proceeds in the container's
-own network namespace, and no trapped call is ever answered "continue": calls
-on sockets that are not IP are made by a helper in the container's namespaces
-(unless --no-fd-swap-guard).
+own network namespace, and no trapped call that decides where a socket goes
+is ever answered "continue": calls on sockets that are not IP are made by a
+helper in the container's namespaces (unless --no-fd-swap-guard).  Only calls
+that decide nothing continue: i386 socketcall operations that are not trapped
+ones, and sends without MSG_FASTOPEN (Switcher.let_run).
 
 The processes, each forked by the one above it (fork_child: it dies with
 its parent and keeps nothing of its parent's but what it is given):
@@ -1026,7 +1028,7 @@ COUNTERS = ("bypassed", "container", "published", "refused", "errors", "out_of_f
  COUNT_PUBLISHED,           # binds of a published port done on the host
  COUNT_REFUSED,             # calls failed by policy (a host socket to a forbidden place)
  COUNT_ERRORS,              # handlers that failed (a bug, logged)
- COUNT_OUT_OF_FDS,          # calls left to the container because the daemon had no fd left
+ COUNT_OUT_OF_FDS,          # calls failed (ENOBUFS) or left to the container: the daemon had no fd left
  COUNT_NOTIFICATIONS) = range(len(COUNTERS))
 
 
@@ -1413,7 +1415,7 @@ class TargetAccess:
     `events` is the loop's Events, where kept threads' pidfds are watched.
     """
 
-    THREADS_KEPT = 1024     # ThreadHandles at most, each 1 + up to FDINFO_FILES fds...
+    THREADS_KEPT = 1024     # ThreadHandles at most, each 2 + up to FDINFO_FILES fds...
     FD_SHARE = 16           # ...and at most 1/16 of the fd limit's worth of them
 
     def __init__(self, events):
@@ -2434,7 +2436,7 @@ class Switcher:
             self.let_run(call)
 
     # The handler of each trapped call, by its TRAPS name: __init__ builds the
-    # dispatch table, (arch, nr) -> bound handler, from TRAPS and this.
+    # dispatch table, (arch, nr) -> (bound handler, pointer size), from TRAPS and this.
     HANDLERS = {CONNECT: on_connect, BIND: on_bind, LISTEN: on_listen,
                 SENDTO: on_sendto, SENDMSG: on_sendmsg, SENDMMSG: on_sendmmsg}
 
@@ -2492,18 +2494,20 @@ class InflightTable:
     when a worker dies the daemon answers what it left: a thread would otherwise wait in its
     call until a signal interrupts it.
 
-    Per worker, slot 0 is the notification being handled and the others the
-    blocking connects waiting in its loop and the calls its NamespaceHelpers
-    are making; a slot is (filter key, 0 when free; notification id).  Each
-    is answered EINTR, as a signal would have: never CONTINUE, which would
-    let the kernel look the fd number up again.  After the slots: the key of the filter the
-    worker receives on, then the struct seccomp_notif RECV writes.  The
-    kernel writes it there itself, so a worker killed as RECV returns leaves
-    the notification it took where the daemon finds it; otherwise nobody
-    would answer it, and its thread would wait for ever.
+    Per worker, slot 0 is the notification being handled (for reading only:
+    it is recovered from the RECV copy below) and the others the calls it
+    answers later: blocking connects waiting in its loop, the calls its
+    NamespaceHelpers are making, peer probes; a slot is (filter key, 0 when
+    free; notification id).  Those are answered EINTR, as a signal would
+    have: never CONTINUE, which would let the kernel look the fd number up
+    again.  After the slots: the key of the filter the worker receives on,
+    then the struct seccomp_notif RECV writes.  The kernel writes it there
+    itself, so a worker killed as RECV returns leaves the notification it
+    took where the daemon finds it, to be handled anew (Server.handle_anew);
+    otherwise nobody would answer it, and its thread would wait for ever.
     """
 
-    PENDING = 1024      # blocking connects per worker the daemon can answer for
+    PENDING = 1024      # calls answered later (connects, helper calls, probes) per worker
     FIELDS = 2
     RECEIVING = (1 + PENDING) * FIELDS      # the cell of the filter key, then the notification's
 
@@ -3537,8 +3541,8 @@ class Reservations:
         return mapping.proto, mapping.host_port, mapping.host_ip
 
     def holder(self, mapping):
-        """(True, the container id, or None for the daemon's -p) if a mapping on the same
-        host port and an overlapping address is claimed, else (False, None)."""
+        """(True, the owner: a container id, "bypass ID", or None for the daemon's -p) if a
+        mapping on the same host port and an overlapping address is claimed, else (False, None)."""
         for other, owner in self.claims.values():
             if (other.proto == mapping.proto and other.host_port == mapping.host_port
                     and (None in (other.host_ip, mapping.host_ip) or other.host_ip == mapping.host_ip)):
@@ -4389,8 +4393,9 @@ class HandOver:
     def send(self, conn):
         """A new daemon asks for everything on `conn`: stop serving, send it every socket, notify
         fd, held port and container; whether it took them (then this daemon exits, leaving all
-        of them to it).  A blocking connect under way is answered EINTR (the connection goes
-        on); other calls wait in the kernel meanwhile."""
+        of them to it).  A blocking connect under way, and a call a namespace helper was
+        making, is answered EINTR (a connection goes on); other calls wait in the kernel
+        meanwhile."""
         log.warning("handing over to a new daemon")
         listeners = self.stop_everything()
         fds = []
@@ -4768,7 +4773,7 @@ class Server:
 
     def handle_anew(self, key, notif):
         """A notification (struct seccomp_notif) that a dead process had taken and not answered:
-        handled as if received now, never CONTINUE.  What the dead one did of it is found done
+        handled as if received now (Switcher.handle).  What the dead one did of it is found done
         (Call.retried: a connect already made, a bind already published)."""
         notify_fd = self.keys.get(key)
         if notify_fd is None:
@@ -4844,7 +4849,7 @@ class WorkerWire:
     SOCK_SEQPACKET pairs, one JSON array a message, [op, *arguments].
 
     handoff, daemon -> worker (Worker sends, WorkerProcess.on_handoff reads):
-    FILTER (filter key, container id, Inflight slot, pid, shared, settings; the
+    FILTER (filter key, container id, counters slot (CounterTable), pid, shared, settings; the
     notify fd rides along, SCM_RIGHTS), DROP (key), ANEW (key, a struct
     seccomp_notif in base64), PEERS (rows, probe, nodes: PeerRoutes.set).
     An empty read: the daemon is gone.
@@ -5737,7 +5742,7 @@ def build_parser():
         description="Host-speed networking for rootless containers: containers started with a "
                     "seccomp profile whose listenerPath is --socket get their TCP and UDP sockets "
                     "switched to the host network namespace, each pinned to its host interface; no "
-                    "trapped call is ever run as the container made it.",
+                    "trapped call that decides where a socket goes is ever run as the container made it.",
         epilog="`bypass4netns.py status [--socket PATH] [--json]` shows what a running daemon "
                "serves.  Signals: SIGUSR1 logs each container's counters (at warning level, so "
                "without --debug too); SIGHUP re-reads the 'auto' subnets; SIGUSR2 reloads: the "
@@ -5793,7 +5798,8 @@ def build_parser():
                         help="accepted for the Go tool's sake: the policy check it turns on is on by default")
     parser.add_argument("--strict", action="store_true",
                         help="accepted, and changes nothing: what it asked for, that the kernel never runs a "
-                             "trapped call as made, is how the daemon always works (README: swapping the fd)")
+                             "trapped call on a socket as made, is how the daemon always works unless "
+                             "--no-fd-swap-guard (README: swapping the fd)")
     parser.add_argument("--no-fd-swap-guard", dest="swap_guard", action="store_false",
                         help="let the kernel run connect, bind and listen on unix and netlink sockets as the "
                              "container made them (several times faster), giving up the guard against swapping "

@@ -8,7 +8,9 @@ For rootless Docker, which drops listenerPath, it also writes an OCI runtime
 wrapper that puts it back (--docker-runtime-wrapper).
 
 The profile traps (SCMP_ACT_NOTIFY) exactly the syscalls bypass4netns.py
-answers and names its socket as listenerPath; merged into the runtime's
+answers (socketcall only where the base allows it), denies io_uring (ENOSYS:
+its socket operations would pass the trap by), and names its socket as
+listenerPath; merged into the runtime's
 default profile it keeps every other protection of that profile.
 
 Single file, standard library only, Python >= 3.9; also runs piped:
@@ -288,7 +290,7 @@ def resolve_base(choice):
             raise ProfileError(DOCKER_BUILTIN_HINT)
     if choice == "auto":
         warn("no default seccomp profile found (podman: %s; Docker: built into dockerd): "
-             "the profile allows every syscall but the trapped ones, as the original "
+             "the profile allows every syscall but the trapped ones and io_uring's, as the original "
              "seccomp.json.sh did; pass --base FILE to keep your runtime's protection, "
              "or --base none to silence this warning" % " or ".join(PODMAN_PROFILES))
         return None, "none"
@@ -472,7 +474,7 @@ def listener_metadata(value):
 
 def build_profile(base, trapped, listener_path, architectures=None, metadata=None,
                   wait_killable_recv=False):
-    """The profile: base (None: allow everything) plus the NOTIFY rules.
+    """The profile: base (None: allow everything) plus the NOTIFY rules, io_uring denied (ENOSYS).
 
     architectures replaces the base's; None keeps them (with no base: the
     caller must give them).  metadata replaces the base's listenerMetadata;
@@ -768,18 +770,22 @@ By default (--base auto) the trap is merged into podman's default profile
 when one is installed, so the container keeps the protection podman gives it
 (a profile is a whole policy: a profile that only listed the trapped syscalls
 would allow everything else).  Without one, the profile allows every other
-syscall, like the original project's seccomp.json.sh, and says so on stderr.
+syscall but io_uring's (ENOSYS), like the original project's seccomp.json.sh,
+and says so on stderr.
 """
 
 EPILOG = """\
 Merging (--base): the base's defaultAction, defaultErrnoRet, archMap or
-architectures and every rule are kept; the trapped syscalls are taken out of
+architectures and every rule are kept, less io_uring's, which are denied
+(ENOSYS: io_uring's socket operations pass by seccomp); the trapped syscalls are taken out of
 the base's rules (a rule left with no syscall goes) and the trap rules are put
 first; calls that a filtered trap does not catch (a send without
 MSG_FASTOPEN) get their own rule with the action the base gave them, unless
 the base's defaultAction is that action.  A base that denies a trapped
 syscall (under any condition), allows it only under conditions, traps
-syscalls for another agent or names another listenerPath is refused.
+syscalls for another agent or names another listenerPath is refused
+(socketcall excepted: where the base does not allow it, it is left as the
+base has it, untrapped).
 Merging this program's output again gives the same file.  A profile an
 earlier version made (with or without --udp) merged is the base it was made
 from merged: its rules are replaced, and the listenerMetadata token
@@ -807,7 +813,7 @@ def parse_args(argv):
         help="profile to merge the trap into. auto (default): podman's default profile "
              "(as podman finds it: containers.conf seccomp_profile, else %s) or Docker's "
              "daemon.json seccomp-profile, else none with a warning; none: allow every "
-             "other syscall (the original project's profile: drops the runtime's "
+             "other syscall but io_uring's (the original project's profile: drops the runtime's "
              "protection); podman, docker: that runtime's default, an error when absent "
              "(Docker's is built into dockerd unless daemon.json names a file); FILE: any "
              "OCI/podman/Docker JSON profile (./podman for a file named podman)"
