@@ -256,6 +256,7 @@ _LINGER = struct.Struct("=ii")              # struct linger: l_onoff, l_linger
 _U64 = struct.Struct("=Q")
 _U32 = struct.Struct("!I")                  # the length of a hand-over's state
 _FAMILY = struct.Struct("=H")               # sa_family_t, host order
+_AF_UNSPEC = _FAMILY.pack(socket.AF_UNSPEC)  # a sockaddr's first bytes when it disconnects
 _ZERO_NOTIF = bytes(_NOTIF.size)
 
 
@@ -399,17 +400,45 @@ def sock_call(call, fd, *args):
             return -err
 
 
-def start_connect(fd, raw):
+CONNECT_GUARD = 0.002   # seconds a connect on a file the container shares may wait (SIGALRM ends it)
+
+
+def guarded_connect(fd, raw):
+    """One connect of `fd` to `raw` under CONNECT_GUARD; -EINTR if the guard ended it.
+
+    For a file the container shares (its own socket, or a host socket
+    installed): another of its threads may make it blocking at any time
+    (fcntl is not trapped), and a connect that blocks would hold the loop
+    for the whole handshake.  Every serving process has a SIGALRM handler
+    (watch_signals), so the signal ends the wait, and the connect goes on.
+    """
+    signal.setitimer(signal.ITIMER_REAL, CONNECT_GUARD)
+    try:
+        if _libc.connect(fd, raw, len(raw)) == 0:
+            return 0
+        return -ctypes.get_errno()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def start_connect(fd, raw, shared=False):
     """connect a non-blocking `fd` to `raw`: 0 if it is done at once (local handshakes often are),
     -EINPROGRESS if under way, else -errno.  A second connect tells a handshake that ended
     within the first; it also makes the socket connected, so a later connect gets EISCONN
-    as after any connect that returned 0."""
-    result = sock_call(_libc.connect, fd, raw, len(raw))
+    as after any connect that returned 0.  `shared`: the container shares the file, so each
+    connect is a guarded_connect, and one the guard ended is under way."""
+    connect = guarded_connect if shared else connect_once
+    result = connect(fd, raw)
     if result == -errno.EINPROGRESS:
-        result = sock_call(_libc.connect, fd, raw, len(raw))
+        result = connect(fd, raw)
         if result == -errno.EALREADY:
             result = -errno.EINPROGRESS
-    return result
+    return -errno.EINPROGRESS if result == -errno.EINTR else result
+
+
+def connect_once(fd, raw):
+    """connect `fd` to `raw` (a socket nobody else holds), restarted after a signal."""
+    return sock_call(_libc.connect, fd, raw, len(raw))
 
 
 def get_notif_sizes():
@@ -788,14 +817,15 @@ class Settings:
     `publish` maps (proto, container port) to a PortMapping; `in_use` holds
     the (proto, container port) keys whose host side another container
     published first: binding them fails with EADDRINUSE, as with docker.
-    `swap_guard`: False with --no-fd-swap-guard (Switcher.other_family).
+    `swap_guard`: False with --no-fd-swap-guard (Switcher.other_family);
+    `udp_guard`: False with --no-udp-loopback-guard (Switcher.switch).
     """
 
-    __slots__ = ("networks", "auto", "publish", "in_use", "swap_guard")
+    __slots__ = ("networks", "auto", "publish", "in_use", "swap_guard", "udp_guard")
 
-    def __init__(self, networks, auto, publish, in_use=frozenset(), swap_guard=True):
+    def __init__(self, networks, auto, publish, in_use=frozenset(), swap_guard=True, udp_guard=True):
         self.networks, self.auto, self.publish, self.in_use = networks, auto, publish, in_use
-        self.swap_guard = swap_guard
+        self.swap_guard, self.udp_guard = swap_guard, udp_guard
 
     def with_container(self, added):
         """These settings plus what ContainerRegistry.container_settings() found (JSON, or None for nothing)."""
@@ -811,7 +841,7 @@ class Settings:
         publish = {} if ignore_bind else dict(self.publish)
         publish.update(((m.proto, m.container_port), m) for m in mappings)
         return Settings(self.networks + compile_networks(networks), self.auto or auto, publish, frozenset(in_use),
-                        self.swap_guard)
+                        self.swap_guard, self.udp_guard)
 
 
 def settings_json(ignore, publish, in_use, ignore_bind):
@@ -1612,12 +1642,31 @@ class PendingConnects:
             if timed_out:
                 result = -errno.EINPROGRESS  # as natively: the connect goes on
             else:
-                # Connecting once more ends it as a blocking connect does (0 and
-                # connected, or the error), and waits for nothing: it is over.
-                result = sock_call(_libc.connect, fd, pending.raw, len(pending.raw))
+                result = self.outcome(sock, pending.raw)
             if pending.host_socket:
                 os.set_blocking(fd, True)  # the target's flags from now on: its connect blocks
         pending.call.result(result)
+
+    @staticmethod
+    def outcome(sock, raw):
+        """How a blocking connect on `sock`, whose handshake is over, ends: its error, or 0.
+
+        Connecting once more would end it as a blocking connect does (0 and
+        connected, or the error), but another of the container's threads may
+        have made the socket new again meanwhile (shutdown() under way does,
+        untrapped), and a connect would then start another handshake that the
+        container never asked for.  So only a connected socket is connected
+        once more (so that a later connect gets EISCONN), under the guard.
+        """
+        error = sock.getsockopt(_SOL, socket.SO_ERROR)
+        if error:
+            return -error
+        try:
+            sock.getpeername()
+        except OSError:
+            return -errno.ECONNABORTED  # disconnected under way: the kernel's answer then
+        result = guarded_connect(sock.fileno(), raw)
+        return -errno.ECONNABORTED if result == -errno.EINTR else result
 
     def forget(self, pending):
         """Stop waiting for `pending`; returns its socket, now the caller's to close."""
@@ -2073,6 +2122,9 @@ class Switcher:
                                         % describe_reason(reason, network))
                 call.fail(errno.ENETUNREACH)
                 return
+            if kind == socket.SOCK_DGRAM and raw[:2] == _AF_UNSPEC and sock.getsockopt(_SOL, SO_BINDTOIFINDEX):
+                self.disconnect_pinned_udp(call)
+                return
             outcome = "switched already"
         elif reason is None:
             outcome = self.bypass_connect(call, kind, raw, dest, own_service)
@@ -2085,6 +2137,42 @@ class Switcher:
         if self.debug:
             self.debug_decision(call, "connect", dest, outcome)
         self.connect_in_place(call, raw, kind)
+
+    def disconnect_pinned_udp(self, call):
+        """connect(AF_UNSPEC) on a switched, pinned UDP socket.
+
+        The kernel's UDP disconnect also drops the socket's device binding
+        (__udp_disconnect), and an unpinned host socket, whose sends are not
+        trapped, reaches the host's loopback.  So the socket is not
+        disconnected: a fresh host socket with its options, pinned to the
+        same interface, takes its place at the target's fd, unconnected and
+        unbound, as the disconnected one would be (but for a port bound
+        before the connect, which it does not keep).  Another fd of the old
+        socket keeps it connected.
+        """
+        old = call.sock
+        index = old.getsockopt(_SOL, SO_BINDTOIFINDEX)
+        proto = old.getsockopt(_SOL, socket.SO_PROTOCOL)
+        diffs = [diff for diff in self.hosts.differences(old, socket.SOCK_DGRAM, proto)
+                 if diff[:2] != (_SOL, socket.SO_BINDTODEVICE)]
+        twin = self.host_twin(call, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, proto)
+        if twin is None:
+            return
+        flags, host = twin
+        try:
+            carry_options(host, diffs)  # the old socket's, which the host took once already
+            host.setsockopt(_SOL, SO_BINDTOIFINDEX, index)
+            host.setblocking(not flags & os.O_NONBLOCK)
+            if self.hosts.install(call, host, flags):
+                host.close()
+                call.reply(0)
+        except NotSwitched as why:
+            log.error("container %s: a switched UDP socket not disconnected: %s", call.container.short_id, why)
+            call.fail(errno.EIO)  # never the kernel's disconnect: it would unpin the socket
+        finally:
+            host.close()
+        if self.debug:
+            self.debug_decision(call, "connect", None, "disconnected: a fresh pinned host socket")
 
     def bypass_connect(self, call, kind, raw, dest, own_service):
         """Connect a host socket to `raw` for the call and install it; None once answered, else
@@ -2131,8 +2219,18 @@ class Switcher:
         pinned; only TCP goes there, since a TCP socket goes nowhere else
         without a trapped call.  Raises NotSwitched when the socket must stay
         in the container.
+
+        The pin is a wall for TCP and IPv6 UDP only.  An IPv4 datagram's
+        IP_PKTINFO names its interface past the socket's pin (the kernel
+        checks IPV6_PKTINFO against it, not IP_PKTINFO), and sends are not
+        trapped: so IPv4 UDP, v4-mapped destinations included, stays in the
+        container unless --no-udp-loopback-guard, and a switched IPv6 UDP
+        socket is made IPV6_V6ONLY (a v4-mapped send would take that path).
         """
         sock, hosts = call.sock, self.hosts
+        udp_guard = kind == socket.SOCK_DGRAM and call.container.settings.udp_guard
+        if udp_guard and dest[0] == 4:
+            raise NotSwitched("IPv4 UDP: its datagrams' IP_PKTINFO would pass the pin")
         packed = dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")
         pin = not (own_service and is_loopback_address(packed))
         if not pin and kind != socket.SOCK_STREAM:
@@ -2149,6 +2247,8 @@ class Switcher:
         flags, host = twin
         try:
             carry_options(host, diffs)
+            if udp_guard:
+                host.setsockopt(_IP6, socket.IPV6_V6ONLY, 1)
             if bound_port:
                 try:
                     host.bind((bound_ip, bound_port))
@@ -2195,15 +2295,16 @@ class Switcher:
         is not read (nor switched off and on): a resolver's lookup connects one.
         """
         fd = call.sock.fileno()
-        blocking = kind != socket.SOCK_DGRAM and os.get_blocking(fd)
+        stream = kind != socket.SOCK_DGRAM    # a datagram socket's connect never waits
+        blocking = stream and os.get_blocking(fd)
         if blocking:
             os.set_blocking(fd, False)  # the file is shared with the target: restored below
             try:
-                result = start_connect(fd, raw)
+                result = start_connect(fd, raw, shared=True)
             finally:
                 os.set_blocking(fd, True)
         else:
-            result = start_connect(fd, raw)
+            result = start_connect(fd, raw, shared=stream)
         if call.retried:
             # The dead process's connect got there first: its outcome is this call's.
             result = {-errno.EISCONN: 0, -errno.EALREADY: -errno.EINPROGRESS}.get(result, result)
@@ -4517,11 +4618,12 @@ class Daemon:
 
     def __init__(self, socket_path, ignore, auto, publish, debug=False, reserve_ports=True, workers=1,
                  table=None, inflight=None, keeper=None, c2c=False, probe_peers=True,
-                 multinode=None, swap_guard=True):
+                 multinode=None, swap_guard=True, udp_guard=True):
         self.socket_path = socket_path
         self.events = Events()
         self.reservations = Reservations(publish.values(), reserve_ports)
-        base = Settings(compile_networks(ignore), auto, publish, swap_guard=swap_guard)  # every container's
+        base = Settings(compile_networks(ignore), auto, publish, swap_guard=swap_guard,
+                        udp_guard=udp_guard)  # every container's
         # A keeper's tables, when it has one: it reads them after this process dies.
         table = self.table = CounterTable(workers) if table is None else table
         inflight = self.inflight = InflightTable(workers) if inflight is None else inflight
@@ -5493,9 +5595,22 @@ class HelperProcess(HelperWire):
         # Before joining: ptrace and /proc/PID/mem then need CAP_SYS_PTRACE in the
         # host's user namespace, where this process's memory was made.
         _retry(_libc.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0)
+        host_groups = os.getgroups()   # the daemon's, as the host names them
         for fd, nstype in ns_fds:
             setns(fd, nstype)
             os.close(fd)
+        # The daemon's supplementary groups are the host's: unmapped in the container (a
+        # caller sees 65534 for each), they would still open what the host's groups open
+        # for a caller whose ids look like the helper's own.  None are kept; where the
+        # namespace denies setgroups, only groups it maps all (so that they are what they
+        # look like).
+        try:
+            os.setgroups([])
+        except PermissionError:
+            with open("/proc/self/gid_map") as f:
+                gid_map = parse_id_map(f.read())
+            if any(map_into(gid_map, group) is None for group in host_groups):
+                raise SystemExit("a namespace helper cannot drop the host's groups") from None
         channel.setblocking(True)
         top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         top_stat = os.fstat(top)
@@ -5800,6 +5915,10 @@ def build_parser():
                         help="accepted, and changes nothing: what it asked for, that the kernel never runs a "
                              "trapped call on a socket as made, is how the daemon always works unless "
                              "--no-fd-swap-guard (README: swapping the fd)")
+    parser.add_argument("--no-udp-loopback-guard", dest="udp_guard", action="store_false",
+                        help="switch connected IPv4 UDP sockets too (IPv4 lookups at host speed), giving up the "
+                             "guard that keeps containers' datagrams off the host's loopback: a pinned IPv4 UDP "
+                             "socket sends past its pin with IP_PKTINFO (README: UDP)")
     parser.add_argument("--no-fd-swap-guard", dest="swap_guard", action="store_false",
                         help="let the kernel run connect, bind and listen on unix and netlink sockets as the "
                              "container made them (several times faster), giving up the guard against swapping "
@@ -5964,12 +6083,15 @@ def main(argv=None):
         log.warning("--no-fd-swap-guard: the kernel runs containers' unix and netlink calls as made; a hostile "
                     "container can reach the host's loopback through a published port's socket "
                     "(README: swapping the fd)")
+    if not args.udp_guard:
+        log.warning("--no-udp-loopback-guard: containers' connected IPv4 UDP sockets are switched; a hostile "
+                    "container can send datagrams to the host's loopback with IP_PKTINFO (README: UDP)")
 
     def new_daemon(table=None, inflight=None, keeper=None):
         return Daemon(path, ignore, auto, publish, debug=args.debug, reserve_ports=args.reserve_ports,
                       workers=args.workers, table=table, inflight=inflight, keeper=keeper,
                       c2c=args.handle_c2c_connections, probe_peers=args.policy_check,
-                      multinode=multinode, swap_guard=args.swap_guard)
+                      multinode=multinode, swap_guard=args.swap_guard, udp_guard=args.udp_guard)
 
     def serve(daemon, handed):
         return serve_daemon(daemon, args, api_path, handed, None)  # the keeper tells --ready-fd

@@ -17,7 +17,8 @@ Configurations (the client is the only thing that changes):
                 to the namespace's second address, 198.18.1.1;
   bypass4netns.py  a rootless podman container on slirp4netns with the
                 generated seccomp profile and the daemon running;
-  unguarded     (--unguarded) the same with the daemon's --no-fd-swap-guard
+  unguarded     (--unguarded) the same with the daemon's guards given up: --no-fd-swap-guard
+                and --no-udp-loopback-guard
                 (the kernel runs unix and netlink calls as made);
   peer          (--peer PATH) any bypass4netns-compatible daemon, same flags,
                 with the profile from --peer-profile (listenerPath rewritten)
@@ -746,6 +747,10 @@ def log_problems(paths, keep=20):
         except FileNotFoundError:
             pass
     return kept, count
+
+
+# The unguarded column's flags: every guard the daemon has, given up (README says what each costs).
+UNGUARDED = ("--no-fd-swap-guard", "--no-udp-loopback-guard")
 
 
 def start_engine(publish_port, flags=(), base="podman", stages=None):
@@ -2432,7 +2437,8 @@ def markdown(results, summary):
             "- bypass4netns.py: the same container with the profile from seccomp-gen.py and "
             "`bypass4netns.py --ignore=%s -p HOSTPORT:%d` running (no --debug)." % (IGNORE, PUBLISHED_PORT)]
     if any(c["key"] == "unguarded" for c in cfgs):
-        out.append("- unguarded: the bypass4netns.py configuration with `--no-fd-swap-guard` added.")
+        out.append("- unguarded: the bypass4netns.py configuration with `--no-fd-swap-guard "
+                   "--no-udp-loopback-guard` added.")
     if any(c["key"] in PODMAN5_CONFIGS for c in cfgs):
         b13 = results.get("bed13", {})
         out.append("- podman 5 + pasta: `podman run --network pasta` (rootless, crun) in tests/bed13.py's Debian 13 "
@@ -2617,7 +2623,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="every configuration once, short durations (CI)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; 1 with --quick)")
     p.add_argument("--unguarded", action="store_true",
-                   help="one more column: bypass4netns.py with --no-fd-swap-guard")
+                   help="one more column: bypass4netns.py with its guards given up (%s)" % " ".join(UNGUARDED))
     p.add_argument("--peer", metavar="PATH", help="another bypass4netns-compatible daemon (same flags)")
     p.add_argument("--peer-debian", action="store_true",
                    help="the peer column is the Go tool from Debian 13's package bypass4netns (installed into "
@@ -2715,9 +2721,10 @@ def main(argv=None):
         daemons.append(engine)
         configs.append(Container("bypass", "bypass4netns.py", args.runtime, engine))
         if args.unguarded:
-            unguarded = start_engine(tb.free_port(), ["--no-fd-swap-guard"])
+            unguarded = start_engine(tb.free_port(), UNGUARDED)
             daemons.append(unguarded)
-            configs.append(Container("unguarded", "bypass4netns.py --no-fd-swap-guard", args.runtime, unguarded))
+            configs.append(Container("unguarded", "bypass4netns.py " + " ".join(UNGUARDED), args.runtime,
+                                     unguarded))
         if args.podman5:
             bed13.up()  # idempotent: the Debian 13 root and its mount namespace
             results["bed13"] = bed13_info()

@@ -11,8 +11,9 @@ bypass4netns.py running:
   connect() to an echo server in the test bed's namespace, a 64-byte query,
   its answer, close().
 
-It prints the median time per call and per lookup.  README ("UDP, with no
-send trapped") quotes its output.
+It prints the median time per call and per lookup.  Both are IPv4: the
+lookups stay in the container (README: "UDP, with no send trapped") unless
+the daemon below is given --no-udp-loopback-guard.
 """
 
 import os

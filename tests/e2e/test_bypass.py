@@ -342,7 +342,8 @@ def test_connected_udp_client(testbed, daemon, udp_echo, runtime, host_ip):
                 pass
     """, runtime=runtime, args=(host_ip, port))
     reply, local = out.split()
-    assert reply == "echo:ping" and local == host_ip
+    # IPv4 UDP stays in the container (IP_PKTINFO would take its datagrams past a pin).
+    assert reply == "echo:ping" and local == (host_ip if ":" in host_ip else SLIRP_ADDRESS)
 
 
 # -- what the socket keeps -------------------------------------------------------
@@ -390,7 +391,7 @@ OPTIONS_CHECK = """
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-@pytest.mark.parametrize("host_ip,kind", [("198.18.0.1", "tcp"), ("2001:db8::1", "tcp"), ("198.18.0.1", "udp")])
+@pytest.mark.parametrize("host_ip,kind", [("198.18.0.1", "tcp"), ("2001:db8::1", "tcp"), ("2001:db8::1", "udp")])
 def test_switched_socket_keeps_options_and_flags(testbed, daemon, http, udp_echo, runtime, host_ip, kind):
     port = http(host_ip)[0] if kind == "tcp" else udp_echo(host_ip)
     args = (host_ip, port, kind)
@@ -459,21 +460,79 @@ def test_ignored_destination_goes_through_slirp4netns(testbed, daemon, http):
 @pytest.mark.parametrize("kind", ["tcp", "udp"])
 def test_a_socket_bound_to_a_container_device_stays_in_the_container(testbed, daemon, http, udp_echo, kind):
     """SO_BINDTODEVICE to the container's own interface (slirp4netns' tap0): the host has no such
-    device, so the socket is not switched; it connects through slirp4netns, still bound to it."""
-    port = http(testbed.HOST_IP4)[0] if kind == "tcp" else udp_echo(testbed.HOST_IP4)
+    device, so the socket is not switched; it connects through slirp4netns, still bound to it.
+    UDP over IPv6 (IPv4 UDP stays in the container anyway)."""
+    host = testbed.HOST_IP4 if kind == "tcp" else testbed.HOST_IP6
+    port = http(host)[0] if kind == "tcp" else udp_echo(host)
     out = container_python(testbed, daemon, """
-        import socket, sys
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if sys.argv[3] == "tcp" else socket.SOCK_DGRAM)
+        import socket, sys, time
+        host, port, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+        while ":" in host and "fd00" not in open("/proc/net/if_inet6").read():
+            time.sleep(0.05)  # slirp4netns' IPv6 address comes by router advertisement
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                          socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"tap0")
         s.settimeout(10)
-        s.connect((sys.argv[1], int(sys.argv[2])))
-        if sys.argv[3] == "udp":
+        s.connect((host, port))
+        if kind == "udp":
             s.send(b"ping")
             assert s.recv(64) == b"echo:ping"
         print(s.getsockname()[0], s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\\0").decode())
-    """, args=(testbed.HOST_IP4, port, kind))
-    assert out.split() == [SLIRP_ADDRESS, "tap0"], out
-    assert ("198.18.0.1:%d" % port, "container (bound to a container device)") in daemon.decisions()
+    """, args=(host, port, kind))
+    local, device = out.split()
+    assert device == "tap0" and (local == SLIRP_ADDRESS if kind == "tcp" else local.startswith("fd00:")), out
+    where = "%s:%d" % (host, port) if kind == "tcp" else "[%s]:%d" % (host, port)
+    assert (where, "container (bound to a container device)") in daemon.decisions()
+
+
+SHUTDOWN_UNDER_WAY = """
+    import errno, json, socket, threading, time
+    # A listener in the container that answers no SYN: backlog 0 and one connection it never
+    # accepts.  S's blocking connect to it waits in the daemon's loop (a connect in place).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    filler = socket.create_connection(address)
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 127)   # retries for hours
+    out = {}
+
+    def connect():
+        try:
+            s.connect(address)
+            out["connect"] = 0
+        except OSError as e:
+            out["connect"] = errno.errorcode[e.errno]
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    time.sleep(1)
+    s.shutdown(socket.SHUT_RDWR)   # untrapped: the handshake under way ends, the socket is new again
+    thread.join(30)
+    out["joined"] = not thread.is_alive()
+    # The daemon serves this container's next call at once, as before.
+    start = time.monotonic()
+    other = socket.socket()
+    other.settimeout(30)
+    try:
+        other.connect(("127.0.0.1", 1))   # nobody listens: ECONNREFUSED, from the daemon's loop
+    except OSError as e:
+        out["next"] = errno.errorcode[e.errno]
+    out["next_seconds"] = round(time.monotonic() - start)
+    print(json.dumps(out))
+"""
+
+
+def test_a_socket_shut_down_under_a_blocking_connect_never_holds_the_daemon(testbed, daemon):
+    """A blocking connect in place waits in the daemon's loop; another thread's shutdown() (not
+    trapped) makes the socket new again.  The daemon answers the connect as the kernel would
+    (ECONNRESET: a handshake reset) and never connects it again itself, which on the shared,
+    blocking file would wait for the hours of SYN retries the socket asked for, and hold every
+    call of the daemon's loop meanwhile."""
+    out = json.loads(container_python(testbed, daemon, SHUTDOWN_UNDER_WAY, timeout=120))
+    assert out["joined"] and out["connect"] == "ECONNRESET", out
+    assert out["next"] == "ECONNREFUSED" and out["next_seconds"] < 20, out
 
 
 def test_container_loopback_and_unix_sockets_stay_in_the_container(testbed, daemon):
@@ -558,10 +617,11 @@ def test_host_loopback_is_never_reached(testbed, daemon, host_loopback_servers):
                     print("REACHED", host, kind)
                 except OSError:
                     print("refused", host, kind)
-        # A switched UDP socket asked to send to the loopback, also through
-        # an AF_UNSPEC sockaddr, which IPv4 UDP sends to all the same: no send
-        # is trapped, and the socket is pinned to the interface of its source
-        # address, so what it sends leaves through that interface.
+        # A connected IPv4 UDP socket asked to send to the loopback, also
+        # through an AF_UNSPEC sockaddr, which IPv4 UDP sends to all the same:
+        # no send is trapped, and the socket stays in the container (with
+        # --no-udp-loopback-guard it is switched and pinned to the interface of
+        # its source address, so what it sends leaves through that interface).
         import ctypes, struct
         libc = ctypes.CDLL(None, use_errno=True)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -573,7 +633,9 @@ def test_host_loopback_is_never_reached(testbed, daemon, host_loopback_servers):
             print("sendto", family, sent, ctypes.get_errno())
     """, args=(port,))
     assert "REACHED" not in out and out.count("refused") == 10, out
-    assert "pinned %s" % testbed.VETH_A in out and out.count("sendto") == 2, out
+    # Not pinned: IPv4 UDP stays in the container (test_hostile_sequences... says why), and
+    # its sends to 127.0.0.1 reach the container's own loopback.
+    assert "pinned \n" in out and out.count("sendto") == 2, out
     time.sleep(0.5)  # what was sent had time to arrive, had it been able to
     assert reached() == []
 
@@ -621,15 +683,28 @@ HOSTILE = """
     time.sleep(4)
     out["failed"] = [errno.errorcode.get(first, first), errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), 0),
                      s.getsockname()[0], attempt(s, ("127.0.0.1", loopback_port))]
-    # A switched UDP socket: sends to the loopback, then a connect there.
+    # A connected UDP socket (switched, if the daemon switches it): sends to
+    # the loopback, plainly, with an interface in IP_PKTINFO / IPV6_PKTINFO
+    # (1: lo), and from an IPv6 socket to a v4-mapped loopback with
+    # IP_PKTINFO; then disconnected with AF_UNSPEC (which unpins a UDP socket
+    # in the kernel) and sent from again; then a connect to the loopback.
+    def send(u, destination, ancillary=()):
+        try:
+            return u.sendmsg([b"x"], list(ancillary), 0, destination)
+        except OSError as e:
+            return name(e)
+
+    ip_pktinfo = (socket.IPPROTO_IP, 8, struct.pack("=I4s4s", 1, bytes(4), bytes(4)))   # IP_PKTINFO: lo
+    ipv6_pktinfo = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, bytes(16) + struct.pack("=I", 1))
     for family, peer, loopback in ((socket.AF_INET, host4, "127.0.0.1"), (socket.AF_INET6, host6, "::1")):
         u = socket.socket(family, socket.SOCK_DGRAM)
         u.connect((peer, 9))
-        try:
-            sent = u.sendto(b"x", (loopback, loopback_port))
-        except OSError as e:
-            sent = name(e)
-        out["udp " + loopback] = [u.getsockname()[0]] + pin(u) + [sent, attempt(u, (loopback, loopback_port))]
+        to = (loopback, loopback_port)
+        got = [u.getsockname()[0]] + pin(u)
+        got += [send(u, to), send(u, to, [ip_pktinfo if family == socket.AF_INET else ipv6_pktinfo])]
+        got.append(send(u, ("::ffff:127.0.0.1", loopback_port), [ip_pktinfo]) if family == socket.AF_INET6 else "-")
+        got += [disconnect(u)] + pin(u) + [send(u, to), attempt(u, to)]
+        out["udp " + loopback] = got
     print(json.dumps(out))
 """
 
@@ -648,11 +723,44 @@ def test_hostile_sequences_never_reach_the_hosts_loopback(testbed, daemon, http,
     first, later, switched, retried = out["failed"]
     assert (first, later, switched) == ("EINPROGRESS", "EHOSTUNREACH", testbed.HOST_IP4), out
     assert retried == "ENETUNREACH", out
-    for loopback, switched in (("127.0.0.1", testbed.HOST_IP4), ("::1", testbed.HOST_IP6)):
-        got = out["udp " + loopback]
-        assert got[:3] == [switched, testbed.VETH_A, "EPERM"] and got[4] == "ENETUNREACH", out
+    # IPv6 UDP is switched, pinned (a send to ::1 leaves through the interface; IPV6_PKTINFO
+    # naming another interface is refused) and IPV6_V6ONLY (a v4-mapped send with IP_PKTINFO
+    # would pass the pin); still pinned after AF_UNSPEC (the daemon gives it a fresh pinned socket).
+    v6 = testbed.VETH_A
+    assert out["udp ::1"] == [testbed.HOST_IP6, v6, "EPERM", 1, "EINVAL", "ENETUNREACH",
+                              0, v6, "EPERM", 1, "ENETUNREACH"], out
+    # IPv4 UDP stays in the container (IP_PKTINFO names an interface past any pin): its sends
+    # reach the container's own loopback, where nobody listens.
+    got = out["udp 127.0.0.1"]
+    assert got[0] == SLIRP_ADDRESS and got[1:3] == ["", "UNPINNED"] and got[5:8] == ["-", 0, ""], out
     time.sleep(0.5)
     assert reached() == []
+    assert ("%s:9" % testbed.HOST_IP4, "container (IPv4 UDP: its datagrams' IP_PKTINFO would pass the pin)") \
+        in daemon.decisions()
+
+
+def test_without_the_udp_guard_ipv4_udp_is_switched_and_ip_pktinfo_reaches_the_loopback(
+        testbed, http, host_loopback_servers):
+    """--no-udp-loopback-guard: what it gives up, measured.  A switched IPv4 UDP socket is pinned
+    as any other, but a datagram whose IP_PKTINFO names the loopback interface goes there (from
+    127.0.0.1); the rest of the hostile sequence still does not (AF_UNSPEC keeps it pinned)."""
+    d = Daemon(["--ignore", "10.0.0.0/8,198.18.1.0/24", "--no-udp-loopback-guard"])
+    try:
+        loopback_port, reached = host_loopback_servers
+        port, _body = http("::")
+        out = json.loads(container_python(testbed, d, HOSTILE, args=(testbed.HOST_IP4, testbed.HOST_IP6, port,
+                                                                     loopback_port)))
+        got = out["udp 127.0.0.1"]
+        assert got == [testbed.HOST_IP4, testbed.VETH_A, "EPERM", 1, 1, "-", 0, testbed.VETH_A, "EPERM", 1,
+                       "ENETUNREACH"], out
+        # And an IPv6 socket, no longer IPV6_V6ONLY, sends to ::ffff:127.0.0.1 the same way.
+        assert out["udp ::1"][5] == 1, out
+        time.sleep(0.5)
+        peers = reached()
+        assert len(peers) == 2 and all(peer.startswith("('127.0.0.1', ") for peer in peers), peers
+        assert "--no-udp-loopback-guard: containers' connected IPv4 UDP sockets are switched" in d.log()
+    finally:
+        assert d.stop() == 0
 
 
 RACER = r"""
@@ -772,8 +880,8 @@ SENDS = """
         tcp.sendmsg([b""])
         udp.sendto(b"x", (host, 9))
         udp.sendmsg([b"x"], [], 0, (host, 9))
-    connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    connected.connect((host, 9))
+    connected = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # IPv4 UDP stays in the container
+    connected.connect((sys.argv[4], 9))
     print(json.dumps({"tcp": tcp.getsockname()[0], "udp": connected.getsockname()[0]}))
 """
 
@@ -781,10 +889,11 @@ SENDS = """
 def test_default_profile_switches_tcp_and_udp_and_traps_no_plain_send(testbed, tcp_daemon, http):
     port, _body = http(testbed.HOST_IP4)
     gone_before = tcp_daemon.log().count(": gone (")
-    out = json.loads(container_python(testbed, tcp_daemon, SENDS, args=(testbed.HOST_IP4, port, 1000)))
+    out = json.loads(container_python(testbed, tcp_daemon, SENDS, args=(testbed.HOST_IP4, port, 1000,
+                                                                        testbed.HOST_IP6)))
     assert out["tcp"] == testbed.HOST_IP4, "the TCP connection was not bypassed"
-    assert out["udp"] == testbed.HOST_IP4, "the connected UDP socket was not switched"
-    assert ("198.18.0.1:9", "bypassed") in tcp_daemon.decisions()
+    assert out["udp"] == testbed.HOST_IP6, "the connected UDP socket was not switched"
+    assert ("[2001:db8::1]:9", "bypassed") in tcp_daemon.decisions()
     counters = gone_counters(tcp_daemon, gone_before)
     # 4000 sends on unix, TCP and UDP sockets: none reached the daemon.  What
     # did: the two connects, and what the runtime and python3 do at start.
@@ -844,7 +953,7 @@ OLD_UDP_PROFILE = {
 
 OLD_PROFILE_SENDS = """
     import errno, json, socket, sys
-    host, udp_port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    host, udp_port, n, host6 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     a, b = socket.socketpair()
     unconnected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     unconnected.settimeout(2)
@@ -853,9 +962,9 @@ OLD_PROFILE_SENDS = """
         a.sendmsg([b"x"]); b.recv(1)
         unconnected.sendto(b"x", (host, udp_port))
         echoed += unconnected.recv(10) == b"echo:x"
-    connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    connected = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # IPv4 UDP stays in the container
     connected.settimeout(2)
-    connected.connect((host, udp_port))
+    connected.connect((host6, udp_port))
     connected.sendmsg([b"y"])
     out = {"echoed": echoed, "connected": connected.getsockname()[0], "answer": connected.recv(10).decode()}
     try:
@@ -869,7 +978,7 @@ OLD_PROFILE_SENDS = """
 def test_a_profile_made_by_an_older_seccomp_gen_udp_keeps_working(testbed, tcp_daemon, udp_echo):
     """Its plain sends are trapped and run as made; a connected UDP
     socket is switched as under the one profile; a TCP Fast Open send is refused."""
-    port = udp_echo(testbed.HOST_IP4)
+    port = udp_echo("::")  # both families
     profile = os.path.join(testbed.WORKDIR, "old-udp-%s.json" % uuid.uuid4().hex[:8])
     with open(profile, "w") as f:
         json.dump(dict(OLD_UDP_PROFILE, listenerPath=tcp_daemon.socket), f)
@@ -877,11 +986,11 @@ def test_a_profile_made_by_an_older_seccomp_gen_udp_keeps_working(testbed, tcp_d
     gone_before = tcp_daemon.log().count(": gone (")
     try:
         argv = testbed.run_container(["python3", "-c", textwrap.dedent(OLD_PROFILE_SENDS), testbed.HOST_IP4,
-                                      str(port), "200"], seccomp=profile)
+                                      str(port), "200", testbed.HOST_IP6], seccomp=profile)
         out = json.loads(run(argv, timeout=180, check=True).stdout)
     finally:
         os.unlink(profile)
-    assert out == {"echoed": 200, "connected": testbed.HOST_IP4, "answer": "echo:y",
+    assert out == {"echoed": 200, "connected": testbed.HOST_IP6, "answer": "echo:y",
                    "fastopen": errno.errorcode[errno.EOPNOTSUPP]}  # ENOTSUP: the same number on Linux
     counters = gone_counters(tcp_daemon, gone_before)
     assert counters["notifications"] >= 400 and counters["bypassed"] == 1 and counters["errors"] == 0, counters

@@ -824,7 +824,8 @@ AUTO_CLIENT = """
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_ignore_auto_learns_the_container_subnets(testbed, daemon, runtime):
-    d = daemon(["--ignore", "auto"])
+    # Connected UDP sockets are the probes: IPv4 ones are switched only without the UDP guard.
+    d = daemon(["--ignore", "auto", "--no-udp-loopback-guard"])
     argv = testbed.run_container(["python3", "-c", textwrap.dedent(AUTO_CLIENT)], runtime=runtime,
                                  seccomp=d.profile)
     local = json.loads(run(argv, check=True).stdout)
@@ -855,7 +856,7 @@ SUBNET_CHANGE_CLIENT = """
 
 def test_ignore_auto_is_refreshed_on_sighup(testbed, daemon):
     """A subnet the container gains is auto-ignored once SIGHUP made the daemon read them again."""
-    d = daemon(["--ignore", "auto"])
+    d = daemon(["--ignore", "auto", "--no-udp-loopback-guard"])  # its probe: a connected IPv4 UDP socket
     name = name_of("hup")
     client = attach_python(testbed, d, SUBNET_CHANGE_CLIENT, name=name, extra=["--cap-add", "NET_ADMIN"])
     try:

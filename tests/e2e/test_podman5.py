@@ -436,14 +436,20 @@ def test_published_udp_port_answers_from_the_host(testbed, bed, daemon, detached
 
 @pytest.mark.parametrize("host_ip", ["198.18.1.1", "2001:db8:1::1"])
 def test_connected_udp_socket_is_switched(testbed, bed, daemon, udp_echo, host_ip):
-    """A connected UDP socket to the host's other address (test_bypass.py's echo server) is switched
-    at its connect: its address is the host's, not pasta's copy (198.18.0.1, 2001:db8::1), and the
-    echo comes back to it."""
+    """A connected IPv6 UDP socket to the host's other address (test_bypass.py's echo server) is
+    switched at its connect: its address is the host's, not pasta's copy (2001:db8::1), and the echo
+    comes back to it.  An IPv4 one stays in the container (pasta's socket), where the echo comes
+    back too: IP_PKTINFO would take its datagrams past a pin."""
     port = udp_echo(host_ip)
     out = json.loads(container_python(bed, daemon, DNS_PROBE, [host_ip, port, "udp", b"ping".hex()]))
     assert bytes.fromhex(out["answer"]) == b"echo:ping"
-    assert out["sockname"] == host_ip, "not switched: pasta's socket"
-    assert (where(host_ip, port), "bypassed") in daemon.decisions()
+    if ":" in host_ip:
+        assert out["sockname"] == host_ip, "not switched: pasta's socket"
+        assert (where(host_ip, port), "bypassed") in daemon.decisions()
+    else:
+        assert out["sockname"] != host_ip, "switched"
+        assert (where(host_ip, port), "container (IPv4 UDP: its datagrams' IP_PKTINFO would pass the pin)") \
+            in daemon.decisions()
 
 
 # -- race and safety ----------------------------------------------------------------------
@@ -492,23 +498,26 @@ def test_hostile_sequences_never_reach_the_hosts_loopback(testbed, bed, daemon, 
     """test_bypass.py's hostile sequences, with the user's flags (`auto`), against the namespace's
     other addresses (its first ones are the container's own on pasta): a bypassed TCP connection
     disconnected (AF_UNSPEC) and reconnected to the loopback (v4, v6, v4-mapped), a failed
-    non-blocking connect retried there, a switched UDP socket sending there and connected there.
-    Each host socket is pinned to its interface (the container cannot unpin it), each trapped call
-    to the loopback is refused, and nothing reaches the loopback's servers."""
+    non-blocking connect retried there, a connected UDP socket sending there (also with IP_PKTINFO
+    or IPV6_PKTINFO naming the loopback interface), disconnected and sending again, and connected
+    there.  Each host socket is pinned to its interface (the container cannot unpin it), each
+    trapped call to the loopback is refused, IPv4 UDP stays in the container (pasta's), and nothing
+    reaches the loopback's servers."""
     loopback_port, reached = host_loopback_servers
     port, _body = http("::")
     four, six = testbed.HOST_IP4_B, testbed.HOST_IP6_B
     out = json.loads(container_python(bed, daemon, HOSTILE, [four, six, port, loopback_port]))
-    # What the kernel made of the UDP sends to the loopback: reached() says where they went.
-    sent = {key: out[key].pop(3) for key in ("udp 127.0.0.1", "udp ::1")}
+    # What the kernel made of the plain UDP sends to the loopback: reached() says where they went.
+    sent = {key: [out[key].pop(9), out[key].pop(3)] for key in ("udp 127.0.0.1", "udp ::1")}
+    v4 = out.pop("udp 127.0.0.1")
+    assert v4[0] != four and v4[1:3] == ["", "UNPINNED"] and v4[4:7] == ["-", 0, ""], (v4, sent)
     pinned, refused = [testbed.VETH_B, "EPERM"], "ENETUNREACH"
     assert out == {
         "tcp 127.0.0.1": [four, *pinned, 0, refused],
         "tcp ::1": [six, *pinned, 0, refused],
         "tcp ::ffff:127.0.0.1": ["::ffff:" + four, *pinned, 0, refused],
         "failed": ["EINPROGRESS", "EHOSTUNREACH", four, refused],  # nobody answers ARP for .77
-        "udp 127.0.0.1": [four, *pinned, refused],
-        "udp ::1": [six, *pinned, refused],
+        "udp ::1": [six, *pinned, "EINVAL", refused, 0, *pinned, refused],
     }, (out, sent)
     time.sleep(0.5)  # what was sent had time to arrive, had it been able to
     assert reached() == []

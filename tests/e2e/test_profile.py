@@ -50,8 +50,8 @@ NETWORK_PROBE = """
     s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
     s.sendall(b"GET /index.txt HTTP/1.0\\r\\n\\r\\n")
     data = s.makefile("rb").read()
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.connect((sys.argv[1], 9))
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # IPv4 UDP stays in the container
+    u.connect((sys.argv[3], 9))
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.send(b"send")
     a.sendmsg([b"sendmsg"])
@@ -244,12 +244,12 @@ def test_generator_and_wrapper_give_the_same_profile(profiles):
 @pytest.mark.parametrize("kind", ["default", "allow-all"])
 def test_profile_is_accepted_and_the_bypass_works(testbed, daemon, profiles, http, runtime, kind):
     port, body = http()
-    res = container(testbed, NETWORK_PROBE, profiles[kind], runtime, [testbed.HOST_IP4, port])
+    res = container(testbed, NETWORK_PROBE, profiles[kind], runtime, [testbed.HOST_IP4, port, testbed.HOST_IP6])
     assert res.returncode == 0, res.stderr
     seen = json.loads(res.stdout)
     assert seen["body"] == body
     assert seen["sockname"] == testbed.HOST_IP4, "not bypassed: the socket is on slirp4netns"
-    assert seen["udp"] == testbed.HOST_IP4, "the connected UDP socket was not switched"
+    assert seen["udp"] == testbed.HOST_IP6, "the connected UDP socket was not switched"
     assert seen["pair"] == ["send", "sendmsg"]
     assert ("198.18.0.1:%d" % port, "bypassed") in daemon.decisions()
 

@@ -10,8 +10,11 @@ accepted and changes nothing.)
 """
 
 import json
+import os
 import re
+import shutil
 import subprocess
+import tempfile
 import textwrap
 
 import pytest
@@ -270,3 +273,68 @@ def test_without_the_guard_the_race_reaches_through_a_published_socket(testbed, 
     which cannot be pinned, swapped in under a unix connect, reaches the host's loopback."""
     out, accepted = swap_race(testbed, unguarded, "bind")
     assert "accepted a connection" in accepted, (out, accepted)
+
+
+HOST_GROUP = "b4ns-hostgroup"   # a host group of the daemon's user, unmapped in its containers
+
+GROUP_SERVER = """
+import grp, os, socket, sys
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+os.chown(path, 0, grp.getgrnam(sys.argv[2]).gr_gid)
+os.chmod(path, 0o660)
+s.listen(8)
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+GROUP_CLIENT = """
+import errno, json, os, socket, sys
+out = {}
+# The helper's groups first: a helper that has taken a caller's groups once has lost the
+# host's (unmapped: setgroups() of what it sees cannot give them back).
+own = os.getgroups()
+for name, groups in (("the helper's", [int(g) for g in sys.argv[2].split(",")]), ("own", own)):
+    os.setgroups(groups)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(sys.argv[1])
+        out[name] = "CONNECTED"
+    except OSError as e:
+        out[name] = errno.errorcode[e.errno]
+print(json.dumps(out))
+"""
+
+
+def test_the_helper_never_brings_the_daemons_host_groups(testbed, server):
+    """A socket file of a host group the daemon's user is in (root:GROUP 0660, as a rootless
+    docker.sock would be), mounted into a container: its root cannot connect natively, whatever
+    groups it takes, and neither through the helper, not even with the groups the helper itself
+    shows inside (the host's, unmapped, are 65534 there)."""
+    subprocess.run(["groupadd", "-f", HOST_GROUP], check=True)
+    subprocess.run(["gpasswd", "-a", testbed.USER, HOST_GROUP], check=True, stdout=subprocess.DEVNULL)
+    d = shared = None
+    try:
+        d = Daemon([])
+        shared = tempfile.mkdtemp(prefix="b4ns-groups-", dir=testbed.WORKDIR)
+        os.chmod(shared, 0o755)
+        path = os.path.join(shared, "sock")
+        proc = server(["python3", "-c", GROUP_SERVER, path, HOST_GROUP], stdout=subprocess.PIPE,
+                      universal_newlines=True)
+        assert proc.stdout.readline() == "ready\n"
+        user_gid = testbed.user_gid()
+        # The daemon's groups as its helper sees them inside: its own gid is root's there.
+        inside = sorted(0 if g == user_gid else 65534 for g in os.getgrouplist(testbed.USER, user_gid))
+        argv = ["python3", "-c", GROUP_CLIENT, "/shared/sock", ",".join(map(str, inside))]
+        for profile in (None, d.profile):
+            out = json.loads(run(testbed.run_container(argv, seccomp=profile, extra=["-v", "%s:/shared" % shared]),
+                                 check=True, timeout=180).stdout)
+            assert out == {"own": "EACCES", "the helper's": "EACCES"}, (profile, out)
+    finally:
+        if d is not None:
+            assert d.stop() == 0
+        subprocess.run(["gpasswd", "-d", testbed.USER, HOST_GROUP], stdout=subprocess.DEVNULL)
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
