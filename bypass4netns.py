@@ -284,6 +284,33 @@ def setns(fd, nstype):
     _retry(_libc.setns, fd, nstype)
 
 
+_CAP_HEADER = struct.Struct("=Ii")          # __user_cap_header_struct: version, pid
+_CAP_DATA = struct.Struct("=6I")            # two __user_cap_data_structs: effective, permitted, inheritable
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capabilities():
+    """This thread's (effective, permitted, inheritable) capabilities, 64-bit masks."""
+    header = ctypes.create_string_buffer(_CAP_HEADER.pack(_LINUX_CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(_CAP_DATA.size)
+    if _libc.capget(header, data) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    e0, p0, i0, e1, p1, i1 = _CAP_DATA.unpack(data.raw)
+    return e0 | e1 << 32, p0 | p1 << 32, i0 | i1 << 32
+
+
+def set_capabilities(effective, permitted):
+    """capset: these effective and permitted capabilities (masks), none inheritable."""
+    header = ctypes.create_string_buffer(_CAP_HEADER.pack(_LINUX_CAPABILITY_VERSION_3, 0))
+    mask = 0xFFFFFFFF
+    data = ctypes.create_string_buffer(_CAP_DATA.pack(effective & mask, permitted & mask, 0,
+                                                      effective >> 32, permitted >> 32, 0))
+    if _libc.capset(header, data) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _ioctl(fd, request, arg):
     """fcntl.ioctl, retried on EINTR; a writable `arg` gets what the kernel writes back."""
     while True:
@@ -1019,12 +1046,13 @@ def parse_fdinfo_flags(info):
 
 
 # /proc/TID/status's umask, effective uid and gid, and groups, as bytes (one search, no decoding).
-_STATUS_IDS = re.compile(rb"\nUmask:\t([0-7]+)\n.*?\nUid:\t\d+\t(\d+)\t.*?\nGid:\t\d+\t(\d+)\t.*?\nGroups:\t?([\d ]*)\n",
-                         re.S)
+_STATUS_IDS = re.compile(rb"\nUmask:\t([0-7]+)\n.*?\nUid:\t\d+\t(\d+)\t.*?\nGid:\t\d+\t(\d+)\t.*?\nGroups:\t?([\d ]*)\n"
+                         rb".*?\nCapEff:\t([0-9a-f]+)\n", re.S)
 
 
 def status_id_fields(data):
-    """/proc/TID/status (bytes) -> its raw (umask, euid, egid, groups) fields: a cache key."""
+    """/proc/TID/status (bytes) -> its raw (umask, euid, egid, groups, effective capabilities)
+    fields: a cache key."""
     found = _STATUS_IDS.search(data)
     if found is None:
         raise OSError(errno.EINVAL, "no ids in /proc/TID/status")
@@ -1032,10 +1060,10 @@ def status_id_fields(data):
 
 
 def parse_status_ids(fields):
-    """status_id_fields() -> (effective uid, effective gid, groups, umask), ids as the reader's user
-    namespace sees them."""
-    umask, euid, egid, groups = fields
-    return int(euid), int(egid), tuple(int(g) for g in groups.split()), int(umask, 8)
+    """status_id_fields() -> (effective uid, effective gid, groups, umask, effective capabilities
+    as a bit mask), ids as the reader's user namespace sees them."""
+    umask, euid, egid, groups, caps = fields
+    return int(euid), int(egid), tuple(int(g) for g in groups.split()), int(umask, 8), int(caps, 16)
 
 
 def parse_id_map(text):
@@ -1543,6 +1571,9 @@ class HostSockets:
         self.interfaces = HostInterfaces(events)  # where switched client sockets are pinned
         self.templates = {}         # (family, type, proto) -> Template
         self.own_netns = own_netns_id()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:  # the host's: this netns's
+            low, high = map(int, f.read().split())
+        self.ephemeral = range(low, high + 1)  # ports a bound container socket may take on the host
 
     def is_host_socket(self, sock):
         """Whether `sock` lives in the daemon's (the host's) network namespace: switched already."""
@@ -2240,6 +2271,11 @@ class Switcher:
         bound_ip, bound_port = sock.getsockname()[:2]
         if bound_ip not in ("0.0.0.0", "::"):
             raise NotSwitched("bound to a container address")
+        if bound_port and bound_port not in hosts.ephemeral:
+            # The host socket would hold that port on the host (and could keep a host service
+            # from binding it): only the host's ephemeral ports, which its kernel hands out
+            # to anybody, are taken so.
+            raise NotSwitched("bound to port %d, not one of the host's ephemeral ports" % bound_port)
         diffs = hosts.differences(sock, kind, proto)
         twin = self.host_twin(call, kind | socket.SOCK_NONBLOCK, proto)
         if twin is None:
@@ -5329,8 +5365,9 @@ class HelperWire:
     STAND_IN = 5            # a listener at an address and port of the container's, for a probe
     END_STAND_IN = 6
     WITH_ROOT, WITH_CWD, WITH_NOTIFY_FD = 1, 2, 4   # REQUEST's flags: which fds ride along
-    # op, flags, Inflight slot, filter key, notification id, euid, egid, umask, backlog, group count
-    REQUEST = struct.Struct("=BBxxIQQIIIiH")
+    # op, flags, Inflight slot, filter key, notification id, euid, egid, umask, backlog, effective
+    # capabilities, group count
+    REQUEST = struct.Struct("=BBxxIQQIIIiQH")
     REPLY = struct.Struct("=i")         # an ask's answer: 0 or -errno
     READY = struct.Struct("=QQ")        # the helper's first words: its root's st_dev and st_ino
     MAX_GROUPS = 4096
@@ -5345,15 +5382,15 @@ class HelperWire:
     @classmethod
     def encode_call(cls, op, flags, slot, key, notif_id, ids, backlog, raw):
         """The request for call `op` (a trapped call's name) as ids (euid, egid, umask, groups
-        packed) would make it."""
-        euid, egid, umask, groups = ids
-        return (cls.REQUEST.pack(cls.OPS[op], flags, slot, key, notif_id, euid, egid, umask, backlog,
+        packed, effective capabilities) would make it."""
+        euid, egid, umask, groups, caps = ids
+        return (cls.REQUEST.pack(cls.OPS[op], flags, slot, key, notif_id, euid, egid, umask, backlog, caps,
                                  len(groups) // 4) + groups + raw)
 
     @classmethod
     def encode_ask(cls, op, raw):
         """The request for ask `op` about sockaddr `raw`."""
-        return cls.REQUEST.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, 0) + raw
+        return cls.REQUEST.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0) + raw
 
     @classmethod
     def decode(cls, data):
@@ -5480,8 +5517,8 @@ class NamespaceHelper(HelperWire):
 
     def inside(self, fields):
         """The ids of status_id_fields() as the container names them: (euid, egid, umask, groups
-        packed), kept for the next call with the same ones."""
-        euid, egid, groups, umask = parse_status_ids(fields)
+        packed, effective capabilities), kept for the next call with the same ones."""
+        euid, egid, groups, umask, caps = parse_status_ids(fields)
         if len(groups) > self.MAX_GROUPS:
             raise OSError(errno.EINVAL, "too many groups")
         inside = [map_into(self.uid_map, euid), map_into(self.gid_map, egid)]
@@ -5490,7 +5527,7 @@ class NamespaceHelper(HelperWire):
             raise OSError(errno.EPERM, "the caller's ids are not the container's")
         if len(self.identities) >= self.IDENTITIES_KEPT:
             self.identities.clear()
-        ids = self.identities[fields] = (inside[0], inside[1], umask, self.pack_groups(inside[2:]))
+        ids = self.identities[fields] = (inside[0], inside[1], umask, self.pack_groups(inside[2:]), caps)
         return ids
 
     def reclaim(self, inflight):
@@ -5533,25 +5570,31 @@ class NamespaceHelper(HelperWire):
 class Identity:
     """The ids a HelperProcess makes its calls with: its own, or its last caller's.
 
-    It keeps a caller's effective ids after a call (its real and saved ids
-    stay its own, so it can always take its own back) and changes them only
-    when a call needs other ones.
+    Ids are (euid, egid, sorted groups, effective capabilities as a bit
+    mask).  It keeps a caller's after a call (its real and saved ids, and
+    its permitted capabilities, stay its own, so it can always take its own
+    back) and changes them only when a call needs other ones.  The
+    capabilities matter as much as the ids: the helper has every capability
+    in the container's user namespace, and a caller whose root lacks some
+    (podman's defaults, --cap-drop) must meet the same refusals through it.
     """
 
-    __slots__ = ("own", "current", "umask")
+    __slots__ = ("own", "current", "umask", "permitted")
 
     def __init__(self):
-        self.own = self.current = (os.geteuid(), os.getegid(), tuple(sorted(os.getgroups())))
+        self.permitted = capabilities()[1]
+        self.own = self.current = (os.geteuid(), os.getegid(), tuple(sorted(os.getgroups())), self.permitted)
         self.umask = os.umask(0o022)
         os.umask(self.umask)
 
     def become(self, ids):
-        """Take on `ids` (euid, egid, sorted groups); OSError if the caller's cannot be taken.
-        A failure to take its own back is fatal: the helper must not go on (SystemExit)."""
+        """Take on `ids`; OSError if the caller's cannot be taken.  A failure to take its own
+        back is fatal: the helper must not go on (SystemExit)."""
         if ids == self.current:
             return
         if self.current != self.own:
             try:
+                set_capabilities(self.permitted, self.permitted)  # first: what the rest takes
                 os.setresuid(-1, self.own[0], -1)
                 os.setresgid(-1, self.own[1], -1)
                 os.setgroups(self.own[2])
@@ -5559,10 +5602,11 @@ class Identity:
                 raise SystemExit("a namespace helper cannot take its own ids back")
             self.current = self.own
         if ids != self.own:
-            euid, egid, groups = ids
+            euid, egid, groups, caps = ids
             os.setgroups(groups)
             os.setresgid(-1, egid, -1)
             os.setresuid(-1, euid, -1)
+            set_capabilities(caps & self.permitted, self.permitted)  # last: the ids took some
             self.current = ids
 
     def set_umask(self, umask):
@@ -5656,7 +5700,7 @@ class HelperProcess(HelperWire):
     def make_call(self, request, groups, raw, fds):
         """One call as its caller (decode()'s request, groups and sockaddr; the fds that came with
         it); 0 or -errno."""
-        op, flags, _slot, _key, _notif_id, euid, egid, umask, backlog, _count = request
+        op, flags, _slot, _key, _notif_id, euid, egid, umask, backlog, caps, _count = request
         identity = self.identity
         fds = iter(fds)
         sock = next(fds)
@@ -5672,7 +5716,7 @@ class HelperProcess(HelperWire):
                     chrooted = True
                 if cwd is not None:
                     os.fchdir(cwd)
-                identity.become((euid, egid, tuple(sorted(groups))))
+                identity.become((euid, egid, tuple(sorted(groups)), caps))
                 identity.set_umask(umask)
             except OSError as e:
                 return -(e.errno or errno.EPERM)

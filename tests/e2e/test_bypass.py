@@ -535,6 +535,28 @@ def test_a_socket_shut_down_under_a_blocking_connect_never_holds_the_daemon(test
     assert out["next"] == "ECONNREFUSED" and out["next_seconds"] < 20, out
 
 
+def test_a_socket_bound_to_a_service_port_stays_in_the_container(testbed, daemon, http):
+    """A client socket bound to a port outside the host's ephemeral range before its connect: the
+    host socket would hold that port on the host, so it stays in the container; one bound to an
+    ephemeral port is switched with it."""
+    port, body = http(testbed.HOST_IP4)
+    ephemeral = testbed.free_port()   # one the host's kernel handed out, free again
+    out = json.loads(container_python(testbed, daemon, """
+        import json, socket, sys
+        host, port = sys.argv[1], int(sys.argv[2])
+        out = {}
+        for name, local in (("service", 6379), ("ephemeral", int(sys.argv[3]))):
+            s = socket.socket()
+            s.bind(("0.0.0.0", local))
+            s.connect((host, port))
+            out[name] = s.getsockname()
+        print(json.dumps(out))
+    """, args=(testbed.HOST_IP4, port, ephemeral)))
+    assert out == {"service": [SLIRP_ADDRESS, 6379], "ephemeral": [testbed.HOST_IP4, ephemeral]}, out
+    assert ("198.18.0.1:%d" % port, "container (bound to port 6379, not one of the host's ephemeral ports)") \
+        in daemon.decisions()
+
+
 def test_container_loopback_and_unix_sockets_stay_in_the_container(testbed, daemon):
     out = container_python(testbed, daemon, """
         import os, socket, threading

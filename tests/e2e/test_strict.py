@@ -338,3 +338,40 @@ def test_the_helper_never_brings_the_daemons_host_groups(testbed, server):
         subprocess.run(["gpasswd", "-d", testbed.USER, HOST_GROUP], stdout=subprocess.DEVNULL)
         if shared is not None:
             shutil.rmtree(shared, ignore_errors=True)
+
+
+CAP_DROPPED = """
+import errno, json, os, socket
+os.makedirs("/tmp/c", exist_ok=True)
+server = socket.socket(socket.AF_UNIX)
+server.bind("/tmp/c/sock")
+server.listen(8)
+os.chmod("/tmp/c/sock", 0o600)
+os.chown("/tmp/c/sock", 1000, 1000)   # another uid's, which only DAC_OVERRIDE opens to root
+out = {}
+for path in ("/tmp/c/sock", "@abstract"):
+    s = socket.socket(socket.AF_UNIX)
+    if path.startswith("@"):
+        server2 = socket.socket(socket.AF_UNIX)
+        server2.bind("\\0b4ns-caps")
+        server2.listen(1)
+        path = "\\0b4ns-caps"
+    try:
+        s.connect(path)
+        out[path.strip("\\0")] = "CONNECTED"
+    except OSError as e:
+        out[path.strip("\\0")] = errno.errorcode[e.errno]
+print(json.dumps(out))
+"""
+
+
+def test_the_helper_has_the_callers_capabilities_no_more(testbed, daemon):
+    """A container whose root lacks DAC_OVERRIDE (--cap-drop) cannot connect to another uid's 0600
+    socket, natively; nor through the helper, which has every capability of the container's user
+    namespace and takes on the caller's.  An abstract name still connects (no permission check)."""
+    extra = ["--cap-drop", "DAC_OVERRIDE", "--cap-drop", "DAC_READ_SEARCH"]
+    argv = ["python3", "-c", CAP_DROPPED]
+    for profile in (None, daemon.profile):
+        out = json.loads(run(testbed.run_container(argv, seccomp=profile, extra=extra), check=True,
+                             timeout=180).stdout)
+        assert out == {"/tmp/c/sock": "EACCES", "b4ns-caps": "CONNECTED"}, (profile, out)

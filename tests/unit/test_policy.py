@@ -600,12 +600,13 @@ Tgid:\t42
 Uid:\t101000\t101001\t101002\t101001
 Gid:\t101000\t101003\t101000\t101003
 FDSize:\t64
-Groups:\t101003 100000 \nNStgid:\t42\n"""
+Groups:\t101003 100000 \nNStgid:\t42\nCapInh:\t0000000000000000\nCapPrm:\t00000000a80425fb
+CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\n"""
 
 
-def test_parse_status_ids_takes_the_effective_ids_and_the_umask():
+def test_parse_status_ids_takes_the_effective_ids_the_umask_and_the_effective_capabilities():
     fields = b4ns.status_id_fields(STATUS)
-    assert b4ns.parse_status_ids(fields) == (101001, 101003, (101003, 100000), 0o027)
+    assert b4ns.parse_status_ids(fields) == (101001, 101003, (101003, 100000), 0o027, 0xa80425fb)
 
 
 def test_parse_status_ids_with_no_groups():
@@ -614,10 +615,10 @@ def test_parse_status_ids_with_no_groups():
 
 def test_status_ids_of_a_real_process():
     with open("/proc/self/status", "rb") as f:
-        euid, egid, groups, umask = b4ns.parse_status_ids(b4ns.status_id_fields(f.read()))
+        euid, egid, groups, umask, caps = b4ns.parse_status_ids(b4ns.status_id_fields(f.read()))
     old = os.umask(0o022)
     os.umask(old)
-    assert (euid, egid, umask) == (os.geteuid(), os.getegid(), old)
+    assert (euid, egid, umask, caps) == (os.geteuid(), os.getegid(), old, b4ns.capabilities()[0])
     assert sorted(groups) == sorted(os.getgroups())
 
 
