@@ -1732,6 +1732,8 @@ class NamespaceHelpers:
     helper's replies come through `events`; the calls it had not answered when it ends fail
     (their Inflight slots in `inflight`)."""
 
+    HELPERS_PER_CONTAINER = 16   # sets of namespaces per container with a helper; beyond: EAGAIN
+
     def __init__(self, events, inflight):
         self.events, self.inflight = events, inflight
         self.own_namespaces = namespace_inodes("self")
@@ -1741,6 +1743,10 @@ class NamespaceHelpers:
         container = call.container
         helper = container.helpers.get(namespaces)
         if helper is None:
+            if len(container.helpers) >= self.HELPERS_PER_CONTAINER:
+                # Each is a process in the daemon's cgroup, not the container's: a
+                # container that makes namespaces in a loop must not fill the host.
+                raise OSError(errno.EAGAIN, "too many sets of namespaces")
             helper = container.helpers[namespaces] = self.start(
                 call.tid, container.short_id, lambda: self.end(container, namespaces, errno.EIO), namespaces)
         return helper
@@ -1977,16 +1983,20 @@ class Switcher:
     def let_run(self, call):
         """Let the call run untouched in the container: the decision read nothing from memory.
 
-        An i386 socketcall is the exception: the kernel reads its arguments,
-        fd included, from memory again, so another thread could put a
-        switched socket there.  It runs only in a container that holds none.
+        An i386 socketcall send is the exception: the kernel would read its
+        arguments, fd and flags included, from memory again, where another
+        thread may have put MSG_FASTOPEN and a host socket since, even one
+        switched after this answer (a published port's, bound and not
+        listening yet, unpinned).  It is refused (ENOSYS, as a kernel without
+        socketcall answers): glibc makes direct calls on the kernels this
+        daemon runs on; only static i386 binaries of an older libc send so.
         """
-        container = call.container
-        if call.args_in_memory and container.holds_switched_sockets():
+        if call.args_in_memory:
+            container = call.container
             if not container.warned_socketcall:
                 container.warned_socketcall = True
-                log.warning("container %s: refusing socketcall(2) on a socket the daemon cannot handle, "
-                            "since the container holds switched sockets", container.short_id)
+                log.warning("container %s: refusing socketcall(2) sends (ENOSYS): the kernel would read "
+                            "their flags again", container.short_id)
             call.fail(errno.ENOSYS)
             return
         call.let_run()
@@ -2755,11 +2765,6 @@ class Container:
         if len(self.probes) >= self.PROBES_KEPT:
             self.probes.clear()
         self.probes[dest] = (reachable, time.monotonic() + (self.PROBE_TRUSTED if reachable else self.PROBE_DOUBTED))
-
-    def holds_switched_sockets(self):
-        """Whether any server has put a host socket in this container."""
-        totals = self.table.totals(self.slot)
-        return bool(totals[COUNT_BYPASSED] + totals[COUNT_PUBLISHED])
 
     def auto_networks(self, tid, is_host_address):
         """What `--ignore auto` keeps in the container (compiled), read from its network namespace

@@ -188,6 +188,44 @@ def test_static_c_client_and_threads(testbed, daemon, server, tmp_path, abi):
     assert run(argv, check=True).stdout.split() == [testbed.HOST_IP4, testbed.HOST_IP4]
 
 
+SOCKETCALL_SEND = r"""
+#include <errno.h>
+#include <linux/net.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    /* sendto through socketcall(2) itself, whatever the libc does: its arguments are in memory. */
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(9)};
+    inet_pton(AF_INET, argv[1], &to.sin_addr);
+    long args[6] = {socket(AF_INET, SOCK_DGRAM, 0), (long)"x", 1, 0, (long)&to, sizeof to};
+    long sent = syscall(SYS_socketcall, SYS_SENDTO, args);
+    printf("%ld %s\n", sent, sent < 0 ? strerror(errno) : "-");
+    return 0;
+}
+"""
+
+
+def test_an_i386_socketcall_send_is_refused(testbed, daemon, tmp_path):
+    """socketcall(SYS_SENDTO) from an i386 program: trapped (the profile cannot see a socketcall's
+    arguments), and never continued, since the kernel would read its flags from memory again
+    (MSG_FASTOPEN put there since would connect a host socket anywhere): ENOSYS.  Without the
+    profile it sends."""
+    source = tmp_path / "socketcall.c"
+    source.write_text(SOCKETCALL_SEND)
+    binary = os.path.join(testbed.WORKDIR, "socketcall-send-32")
+    subprocess.run(["gcc", "-m32", "-O2", "-static", "-o", binary, str(source)], check=True)
+    for profile, expected in ((None, "1 -"), (daemon.profile, "-1 Function not implemented")):
+        argv = testbed.run_container(["/home/" + os.path.basename(binary), testbed.HOST_IP4], seccomp=profile,
+                                     extra=["-v", "%s:/home:ro" % testbed.WORKDIR])
+        assert run(argv, check=True).stdout.strip() == expected, profile
+    assert "refusing socketcall(2) sends (ENOSYS)" in daemon.log()
+
+
 CROWD = """
     i=0
     while [ $i -lt 20 ]; do

@@ -375,3 +375,38 @@ def test_the_helper_has_the_callers_capabilities_no_more(testbed, daemon):
         out = json.loads(run(testbed.run_container(argv, seccomp=profile, extra=extra), check=True,
                              timeout=180).stdout)
         assert out == {"/tmp/c/sock": "EACCES", "b4ns-caps": "CONNECTED"}, (profile, out)
+
+
+NAMESPACE_SETS = """
+import ctypes, errno, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+results = []
+for _ in range(int(sys.argv[1])):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        # A network namespace of its own (CAP_SYS_ADMIN): a set of namespaces the helper must join.
+        if libc.unshare(0x40000000):
+            os.write(w, b"unshare " + errno.errorcode[ctypes.get_errno()].encode())
+            os._exit(0)
+        try:
+            socket.socket(socket.AF_UNIX).connect("/nonexistent")
+        except OSError as e:
+            os.write(w, errno.errorcode[e.errno].encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    results.append(os.read(r, 100).decode())
+    os.close(r)
+print(" ".join(results))
+"""
+
+
+def test_a_container_gets_at_most_16_helpers(testbed, daemon):
+    """Each set of namespaces a container's callers are in gets a helper: a process in the daemon's
+    cgroup, not the container's.  A container that makes network namespaces in a loop (it has
+    CAP_SYS_ADMIN) gets 16, then EAGAIN for calls from new ones."""
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(NAMESPACE_SETS), "20"], seccomp=daemon.profile,
+                                 extra=["--cap-add", "SYS_ADMIN"])
+    out = run(argv, timeout=180, check=True).stdout.split()
+    assert out == ["ENOENT"] * 16 + ["EAGAIN"] * 4, out
