@@ -1743,12 +1743,19 @@ class NamespaceHelpers:
         container = call.container
         helper = container.helpers.get(namespaces)
         if helper is None:
-            if len(container.helpers) >= self.HELPERS_PER_CONTAINER:
-                # Each is a process in the daemon's cgroup, not the container's: a
-                # container that makes namespaces in a loop must not fill the host.
+            if namespaces in container.helpers_failed:
+                raise OSError(errno.EIO, "no helper can join these namespaces")
+            if len(container.helpers) + len(container.helpers_failed) >= self.HELPERS_PER_CONTAINER:
+                # Each is a process in the daemon's cgroup, not the container's (and each
+                # that fails is a fork and a logged error): a container that makes
+                # namespaces in a loop must not fill the host, nor its log.
                 raise OSError(errno.EAGAIN, "too many sets of namespaces")
-            helper = container.helpers[namespaces] = self.start(
-                call.tid, container.short_id, lambda: self.end(container, namespaces, errno.EIO), namespaces)
+            try:
+                helper = container.helpers[namespaces] = self.start(
+                    call.tid, container.short_id, lambda: self.end(container, namespaces, errno.EIO), namespaces)
+            except OSError:
+                container.helpers_failed.add(namespaces)
+                raise
         return helper
 
     def start(self, tid, short_id, on_end, key=None):
@@ -2750,6 +2757,7 @@ class Container:
         self.auto_read = -1e9
         self.warned_socketcall = False
         self.helpers = {}           # (user, mount, network namespace inodes) -> NamespaceHelper
+        self.helpers_failed = set()  # namespace inodes no helper could join (a nested user namespace)
         self.probes = {}            # peer destination -> (reachable, monotonic time it is trusted till)
 
     PROBE_TRUSTED = 10.0        # seconds a peer found reachable from the container stays so

@@ -275,6 +275,7 @@ def test_without_the_guard_the_race_reaches_through_a_published_socket(testbed, 
     assert "accepted a connection" in accepted, (out, accepted)
 
 
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 HOST_GROUP = "b4ns-hostgroup"   # a host group of the daemon's user, unmapped in its containers
 
 GROUP_SERVER = """
@@ -385,8 +386,8 @@ for _ in range(int(sys.argv[1])):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        # A network namespace of its own (CAP_SYS_ADMIN): a set of namespaces the helper must join.
-        if libc.unshare(0x40000000):
+        # Namespaces of its own (argv[2]: the unshare flags): a set the helper must join.
+        if libc.unshare(int(sys.argv[2])):
             os.write(w, b"unshare " + errno.errorcode[ctypes.get_errno()].encode())
             os._exit(0)
         try:
@@ -406,7 +407,22 @@ def test_a_container_gets_at_most_16_helpers(testbed, daemon):
     """Each set of namespaces a container's callers are in gets a helper: a process in the daemon's
     cgroup, not the container's.  A container that makes network namespaces in a loop (it has
     CAP_SYS_ADMIN) gets 16, then EAGAIN for calls from new ones."""
-    argv = testbed.run_container(["python3", "-c", textwrap.dedent(NAMESPACE_SETS), "20"], seccomp=daemon.profile,
-                                 extra=["--cap-add", "SYS_ADMIN"])
+    argv = testbed.run_container(["python3", "-c", textwrap.dedent(NAMESPACE_SETS), "20", str(CLONE_NEWNET)],
+                                 seccomp=daemon.profile, extra=["--cap-add", "SYS_ADMIN"])
     out = run(argv, timeout=180, check=True).stdout.split()
     assert out == ["ENOENT"] * 16 + ["EAGAIN"] * 4, out
+
+
+def test_namespaces_no_helper_can_join_cost_one_try_each_and_count_toward_the_16(testbed):
+    """A user namespace nested in the container's (no capability needed to make one) is one no
+    helper can join (the daemon's user owns only the container's): calls from it get EIO, each
+    set tried once and logged once, and the 16 cap holds for them too."""
+    d = Daemon([])
+    try:
+        argv = testbed.run_container(["python3", "-c", textwrap.dedent(NAMESPACE_SETS), "20",
+                                      str(CLONE_NEWUSER | CLONE_NEWNET)], seccomp=d.profile)
+        out = run(argv, timeout=180, check=True).stdout.split()
+        assert out == ["EIO"] * 16 + ["EAGAIN"] * 4, out
+        assert d.log().count("a namespace helper failed") == 16, d.log()[-2000:]
+    finally:
+        assert d.stop() == 0
