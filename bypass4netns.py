@@ -2170,8 +2170,18 @@ class Switcher:
                                         % describe_reason(reason, network))
                 call.fail(errno.ENETUNREACH)
                 return
-            if kind == socket.SOCK_DGRAM and raw[:2] == _AF_UNSPEC and sock.getsockopt(_SOL, SO_BINDTOIFINDEX):
+            pinned = sock.getsockopt(_SOL, SO_BINDTOIFINDEX)
+            if kind == socket.SOCK_DGRAM and raw[:2] == _AF_UNSPEC and pinned:
                 self.disconnect_pinned_udp(call)
+                return
+            if not pinned and dest is not None and not own_service and self.hosts.interfaces.on_loopback(
+                    dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")):
+                # An unpinned one (a published port's, or a connection it accepted) would get
+                # there: an address added to the host's `lo` is no loopback address to judge().
+                call.container.counters[COUNT_REFUSED] += 1
+                if self.debug:
+                    self.debug_decision(call, "connect", dest, "refused: switched (the host's loopback)")
+                call.fail(errno.ENETUNREACH)
                 return
             outcome = "switched already"
         elif reason is None:

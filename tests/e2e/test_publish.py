@@ -5,6 +5,7 @@ daemon with its own -p mappings, whose host ports are reserved at start.
 """
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -383,3 +384,42 @@ def wait_logs(container, word, timeout=60):
                 return line
         time.sleep(0.2)
     raise AssertionError("no %r in the logs of %s: %s" % (word, container.name, container.logs()))
+
+
+LO_EXTRA = "198.18.0.222"   # an address the test adds to the namespace's `lo` (a service's, say)
+
+ON_HOST_LO = """
+import ctypes, errno, json, socket, struct, sys
+extra, port = sys.argv[1], int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+s = socket.socket()
+s.bind(("0.0.0.0", 80))   # published: a host socket from now on, not pinned
+raw = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)
+out = {"unspec": libc.connect(s.fileno(), raw, len(raw))}
+s.settimeout(3)
+try:
+    s.connect((extra, port))
+    out["connect"] = "CONNECTED"
+except OSError as e:
+    out["connect"] = errno.errorcode.get(e.errno, "timeout")
+print(json.dumps(out))
+"""
+
+
+def test_a_published_socket_never_connects_to_an_address_of_the_hosts_lo(testbed, daemons, server):
+    """An address added to the host's `lo` is as much the host's loopback as 127.0.0.1, though no
+    policy names it: a published port's socket (unpinned: its clients come through any interface)
+    pointed at one is refused, as a new switch there would be."""
+    run(testbed.in_netns(["ip", "addr", "replace", LO_EXTRA + "/32", "dev", "lo"]), check=True)
+    try:
+        port = testbed.free_port(LO_EXTRA)
+        server(["python3", "-c", "import socket, sys; s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2]))); "
+                                 "s.listen(8); print('ready', flush=True); [s.accept()[0].close() for _ in iter(int, 1)]",
+                LO_EXTRA, str(port)], stdout=subprocess.PIPE, universal_newlines=True).stdout.readline()
+        daemon = daemons(["-p", "%d:80" % testbed.free_port()])
+        out = json.loads(run(testbed.run_container(["python3", "-c", ON_HOST_LO, LO_EXTRA, str(port)],
+                                                   seccomp=daemon.profile), check=True, timeout=120).stdout)
+        assert out == {"unspec": 0, "connect": "ENETUNREACH"}, out
+        assert ("%s:%d" % (LO_EXTRA, port), "refused: switched (the host's loopback)") in daemon.decisions()
+    finally:
+        run(testbed.in_netns(["ip", "addr", "del", LO_EXTRA + "/32", "dev", "lo"]))
