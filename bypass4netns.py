@@ -2217,24 +2217,28 @@ class Switcher:
         proto = old.getsockopt(_SOL, socket.SO_PROTOCOL)
         diffs = [diff for diff in self.hosts.differences(old, socket.SOCK_DGRAM, proto)
                  if diff[:2] != (_SOL, socket.SO_BINDTODEVICE)]
-        twin = self.host_twin(call, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, proto)
-        if twin is None:
-            return
-        flags, host = twin
+        host = None
         try:
+            twin = self.host_twin(call, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, proto)
+            if twin is None:
+                return
+            flags, host = twin
             carry_options(host, diffs)  # the old socket's, which the host took once already
             host.setsockopt(_SOL, SO_BINDTOIFINDEX, index)
             host.setblocking(not flags & os.O_NONBLOCK)
             if self.hosts.install(call, host, flags):
                 host.close()
+                if self.debug:
+                    self.debug_decision(call, "connect", None, "disconnected: a fresh pinned host socket")
                 call.reply(0)
         except NotSwitched as why:
-            log.error("container %s: a switched UDP socket not disconnected: %s", call.container.short_id, why)
-            call.fail(errno.EIO)  # never the kernel's disconnect: it would unpin the socket
+            # Never the kernel's disconnect instead: it would unpin the socket.
+            self.limit.log(logging.ERROR, "container %s: a switched UDP socket not disconnected: %s",
+                           call.container.short_id, why)
+            call.fail(errno.ENOBUFS)
         finally:
-            host.close()
-        if self.debug:
-            self.debug_decision(call, "connect", None, "disconnected: a fresh pinned host socket")
+            if host is not None:
+                host.close()
 
     def bypass_connect(self, call, kind, raw, dest, own_service):
         """Connect a host socket to `raw` for the call and install it; None once answered, else
