@@ -631,6 +631,11 @@ def parse_sockaddr(raw):
     return None
 
 
+def packed_address(dest):
+    """parse_sockaddr()'s destination -> its address as bytes (4 or 16), as HostInterfaces keys them."""
+    return dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")
+
+
 # --debug's line for each decision (Switcher.debug_decision), read back by parse_decisions():
 # the container's short id, the calling thread, the fd, the call, its destination, the outcome.
 DECISION_FORMAT = "container %s pid %d fd %d %s %s: %s"
@@ -2178,8 +2183,8 @@ class Switcher:
             if kind == socket.SOCK_DGRAM and raw[:2] == _AF_UNSPEC and pinned:
                 self.disconnect_pinned_udp(call)
                 return
-            if not pinned and dest is not None and not own_service and self.hosts.interfaces.on_loopback(
-                    dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")):
+            if not pinned and dest is not None and not own_service and \
+                    self.hosts.interfaces.on_loopback(packed_address(dest)):
                 # An unpinned one (a published port's, or a connection it accepted) would get
                 # there: an address added to the host's `lo` is no loopback address to judge().
                 call.container.counters[COUNT_REFUSED] += 1
@@ -2297,7 +2302,7 @@ class Switcher:
         udp_guard = kind == socket.SOCK_DGRAM and call.container.settings.udp_guard
         if udp_guard and dest[0] == 4:
             raise NotSwitched("IPv4 UDP: its datagrams' IP_PKTINFO would pass the pin")
-        packed = dest[1].to_bytes(4 if dest[0] == 4 else 16, "big")
+        packed = packed_address(dest)
         pin = not (own_service and is_loopback_address(packed))
         if not pin and kind != socket.SOCK_STREAM:
             raise NotSwitched("a UDP socket on the host's loopback could send anywhere there")
